@@ -1,0 +1,1 @@
+//! The CPU backend (being written by the inference-core work).
