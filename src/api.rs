@@ -1,0 +1,556 @@
+//! The old sidecar's `/infer` wire format: request parsing and response writing.
+//!
+//! Owns: turning a request body into a validated, flat row-major `Vec<f32>`,
+//! and writing outputs back as the sidecar did (`null` for NaN, `1e99` /
+//! `-1e99` for infinities). Shared by `POST /infer` and `tokitai-serve infer`,
+//! so both accept and answer exactly the same bytes. Must not touch: queueing,
+//! compute, HTTP status codes (errors here are [`RequestError`] values; the
+//! HTTP layer maps them in one place).
+//!
+//! The request is parsed with a streaming serde visitor rather than through a
+//! `serde_json::Value`: it writes numbers straight into the flat buffer, stops
+//! at the first bad row, and can say exactly which row and feature is wrong.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeSeq, SerializeStruct};
+use serde::{Deserializer, Serialize, Serializer};
+
+/// Why a request body was rejected. Every variant is the client's fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("request has {rows} rows, more than the limit of {limit}")]
+    TooManyRows { rows: usize, limit: usize },
+}
+
+/// A validated `/infer` request: `n_rows` rows of `row_len` finite f32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    pub rows: Vec<f32>,
+    pub n_rows: usize,
+    /// `true` when the body used the flat one-row form `{"features": [..]}`.
+    /// The answer is the same shape either way (one inner array per row), as
+    /// the old sidecar answered.
+    pub single_row: bool,
+}
+
+/// Parses an `/infer` body: `{"features": [row]}` or `{"features": [[row], ...]}`.
+///
+/// `row_len` comes from the model's arch; `max_rows` bounds the batch before
+/// its rows are stored (a request over it is rejected without buffering it).
+pub fn parse_infer_request(
+    body: &[u8],
+    row_len: usize,
+    max_rows: usize,
+) -> Result<Features, RequestError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let seed = RequestSeed { row_len, max_rows };
+    let parsed = seed.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
+    parsed.map_err(|e| classify(e, row_len, max_rows))
+}
+
+// Our visitor reports domain errors through `de::Error::custom` with a marker
+// prefix, so they can be told apart from JSON syntax errors afterwards.
+const INVALID: &str = "\u{1}invalid:";
+const TOO_MANY: &str = "\u{1}too_many:";
+
+fn classify(e: serde_json::Error, _row_len: usize, max_rows: usize) -> RequestError {
+    let msg = e.to_string();
+    if let Some(rest) = msg.strip_prefix(TOO_MANY) {
+        let rows = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        return RequestError::TooManyRows { rows, limit: max_rows };
+    }
+    if let Some(rest) = msg.strip_prefix(INVALID) {
+        // Drop serde_json's " at line 1 column N" suffix: the message already
+        // names the row and feature, which is what a caller can act on.
+        let text = rest.split(" at line ").next().unwrap_or(rest);
+        return RequestError::Invalid(text.to_string());
+    }
+    match e.classify() {
+        serde_json::error::Category::Data => RequestError::Invalid(msg),
+        _ => RequestError::Json(msg),
+    }
+}
+
+fn invalid<E: de::Error>(msg: impl fmt::Display) -> E {
+    E::custom(format_args!("{INVALID}{msg}"))
+}
+
+struct RequestSeed {
+    row_len: usize,
+    max_rows: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for RequestSeed {
+    type Value = Features;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Features, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RequestSeed {
+    type Value = Features;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object with a `features` array")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Features, A::Error> {
+        let mut features = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "features" {
+                if features.is_some() {
+                    return Err(invalid("duplicate field `features`"));
+                }
+                features = Some(map.next_value_seed(FeaturesSeed {
+                    row_len: self.row_len,
+                    max_rows: self.max_rows,
+                })?);
+            } else {
+                // Unknown fields are ignored, as the old sidecar did.
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        features.ok_or_else(|| invalid("missing field `features`"))
+    }
+}
+
+struct FeaturesSeed {
+    row_len: usize,
+    max_rows: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for FeaturesSeed {
+    type Value = Features;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Features, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FeaturesSeed {
+    type Value = Features;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "`features` as an array of {} numbers or an array of such rows", self.row_len)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Features, A::Error> {
+        let mut rows: Vec<f32> = Vec::with_capacity(self.row_len);
+        // The first element decides the form: a number means one flat row,
+        // an array means a batch of rows.
+        let first = seq.next_element_seed(FirstElement { rows: &mut rows, row_len: self.row_len })?;
+        match first {
+            None => Err(invalid("`features` is empty: expected at least one row")),
+            Some(First::Number) => {
+                let mut index = 1;
+                while seq.next_element_seed(Number { rows: &mut rows, row: 0, index, single: true })?.is_some() {
+                    index += 1;
+                    if index > self.row_len {
+                        // Keep counting without storing so the message gives the real length.
+                        while seq.next_element::<IgnoredAny>()?.is_some() {
+                            index += 1;
+                        }
+                        break;
+                    }
+                }
+                check_len(0, index, self.row_len)?;
+                Ok(Features { rows, n_rows: 1, single_row: true })
+            }
+            Some(First::Row) => {
+                let mut n_rows = 1;
+                loop {
+                    if n_rows >= self.max_rows {
+                        // One more row would exceed the limit: count the rest
+                        // without storing them, then reject as too large.
+                        let mut total = n_rows;
+                        while seq.next_element::<IgnoredAny>()?.is_some() {
+                            total += 1;
+                        }
+                        if total > self.max_rows {
+                            return Err(de::Error::custom(format_args!("{TOO_MANY}{total} rows")));
+                        }
+                        break;
+                    }
+                    let seed = RowSeed { rows: &mut rows, row: n_rows, row_len: self.row_len };
+                    if seq.next_element_seed(seed)?.is_none() {
+                        break;
+                    }
+                    n_rows += 1;
+                }
+                Ok(Features { rows, n_rows, single_row: false })
+            }
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<Features, A::Error> {
+        Err(invalid("`features` must be an array, not an object"))
+    }
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<Features, E> {
+        Err(invalid("`features` must be an array, not a string"))
+    }
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<Features, E> {
+        Err(invalid("`features` must be an array, not a boolean"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Features, E> {
+        Err(invalid("`features` must be an array, not null"))
+    }
+    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<Features, E> {
+        Err(invalid("`features` must be an array, not a number"))
+    }
+    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<Features, E> {
+        Err(invalid("`features` must be an array, not a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<Features, E> {
+        Err(invalid("`features` must be an array, not a number"))
+    }
+}
+
+fn check_len<E: de::Error>(row: usize, len: usize, row_len: usize) -> Result<(), E> {
+    if len == row_len {
+        Ok(())
+    } else {
+        Err(invalid(format_args!("row {row} has {len} features, expected {row_len}")))
+    }
+}
+
+/// Converts a JSON number to f32, rejecting values that are not finite as f32.
+fn to_f32<E: de::Error>(v: f64, row: usize, index: usize) -> Result<f32, E> {
+    let x = v as f32;
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(invalid(format_args!("row {row}, feature {index}: {v} is not a finite f32 value")))
+    }
+}
+
+enum First {
+    Number,
+    Row,
+}
+
+/// The first element of `features`: a number (flat row) or an array (batch).
+struct FirstElement<'a> {
+    rows: &'a mut Vec<f32>,
+    row_len: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for FirstElement<'_> {
+    type Value = First;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<First, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FirstElement<'_> {
+    type Value = First;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number or an array of numbers")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<First, E> {
+        self.rows.push(to_f32(v, 0, 0)?);
+        Ok(First::Number)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<First, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<First, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<First, A::Error> {
+        RowSeed { rows: self.rows, row: 0, row_len: self.row_len }.visit_seq(seq)?;
+        Ok(First::Row)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<First, A::Error> {
+        Err(invalid("row 0 must be an array of numbers, not an object"))
+    }
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<First, E> {
+        Err(invalid("row 0, feature 0 is not a number (a string)"))
+    }
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<First, E> {
+        Err(invalid("row 0, feature 0 is not a number (a boolean)"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<First, E> {
+        Err(invalid("row 0, feature 0 is not a number (null)"))
+    }
+}
+
+/// One row of a batch: exactly `row_len` numbers.
+struct RowSeed<'a> {
+    rows: &'a mut Vec<f32>,
+    row: usize,
+    row_len: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "row {} as an array of {} numbers", self.row, self.row_len)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let start = self.rows.len();
+        let mut index = 0;
+        while index < self.row_len {
+            let seed = Number { rows: self.rows, row: self.row, index, single: false };
+            if seq.next_element_seed(seed)?.is_none() {
+                break;
+            }
+            index += 1;
+        }
+        if index == self.row_len {
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                index += 1;
+            }
+        }
+        check_len(self.row, index, self.row_len)?;
+        debug_assert_eq!(self.rows.len() - start, self.row_len);
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<(), E> {
+        Err(self.not_a_row("a number"))
+    }
+    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<(), E> {
+        Err(self.not_a_row("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<(), E> {
+        Err(self.not_a_row("a number"))
+    }
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<(), E> {
+        Err(self.not_a_row("a string"))
+    }
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<(), E> {
+        Err(self.not_a_row("a boolean"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(self.not_a_row("null"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+        Err(self.not_a_row("an object"))
+    }
+}
+
+impl RowSeed<'_> {
+    fn not_a_row<E: de::Error>(&self, what: &str) -> E {
+        invalid(format_args!(
+            "row {} must be an array of {} numbers, not {what} (rows cannot mix with flat features)",
+            self.row, self.row_len
+        ))
+    }
+}
+
+/// One feature value.
+struct Number<'a> {
+    rows: &'a mut Vec<f32>,
+    row: usize,
+    index: usize,
+    /// Flat single-row form: an array here is a mix of forms, not a nested row.
+    single: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Number<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Number<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a number at row {}, feature {}", self.row, self.index)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.rows.push(to_f32(v, self.row, self.index)?);
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<(), E> {
+        Err(self.not_a_number("a string"))
+    }
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<(), E> {
+        Err(self.not_a_number("a boolean"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(self.not_a_number("null"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<(), A::Error> {
+        Err(self.not_a_number(if self.single { "an array (rows cannot mix with flat features)" } else { "an array" }))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+        Err(self.not_a_number("an object"))
+    }
+}
+
+impl Number<'_> {
+    fn not_a_number<E: de::Error>(&self, what: &str) -> E {
+        invalid(format_args!("row {}, feature {} is not a number ({what})", self.row, self.index))
+    }
+}
+
+/// The `/infer` answer: one inner array per input row, in input order.
+pub struct InferResponse<'a> {
+    pub logits: Rows<'a>,
+    pub router_weights: Rows<'a>,
+}
+
+/// A row-major `[n_rows, row_len]` view written as nested JSON arrays.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub values: &'a [f32],
+    pub row_len: usize,
+}
+
+impl Serialize for InferResponse<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("InferResponse", 2)?;
+        st.serialize_field("logits", &self.logits)?;
+        st.serialize_field("router_weights", &self.router_weights)?;
+        st.end()
+    }
+}
+
+impl Serialize for Rows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let row_len = self.row_len.max(1);
+        let mut seq = s.serialize_seq(Some(self.values.len() / row_len))?;
+        for row in self.values.chunks(row_len) {
+            seq.serialize_element(&Row(row))?;
+        }
+        seq.end()
+    }
+}
+
+struct Row<'a>(&'a [f32]);
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for &v in self.0 {
+            seq.serialize_element(&WireF32(v))?;
+        }
+        seq.end()
+    }
+}
+
+/// An output value as the old sidecar wrote it: NaN as `null`, +/-infinity as
+/// `1e99` / `-1e99` (JSON has no non-finite numbers).
+struct WireF32(f32);
+
+impl Serialize for WireF32 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        if v.is_nan() {
+            s.serialize_none()
+        } else if v == f32::INFINITY {
+            s.serialize_f64(1e99)
+        } else if v == f32::NEG_INFINITY {
+            s.serialize_f64(-1e99)
+        } else {
+            s.serialize_f32(v)
+        }
+    }
+}
+
+/// Writes the `/infer` answer for row-major outputs.
+pub fn write_infer_response(
+    logits: &[f32],
+    output_dim: usize,
+    router_weights: &[f32],
+    n_experts: usize,
+) -> Vec<u8> {
+    let response = InferResponse {
+        logits: Rows { values: logits, row_len: output_dim },
+        router_weights: Rows { values: router_weights, row_len: n_experts },
+    };
+    // 12 bytes per value is a close upper estimate of ryu's f32 output.
+    let mut out = Vec::with_capacity(32 + 12 * (logits.len() + router_weights.len()));
+    serde_json::to_writer(&mut out, &response).expect("writing to a Vec cannot fail");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize, v: f32) -> String {
+        let items: Vec<String> = (0..n).map(|_| v.to_string()).collect();
+        format!("[{}]", items.join(","))
+    }
+
+    #[test]
+    fn flat_and_batch_forms_parse_to_the_same_rows() {
+        let flat = format!(r#"{{"features": {}}}"#, row(4, 0.5));
+        let batch = format!(r#"{{"features": [{}]}}"#, row(4, 0.5));
+        let a = parse_infer_request(flat.as_bytes(), 4, 10).unwrap();
+        let b = parse_infer_request(batch.as_bytes(), 4, 10).unwrap();
+        assert_eq!(a.rows, b.rows);
+        assert_eq!((a.n_rows, a.single_row), (1, true));
+        assert_eq!((b.n_rows, b.single_row), (1, false));
+    }
+
+    #[test]
+    fn wrong_row_length_names_row_length_and_expected() {
+        let body = format!(r#"{{"features": [{}, {}]}}"#, row(4, 1.0), row(3, 1.0));
+        let err = parse_infer_request(body.as_bytes(), 4, 10).unwrap_err();
+        assert_eq!(err, RequestError::Invalid("row 1 has 3 features, expected 4".into()));
+        let body = format!(r#"{{"features": {}}}"#, row(5, 1.0));
+        let err = parse_infer_request(body.as_bytes(), 4, 10).unwrap_err();
+        assert_eq!(err, RequestError::Invalid("row 0 has 5 features, expected 4".into()));
+    }
+
+    #[test]
+    fn rejects_non_numbers_non_finite_and_empty() {
+        let cases = [
+            (r#"{"features": [1, 2, "3", 4]}"#, "row 0, feature 2 is not a number"),
+            (r#"{"features": [[1, 2, 3, null]]}"#, "row 0, feature 3 is not a number (null)"),
+            (r#"{"features": [1, 2, 3, 1e39]}"#, "not a finite f32"),
+            (r#"{"features": []}"#, "empty"),
+            (r#"{"features": {}}"#, "must be an array"),
+            (r#"{"features": [[1,2,3,4], 5]}"#, "row 1 must be an array"),
+            (r#"{"features": [1, [2], 3, 4]}"#, "rows cannot mix"),
+            (r#"{"rows": []}"#, "missing field `features`"),
+        ];
+        for (body, want) in cases {
+            match parse_infer_request(body.as_bytes(), 4, 10) {
+                Err(RequestError::Invalid(msg)) => assert!(msg.contains(want), "{body}: {msg}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn syntax_errors_are_json_errors_and_row_limit_is_enforced() {
+        assert!(matches!(parse_infer_request(b"{\"features\": [1,", 4, 10), Err(RequestError::Json(_))));
+        assert!(matches!(parse_infer_request(b"{} trailing", 4, 10), Err(RequestError::Json(_))));
+        let body = format!(r#"{{"features": [{}]}}"#, vec![row(4, 1.0); 11].join(","));
+        assert_eq!(
+            parse_infer_request(body.as_bytes(), 4, 10).unwrap_err(),
+            RequestError::TooManyRows { rows: 11, limit: 10 }
+        );
+        let body = format!(r#"{{"features": [{}]}}"#, vec![row(4, 1.0); 10].join(","));
+        assert_eq!(parse_infer_request(body.as_bytes(), 4, 10).unwrap().n_rows, 10);
+    }
+
+    #[test]
+    fn non_finite_outputs_are_written_as_the_sidecar_did() {
+        let body = write_infer_response(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5], 2, &[1.0, 0.0], 1);
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(text, r#"{"logits":[[null,1e99],[-1e99,0.5]],"router_weights":[[1.0],[0.0]]}"#);
+    }
+}

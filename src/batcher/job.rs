@@ -1,0 +1,162 @@
+//! One inference request as it travels through the engine.
+//!
+//! Owns: the typed request the HTTP layer hands over (rows, deadline, reply
+//! channel) and the assembly of its answer from one or more batch slices. A
+//! job's state sits behind its own small lock, taken only by the workers that
+//! compute its rows (more than one only when a large request was split); there
+//! is no lock shared between requests. Must not touch: batching policy or
+//! compute.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::error::ServeError;
+use crate::model::Dims;
+
+/// A computed answer for a whole request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    /// `[n_rows, dims.output]`
+    pub logits: Vec<f32>,
+    /// `[n_rows, dims.experts]`
+    pub router_weights: Vec<f32>,
+    /// Time from submission until the request's first rows started computing.
+    pub queue_wait: Duration,
+    /// Forward time of the batches that computed its rows.
+    pub compute: Duration,
+}
+
+pub type JobReply = Result<JobOutput, ServeError>;
+
+/// A request accepted by the HTTP layer.
+pub struct Job {
+    /// Flat row-major input, `n_rows * dims.input` values.
+    pub rows: Vec<f32>,
+    pub n_rows: usize,
+    /// Rows not computed by this instant are dropped and the request gets 504.
+    pub deadline: Instant,
+    /// The timeout the deadline came from (for the error message).
+    pub timeout: Duration,
+    pub submitted_at: Instant,
+    state: Mutex<JobState>,
+}
+
+struct JobState {
+    reply: Option<oneshot::Sender<JobReply>>,
+    output: Option<JobOutput>,
+    rows_left: usize,
+    first_start: Option<Instant>,
+}
+
+impl Job {
+    /// A job and the receiver its answer arrives on. Dropping the receiver
+    /// (the client went away) marks the job cancelled.
+    pub fn new(rows: Vec<f32>, n_rows: usize, timeout: Duration) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        let job = Job {
+            rows,
+            n_rows,
+            deadline: now + timeout,
+            timeout,
+            submitted_at: now,
+            state: Mutex::new(JobState { reply: Some(tx), output: None, rows_left: n_rows, first_start: None }),
+        };
+        (Arc::new(job), rx)
+    }
+
+    /// Why this job's rows must not be computed, if they must not.
+    pub fn skip_reason(&self, now: Instant) -> Option<SkipReason> {
+        let state = self.state.lock();
+        match &state.reply {
+            None => Some(SkipReason::Finished),
+            Some(tx) if tx.is_closed() => Some(SkipReason::Cancelled),
+            Some(_) if now >= self.deadline => Some(SkipReason::Expired),
+            Some(_) => None,
+        }
+    }
+
+    /// Answers with an error (once; later answers are ignored).
+    pub fn fail(&self, error: ServeError) {
+        if let Some(tx) = self.state.lock().reply.take() {
+            // The receiver may be gone (client disconnected): nothing to do then.
+            let _ = tx.send(Err(error));
+        }
+    }
+
+    pub fn deadline_error(&self) -> ServeError {
+        ServeError::DeadlineExceeded { timeout_ms: self.timeout.as_millis() as u64 }
+    }
+
+    /// Records that rows of this job started computing at `start`.
+    pub fn mark_started(&self, start: Instant) {
+        let mut state = self.state.lock();
+        state.first_start.get_or_insert(start);
+    }
+
+    /// Stores computed rows `[first_row, first_row + n)`; answers when the
+    /// last rows arrive. `logits`/`router_weights` hold exactly those rows.
+    pub fn complete_rows(&self, dims: &Dims, first_row: usize, logits: &[f32], router_weights: &[f32], compute: Duration) {
+        let n = logits.len() / dims.output;
+        let mut state = self.state.lock();
+        if state.reply.is_none() {
+            return; // already failed or answered
+        }
+        let n_rows = self.n_rows;
+        let out = state.output.get_or_insert_with(|| JobOutput {
+            logits: vec![0.0; n_rows * dims.output],
+            router_weights: vec![0.0; n_rows * dims.experts],
+            queue_wait: Duration::ZERO,
+            compute: Duration::ZERO,
+        });
+        out.logits[first_row * dims.output..(first_row + n) * dims.output].copy_from_slice(logits);
+        out.router_weights[first_row * dims.experts..(first_row + n) * dims.experts].copy_from_slice(router_weights);
+        out.compute += compute;
+        state.rows_left -= n;
+        if state.rows_left == 0 {
+            let mut output = state.output.take().expect("inserted above");
+            output.queue_wait = state.first_start.map_or(Duration::ZERO, |s| s.saturating_duration_since(self.submitted_at));
+            if let Some(tx) = state.reply.take() {
+                let _ = tx.send(Ok(output));
+            }
+        }
+    }
+}
+
+/// Why rows were not computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The deadline passed.
+    Expired,
+    /// The client went away.
+    Cancelled,
+    /// The request was already answered (an earlier part failed).
+    Finished,
+}
+
+impl SkipReason {
+    /// The `reason` label of `tokitai_rows_dropped_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::Expired => "timeout",
+            SkipReason::Cancelled => "cancelled",
+            SkipReason::Finished => "failed",
+        }
+    }
+}
+
+/// A contiguous run of one job's rows inside a batch.
+pub struct Slice {
+    pub job: Arc<Job>,
+    pub first_row: usize,
+    pub n_rows: usize,
+}
+
+/// Rows from one or more jobs, computed together by one worker.
+pub struct Batch {
+    pub slices: Vec<Slice>,
+    pub n_rows: usize,
+}

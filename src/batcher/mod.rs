@@ -1,0 +1,240 @@
+//! The dynamic batcher actor: one queue, one batching policy, for the whole
+//! engine.
+//!
+//! Role: receives typed requests from the HTTP actors ([`Submit`]), admits or
+//! rejects them at once (bounded queue), forms batches across requests and
+//! hands them to the worker pool, one message per batch; a worker reports back
+//! with [`BatchDone`]. Deadlines of queued requests are enforced here by one
+//! timer armed at the earliest deadline. The rules themselves are plain
+//! functions in [`policy`]; this file only wires them to messages and timers.
+//! Must not touch: request parsing (HTTP layer) or compute (workers).
+
+pub mod job;
+pub mod policy;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+
+use self::job::{Job, SkipReason};
+use self::policy::{BatchPolicy, Decision, Queued};
+use crate::engine::EngineState;
+use crate::error::ServeError;
+use crate::metrics::Metrics;
+use crate::worker::{RunBatch, Worker};
+
+// ---- messages -------------------------------------------------------------
+
+/// A new request from an HTTP actor. Answered at once: `Ok` means queued (the
+/// job's own channel will carry its answer), `Err` means rejected and nothing
+/// was queued.
+#[derive(Message)]
+#[rtype(result = "Result<(), ServeError>")]
+pub struct Submit(pub Arc<Job>);
+
+/// A worker finished a batch of `rows` rows.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BatchDone {
+    pub worker: usize,
+    pub rows: usize,
+}
+
+/// The worker pool, registered once at start-up (the workers need the
+/// batcher's address first, so they are attached after it starts).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachWorkers(pub Vec<Addr<Worker>>);
+
+// ---- actor ----------------------------------------------------------------
+
+pub struct Batcher {
+    policy: BatchPolicy,
+    queue: VecDeque<Queued>,
+    /// Rows in `queue` not yet handed to a worker.
+    queued_rows: usize,
+    workers: Vec<Addr<Worker>>,
+    /// Batches sent to each worker and not yet reported done.
+    in_flight: Vec<usize>,
+    delay_timer: Option<(Instant, SpawnHandle)>,
+    expiry_timer: Option<(Instant, SpawnHandle)>,
+    /// Recent throughput in rows/s, for `Retry-After`.
+    rows_per_sec: f64,
+    last_done: Option<Instant>,
+    metrics: Arc<Metrics>,
+    state: Arc<EngineState>,
+}
+
+impl Batcher {
+    pub fn new(policy: BatchPolicy, metrics: Arc<Metrics>, state: Arc<EngineState>) -> Batcher {
+        Batcher {
+            policy,
+            queue: VecDeque::new(),
+            queued_rows: 0,
+            workers: Vec::new(),
+            in_flight: Vec::new(),
+            delay_timer: None,
+            expiry_timer: None,
+            rows_per_sec: 0.0,
+            last_done: None,
+            metrics,
+            state,
+        }
+    }
+
+    /// Hands out batches while a worker can take one and the policy says go.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            self.drop_dead_front();
+            let Some(worker) = policy::pick_worker(&self.in_flight, self.queued_rows, self.policy.max_batch_rows)
+            else {
+                break;
+            };
+            let oldest = self.queue.front().map(|q| q.job.submitted_at);
+            match policy::decide(self.queued_rows, oldest, Instant::now(), &self.policy) {
+                Decision::Idle => break,
+                Decision::WaitUntil(at) => {
+                    self.arm_delay_timer(ctx, at);
+                    break;
+                }
+                Decision::Dispatch => {
+                    let batch = policy::take_batch(&mut self.queue, self.policy.max_batch_rows);
+                    self.queued_rows -= batch.n_rows;
+                    self.in_flight[worker] += 1;
+                    self.workers[worker].do_send(RunBatch(batch));
+                }
+            }
+        }
+        self.metrics.queue_depth_rows.set(self.queued_rows as i64);
+    }
+
+    /// Drops requests at the front whose client left or whose deadline passed,
+    /// so they neither take batch slots nor delay the ones behind them.
+    fn drop_dead_front(&mut self) {
+        let now = Instant::now();
+        while let Some(front) = self.queue.front() {
+            let Some(reason) = front.job.skip_reason(now) else { break };
+            let front = self.queue.pop_front().expect("front exists");
+            self.drop_rows(&front, reason);
+        }
+    }
+
+    fn drop_rows(&mut self, queued: &Queued, reason: SkipReason) {
+        let rows = queued.rows_left();
+        self.queued_rows -= rows;
+        self.metrics.rows_dropped.with_label_values(&[reason.label()]).inc_by(rows as u64);
+        if reason == SkipReason::Expired {
+            queued.job.fail(queued.job.deadline_error());
+        }
+    }
+
+    fn arm_delay_timer(&mut self, ctx: &mut Context<Self>, at: Instant) {
+        if matches!(self.delay_timer, Some((armed, _)) if armed <= at) {
+            return;
+        }
+        if let Some((_, handle)) = self.delay_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), |act, ctx| {
+            act.delay_timer = None;
+            act.pump(ctx);
+        });
+        self.delay_timer = Some((at, handle));
+    }
+
+    /// Keeps one timer armed at the earliest deadline of a queued request.
+    fn arm_expiry_timer(&mut self, ctx: &mut Context<Self>, deadline: Instant) {
+        if matches!(self.expiry_timer, Some((armed, _)) if armed <= deadline) {
+            return;
+        }
+        if let Some((_, handle)) = self.expiry_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(deadline.saturating_duration_since(Instant::now()), |act, ctx| {
+            act.expiry_timer = None;
+            act.expire(ctx);
+        });
+        self.expiry_timer = Some((deadline, handle));
+    }
+
+    /// Fails queued requests whose deadline passed (504, rows not computed),
+    /// drops those whose client left, and re-arms for the next deadline.
+    fn expire(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let queue = std::mem::take(&mut self.queue);
+        for queued in queue {
+            match queued.job.skip_reason(now) {
+                Some(reason) => self.drop_rows(&queued, reason),
+                None => self.queue.push_back(queued),
+            }
+        }
+        if let Some(next) = self.queue.iter().map(|q| q.job.deadline).min() {
+            self.arm_expiry_timer(ctx, next);
+        }
+        self.pump(ctx);
+    }
+}
+
+impl Actor for Batcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Requests arrive in bursts; never let the mailbox apply back-pressure
+        // to HTTP threads: admission control is the queue bound, not this.
+        ctx.set_mailbox_capacity(usize::MAX);
+    }
+}
+
+// ---- handlers -------------------------------------------------------------
+
+impl Handler<Submit> for Batcher {
+    type Result = Result<(), ServeError>;
+
+    fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) -> Self::Result {
+        if self.state.is_draining() {
+            return Err(ServeError::NotReady("draining"));
+        }
+        if let Err(queued_rows) = policy::admit(self.queued_rows, job.n_rows, &self.policy) {
+            return Err(ServeError::Overloaded {
+                queued_rows,
+                limit: self.policy.max_queue_rows,
+                retry_after_secs: policy::retry_after_secs(queued_rows, self.rows_per_sec),
+            });
+        }
+        self.queued_rows += job.n_rows;
+        let deadline = job.deadline;
+        self.queue.push_back(Queued { job, next_row: 0 });
+        self.arm_expiry_timer(ctx, deadline);
+        self.pump(ctx);
+        Ok(())
+    }
+}
+
+impl Handler<BatchDone> for Batcher {
+    type Result = ();
+
+    fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self>) {
+        if let Some(n) = self.in_flight.get_mut(done.worker) {
+            *n = n.saturating_sub(1);
+        }
+        let now = Instant::now();
+        if let Some(last) = self.last_done.replace(now) {
+            let dt = now.duration_since(last).as_secs_f64().max(1e-6);
+            // Exponentially weighted rate, only used to size Retry-After.
+            self.rows_per_sec = 0.9 * self.rows_per_sec + 0.1 * (done.rows as f64 / dt);
+        }
+        self.pump(ctx);
+    }
+}
+
+impl Handler<AttachWorkers> for Batcher {
+    type Result = ();
+
+    fn handle(&mut self, AttachWorkers(workers): AttachWorkers, ctx: &mut Context<Self>) {
+        self.in_flight = vec![0; workers.len()];
+        self.workers = workers;
+        self.pump(ctx);
+    }
+}

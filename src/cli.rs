@@ -1,0 +1,219 @@
+//! The command line: `serve` (the default), `infer` and `synth`.
+//!
+//! Owns: flags, exit codes and the offline subcommands. Flags and exit codes
+//! follow the old sidecar: `--arch` / `--checkpoint`, usage errors exit 2 with
+//! the usage, a model that fails to load exits 1 with the reason on stderr.
+//! Must not touch: serving internals (it calls [`crate::run`]).
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, ForwardOutput, SessionConfig};
+use crate::config::{Config, Override};
+use crate::model::{LayerNormMode, ModelSize};
+
+/// Exit status for usage and configuration errors (the sidecar's).
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status for a model that fails to load, or any other failure.
+pub const EXIT_FAILURE: i32 = 1;
+
+#[derive(Debug, Parser)]
+#[command(name = "tokitai-serve", version, about = "Serve tokitai-operator MoE models over HTTP", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over HTTP (the default).
+    Serve(ServeArgs),
+    /// Run the model on one /infer request body (stdin or --input) and print the answer.
+    Infer(InferArgs),
+    /// Write a synthetic model (arch.json + checkpoint.tkp1) in the training runner's format.
+    Synth(SynthArgs),
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct ModelArgs {
+    /// arch.json written by the training runner.
+    #[arg(long, requires = "checkpoint")]
+    pub arch: Option<PathBuf>,
+    /// checkpoint.tkp1 written by the training runner.
+    #[arg(long, requires = "arch")]
+    pub checkpoint: Option<PathBuf>,
+    /// LayerNorm parameters: identity (gamma=1, beta=0, as the old sidecar; default) or stored.
+    #[arg(long, value_name = "identity|stored")]
+    pub layernorm: Option<LayerNormMode>,
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// TOML configuration file (see config/default.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Listen address (else TOKITAI_MODEL_BIND_ADDR, else 127.0.0.1:9100).
+    #[arg(long, value_name = "IP:PORT")]
+    pub bind: Option<String>,
+    /// Worker actors (sessions).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Intra-op threads per worker.
+    #[arg(long)]
+    pub threads_per_worker: Option<usize>,
+    /// HTTP threads.
+    #[arg(long)]
+    pub http_workers: Option<usize>,
+    /// Most rows per batch.
+    #[arg(long)]
+    pub max_batch_rows: Option<usize>,
+    /// How long a partial batch may wait for more rows, in microseconds.
+    #[arg(long)]
+    pub max_queue_delay_us: Option<u64>,
+    /// Most queued rows before requests get 429.
+    #[arg(long)]
+    pub max_queue_rows: Option<usize>,
+    /// Most rows per request before it gets 413.
+    #[arg(long)]
+    pub max_request_rows: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, value_name = "text|json")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InferArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Request body file (default: stdin).
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Intra-op threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SynthArgs {
+    /// Model size.
+    #[arg(long, value_parser = parse_size, value_name = "nano|tiny|medium|full")]
+    pub size: ModelSize,
+    /// Seed of the deterministic weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Leave out the AdamW m/v buffers (a third of the file size).
+    #[arg(long)]
+    pub no_optimizer_state: bool,
+}
+
+fn parse_size(s: &str) -> Result<ModelSize, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "nano" => Ok(ModelSize::Nano),
+        "tiny" => Ok(ModelSize::Tiny),
+        "medium" => Ok(ModelSize::Medium),
+        "full" => Ok(ModelSize::Full),
+        _ => Err(format!("unknown size {s:?}: expected nano, tiny, medium or full")),
+    }
+}
+
+impl ServeArgs {
+    /// The command line's settings, the top layer of the configuration.
+    pub fn overrides(&self) -> Vec<Override> {
+        use toml::Value::{Integer, String as Str};
+        let path = |p: &PathBuf| Str(p.display().to_string());
+        let int = |n: u64| Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let mut o: Vec<Override> = Vec::new();
+        let mut push = |key: &'static str, value: Option<toml::Value>| {
+            if let Some(v) = value {
+                o.push((key, v));
+            }
+        };
+        push("model.arch", self.model.arch.as_ref().map(path));
+        push("model.checkpoint", self.model.checkpoint.as_ref().map(path));
+        push("model.layernorm", self.model.layernorm.map(|m| Str(m.as_str().into())));
+        push("server.bind", self.bind.clone().map(Str));
+        push("workers.count", self.workers.map(|n| int(n as u64)));
+        push("workers.threads_per_worker", self.threads_per_worker.map(|n| int(n as u64)));
+        push("server.http_workers", self.http_workers.map(|n| int(n as u64)));
+        push("batching.max_batch_rows", self.max_batch_rows.map(|n| int(n as u64)));
+        push("batching.max_queue_delay_us", self.max_queue_delay_us.map(int));
+        push("batching.max_queue_rows", self.max_queue_rows.map(|n| int(n as u64)));
+        push("batching.max_request_rows", self.max_request_rows.map(|n| int(n as u64)));
+        push("logging.format", self.log_format.clone().map(Str));
+        o
+    }
+
+    /// The layered configuration: defaults < file < environment < these flags.
+    pub fn load_config(&self) -> Result<Config, crate::config::ConfigError> {
+        Config::load(self.config.as_deref(), std::env::vars(), &self.overrides())
+    }
+}
+
+/// `tokitai-serve infer`: one request body in, one answer out. Returns the
+/// process exit status; every failure is a message on stderr, never a panic.
+pub fn infer(args: &InferArgs) -> i32 {
+    let model = match (&args.model.arch, &args.model.checkpoint) {
+        (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
+        _ => Ok(crate::model::synth::demo_model()),
+    };
+    let model = match model {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: failed to load the model: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let mut body = Vec::new();
+    let read = match &args.input {
+        Some(path) => std::fs::read(path).map(|b| body = b),
+        None => std::io::stdin().read_to_end(&mut body).map(|_| ()),
+    };
+    if let Err(e) = read {
+        eprintln!("error: could not read the request body: {e}");
+        return EXIT_FAILURE;
+    }
+    let dims = model.arch.dims();
+    let features = match crate::api::parse_infer_request(&body, dims.input, usize::MAX) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let backend = CpuBackend::new(model.weights, args.model.layernorm.unwrap_or_default());
+    let mut out = ForwardOutput::default();
+    let result = backend
+        .create_session(SessionConfig { threads: args.threads.max(1) })
+        .and_then(|mut session| session.forward(&features.rows, &mut out));
+    if let Err(e) = result {
+        eprintln!("error: forward failed: {e}");
+        return EXIT_FAILURE;
+    }
+    let answer = crate::api::write_infer_response(&out.logits, dims.output, &out.router_weights, dims.experts);
+    println!("{}", String::from_utf8_lossy(&answer));
+    0
+}
+
+/// `tokitai-serve synth`: writes arch.json + checkpoint.tkp1.
+pub fn synth(args: &SynthArgs) -> i32 {
+    match crate::model::synth::write_model_dir(&args.out, args.size, args.seed, !args.no_optimizer_state) {
+        Ok((_, arch, checkpoint)) => {
+            println!("wrote {} and {}", arch.display(), checkpoint.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILURE
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Engine configuration: serde structs with defaults, layered sources, and
+//! start-up validation.
+//!
+//! Owns: every setting, its default, and where it may come from. Precedence is
+//! built-in defaults < `--config FILE` (TOML) < environment (`TOKITAI_*`) <
+//! command line. Unknown keys are rejected and every invalid value is an error
+//! that names the setting. Must not touch: anything that runs; other modules
+//! receive a validated [`Config`].
+//!
+//! Environment variables map to settings as `TOKITAI_<SECTION>_<KEY>`, e.g.
+//! `TOKITAI_BATCHING_MAX_BATCH_ROWS=64`. `TOKITAI_MODEL_BIND_ADDR` is kept as
+//! the old sidecar's name for `server.bind`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::LayerNormMode;
+
+/// The old sidecar's bind variable, kept for drop-in compatibility.
+pub const LEGACY_BIND_ENV: &str = "TOKITAI_MODEL_BIND_ADDR";
+/// Default bind address: loopback only, the old sidecar's port.
+pub const DEFAULT_BIND: &str = "127.0.0.1:9100";
+
+const SECTIONS: [&str; 5] = ["server", "model", "batching", "workers", "logging"];
+
+/// A configuration that failed to load or validate. The message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("setting `{setting}`: {message}")]
+    Invalid { setting: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+    pub batching: BatchingConfig,
+    pub workers: WorkersConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (`TOKITAI_MODEL_BIND_ADDR` too). Port 0 picks a free port.
+    pub bind: String,
+    /// HTTP worker threads (parse JSON, write answers; never compute).
+    pub http_workers: usize,
+    /// Largest accepted request body; larger ones get 413 before being read.
+    pub max_body_bytes: usize,
+    /// Default deadline of a request when `X-Request-Timeout-Ms` is absent.
+    pub request_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long queued and running work may take to finish.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `arch.json` written by the training runner. With neither this nor
+    /// `checkpoint`, the built-in demo model is served.
+    pub arch: Option<PathBuf>,
+    /// `checkpoint.tkp1` written by the training runner.
+    pub checkpoint: Option<PathBuf>,
+    /// `identity` (gamma=1, beta=0: what the old sidecar served and the model
+    /// was trained with) or `stored` (the checkpoint's gamma/beta).
+    pub layernorm: LayerNormMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Most rows in one batch handed to a worker.
+    pub max_batch_rows: usize,
+    /// How long a batch that is not full may wait for more rows (0: never wait).
+    pub max_queue_delay_us: u64,
+    /// Most rows waiting in the queue; past it requests get 429 at once.
+    pub max_queue_rows: usize,
+    /// Most rows in one request; more gets 413.
+    pub max_request_rows: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Compute backend: `cpu`.
+    pub backend: String,
+    /// Worker actors, each owning one session.
+    pub count: usize,
+    /// Intra-op threads per worker session.
+    pub threads_per_worker: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `tracing` filter, e.g. `info` or `tokitai_serve=debug` (`RUST_LOG` wins).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            model: ModelConfig::default(),
+            batching: BatchingConfig::default(),
+            workers: WorkersConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: DEFAULT_BIND.to_string(),
+            http_workers: 2,
+            max_body_bytes: 16 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { arch: None, checkpoint: None, layernorm: LayerNormMode::Identity }
+    }
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch_rows: 256,
+            max_queue_delay_us: 0,
+            max_queue_rows: 8192,
+            max_request_rows: 4096,
+        }
+    }
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig { backend: "cpu".to_string(), count: 2, threads_per_worker: 1 }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { level: "info".to_string(), format: "text".to_string() }
+    }
+}
+
+/// A setting given on the command line, as `section.key` and a TOML value.
+pub type Override = (&'static str, toml::Value);
+
+impl Config {
+    /// Loads the layered configuration: defaults < file < environment < `overrides`.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[Override],
+    ) -> Result<Config, ConfigError> {
+        let mut doc = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+            doc = toml::from_str(&text)
+                .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+        }
+        for (name, raw) in env {
+            if let Some((section, key)) = env_setting(&name) {
+                set(&mut doc, section, &key, env_value(&raw));
+            }
+        }
+        for (path, value) in overrides {
+            let (section, key) = path.split_once('.').expect("override paths are section.key");
+            set(&mut doc, section, key, value.clone());
+        }
+        // Round-trip through text so toml's errors quote the offending line,
+        // which names the setting (`max_batch_rows = "x"`).
+        let text = toml::to_string(&doc).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; the error names the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid { setting, message: message.into() })
+        }
+        if self.server.bind.parse::<SocketAddr>().is_err() {
+            return bad("server.bind", format!("{:?} is not an IP:port address", self.server.bind));
+        }
+        if !(1..=64).contains(&self.server.http_workers) {
+            return bad("server.http_workers", format!("{} is not in 1..=64", self.server.http_workers));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return bad("server.max_body_bytes", format!("{} is below the minimum of 1024", self.server.max_body_bytes));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return bad("server.request_timeout_ms", "must be at least 1");
+        }
+        if self.model.arch.is_some() != self.model.checkpoint.is_some() {
+            let (setting, other) =
+                if self.model.arch.is_some() { ("model.checkpoint", "model.arch") } else { ("model.arch", "model.checkpoint") };
+            return bad(setting, format!("is required when {other} is given (give both, or neither for the demo model)"));
+        }
+        let b = &self.batching;
+        if !(1..=65_536).contains(&b.max_batch_rows) {
+            return bad("batching.max_batch_rows", format!("{} is not in 1..=65536", b.max_batch_rows));
+        }
+        if b.max_request_rows == 0 {
+            return bad("batching.max_request_rows", "must be at least 1");
+        }
+        if b.max_queue_rows < b.max_request_rows {
+            return bad(
+                "batching.max_queue_rows",
+                format!(
+                    "{} is below batching.max_request_rows ({}): such a request could never be queued",
+                    b.max_queue_rows, b.max_request_rows
+                ),
+            );
+        }
+        if b.max_queue_delay_us > 1_000_000 {
+            return bad("batching.max_queue_delay_us", format!("{} is over the maximum of 1000000 (1 s)", b.max_queue_delay_us));
+        }
+        if self.workers.backend != "cpu" {
+            return bad("workers.backend", format!("{:?} is not a known backend (expected \"cpu\")", self.workers.backend));
+        }
+        if !(1..=256).contains(&self.workers.count) {
+            return bad("workers.count", format!("{} is not in 1..=256", self.workers.count));
+        }
+        if !(1..=256).contains(&self.workers.threads_per_worker) {
+            return bad("workers.threads_per_worker", format!("{} is not in 1..=256", self.workers.threads_per_worker));
+        }
+        if !["text", "json"].contains(&self.logging.format.as_str()) {
+            return bad("logging.format", format!("{:?} is not \"text\" or \"json\"", self.logging.format));
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> SocketAddr {
+        self.server.bind.parse().expect("validated at load")
+    }
+
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    pub fn max_queue_delay(&self) -> Duration {
+        Duration::from_micros(self.batching.max_queue_delay_us)
+    }
+}
+
+/// `TOKITAI_<SECTION>_<KEY>` -> (`section`, `key`); the legacy bind variable
+/// maps to `server.bind`. Other variables are not settings.
+fn env_setting(name: &str) -> Option<(&'static str, String)> {
+    if name == LEGACY_BIND_ENV {
+        return Some(("server", "bind".to_string()));
+    }
+    let rest = name.strip_prefix("TOKITAI_")?;
+    SECTIONS.iter().find_map(|&section| {
+        let key = rest.strip_prefix(&section.to_ascii_uppercase())?.strip_prefix('_')?;
+        Some((section, key.to_ascii_lowercase()))
+    })
+}
+
+/// An environment value as TOML (`64`, `true`, `"x"`); anything else is a string.
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set(doc: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(table) = entry {
+        table.insert(key.to_string(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_sidecar() {
+        let c = Config::load(None, Vec::new(), &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.server.bind, "127.0.0.1:9100");
+        assert_eq!(c.model.layernorm, LayerNormMode::Identity);
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[batching]\nmax_batch_rows = 8\nmax_queue_rows = 9000\n[server]\nbind = \"127.0.0.1:1\"\n").unwrap();
+        let e = env(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "16"), ("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:2"), ("PATH", "/bin")]);
+        let c = Config::load(Some(&path), e.clone(), &[]).unwrap();
+        assert_eq!((c.batching.max_batch_rows, c.batching.max_queue_rows), (16, 9000));
+        assert_eq!(c.server.bind, "127.0.0.1:2");
+        let cli = [("batching.max_batch_rows", toml::Value::Integer(32))];
+        let c = Config::load(Some(&path), e, &cli).unwrap();
+        assert_eq!(c.batching.max_batch_rows, 32);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_setting() {
+        let err = |pairs: &[(&str, &str)]| Config::load(None, env(pairs), &[]).unwrap_err().to_string();
+        assert!(err(&[("TOKITAI_BATCHING_MAX_ROWS", "3")]).contains("max_rows"));
+        assert!(err(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "lots")]).contains("max_batch_rows"));
+        assert!(err(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "0")]).contains("batching.max_batch_rows"));
+        assert!(err(&[("TOKITAI_SERVER_BIND", "nowhere")]).contains("server.bind"));
+        assert!(err(&[("TOKITAI_WORKERS_COUNT", "0")]).contains("workers.count"));
+        assert!(err(&[("TOKITAI_MODEL_LAYERNORM", "both")]).contains("layernorm"));
+        assert!(err(&[("TOKITAI_MODEL_ARCH", "/a.json")]).contains("model.checkpoint"));
+        assert!(err(&[("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "10")]).contains("batching.max_queue_rows"));
+        assert!(err(&[("TOKITAI_LOGGING_FORMAT", "xml")]).contains("logging.format"));
+    }
+
+    #[test]
+    fn shipped_default_toml_is_the_built_in_default() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let c = Config::load(Some(&path), Vec::new(), &[]).unwrap();
+        assert_eq!(c, Config::default());
+    }
+}

@@ -1,0 +1,200 @@
+//! Engine assembly: load the model, build the backend, start the batcher and
+//! the worker pool, and hold the state the HTTP layer reads.
+//!
+//! Owns: start-up order (model -> backend -> batcher -> workers), readiness
+//! and draining flags, and the model's description for `/healthz` and
+//! metrics. Must not touch: request handling (HTTP layer), batching rules
+//! (batcher) or kernels (backends).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, SessionConfig};
+use crate::batcher::policy::BatchPolicy;
+use crate::batcher::{AttachWorkers, Batcher};
+use crate::config::Config;
+use crate::error::ModelError;
+use crate::metrics::Metrics;
+use crate::model::{Dims, LayerNormMode, LoadedModel, ModelSource};
+use crate::worker::Worker;
+
+/// Readiness and draining, shared lock-free by the HTTP actors, the batcher
+/// and the workers.
+pub struct EngineState {
+    workers: usize,
+    ready_workers: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl EngineState {
+    pub fn new(workers: usize) -> EngineState {
+        EngineState { workers, ready_workers: AtomicUsize::new(0), draining: AtomicBool::new(false) }
+    }
+
+    /// A worker finished its warm-up batch.
+    pub fn worker_ready(&self) {
+        self.ready_workers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Model loaded, every worker warmed up, and not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.ready_workers.load(Ordering::Acquire) >= self.workers
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+/// What is being served, as `/healthz`, the start-up log and the
+/// `tokitai_model_info` metric describe it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDescription {
+    pub size: &'static str,
+    pub layernorm: LayerNormMode,
+    pub param_count: u64,
+    /// `arch.json` path, or `"builtin:demo"` for the demo model.
+    pub arch: String,
+    /// `checkpoint.tkp1` path, or `"builtin:demo"` for the demo model.
+    pub checkpoint: String,
+    pub checkpoint_step: u32,
+    pub fingerprint: Option<String>,
+    pub demo: bool,
+    pub backend: &'static str,
+    pub devices: String,
+    #[serde(skip)]
+    pub dims: Dims,
+}
+
+/// Loads the configured model, or the built-in demo model when none is given.
+pub fn load_model(config: &Config) -> Result<LoadedModel, ModelError> {
+    match (&config.model.arch, &config.model.checkpoint) {
+        (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
+        _ => Ok(crate::model::synth::demo_model()),
+    }
+}
+
+/// Builds the configured backend from the model, consuming its weights (the
+/// backend packs them once; workers share them).
+pub fn build_backend(model: LoadedModel, config: &Config) -> (Arc<dyn Backend>, ModelDescription) {
+    let dims = model.arch.dims();
+    let (arch, checkpoint, demo) = match &model.source {
+        ModelSource::Files { arch, checkpoint } => {
+            (arch.display().to_string(), checkpoint.display().to_string(), false)
+        }
+        ModelSource::Demo => ("builtin:demo".to_string(), "builtin:demo".to_string(), true),
+    };
+    let layernorm = config.model.layernorm;
+    let size = model.arch.size.as_str();
+    let fingerprint = model.arch.fingerprint.clone();
+    let step = model.step;
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model.weights, layernorm));
+    let description = ModelDescription {
+        size,
+        layernorm,
+        param_count: dims.param_count(),
+        arch,
+        checkpoint,
+        checkpoint_step: step,
+        fingerprint,
+        demo,
+        backend: backend.name(),
+        devices: backend.describe(),
+        dims,
+    };
+    (backend, description)
+}
+
+/// The running engine, as the HTTP layer sees it.
+#[derive(Clone)]
+pub struct Engine {
+    pub batcher: Addr<Batcher>,
+    pub state: Arc<EngineState>,
+    pub metrics: Arc<Metrics>,
+    pub model: Arc<ModelDescription>,
+}
+
+/// Starts the batcher and one worker actor per configured worker, each on
+/// its own thread with its own session. Must run inside an actix `System`.
+pub fn start(
+    backend: Arc<dyn Backend>,
+    model: ModelDescription,
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<Engine, crate::backend::BackendError> {
+    let workers = config.workers.count;
+    let session_config = SessionConfig { threads: config.workers.threads_per_worker };
+    // Sessions are created here, before any actor starts, so a backend that
+    // cannot serve fails start-up with its own error instead of a dead pool.
+    let sessions = (0..workers)
+        .map(|_| backend.create_session(session_config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = Arc::new(EngineState::new(workers));
+    let policy = BatchPolicy {
+        max_batch_rows: config.batching.max_batch_rows,
+        max_queue_delay: config.max_queue_delay(),
+        max_queue_rows: config.batching.max_queue_rows,
+    };
+    metrics.init_pool(workers, model.dims.experts, policy.max_queue_rows, policy.max_batch_rows);
+    metrics
+        .model_info
+        .with_label_values(&[
+            model.size,
+            model.layernorm.as_str(),
+            &model.param_count.to_string(),
+            &model.checkpoint,
+            model.backend,
+            &model.devices,
+        ])
+        .set(1);
+
+    let batcher = Batcher::new(policy, Arc::clone(&metrics), Arc::clone(&state)).start();
+    let addrs = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(id, session)| {
+            // SyncArbiter's factory is `Fn`; the pre-built session is handed
+            // over once, and a restart of the actor (never expected: panics are
+            // caught inside it) would build a fresh one.
+            let slot = parking_lot::Mutex::new(Some(session));
+            let (backend, metrics, state) = (Arc::clone(&backend), Arc::clone(&metrics), Arc::clone(&state));
+            let done = batcher.clone().recipient();
+            SyncArbiter::start(1, move || {
+                let session = slot.lock().take().unwrap_or_else(|| {
+                    backend.create_session(session_config).expect("the backend created this session before")
+                });
+                Worker::new(
+                    id,
+                    Arc::clone(&backend),
+                    session,
+                    session_config,
+                    done.clone(),
+                    Arc::clone(&metrics),
+                    Arc::clone(&state),
+                )
+            })
+        })
+        .collect();
+    batcher.do_send(AttachWorkers(addrs));
+    Ok(Engine { batcher, state, metrics, model: Arc::new(model) })
+}
+
+/// Times `f`, for the model-load metric and log.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed())
+}

@@ -1,0 +1,52 @@
+//! The one place where engine errors become HTTP responses.
+//!
+//! Owns: status codes, the JSON error body `{"error": "...", "type": "..."}`
+//! and error headers (`Retry-After`). Must not touch: deciding *whether*
+//! something is an error; that happens where it is detected.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::api::RequestError;
+use crate::error::ServeError;
+
+/// Stored in an error response's extensions so the metrics middleware can
+/// count the failure by kind without parsing the body.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureKind(pub &'static str);
+
+impl ResponseError for ServeError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ServeError::Request(_) | ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = serde_json::json!({ "error": self.to_string(), "type": self.kind() });
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            ServeError::Overloaded { retry_after_secs, .. } => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
+            }
+            ServeError::NotReady(_) => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
+            }
+            _ => {}
+        }
+        let mut response = response.json(body);
+        response.extensions_mut().insert(FailureKind(self.kind()));
+        response
+    }
+}

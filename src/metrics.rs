@@ -1,0 +1,309 @@
+//! Prometheus metrics: declared once, in one registry, shared by `Arc`.
+//!
+//! Owns: every metric's name, help, labels and buckets, and the text exposition
+//! for `GET /metrics`. Handlers, the batcher and workers only call the typed
+//! recording methods here; nothing registers a metric anywhere else.
+//!
+//! Conventions: names `tokitai_*`, base units (`_seconds`, `_bytes`), counters
+//! end in `_total`, histograms rather than summaries, and label values only
+//! from fixed vocabularies (route templates, failure kinds, worker ids, expert
+//! ids), never from user input.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets from 10 microseconds to 10 seconds (1-2.5-5 steps).
+fn latency_buckets() -> Vec<f64> {
+    let mut b = Vec::new();
+    let mut decade = 1e-5;
+    while decade < 10.0 {
+        b.extend([decade, decade * 2.5, decade * 5.0]);
+        decade *= 10.0;
+    }
+    b.push(10.0);
+    b
+}
+
+/// Powers of two from 1 to 65536, for batch sizes.
+fn pow2_buckets() -> Vec<f64> {
+    (0..=16).map(|i| f64::from(1u32 << i)).collect()
+}
+
+/// Route templates used as the `route` label (a fixed vocabulary).
+pub const ROUTES: [&str; 6] = ["/infer", "/healthz", "/readyz", "/metrics", "/", "other"];
+
+/// Failure kinds used as the `reason` label (see `ServeError::kind`).
+pub const FAILURE_REASONS: [&str; 9] = [
+    "invalid",
+    "too_large",
+    "unsupported_media_type",
+    "overloaded",
+    "timeout",
+    "cancelled",
+    "not_ready",
+    "not_found",
+    "internal",
+];
+
+/// Why queued rows were dropped without being computed.
+pub const DROP_REASONS: [&str; 3] = ["timeout", "cancelled", "failed"];
+
+/// All of the engine's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub request_failures: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_wait: Histogram,
+    pub compute_time: Histogram,
+    pub rows_computed: IntCounterVec,
+    pub batches: IntCounterVec,
+    pub batch_rows: Histogram,
+    pub batch_requests: Histogram,
+    pub rows_dropped: IntCounterVec,
+    pub queue_depth_rows: IntGauge,
+    pub inflight_requests: IntGauge,
+    pub workers: IntGauge,
+    pub worker_busy: prometheus::CounterVec,
+    pub worker_restarts: IntCounterVec,
+    pub expert_rows: IntCounterVec,
+    pub router_top1_weight: Histogram,
+    pub model_info: IntGaugeVec,
+    pub model_load_seconds: Gauge,
+    pub build_info: IntGaugeVec,
+    pub ready: IntGauge,
+    pub config_max_queue_rows: IntGauge,
+    pub config_max_batch_rows: IntGauge,
+    pub device_memory_bytes: GaugeVec,
+}
+
+impl Metrics {
+    /// Declares and registers every metric. Called once per server.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let lat = latency_buckets();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definitions are static and valid");
+                registry.register(Box::new(m.clone())).expect("each metric is registered once");
+                m
+            }};
+        }
+        let metrics = Metrics {
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new("tokitai_http_requests_total", "HTTP requests answered, by route template and status code."),
+                &["route", "status"],
+            )),
+            request_failures: reg!(IntCounterVec::new(
+                Opts::new("tokitai_request_failures_total", "Requests that got no model answer, by route and reason."),
+                &["route", "reason"],
+            )),
+            request_duration: reg!(HistogramVec::new(
+                HistogramOpts::new("tokitai_request_duration_seconds", "Time from request start to answer, by route.")
+                    .buckets(lat.clone()),
+                &["route"],
+            )),
+            queue_wait: reg!(Histogram::with_opts(
+                HistogramOpts::new("tokitai_queue_wait_seconds", "Time a request's rows waited before their batch started.")
+                    .buckets(lat.clone()),
+            )),
+            compute_time: reg!(Histogram::with_opts(
+                HistogramOpts::new("tokitai_compute_seconds", "Forward time of one batch on a worker.").buckets(lat.clone()),
+            )),
+            rows_computed: reg!(IntCounterVec::new(
+                Opts::new("tokitai_rows_computed_total", "Rows computed, by worker."),
+                &["worker"],
+            )),
+            batches: reg!(IntCounterVec::new(
+                Opts::new("tokitai_batches_total", "Batches computed, by worker."),
+                &["worker"],
+            )),
+            batch_rows: reg!(Histogram::with_opts(
+                HistogramOpts::new("tokitai_batch_size_rows", "Rows per computed batch.").buckets(pow2_buckets()),
+            )),
+            batch_requests: reg!(Histogram::with_opts(
+                HistogramOpts::new("tokitai_batch_size_requests", "Requests (or request parts) per computed batch.")
+                    .buckets(pow2_buckets()),
+            )),
+            rows_dropped: reg!(IntCounterVec::new(
+                Opts::new("tokitai_rows_dropped_total", "Queued rows dropped before compute, by reason."),
+                &["reason"],
+            )),
+            queue_depth_rows: reg!(IntGauge::new("tokitai_queue_depth_rows", "Rows waiting in the batcher's queue.")),
+            inflight_requests: reg!(IntGauge::new(
+                "tokitai_inflight_requests",
+                "Inference requests accepted and not yet answered."
+            )),
+            workers: reg!(IntGauge::new("tokitai_workers", "Worker actors (sessions) in the pool.")),
+            worker_busy: reg!(prometheus::CounterVec::new(
+                Opts::new("tokitai_worker_busy_seconds_total", "Seconds each worker spent computing; rate() is utilisation."),
+                &["worker"],
+            )),
+            worker_restarts: reg!(IntCounterVec::new(
+                Opts::new("tokitai_worker_restarts_total", "Sessions rebuilt after a fault inside a forward, by worker."),
+                &["worker"],
+            )),
+            expert_rows: reg!(IntCounterVec::new(
+                Opts::new("tokitai_expert_rows_total", "Rows routed to each expert (each row counts once per selected expert)."),
+                &["expert"],
+            )),
+            router_top1_weight: reg!(Histogram::with_opts(
+                HistogramOpts::new("tokitai_router_top1_weight", "The router's largest expert weight per row (its confidence).")
+                    .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
+            )),
+            model_info: reg!(IntGaugeVec::new(
+                Opts::new("tokitai_model_info", "The served model (value 1)."),
+                &["size", "layernorm", "param_count", "checkpoint", "backend", "devices"],
+            )),
+            model_load_seconds: reg!(Gauge::new("tokitai_model_load_seconds", "Time taken to load and prepare the model.")),
+            build_info: reg!(IntGaugeVec::new(
+                Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
+                &["version"],
+            )),
+            ready: reg!(IntGauge::new("tokitai_ready", "1 when the model is loaded, workers warmed up and not draining.")),
+            config_max_queue_rows: reg!(IntGauge::new("tokitai_queue_capacity_rows", "Configured batching.max_queue_rows.")),
+            config_max_batch_rows: reg!(IntGauge::new("tokitai_max_batch_rows", "Configured batching.max_batch_rows.")),
+            device_memory_bytes: reg!(GaugeVec::new(
+                Opts::new("tokitai_device_memory_used_bytes", "Memory used on each compute device."),
+                &["device"],
+            )),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            metrics.registry.register(Box::new(pc)).expect("process collector registered once");
+        }
+        metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        metrics
+    }
+
+    /// Creates the per-worker and per-expert series up front, so dashboards
+    /// show zeros rather than gaps before the first batch.
+    pub fn init_pool(&self, workers: usize, experts: usize, max_queue_rows: usize, max_batch_rows: usize) {
+        self.workers.set(workers as i64);
+        for w in 0..workers {
+            let id = w.to_string();
+            self.rows_computed.with_label_values(&[&id]);
+            self.batches.with_label_values(&[&id]);
+            self.worker_busy.with_label_values(&[&id]);
+            self.worker_restarts.with_label_values(&[&id]);
+        }
+        for e in 0..experts {
+            self.expert_rows.with_label_values(&[&e.to_string()]);
+        }
+        for reason in DROP_REASONS {
+            self.rows_dropped.with_label_values(&[reason]);
+        }
+        for reason in FAILURE_REASONS {
+            self.request_failures.with_label_values(&["/infer", reason]);
+        }
+        self.config_max_queue_rows.set(max_queue_rows as i64);
+        self.config_max_batch_rows.set(max_batch_rows as i64);
+    }
+
+    /// One answered HTTP request.
+    pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {
+        let route = normalise_route(route);
+        self.http_requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.request_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+    }
+
+    /// One request that got no model answer.
+    pub fn observe_failure(&self, route: &str, reason: &'static str) {
+        self.request_failures.with_label_values(&[normalise_route(route), reason]).inc();
+    }
+
+    /// One computed batch.
+    pub fn observe_batch(&self, worker: &str, rows: usize, requests: usize, compute: Duration) {
+        self.rows_computed.with_label_values(&[worker]).inc_by(rows as u64);
+        self.batches.with_label_values(&[worker]).inc();
+        self.batch_rows.observe(rows as f64);
+        self.batch_requests.observe(requests as f64);
+        self.compute_time.observe(compute.as_secs_f64());
+        self.worker_busy.with_label_values(&[worker]).inc_by(compute.as_secs_f64());
+    }
+
+    /// Router health for one batch: rows per selected expert and top-1 weights.
+    pub fn observe_routing(&self, top_k: &[u32], router_weights: &[f32], n_experts: usize) {
+        let mut counts = [0u64; 16];
+        for &e in top_k {
+            if let Some(c) = counts.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        for (e, &c) in counts.iter().enumerate().take(n_experts.min(16)) {
+            if c > 0 {
+                self.expert_rows.with_label_values(&[&e.to_string()]).inc_by(c);
+            }
+        }
+        for row in router_weights.chunks(n_experts.max(1)) {
+            let top1 = row.iter().copied().fold(0.0f32, f32::max);
+            self.router_top1_weight.observe(f64::from(top1));
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn normalise_route(route: &str) -> &'static str {
+    ROUTES.iter().copied().find(|r| *r == route).unwrap_or("other")
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_and_no_user_labels() {
+        let m = Metrics::new();
+        m.init_pool(2, 4, 100, 10);
+        m.observe_request("/infer", 200, Duration::from_micros(50));
+        m.observe_request("/../etc/passwd", 404, Duration::from_micros(5));
+        m.observe_batch("0", 3, 2, Duration::from_micros(100));
+        m.observe_routing(&[0, 1, 0, 2], &[0.6, 0.4, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0], 4);
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "tokitai_http_requests_total{route=\"/infer\",status=\"200\"} 1",
+            "tokitai_http_requests_total{route=\"other\",status=\"404\"} 1",
+            "tokitai_expert_rows_total{expert=\"0\"} 2",
+            "tokitai_expert_rows_total{expert=\"3\"} 0",
+            "tokitai_batch_size_rows_bucket{le=\"4\"} 1",
+            "tokitai_router_top1_weight_count 2",
+            "tokitai_workers 2",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+        assert!(!text.contains("passwd"));
+    }
+
+    #[test]
+    fn latency_buckets_span_10us_to_10s() {
+        let b = latency_buckets();
+        assert!((b[0] - 1e-5).abs() < 1e-12);
+        assert_eq!(*b.last().unwrap(), 10.0);
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+    }
+}
