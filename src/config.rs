@@ -24,7 +24,10 @@ pub const LEGACY_BIND_ENV: &str = "TOKITAI_MODEL_BIND_ADDR";
 /// Default bind address: loopback only, the old sidecar's port.
 pub const DEFAULT_BIND: &str = "127.0.0.1:9100";
 
-const SECTIONS: [&str; 5] = ["server", "model", "batching", "workers", "logging"];
+/// Default model name on the `/v2` routes.
+pub const DEFAULT_MODEL_NAME: &str = "tokitai-moe";
+
+const SECTIONS: [&str; 6] = ["server", "model", "batching", "workers", "logging", "metrics"];
 
 /// A configuration that failed to load or validate. The message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,7 @@ pub struct Config {
     pub batching: BatchingConfig,
     pub workers: WorkersConfig,
     pub logging: LoggingConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +77,8 @@ pub struct ModelConfig {
     /// `identity` (gamma=1, beta=0: what the old sidecar served and the model
     /// was trained with) or `stored` (the checkpoint's gamma/beta).
     pub layernorm: LayerNormMode,
+    /// The model's name on the Open Inference Protocol routes (`/v2/models/{name}`).
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,12 +97,31 @@ pub struct BatchingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersConfig {
-    /// Compute backend: `cpu`.
+    /// Compute backend: `auto` (HIP when a device is found, else CPU), `cpu`
+    /// or `hip` (fail start-up without a device).
     pub backend: String,
+    /// HIP device ids to use; empty means every visible device.
+    pub gpus: Vec<u32>,
+    /// HIP streams per GPU; worker sessions are spread over GPUs, then streams.
+    pub streams_per_gpu: usize,
     /// Worker actors, each owning one session.
     pub count: usize,
     /// Intra-op threads per worker session.
     pub threads_per_worker: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Record request, batch and routing metrics. `false` exists only to
+    /// measure what recording costs; `/metrics` then shows zeros.
+    pub record: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { record: true }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +141,7 @@ impl Default for Config {
             batching: BatchingConfig::default(),
             workers: WorkersConfig::default(),
             logging: LoggingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -134,7 +160,12 @@ impl Default for ServerConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { arch: None, checkpoint: None, layernorm: LayerNormMode::Identity }
+        ModelConfig {
+            arch: None,
+            checkpoint: None,
+            layernorm: LayerNormMode::Identity,
+            name: DEFAULT_MODEL_NAME.to_string(),
+        }
     }
 }
 
@@ -151,7 +182,13 @@ impl Default for BatchingConfig {
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        WorkersConfig { backend: "cpu".to_string(), count: 2, threads_per_worker: 1 }
+        WorkersConfig {
+            backend: "auto".to_string(),
+            gpus: Vec::new(),
+            streams_per_gpu: 2,
+            count: 2,
+            threads_per_worker: 1,
+        }
     }
 }
 
@@ -217,6 +254,12 @@ impl Config {
                 if self.model.arch.is_some() { ("model.checkpoint", "model.arch") } else { ("model.arch", "model.checkpoint") };
             return bad(setting, format!("is required when {other} is given (give both, or neither for the demo model)"));
         }
+        let name_ok = |n: &str| {
+            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !name_ok(&self.model.name) {
+            return bad("model.name", format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.model.name));
+        }
         let b = &self.batching;
         if !(1..=65_536).contains(&b.max_batch_rows) {
             return bad("batching.max_batch_rows", format!("{} is not in 1..=65536", b.max_batch_rows));
@@ -236,8 +279,18 @@ impl Config {
         if b.max_queue_delay_us > 1_000_000 {
             return bad("batching.max_queue_delay_us", format!("{} is over the maximum of 1000000 (1 s)", b.max_queue_delay_us));
         }
-        if self.workers.backend != "cpu" {
-            return bad("workers.backend", format!("{:?} is not a known backend (expected \"cpu\")", self.workers.backend));
+        if !["auto", "cpu", "hip"].contains(&self.workers.backend.as_str()) {
+            return bad(
+                "workers.backend",
+                format!("{:?} is not a known backend (expected \"auto\", \"cpu\" or \"hip\")", self.workers.backend),
+            );
+        }
+        let gpus = &self.workers.gpus;
+        if let Some(dup) = gpus.iter().enumerate().find_map(|(i, g)| gpus[..i].contains(g).then_some(g)) {
+            return bad("workers.gpus", format!("device {dup} is listed twice"));
+        }
+        if !(1..=64).contains(&self.workers.streams_per_gpu) {
+            return bad("workers.streams_per_gpu", format!("{} is not in 1..=64", self.workers.streams_per_gpu));
         }
         if !(1..=256).contains(&self.workers.count) {
             return bad("workers.count", format!("{} is not in 1..=256", self.workers.count));
@@ -334,6 +387,9 @@ mod tests {
         assert!(err(&[("TOKITAI_MODEL_ARCH", "/a.json")]).contains("model.checkpoint"));
         assert!(err(&[("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "10")]).contains("batching.max_queue_rows"));
         assert!(err(&[("TOKITAI_LOGGING_FORMAT", "xml")]).contains("logging.format"));
+        assert!(err(&[("TOKITAI_WORKERS_BACKEND", "cuda")]).contains("workers.backend"));
+        assert!(err(&[("TOKITAI_WORKERS_GPUS", "[0, 0]")]).contains("workers.gpus"));
+        assert!(err(&[("TOKITAI_WORKERS_STREAMS_PER_GPU", "0")]).contains("workers.streams_per_gpu"));
     }
 
     #[test]

@@ -14,13 +14,14 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, SessionConfig};
+use crate::backend::hip::{self, FailedBackend, HipOptions};
+use crate::backend::{Backend, BackendError, SessionConfig};
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{AttachWorkers, Batcher};
 use crate::config::Config;
 use crate::error::ModelError;
 use crate::metrics::Metrics;
-use crate::model::{Dims, LayerNormMode, LoadedModel, ModelSource};
+use crate::model::{Dims, LayerNormMode, LoadedModel, ModelSource, MoeWeights};
 use crate::worker::Worker;
 
 /// Readiness and draining, shared lock-free by the HTTP actors, the batcher
@@ -63,6 +64,8 @@ impl EngineState {
 /// `tokitai_model_info` metric describe it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelDescription {
+    /// Name on the `/v2` routes (`model.name`).
+    pub name: String,
     pub size: &'static str,
     pub layernorm: LayerNormMode,
     pub param_count: u64,
@@ -101,8 +104,12 @@ pub fn build_backend(model: LoadedModel, config: &Config) -> (Arc<dyn Backend>, 
     let size = model.arch.size.as_str();
     let fingerprint = model.arch.fingerprint.clone();
     let step = model.step;
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(model.weights, layernorm));
+    // A backend that cannot be built (`hip` without a device) becomes one whose
+    // sessions fail, so `start` stops start-up with the reason.
+    let backend = choose_backend(model.weights, layernorm, config)
+        .unwrap_or_else(|e| Arc::new(FailedBackend::new("hip", dims, e.to_string())));
     let description = ModelDescription {
+        name: config.model.name.clone(),
         size,
         layernorm,
         param_count: dims.param_count(),
@@ -116,6 +123,42 @@ pub fn build_backend(model: LoadedModel, config: &Config) -> (Arc<dyn Backend>, 
         dims,
     };
     (backend, description)
+}
+
+/// Builds the backend `workers.backend` names: `cpu`; `hip` (an error when
+/// this build has no HIP support or no device is usable); `auto` (HIP when a
+/// device is usable, else the CPU; the log says which and why).
+pub fn choose_backend(
+    weights: MoeWeights,
+    layernorm: LayerNormMode,
+    config: &Config,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    let w = &config.workers;
+    let options = HipOptions { gpus: w.gpus.clone(), streams_per_gpu: w.streams_per_gpu };
+    match w.backend.as_str() {
+        "cpu" => Ok(Arc::new(CpuBackend::new(weights, layernorm))),
+        "hip" => match hip::new_backend(&weights, layernorm, &options) {
+            Ok(b) => Ok(Arc::new(b)),
+            Err(e) => Err(BackendError::Unavailable(format!(
+                "workers.backend = \"hip\": {e} (use \"auto\" or \"cpu\" to serve on the CPU)"
+            ))),
+        },
+        _ => match hip::new_backend(&weights, layernorm, &options) {
+            Ok(b) => {
+                tracing::info!(devices = %b.describe(), "workers.backend = auto: using the HIP backend");
+                Ok(Arc::new(b))
+            }
+            Err(e) => {
+                // A device that is present but failed to initialise is worth a warning.
+                if hip::device_count().is_ok_and(|n| n > 0) {
+                    tracing::warn!(reason = %e, "workers.backend = auto: HIP device present but unusable, using the CPU backend");
+                } else {
+                    tracing::info!(reason = %e, "workers.backend = auto: no usable HIP device, using the CPU backend");
+                }
+                Ok(Arc::new(CpuBackend::new(weights, layernorm)))
+            }
+        },
+    }
 }
 
 /// The running engine, as the HTTP layer sees it.

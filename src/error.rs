@@ -47,7 +47,8 @@ impl ServeError {
             ServeError::Overloaded { .. } => "overloaded",
             ServeError::NotReady(_) => "not_ready",
             ServeError::DeadlineExceeded { .. } => "timeout",
-            ServeError::NotFound(_) | ServeError::MethodNotAllowed { .. } => "not_found",
+            ServeError::NotFound(_) => "not_found",
+            ServeError::MethodNotAllowed { .. } => "method_not_allowed",
             ServeError::Internal(_) => "internal",
         }
     }

@@ -54,7 +54,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), StartError> {
     let addr = listener.local_addr()?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics.set_recording(config.metrics.record);
+    let metrics = Arc::new(metrics);
     let (model, load_time) = engine::timed(|| engine::load_model(&config));
     let model = model?;
     let (backend, description) = engine::build_backend(model, &config);

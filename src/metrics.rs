@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Counter,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -34,10 +35,28 @@ fn pow2_buckets() -> Vec<f64> {
 }
 
 /// Route templates used as the `route` label (a fixed vocabulary).
-pub const ROUTES: [&str; 6] = ["/infer", "/healthz", "/readyz", "/metrics", "/", "other"];
+pub const ROUTES: [&str; 17] = [
+    "/infer",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{model}",
+    "/v2/models/{model}/versions/{version}",
+    "/v2/models/{model}/ready",
+    "/v2/models/{model}/versions/{version}/ready",
+    "/v2/models/{model}/config",
+    "/v2/models/{model}/versions/{version}/config",
+    "/v2/models/{model}/infer",
+    "/v2/models/{model}/versions/{version}/infer",
+    "/",
+    "other",
+];
 
 /// Failure kinds used as the `reason` label (see `ServeError::kind`).
-pub const FAILURE_REASONS: [&str; 9] = [
+pub const FAILURE_REASONS: [&str; 10] = [
     "invalid",
     "too_large",
     "unsupported_media_type",
@@ -46,6 +65,7 @@ pub const FAILURE_REASONS: [&str; 9] = [
     "cancelled",
     "not_ready",
     "not_found",
+    "method_not_allowed",
     "internal",
 ];
 
@@ -55,6 +75,7 @@ pub const DROP_REASONS: [&str; 3] = ["timeout", "cancelled", "failed"];
 /// All of the engine's metrics.
 pub struct Metrics {
     registry: Registry,
+    recording: bool,
     pub http_requests: IntCounterVec,
     pub request_failures: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -94,6 +115,7 @@ impl Metrics {
             }};
         }
         let metrics = Metrics {
+            recording: true,
             http_requests: reg!(IntCounterVec::new(
                 Opts::new("tokitai_http_requests_total", "HTTP requests answered, by route template and status code."),
                 &["route", "status"],
@@ -206,44 +228,75 @@ impl Metrics {
         self.config_max_batch_rows.set(max_batch_rows as i64);
     }
 
-    /// One answered HTTP request.
-    pub fn observe_request(&self, route: &str, status: u16, elapsed: Duration) {
+    /// Turns recording on or off. Off exists only to measure what recording
+    /// costs (`metrics.record = false`); `/metrics` then shows zeros.
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
+    }
+
+    pub fn recording(&self) -> bool {
+        self.recording
+    }
+
+    /// One answered HTTP request (`status` as its three digits).
+    pub fn observe_request(&self, route: &str, status: &str, elapsed: Duration) {
+        if !self.recording {
+            return;
+        }
         let route = normalise_route(route);
-        self.http_requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.http_requests.with_label_values(&[route, status]).inc();
         self.request_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
     }
 
     /// One request that got no model answer.
     pub fn observe_failure(&self, route: &str, reason: &'static str) {
-        self.request_failures.with_label_values(&[normalise_route(route), reason]).inc();
+        if self.recording {
+            self.request_failures.with_label_values(&[normalise_route(route), reason]).inc();
+        }
     }
 
-    /// One computed batch.
-    pub fn observe_batch(&self, worker: &str, rows: usize, requests: usize, compute: Duration) {
-        self.rows_computed.with_label_values(&[worker]).inc_by(rows as u64);
-        self.batches.with_label_values(&[worker]).inc();
-        self.batch_rows.observe(rows as f64);
-        self.batch_requests.observe(requests as f64);
-        self.compute_time.observe(compute.as_secs_f64());
-        self.worker_busy.with_label_values(&[worker]).inc_by(compute.as_secs_f64());
+    /// Time a request waited before its first rows started computing.
+    pub fn observe_queue_wait(&self, wait: Duration) {
+        if self.recording {
+            self.queue_wait.observe(wait.as_secs_f64());
+        }
     }
 
-    /// Router health for one batch: rows per selected expert and top-1 weights.
-    pub fn observe_routing(&self, top_k: &[u32], router_weights: &[f32], n_experts: usize) {
-        let mut counts = [0u64; 16];
-        for &e in top_k {
-            if let Some(c) = counts.get_mut(e as usize) {
-                *c += 1;
-            }
+    /// An inference request was accepted (+1) or finished (-1).
+    pub fn add_inflight(&self, delta: i64) {
+        if self.recording {
+            self.inflight_requests.add(delta);
         }
-        for (e, &c) in counts.iter().enumerate().take(n_experts.min(16)) {
-            if c > 0 {
-                self.expert_rows.with_label_values(&[&e.to_string()]).inc_by(c);
-            }
+    }
+
+    pub fn set_queue_depth(&self, rows: usize) {
+        if self.recording {
+            self.queue_depth_rows.set(rows as i64);
         }
-        for row in router_weights.chunks(n_experts.max(1)) {
-            let top1 = row.iter().copied().fold(0.0f32, f32::max);
-            self.router_top1_weight.observe(f64::from(top1));
+    }
+
+    /// Rows dropped before compute (`reason` from [`DROP_REASONS`]).
+    pub fn observe_dropped(&self, reason: &'static str, rows: usize) {
+        if self.recording {
+            self.rows_dropped.with_label_values(&[reason]).inc_by(rows as u64);
+        }
+    }
+
+    /// The handles worker `id` records into, resolved once so the per-batch
+    /// path does no label lookups or allocation.
+    pub fn worker(&self, id: usize, experts: usize) -> WorkerMetrics {
+        let label = id.to_string();
+        WorkerMetrics {
+            recording: self.recording,
+            rows: self.rows_computed.with_label_values(&[&label]),
+            batches: self.batches.with_label_values(&[&label]),
+            busy: self.worker_busy.with_label_values(&[&label]),
+            restarts: self.worker_restarts.with_label_values(&[&label]),
+            experts: (0..experts).map(|e| self.expert_rows.with_label_values(&[&e.to_string()])).collect(),
+            batch_rows: self.batch_rows.clone(),
+            batch_requests: self.batch_requests.clone(),
+            compute: self.compute_time.clone(),
+            top1: self.router_top1_weight.clone(),
         }
     }
 
@@ -267,6 +320,65 @@ impl Default for Metrics {
     }
 }
 
+/// One worker's metric handles (see [`Metrics::worker`]).
+pub struct WorkerMetrics {
+    recording: bool,
+    rows: IntCounter,
+    batches: IntCounter,
+    busy: Counter,
+    restarts: IntCounter,
+    experts: Vec<IntCounter>,
+    batch_rows: Histogram,
+    batch_requests: Histogram,
+    compute: Histogram,
+    top1: Histogram,
+}
+
+impl WorkerMetrics {
+    /// One computed batch of `rows` rows from `requests` requests (or parts).
+    pub fn observe_batch(&self, rows: usize, requests: usize, compute: Duration) {
+        if !self.recording {
+            return;
+        }
+        self.rows.inc_by(rows as u64);
+        self.batches.inc();
+        self.batch_rows.observe(rows as f64);
+        self.batch_requests.observe(requests as f64);
+        self.compute.observe(compute.as_secs_f64());
+        self.busy.inc_by(compute.as_secs_f64());
+    }
+
+    /// Router health for one batch: rows per selected expert and each row's
+    /// top-1 weight. Counted locally, then flushed once per batch, so the
+    /// shared atomics are touched a handful of times, not once per row.
+    pub fn observe_routing(&self, top_k: &[u32], router_weights: &[f32], n_experts: usize) {
+        if !self.recording {
+            return;
+        }
+        let mut counts = vec![0u64; self.experts.len()];
+        for &e in top_k {
+            if let Some(c) = counts.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        for (counter, &c) in self.experts.iter().zip(&counts) {
+            if c > 0 {
+                counter.inc_by(c);
+            }
+        }
+        let top1 = self.top1.local();
+        for row in router_weights.chunks(n_experts.max(1)) {
+            top1.observe(f64::from(row.iter().copied().fold(0.0f32, f32::max)));
+        }
+        top1.flush();
+    }
+
+    /// The worker rebuilt its session after a fault.
+    pub fn restart(&self) {
+        self.restarts.inc();
+    }
+}
+
 fn normalise_route(route: &str) -> &'static str {
     ROUTES.iter().copied().find(|r| *r == route).unwrap_or("other")
 }
@@ -280,10 +392,11 @@ mod tests {
     fn exposition_has_every_family_and_no_user_labels() {
         let m = Metrics::new();
         m.init_pool(2, 4, 100, 10);
-        m.observe_request("/infer", 200, Duration::from_micros(50));
-        m.observe_request("/../etc/passwd", 404, Duration::from_micros(5));
-        m.observe_batch("0", 3, 2, Duration::from_micros(100));
-        m.observe_routing(&[0, 1, 0, 2], &[0.6, 0.4, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0], 4);
+        m.observe_request("/infer", "200", Duration::from_micros(50));
+        m.observe_request("/../etc/passwd", "404", Duration::from_micros(5));
+        let w = m.worker(0, 4);
+        w.observe_batch(3, 2, Duration::from_micros(100));
+        w.observe_routing(&[0, 1, 0, 2], &[0.6, 0.4, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0], 4);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "tokitai_http_requests_total{route=\"/infer\",status=\"200\"} 1",
@@ -297,6 +410,21 @@ mod tests {
             assert!(text.contains(name), "missing {name}");
         }
         assert!(!text.contains("passwd"));
+    }
+
+    #[test]
+    fn recording_off_records_nothing() {
+        let mut m = Metrics::new();
+        m.set_recording(false);
+        m.init_pool(1, 4, 100, 10);
+        m.observe_request("/infer", "200", Duration::from_micros(50));
+        let w = m.worker(0, 4);
+        w.observe_batch(3, 2, Duration::from_micros(100));
+        w.observe_routing(&[0, 1], &[0.6, 0.4, 0.0, 0.0], 4);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("tokitai_http_requests_total{"));
+        assert!(text.contains("tokitai_rows_computed_total{worker=\"0\"} 0"));
+        assert!(text.contains("tokitai_router_top1_weight_count 0"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! never a copy.
 
 pub mod cpu;
+pub mod hip;
 pub mod reference;
 
 use crate::model::Dims;

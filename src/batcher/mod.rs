@@ -107,7 +107,7 @@ impl Batcher {
                 }
             }
         }
-        self.metrics.queue_depth_rows.set(self.queued_rows as i64);
+        self.metrics.set_queue_depth(self.queued_rows);
     }
 
     /// Drops requests at the front whose client left or whose deadline passed,
@@ -124,7 +124,7 @@ impl Batcher {
     fn drop_rows(&mut self, queued: &Queued, reason: SkipReason) {
         let rows = queued.rows_left();
         self.queued_rows -= rows;
-        self.metrics.rows_dropped.with_label_values(&[reason.label()]).inc_by(rows as u64);
+        self.metrics.observe_dropped(reason.label(), rows);
         if reason == SkipReason::Expired {
             queued.job.fail(queued.job.deadline_error());
         }
@@ -183,7 +183,12 @@ impl Actor for Batcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Requests arrive in bursts; never let the mailbox apply back-pressure
         // to HTTP threads: admission control is the queue bound, not this.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // In actix a capacity of 0 means unbounded. (`usize::MAX` is not: the
+        // channel computes `MAX_CAPACITY - capacity` whenever an address is
+        // cloned, which overflows; debug builds panicked there, in a worker
+        // thread's factory cloning this address, whenever this ran first:
+        // that worker never started and the server never became ready.)
+        ctx.set_mailbox_capacity(0);
     }
 }
 

@@ -50,3 +50,55 @@ impl ResponseError for ServeError {
         response
     }
 }
+
+/// An error on the Open Inference Protocol (`/v2`) routes: the body is the
+/// protocol's `{"error": "..."}` and the status is the one Triton uses for
+/// the same condition (its `HttpCodeFromError`: invalid argument 400, not
+/// found 404, unavailable 503, internal 500). Queue-full and deadline are
+/// "unavailable" there, so 503 rather than `/infer`'s 429 and 504.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum V2Error {
+    #[error("{0}")]
+    Serve(#[from] ServeError),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl V2Error {
+    fn kind(&self) -> &'static str {
+        match self {
+            V2Error::Serve(e) => e.kind(),
+            V2Error::NotFound(_) => "not_found",
+        }
+    }
+}
+
+impl ResponseError for V2Error {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            V2Error::NotFound(_) => StatusCode::NOT_FOUND,
+            V2Error::Serve(e) => match e {
+                ServeError::Request(_) | ServeError::BadRequest(_) | ServeError::BodyTooLarge { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                ServeError::UnsupportedMediaType { .. } => StatusCode::BAD_REQUEST,
+                ServeError::Overloaded { .. } | ServeError::NotReady(_) | ServeError::DeadlineExceeded { .. } => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+                ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+                ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if let V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) = self {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
+        }
+        let mut response = response.json(serde_json::json!({ "error": self.to_string() }));
+        response.extensions_mut().insert(FailureKind(self.kind()));
+        response
+    }
+}

@@ -9,6 +9,7 @@
 pub mod error;
 pub mod extract;
 pub mod routes;
+pub mod v2;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +53,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(web::resource("/healthz").route(web::get().to(routes::healthz)))
     .service(web::resource("/readyz").route(web::get().to(routes::readyz)))
-    .service(web::resource("/metrics").route(web::get().to(routes::metrics)));
+    .service(web::resource("/metrics").route(web::get().to(routes::metrics)))
+    .configure(v2::configure);
 }
 
 /// Builds the HTTP server on an already bound listener. Signals are not
@@ -70,6 +72,12 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
     })
     .workers(config.server.http_workers)
     .shutdown_timeout(config.server.shutdown_timeout_secs)
+    // A client that closes its connection while its request waits must
+    // cancel the request (its rows are then dropped, not computed). actix
+    // allows HTTP/1 half-closure by default, which keeps the handler running
+    // after the client's EOF, so nothing was ever cancelled. hyper, under
+    // the old sidecar, does not allow half-closure either.
+    .h1_allow_half_closed(false)
     .disable_signals()
     .listen(listener)?
     .run();
@@ -110,17 +118,17 @@ async fn observe(
     );
     let mut res = next.call(req).instrument(span.clone()).await?;
     res.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
-    let status = res.status().as_u16();
+    let status = res.status();
     let route = res.request().match_pattern().unwrap_or_else(|| "other".to_string());
     if let Some(engine) = engine {
         let metrics = &engine.metrics;
-        metrics.observe_request(&route, status, start.elapsed());
+        metrics.observe_request(&route, status.as_str(), start.elapsed());
         if let Some(FailureKind(kind)) = res.response().extensions().get::<FailureKind>().copied() {
             metrics.observe_failure(&route, kind);
         }
     }
     span.in_scope(|| {
-        tracing::debug!(status, elapsed_us = start.elapsed().as_micros() as u64, "answered");
+        tracing::debug!(status = status.as_u16(), elapsed_us = start.elapsed().as_micros() as u64, "answered");
     });
     Ok(res)
 }

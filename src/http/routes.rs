@@ -16,7 +16,7 @@ use super::extract::{read_body, request_timeout, require_json};
 use super::HttpSettings;
 use crate::api::{parse_infer_request, write_infer_response};
 use crate::batcher::Submit;
-use crate::batcher::job::Job;
+use crate::batcher::job::{Job, JobOutput};
 use crate::engine::Engine;
 use crate::error::ServeError;
 use crate::metrics::Metrics;
@@ -39,8 +39,27 @@ pub async fn infer(
     let features = parse_infer_request(&body, dims.input, settings.max_request_rows)?;
     drop(body);
 
-    let (job, reply) = Job::new(features.rows, features.n_rows, timeout);
-    let inflight = InflightGuard::new(&engine.metrics);
+    let output = compute(&engine, features.rows, features.n_rows, timeout, "/infer").await?;
+    let body = write_infer_response(&output.logits, dims.output, &output.router_weights, dims.experts);
+    Ok(HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .insert_header(("x-queue-time-us", output.queue_wait.as_micros().to_string()))
+        .insert_header(("x-compute-time-us", output.compute.as_micros().to_string()))
+        .body(body))
+}
+
+/// Hands `n_rows` validated rows to the batcher as one job and waits for
+/// its answer. Shared by `/infer` and the v2 infer route (`route` names the
+/// caller for the `cancelled` count).
+pub(super) async fn compute(
+    engine: &Engine,
+    rows: Vec<f32>,
+    n_rows: usize,
+    timeout: std::time::Duration,
+    route: &'static str,
+) -> Result<JobOutput, ServeError> {
+    let (job, reply) = Job::new(rows, n_rows, timeout);
+    let inflight = InflightGuard::new(&engine.metrics, route);
     let outcome = async {
         engine
             .batcher
@@ -54,14 +73,8 @@ pub async fn infer(
     .await;
     inflight.finish();
     let output = outcome?;
-
-    engine.metrics.queue_wait.observe(output.queue_wait.as_secs_f64());
-    let body = write_infer_response(&output.logits, dims.output, &output.router_weights, dims.experts);
-    Ok(HttpResponse::Ok()
-        .content_type(ContentType::json())
-        .insert_header(("x-queue-time-us", output.queue_wait.as_micros().to_string()))
-        .insert_header(("x-compute-time-us", output.compute.as_micros().to_string()))
-        .body(body))
+    engine.metrics.observe_queue_wait(output.queue_wait);
+    Ok(output)
 }
 
 /// Tracks an accepted inference request: the in-flight gauge, and a
@@ -70,13 +83,14 @@ pub async fn infer(
 /// Answers and errors are counted by the middleware instead.
 struct InflightGuard {
     metrics: Arc<Metrics>,
+    route: &'static str,
     finished: bool,
 }
 
 impl InflightGuard {
-    fn new(metrics: &Arc<Metrics>) -> InflightGuard {
-        metrics.inflight_requests.inc();
-        InflightGuard { metrics: Arc::clone(metrics), finished: false }
+    fn new(metrics: &Arc<Metrics>, route: &'static str) -> InflightGuard {
+        metrics.add_inflight(1);
+        InflightGuard { metrics: Arc::clone(metrics), route, finished: false }
     }
 
     /// The engine answered (with output or an error).
@@ -87,9 +101,9 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.metrics.inflight_requests.dec();
+        self.metrics.add_inflight(-1);
         if !self.finished {
-            self.metrics.observe_failure("/infer", "cancelled");
+            self.metrics.observe_failure(self.route, "cancelled");
         }
     }
 }

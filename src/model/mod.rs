@@ -6,12 +6,20 @@
 //! kernels (see `backend/`) or anything about serving.
 
 pub mod arch;
+pub mod checkpoint;
+pub mod error;
+pub mod synth;
 pub mod weights;
+pub mod writer;
 
 use serde::{Deserialize, Serialize};
 
-pub use arch::{Dims, ModelSize};
+pub use arch::{Arch, Dims, ModelKind, ModelSize, RouterKind};
+pub use checkpoint::{Checkpoint, read_checkpoint};
+pub use error::{CheckpointPart, ModelError};
+pub use synth::{demo_model, synth_weights, write_model_dir};
 pub use weights::{Block, Expert, LayerNorm, Linear, MoeWeights, ParamSpec};
+pub use writer::write_checkpoint;
 
 /// Which LayerNorm affine parameters the forward applies.
 ///
@@ -55,4 +63,55 @@ impl std::str::FromStr for LayerNormMode {
             other => Err(format!("expected \"identity\" or \"stored\", got {other:?}")),
         }
     }
+}
+
+/// Where a served model came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Loaded from an arch.json and a TKP1 checkpoint.
+    Files {
+        arch: std::path::PathBuf,
+        checkpoint: std::path::PathBuf,
+    },
+    /// Built in process by [`synth::demo_model`], no files.
+    Demo,
+}
+
+/// A model ready to serve: its arch, weights, and provenance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedModel {
+    pub arch: Arch,
+    pub weights: MoeWeights,
+    pub source: ModelSource,
+    /// Training step from the checkpoint header (0 for the demo model).
+    pub step: u32,
+}
+
+/// Loads and validates `arch_path`, then reads `checkpoint_path` against its dims.
+///
+/// A `param_count` in arch.json that disagrees with the dims is reported
+/// (a warning), not trusted: the dims decide.
+pub fn load_model(arch_path: &std::path::Path, checkpoint_path: &std::path::Path) -> Result<LoadedModel, ModelError> {
+    let arch = Arch::load(arch_path)?;
+    let dims = arch.dims();
+    if let Some(claimed) = arch.param_count {
+        if claimed != dims.param_count() {
+            tracing::warn!(
+                arch = %arch_path.display(),
+                claimed,
+                actual = dims.param_count(),
+                "arch.json param_count disagrees with its dims; using the dims"
+            );
+        }
+    }
+    let ckpt = read_checkpoint(checkpoint_path, &dims)?;
+    Ok(LoadedModel {
+        arch,
+        weights: ckpt.weights,
+        source: ModelSource::Files {
+            arch: arch_path.to_path_buf(),
+            checkpoint: checkpoint_path.to_path_buf(),
+        },
+        step: ckpt.step,
+    })
 }

@@ -24,7 +24,7 @@ use crate::batcher::BatchDone;
 use crate::batcher::job::{Batch, SkipReason, Slice};
 use crate::engine::EngineState;
 use crate::error::ServeError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMetrics};
 use crate::model::Dims;
 
 /// A row whose first feature is exactly this value makes the forward panic,
@@ -44,7 +44,6 @@ pub struct RunBatch(pub Batch);
 
 pub struct Worker {
     id: usize,
-    label: String,
     backend: Arc<dyn Backend>,
     session_config: SessionConfig,
     session: Box<dyn Session>,
@@ -54,6 +53,7 @@ pub struct Worker {
     live: Vec<Slice>,
     batcher: Recipient<BatchDone>,
     metrics: Arc<Metrics>,
+    recorder: WorkerMetrics,
     state: Arc<EngineState>,
 }
 
@@ -70,7 +70,7 @@ impl Worker {
         let dims = backend.dims();
         Worker {
             id,
-            label: id.to_string(),
+            recorder: metrics.worker(id, dims.experts),
             backend,
             session_config,
             session,
@@ -108,7 +108,7 @@ impl Worker {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(worker = self.id, panic = %msg, "forward panicked; rebuilding the session");
-                self.metrics.worker_restarts.with_label_values(&[&self.label]).inc();
+                self.recorder.restart();
                 match self.backend.create_session(self.session_config) {
                     Ok(session) => self.session = session,
                     Err(e) => tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one"),
@@ -149,7 +149,7 @@ impl Handler<RunBatch> for Worker {
         self.live.clear();
         for slice in batch.slices {
             if let Some(reason) = slice.job.skip_reason(start) {
-                self.metrics.rows_dropped.with_label_values(&[reason.label()]).inc_by(slice.n_rows as u64);
+                self.metrics.observe_dropped(reason.label(), slice.n_rows);
                 if reason == SkipReason::Expired {
                     slice.job.fail(slice.job.deadline_error());
                 }
@@ -179,7 +179,7 @@ impl Handler<RunBatch> for Worker {
                         );
                         offset = rows.end;
                     }
-                    self.metrics.observe_routing(&self.output.top_k, &self.output.router_weights, e);
+                    self.recorder.observe_routing(&self.output.top_k, &self.output.router_weights, e);
                 }
                 Err(error) => {
                     for slice in &self.live {
@@ -187,7 +187,7 @@ impl Handler<RunBatch> for Worker {
                     }
                 }
             }
-            self.metrics.observe_batch(&self.label, n_rows, self.live.len(), compute);
+            self.recorder.observe_batch(n_rows, self.live.len(), compute);
         }
         self.live.clear();
         self.batcher.do_send(BatchDone { worker: self.id, rows: n_rows });

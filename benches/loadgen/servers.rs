@@ -1,0 +1,301 @@
+//! What the load generator drives: the real engine (in process, through
+//! `tokitai_serve::run` on its own thread and actix `System`), and the
+//! baselines on the same kernels: the old sidecar's design (one global
+//! mutex around one session, compute inline in the handler), the framework
+//! floor (parse, then a canned answer), and the offline forward ceiling.
+//!
+//! When built by `cargo bench` all of this, engine included, is compiled with
+//! the release-derived `bench` profile.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use tokitai_serve::api::{parse_infer_request, write_infer_response};
+use tokitai_serve::backend::cpu::CpuBackend;
+use tokitai_serve::backend::{Backend, ForwardOutput, Session, SessionConfig};
+use tokitai_serve::config::Config;
+use tokitai_serve::model::Dims;
+
+/// Largest body the bench-only servers accept (the engine's default too).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// A server running on its own thread; `stop` shuts it down and joins.
+pub struct RunningServer {
+    pub base_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn bind_free_port() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, format!("http://{addr}"))
+}
+
+/// Polls `url` until it answers 200 (or panics after `limit`).
+fn wait_ready(url: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(r) = ureq::get(url).timeout(Duration::from_secs(2)).call() {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} not ready after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the real engine with `config` on a free port and waits for
+/// `/readyz` (model loaded, every worker warmed up).
+pub fn start_engine(config: Config) -> RunningServer {
+    config.validate().expect("engine config is valid");
+    let (listener, base_url) = bind_free_port();
+    let (tx, rx) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("loadgen-engine".into())
+        .spawn(move || {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            actix_rt::System::new()
+                .block_on(tokitai_serve::run(listener, config, shutdown))
+                .expect("engine failed");
+        })
+        .expect("spawn engine thread");
+    let server = RunningServer { base_url, stop: Some(tx), thread: Some(thread) };
+    wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(300));
+    server
+}
+
+/// Serves `configure`'s routes with actix-web on a free port, `http_workers`
+/// threads, in its own `System` on its own thread.
+fn start_actix<F>(name: &str, http_workers: usize, configure: F) -> RunningServer
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let (listener, base_url) = bind_free_port();
+    let (tx, rx) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("loadgen-{name}"))
+        .spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    App::new().app_data(web::PayloadConfig::new(MAX_BODY)).configure(configure.clone())
+                })
+                .workers(http_workers.max(1))
+                .disable_signals()
+                .shutdown_timeout(5)
+                .listen(listener)
+                .expect("listen")
+                .run();
+                let handle = server.handle();
+                actix_rt::spawn(async move {
+                    let _ = rx.await;
+                    handle.stop(true).await;
+                });
+                server.await.expect("bench server failed");
+            })
+        })
+        .expect("spawn server thread");
+    let server = RunningServer { base_url, stop: Some(tx), thread: Some(thread) };
+    wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(60));
+    server
+}
+
+async fn ready() -> HttpResponse {
+    HttpResponse::Ok().body("ready")
+}
+
+/// The old sidecar's design: one global `parking_lot::Mutex` around one
+/// session; each handler parses, locks, computes its request alone inline on
+/// the HTTP thread, and answers.
+struct OldDesign {
+    session: parking_lot::Mutex<(Box<dyn Session>, ForwardOutput)>,
+    dims: Dims,
+    max_rows: usize,
+}
+
+async fn old_infer(body: web::Bytes, st: web::Data<OldDesign>) -> HttpResponse {
+    let f = match parse_infer_request(&body, st.dims.input, st.max_rows) {
+        Ok(f) => f,
+        Err(e) => return HttpResponse::BadRequest().body(e.to_string()),
+    };
+    let answer = {
+        let mut guard = st.session.lock();
+        let (session, out) = &mut *guard;
+        match session.forward(&f.rows, out) {
+            Ok(()) => write_infer_response(&out.logits, st.dims.output, &out.router_weights, st.dims.experts),
+            Err(e) => return HttpResponse::InternalServerError().body(e.to_string()),
+        }
+    };
+    HttpResponse::Ok().content_type("application/json").body(answer)
+}
+
+/// Starts the old design on `backend` with one session of `session_threads`.
+pub fn start_old_design(
+    backend: &Arc<dyn Backend>,
+    session_threads: usize,
+    http_workers: usize,
+    max_rows: usize,
+) -> RunningServer {
+    let session = backend.create_session(SessionConfig { threads: session_threads }).expect("session");
+    let state = web::Data::new(OldDesign {
+        session: parking_lot::Mutex::new((session, ForwardOutput::default())),
+        dims: backend.dims(),
+        max_rows,
+    });
+    start_actix("old-design", http_workers, move |cfg| {
+        cfg.app_data(state.clone())
+            .route("/infer", web::post().to(old_infer))
+            .route("/readyz", web::get().to(ready));
+    })
+}
+
+/// The framework floor: parse the same JSON, answer a canned body of the
+/// engine's answer size (pre-serialised per row count).
+struct Floor {
+    canned: HashMap<usize, web::Bytes>,
+    dims: Dims,
+    max_rows: usize,
+}
+
+async fn floor_infer(body: web::Bytes, st: web::Data<Floor>) -> HttpResponse {
+    let f = match parse_infer_request(&body, st.dims.input, st.max_rows) {
+        Ok(f) => f,
+        Err(e) => return HttpResponse::BadRequest().body(e.to_string()),
+    };
+    match st.canned.get(&f.n_rows) {
+        Some(b) => HttpResponse::Ok().content_type("application/json").body(b.clone()),
+        None => HttpResponse::InternalServerError().body("no canned answer for this row count"),
+    }
+}
+
+/// Starts the framework floor; `row_counts` are the request sizes it will see.
+/// The canned answers are the model's real answer to one row, repeated.
+pub fn start_floor(
+    backend: &Arc<dyn Backend>,
+    row_counts: &[usize],
+    http_workers: usize,
+    max_rows: usize,
+) -> RunningServer {
+    let dims = backend.dims();
+    let mut session = backend.create_session(SessionConfig { threads: 1 }).expect("session");
+    let row: Vec<f32> = (0..dims.input).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let mut out = ForwardOutput::default();
+    session.forward(&row, &mut out).expect("forward");
+    let canned = row_counts
+        .iter()
+        .map(|&n| {
+            let logits = out.logits.repeat(n);
+            let rw = out.router_weights.repeat(n);
+            (n, web::Bytes::from(write_infer_response(&logits, dims.output, &rw, dims.experts)))
+        })
+        .collect();
+    let state = web::Data::new(Floor { canned, dims, max_rows });
+    start_actix("floor", http_workers, move |cfg| {
+        cfg.app_data(state.clone())
+            .route("/infer", web::post().to(floor_infer))
+            .route("/readyz", web::get().to(ready));
+    })
+}
+
+/// Builds a CPU backend from the same model the engine's `config` loads.
+pub fn baseline_backend(config: &Config) -> Arc<dyn Backend> {
+    let model = tokitai_serve::engine::load_model(config).expect("load model");
+    Arc::new(CpuBackend::new(model.weights, config.model.layernorm))
+}
+
+/// The offline forward (no HTTP): `sessions` threads, each with its own
+/// session of `threads` on the same backend, running batches of `batch_rows`
+/// back to back for `duration`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Ceiling {
+    pub sessions: usize,
+    pub threads_per_session: usize,
+    pub batch_rows: usize,
+    pub batches: u64,
+    pub elapsed_s: f64,
+    pub rows_per_s: f64,
+    pub batch_ms: f64,
+}
+
+pub fn offline_ceiling(
+    backend: &Arc<dyn Backend>,
+    sessions: usize,
+    threads: usize,
+    batch_rows: usize,
+    duration: Duration,
+) -> Ceiling {
+    let dims = backend.dims();
+    let batch_rows = batch_rows.max(1);
+    let sessions = sessions.max(1);
+    let barrier = Arc::new(Barrier::new(sessions + 1));
+    let handles: Vec<_> = (0..sessions)
+        .map(|s| {
+            let backend = Arc::clone(backend);
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let mut session = backend.create_session(SessionConfig { threads }).expect("session");
+                let input: Vec<f32> = (0..batch_rows * dims.input)
+                    .map(|i| (((i * 7919 + s * 104_729) % 2000) as f32 / 1000.0) - 1.0)
+                    .collect();
+                let mut out = ForwardOutput::default();
+                session.forward(&input, &mut out).expect("warm-up forward");
+                barrier.wait();
+                let start = Instant::now();
+                let end = start + duration;
+                let mut batches = 0u64;
+                while Instant::now() < end {
+                    session.forward(&input, &mut out).expect("forward");
+                    batches += 1;
+                }
+                (batches, start.elapsed())
+            })
+        })
+        .collect();
+    barrier.wait();
+    let results: Vec<(u64, Duration)> = handles.into_iter().map(|h| h.join().expect("ceiling thread")).collect();
+    let batches: u64 = results.iter().map(|r| r.0).sum();
+    let elapsed = results.iter().map(|r| r.1).max().unwrap_or_default().as_secs_f64().max(1e-9);
+    // Each session's rate, summed: the sessions ran concurrently.
+    let rows_per_s: f64 = results.iter().map(|&(b, e)| (b as f64 * batch_rows as f64) / e.as_secs_f64().max(1e-9)).sum();
+    let per_batch: f64 = results.iter().map(|&(b, e)| e.as_secs_f64() / (b.max(1) as f64)).sum::<f64>() / sessions as f64;
+    Ceiling {
+        sessions,
+        threads_per_session: threads,
+        batch_rows,
+        batches,
+        elapsed_s: elapsed,
+        rows_per_s,
+        batch_ms: per_batch * 1000.0,
+    }
+}

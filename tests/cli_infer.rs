@@ -1,0 +1,328 @@
+//! The offline `tokitai-serve infer` and `synth` subcommands.
+//!
+//! Proves that `infer` on both upstream fixtures, in both LayerNorm modes,
+//! with the body on stdin or in `--input`, prints the `/infer` answer within
+//! the fixture tolerances (logits 2e-5, router weights 1e-6, exact top-k where
+//! strict); that usage errors exit 2 with the usage, a missing or corrupt
+//! checkpoint and a malformed body exit 1 with the reason on stderr, and
+//! nothing ever panics; and that a model written by `synth` can be run by
+//! `infer`.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row};
+use serde_json::Value;
+use tokitai_serve::model::LayerNormMode;
+
+/// Runs the binary with `args`, feeding `stdin`.
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tokitai-serve");
+    let mut input = child.stdin.take().unwrap();
+    // The process may exit before reading (usage errors): ignore a broken pipe.
+    let _ = input.write_all(stdin);
+    drop(input);
+    let out = child.wait_with_output().expect("wait for tokitai-serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "tokitai-serve {args:?} panicked: {stderr}"
+    );
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+#[test]
+fn infer_matches_the_fixtures_in_both_modes_from_stdin_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in FIXTURE_NAMES {
+        let fixture = Fixture::load(name);
+        let body = batch_body(&fixture.inputs);
+        let input = dir.path().join(format!("{name}.json"));
+        std::fs::write(&input, &body).unwrap();
+        let all: Vec<usize> = (0..64).collect();
+        for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
+            let base = [
+                "infer",
+                "--arch",
+                path(&fixture.arch),
+                "--checkpoint",
+                path(&fixture.checkpoint),
+            ];
+            let mut from_stdin: Vec<&str> = base.to_vec();
+            let mut from_file: Vec<&str> = base.to_vec();
+            from_file.extend(["--input", path(&input)]);
+            if mode == LayerNormMode::Stored {
+                from_stdin.extend(["--layernorm", "stored"]);
+                from_file.extend(["--layernorm", "stored"]);
+            } else {
+                // Identity is the default: say it explicitly only on one path.
+                from_file.extend(["--layernorm", "identity"]);
+            }
+            let mut answers = Vec::new();
+            for (how, args, stdin) in [
+                ("stdin", &from_stdin, body.as_bytes()),
+                ("--input", &from_file, &b""[..]),
+            ] {
+                let out = run(args, stdin);
+                assert!(
+                    out.status.success(),
+                    "{name} {mode} {how}: {:?}: {}",
+                    out.status,
+                    stderr(&out)
+                );
+                let answer: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON answer");
+                fixture.check(mode, &answer, &all, &format!("infer {name} {mode} ({how})"));
+                answers.push(answer);
+            }
+            assert_eq!(
+                answers[0], answers[1],
+                "{name} {mode}: stdin and --input give the same answer"
+            );
+        }
+        // A single flat row gives that row's answer, bit for bit.
+        let single = common::single_body(&fixture.inputs[7]);
+        let out = run(
+            &[
+                "infer",
+                "--arch",
+                path(&fixture.arch),
+                "--checkpoint",
+                path(&fixture.checkpoint),
+            ],
+            single.as_bytes(),
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+        fixture.check(LayerNormMode::Identity, &answer, &[7], "single flat row");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let f = Fixture::load("nano-s11");
+    // (what, args, text stderr must contain). clap prints the usage for
+    // unknown and missing flags, and names the flag and the accepted values
+    // for a bad value.
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("unknown flag", vec!["infer", "--bogus"], "Usage:"),
+        (
+            "--arch without --checkpoint",
+            vec!["infer", "--arch", path(&f.arch)],
+            "Usage:",
+        ),
+        (
+            "--checkpoint without --arch",
+            vec!["infer", "--checkpoint", path(&f.checkpoint)],
+            "Usage:",
+        ),
+        (
+            "bad --layernorm",
+            vec![
+                "infer",
+                "--arch",
+                path(&f.arch),
+                "--checkpoint",
+                path(&f.checkpoint),
+                "--layernorm",
+                "both",
+            ],
+            "--layernorm",
+        ),
+        ("synth without --out", vec!["synth", "--size", "nano"], "Usage:"),
+        (
+            "synth bad size",
+            vec!["synth", "--size", "huge", "--out", "/tmp/never-written"],
+            "--size",
+        ),
+    ];
+    for (what, args, want) in cases {
+        let out = run(&args, b"{}");
+        assert_eq!(out.status.code(), Some(2), "{what}: {:?}: {}", out.status, stderr(&out));
+        let err = stderr(&out);
+        assert!(err.starts_with("error:"), "{what}: {err}");
+        assert!(err.contains(want), "{what}: stderr does not contain {want:?}: {err}");
+        assert!(out.stdout.is_empty(), "{what}: nothing on stdout");
+    }
+    assert!(!Path::new("/tmp/never-written").exists());
+}
+
+#[test]
+fn load_and_body_failures_exit_1_with_the_reason() {
+    let f = Fixture::load("nano-s11");
+    let dir = tempfile::tempdir().unwrap();
+    let body = common::single_body(&f.inputs[0]);
+
+    // Missing checkpoint.
+    let missing = dir.path().join("nope.tkp1");
+    let out = run(
+        &["infer", "--arch", path(&f.arch), "--checkpoint", path(&missing)],
+        body.as_bytes(),
+    );
+    assert_eq!(out.status.code(), Some(1), "missing checkpoint: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nope.tkp1") || stderr(&out).to_lowercase().contains("no such file"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Corrupt checkpoints: bad magic, and the real file truncated.
+    let original = std::fs::read(&f.checkpoint).unwrap();
+    let bad_magic = dir.path().join("magic.tkp1");
+    let mut bytes = original.clone();
+    bytes[..4].copy_from_slice(b"XXXX");
+    std::fs::write(&bad_magic, &bytes).unwrap();
+    let truncated = dir.path().join("truncated.tkp1");
+    std::fs::write(&truncated, &original[..original.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.tkp1");
+    std::fs::write(&garbage, b"TKP1\x01\0\0\0\0\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
+    for ckpt in [&bad_magic, &truncated, &garbage] {
+        let out = run(
+            &["infer", "--arch", path(&f.arch), "--checkpoint", path(ckpt)],
+            body.as_bytes(),
+        );
+        assert_eq!(out.status.code(), Some(1), "{}: {}", ckpt.display(), stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("failed to load the model"), "{}: {err}", ckpt.display());
+        assert!(out.stdout.is_empty());
+    }
+
+    // Malformed bodies.
+    for (what, body) in [
+        ("broken JSON", "{\"features\": [1,".to_string()),
+        (
+            "95 features",
+            format!("{{\"features\": [{}]}}", vec!["0.5"; 95].join(",")),
+        ),
+        ("empty", String::new()),
+        (
+            "not a number",
+            format!("{{\"features\": [\"x\", {}]}}", vec!["0.5"; 95].join(",")),
+        ),
+    ] {
+        let out = run(
+            &["infer", "--arch", path(&f.arch), "--checkpoint", path(&f.checkpoint)],
+            body.as_bytes(),
+        );
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("error: ") && err.trim().len() > "error: ".len(),
+            "{what}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{what}: no answer printed");
+    }
+    let out = run(
+        &["infer", "--arch", path(&f.arch), "--checkpoint", path(&f.checkpoint)],
+        b"{\"features\": [1,2]}",
+    );
+    assert!(
+        stderr(&out).contains("row 0 has 2 features, expected 96"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Missing --input file.
+    let out = run(
+        &[
+            "infer",
+            "--arch",
+            path(&f.arch),
+            "--checkpoint",
+            path(&f.checkpoint),
+            "--input",
+            path(&dir.path().join("no.json")),
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+#[test]
+fn synth_then_infer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("model");
+    let out = run(
+        &["synth", "--size", "nano", "--seed", "3", "--out", path(&out_dir)],
+        b"",
+    );
+    assert!(out.status.success(), "synth: {}", stderr(&out));
+    let (arch, checkpoint) = (out_dir.join("arch.json"), out_dir.join("checkpoint.tkp1"));
+    assert!(arch.is_file() && checkpoint.is_file());
+
+    let fixture = Fixture::load("nano-s11");
+    let body = batch_body(&fixture.inputs[..8]);
+    let args = ["infer", "--arch", path(&arch), "--checkpoint", path(&checkpoint)];
+    let first = run(&args, body.as_bytes());
+    assert!(first.status.success(), "infer on the synth model: {}", stderr(&first));
+    let answer: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(answer["logits"].as_array().unwrap().len(), 8);
+    for r in 0..8 {
+        let logits = f32_row(&answer["logits"][r], 20, "synth logits");
+        assert!(logits.iter().all(|x| x.is_finite()), "row {r}: {logits:?}");
+        let w = f32_row(&answer["router_weights"][r], 4, "synth router weights");
+        let nonzero = w.iter().filter(|&&x| x != 0.0).count();
+        assert!((1..=2).contains(&nonzero), "row {r}: top-2 routing, got {w:?}");
+        let sum: f64 = w.iter().sum();
+        assert!(
+            sum > 0.0 && sum <= 1.0 + 1e-6,
+            "row {r}: weights are softmax probabilities, not renormalised: {w:?}"
+        );
+    }
+    // Same seed, same model: a second synth gives the same answer.
+    let again_dir = dir.path().join("again");
+    let out = run(
+        &["synth", "--size", "nano", "--seed", "3", "--out", path(&again_dir)],
+        b"",
+    );
+    assert!(out.status.success());
+    let again = run(
+        &[
+            "infer",
+            "--arch",
+            path(&again_dir.join("arch.json")),
+            "--checkpoint",
+            path(&again_dir.join("checkpoint.tkp1")),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(first.stdout, again.stdout, "synth is deterministic in its seed");
+    // A different seed is a different model.
+    let other_dir = dir.path().join("other");
+    assert!(
+        run(
+            &["synth", "--size", "nano", "--seed", "4", "--out", path(&other_dir)],
+            b""
+        )
+        .status
+        .success()
+    );
+    let other = run(
+        &[
+            "infer",
+            "--arch",
+            path(&other_dir.join("arch.json")),
+            "--checkpoint",
+            path(&other_dir.join("checkpoint.tkp1")),
+        ],
+        body.as_bytes(),
+    );
+    assert_ne!(first.stdout, other.stdout);
+}

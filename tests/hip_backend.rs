@@ -1,0 +1,262 @@
+//! HIP backend tests. Without a device (CI, developer machines) the device
+//! tests print why and skip; the backend selection (`auto` falls back to the
+//! CPU, `hip` is a clear start-up error) and the stub of a build without the
+//! `hip` feature are tested for real, with and without `--features hip`.
+//!
+//! Owns: nothing but tests. Must not touch: fixtures (read-only).
+
+use std::path::PathBuf;
+
+use tokitai_serve::backend::cpu::CpuBackend;
+use tokitai_serve::backend::hip::{self, HipOptions};
+use tokitai_serve::backend::{Backend, BackendError, ForwardOutput, SessionConfig};
+use tokitai_serve::config::Config;
+use tokitai_serve::engine;
+use tokitai_serve::model::arch::Arch;
+use tokitai_serve::model::checkpoint::read_checkpoint;
+use tokitai_serve::model::synth::{demo_model, synth_weights};
+use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+
+fn config(backend: &str) -> Config {
+    let mut c = Config::default();
+    c.workers.backend = backend.to_string();
+    c.validate().expect("valid config");
+    c
+}
+
+/// `Some(reason)` when no HIP device can be used (tests that need one skip).
+fn no_device() -> Option<String> {
+    match hip::device_count() {
+        Ok(0) => Some("no HIP device present (hipGetDeviceCount: 0)".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("no HIP device present ({e})")),
+    }
+}
+
+macro_rules! require_device {
+    () => {
+        if let Some(reason) = no_device() {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+}
+
+fn nano() -> MoeWeights {
+    synth_weights(Dims::for_size(ModelSize::Nano), 7)
+}
+
+#[test]
+fn auto_falls_back_to_the_cpu_without_a_device() {
+    if no_device().is_none() {
+        eprintln!("skipped: a HIP device is present, so auto does not fall back");
+        return;
+    }
+    let backend = engine::choose_backend(nano(), LayerNormMode::Identity, &config("auto"))
+        .expect("auto never fails");
+    assert_eq!(backend.name(), "cpu");
+    assert!(
+        backend.describe().starts_with("cpu ("),
+        "{}",
+        backend.describe()
+    );
+    // And it serves.
+    let mut s = backend.create_session(SessionConfig::default()).unwrap();
+    let mut out = ForwardOutput::default();
+    s.forward(&vec![0.5; 96 * 3], &mut out).unwrap();
+    assert_eq!(out.n_rows, 3);
+}
+
+#[test]
+fn hip_without_a_device_is_a_clear_error() {
+    let Some(reason) = no_device() else {
+        eprintln!("skipped: a HIP device is present");
+        return;
+    };
+    let err = match engine::choose_backend(nano(), LayerNormMode::Identity, &config("hip")) {
+        Ok(b) => panic!("backend = hip with {reason} built {}", b.describe()),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("workers.backend = \"hip\""), "{err}");
+    if hip::COMPILED {
+        assert!(err.contains("no HIP device found"), "{err}");
+    } else {
+        assert!(err.contains(hip::NOT_COMPILED), "{err}");
+    }
+}
+
+#[test]
+fn hip_without_a_device_fails_start_up_with_the_reason() {
+    if no_device().is_none() {
+        eprintln!("skipped: a HIP device is present");
+        return;
+    }
+    let (backend, description) = engine::build_backend(demo_model(), &config("hip"));
+    assert_eq!(description.backend, "hip");
+    assert!(
+        description.devices.contains("unavailable"),
+        "{}",
+        description.devices
+    );
+    // engine::start creates every session first: this is the error start-up reports.
+    match backend.create_session(SessionConfig::default()) {
+        Err(BackendError::Unavailable(msg)) => {
+            assert!(msg.contains("workers.backend = \"hip\""), "{msg}")
+        }
+        Err(e) => panic!("unexpected error kind: {e}"),
+        Ok(_) => panic!("a session on a backend that could not be built"),
+    }
+    let (backend, description) = engine::build_backend(demo_model(), &config("auto"));
+    assert_eq!((backend.name(), description.backend), ("cpu", "cpu"));
+}
+
+#[test]
+fn a_build_without_the_feature_says_so() {
+    if hip::COMPILED {
+        eprintln!("skipped: built with --features hip");
+        return;
+    }
+    let e = hip::device_count().unwrap_err().to_string();
+    assert_eq!(e, "built without HIP support (rebuild with --features hip)");
+    let e = hip::new_backend(&nano(), LayerNormMode::Identity, &HipOptions::default())
+        .err()
+        .unwrap();
+    assert_eq!(e.to_string(), hip::NOT_COMPILED);
+    let e = engine::choose_backend(nano(), LayerNormMode::Stored, &config("hip"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("built without HIP support (rebuild with --features hip)"),
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------- device tests
+
+fn fixture(name: &str) -> (MoeWeights, Vec<f32>) {
+    let dir = PathBuf::from(FIXTURES).join(name);
+    let dims = Arch::load(&dir.join("arch.json")).unwrap().dims();
+    let weights = read_checkpoint(&dir.join("checkpoint.tkp1"), &dims)
+        .unwrap()
+        .weights;
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let input = expected["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+        })
+        .collect();
+    (weights, input)
+}
+
+fn run(backend: &dyn Backend, input: &[f32]) -> ForwardOutput {
+    let mut s = backend.create_session(SessionConfig::default()).unwrap();
+    let mut out = ForwardOutput::default();
+    s.forward(input, &mut out).unwrap();
+    out
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn device_forward_matches_the_cpu_on_the_fixtures() {
+    require_device!();
+    for name in ["nano-s11", "nano-s12"] {
+        let (weights, input) = fixture(name);
+        for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
+            let gpu = hip::new_backend(&weights, mode, &HipOptions::default()).unwrap();
+            assert_eq!(gpu.name(), "hip");
+            assert!(gpu.describe().starts_with("hip ["), "{}", gpu.describe());
+            let cpu = CpuBackend::new(weights.clone(), mode);
+            let (g, c) = (run(&gpu, &input), run(&cpu, &input));
+            let d = max_abs_diff(&g.logits, &c.logits);
+            assert!(d <= 2e-5, "{name} {mode}: max |logit diff| {d:e}");
+            let d = max_abs_diff(&g.router_weights, &c.router_weights);
+            assert!(d <= 1e-6, "{name} {mode}: max |router weight diff| {d:e}");
+        }
+    }
+}
+
+#[test]
+fn device_rows_are_batch_invariant() {
+    require_device!();
+    let (weights, input) = fixture("nano-s11");
+    let gpu = hip::new_backend(&weights, LayerNormMode::Stored, &HipOptions::default()).unwrap();
+    let rows = input.len() / 96;
+    let mut batch = Vec::new();
+    let order: Vec<usize> = (0..300).map(|i| (i * 37 + 5) % rows).collect();
+    for &r in &order {
+        batch.extend_from_slice(&input[r * 96..(r + 1) * 96]);
+    }
+    let all = run(&gpu, &batch);
+    let mut session = gpu.create_session(SessionConfig::default()).unwrap();
+    for (i, &r) in order.iter().enumerate().take(64) {
+        let mut one = ForwardOutput::default();
+        session
+            .forward(&input[r * 96..(r + 1) * 96], &mut one)
+            .unwrap();
+        assert_eq!(
+            one.logits,
+            all.logits[i * 20..(i + 1) * 20],
+            "row {r} at position {i}"
+        );
+        assert_eq!(one.router_weights, all.router_weights[i * 4..(i + 1) * 4]);
+        assert_eq!(one.top_k, all.top_k[i * 2..(i + 1) * 2]);
+    }
+}
+
+#[test]
+fn device_sessions_handle_empty_large_and_malformed_batches() {
+    require_device!();
+    let weights = nano();
+    let gpu = hip::new_backend(
+        &weights,
+        LayerNormMode::Identity,
+        &HipOptions {
+            gpus: vec![0],
+            streams_per_gpu: 1,
+        },
+    )
+    .unwrap();
+    let cpu = CpuBackend::new(weights, LayerNormMode::Identity);
+    let mut s = gpu.create_session(SessionConfig::default()).unwrap();
+    let mut out = ForwardOutput::default();
+    s.forward(&[], &mut out).unwrap();
+    assert_eq!(out.n_rows, 0);
+    assert!(s.forward(&[1.0; 95], &mut out).is_err());
+    // More rows than one chunk.
+    let input: Vec<f32> = (0..5000 * 96)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    s.forward(&input, &mut out).unwrap();
+    let want = run(&cpu, &input);
+    assert!(max_abs_diff(&out.logits, &want.logits) <= 2e-5);
+    assert_eq!(out.top_k.len(), want.top_k.len());
+    // A device id that does not exist names the setting.
+    let e = hip::new_backend(
+        &nano(),
+        LayerNormMode::Identity,
+        &HipOptions {
+            gpus: vec![999],
+            streams_per_gpu: 1,
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("workers.gpus"), "{e}");
+}
