@@ -59,6 +59,9 @@ fn expert_flops(d: &Dims, rows: &[usize]) -> f64 {
     rows.iter().map(|&m| (m * per_row) as f64).sum()
 }
 
+/// One reference product: rows `m`, `a [m, k]`, `b [k, n]`, `c [m, n]`.
+type GemmCase = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// Reference sgemm GFLOP/s over the same (M, K, N) shapes, best of 3 rounds.
 fn reference_gemm_gflops(d: &Dims, rows: &[usize], threads: usize) -> f64 {
     let par = if threads > 1 {
@@ -67,7 +70,7 @@ fn reference_gemm_gflops(d: &Dims, rows: &[usize], threads: usize) -> f64 {
         gemm::Parallelism::None
     };
     let layers = expert_layers(d);
-    let bufs: Vec<(usize, Vec<f32>, Vec<f32>, Vec<f32>)> = rows
+    let bufs: Vec<GemmCase> = rows
         .iter()
         .filter(|&&m| m > 0)
         .flat_map(|&m| {
@@ -77,7 +80,7 @@ fn reference_gemm_gflops(d: &Dims, rows: &[usize], threads: usize) -> f64 {
         })
         .collect();
     let flops = expert_flops(d, rows);
-    let run = |bufs: &mut Vec<(usize, Vec<f32>, Vec<f32>, Vec<f32>)>| {
+    let run = |bufs: &mut Vec<GemmCase>| {
         for (m, a, b, c) in bufs.iter_mut() {
             let (m, k, n) = (*m, a.len() / *m, c.len() / *m);
             // SAFETY: row-major a [m,k], b [k,n], c [m,n], strides match the lengths.

@@ -80,6 +80,9 @@ struct Args {
     max_queue_delay_us: Option<u64>,
     #[arg(long)]
     max_queue_rows: Option<usize>,
+    /// Defaults to the config's, lowered to `--max-queue-rows` if that is smaller.
+    #[arg(long)]
+    max_request_rows: Option<usize>,
     #[arg(long)]
     http_workers: Option<usize>,
     /// Session threads of the old design's single session.
@@ -129,8 +132,12 @@ impl Args {
         add("workers.count", self.workers.map(int));
         add("workers.threads_per_worker", self.threads_per_worker.map(int));
         add("batching.max_batch_rows", self.max_batch_rows.map(int));
-        add("batching.max_queue_delay_us", self.max_queue_delay_us.map(|v| toml::Value::Integer(v as i64)));
+        add(
+            "batching.max_queue_delay_us",
+            self.max_queue_delay_us.map(|v| toml::Value::Integer(v as i64)),
+        );
         add("batching.max_queue_rows", self.max_queue_rows.map(int));
+        add("batching.max_request_rows", self.max_request_rows.map(int));
         add("server.http_workers", self.http_workers.map(int));
         o
     }
@@ -138,8 +145,19 @@ impl Args {
     /// The engine config for a model: file < flags, then the model paths
     /// and a port-0 bind (the listener is bound by the harness).
     fn engine_config(&self, model: &ModelFiles) -> Config {
-        let mut c = Config::load(self.config.as_deref(), Vec::<(String, String)>::new(), &self.overrides())
-            .unwrap_or_else(|e| panic!("engine config: {e}"));
+        let load = |o: &[Override]| {
+            Config::load(self.config.as_deref(), Vec::<(String, String)>::new(), o)
+                .unwrap_or_else(|e| panic!("engine config: {e}"))
+        };
+        let mut overrides = self.overrides();
+        if let (Some(q), None) = (self.max_queue_rows, self.max_request_rows) {
+            // A queue smaller than the largest request is invalid: shrink the
+            // request limit with it (the mixes send at most 32 rows).
+            if q < load(&[]).batching.max_request_rows {
+                overrides.push(("batching.max_request_rows", toml::Value::Integer(q as i64)));
+            }
+        }
+        let mut c = load(&overrides);
         c.server.bind = "127.0.0.1:0".into();
         c.model.arch = Some(model.arch.clone());
         c.model.checkpoint = Some(model.checkpoint.clone());
@@ -171,7 +189,12 @@ fn model_files(root: &Path, size: ModelSize) -> ModelFiles {
         write_model_dir(&dir, size, SEED, false).expect("write model dir");
         eprintln!("wrote {} model to {} in {:.1?}", name, dir.display(), t.elapsed());
     }
-    ModelFiles { size, name, arch, checkpoint }
+    ModelFiles {
+        size,
+        name,
+        arch,
+        checkpoint,
+    }
 }
 
 /// Per-model client counts from the issue's targets.
@@ -218,8 +241,16 @@ struct Srv<'a> {
 fn closed(report: &mut Report, m: &ModelFiles, srv: &Srv, wl: &Arc<Workload>, clients: usize) -> ScenarioResult {
     let run: LoadRun = client::closed_loop(&srv.tgt, Arc::clone(wl), clients);
     let mix = wl.mix.name();
-    let mut r = ScenarioResult::from_run(m.name, srv.name, "closed", &mix, &format!("c{clients}"), &run, srv.workers)
-        .with_settings(srv.settings.clone());
+    let mut r = ScenarioResult::from_run(
+        m.name,
+        srv.name,
+        "closed",
+        &mix,
+        &format!("c{clients}"),
+        &run,
+        srv.workers,
+    )
+    .with_settings(srv.settings.clone());
     r.clients = Some(clients);
     report.push(r).clone()
 }
@@ -247,14 +278,19 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
 
     // ---- the engine ----
     let engine = servers::start_engine(config.clone());
-    let srv = Srv { name: "engine", tgt: target(&engine.base_url, true, t, args), workers, settings: settings.clone() };
+    let srv = Srv {
+        name: "engine",
+        tgt: target(&engine.base_url, true, t, args),
+        workers,
+        settings: settings.clone(),
+    };
     let e_closed = closed(report, m, &srv, &single, c);
     closed(report, m, &srv, &multi, multi_clients(m.size));
     let e_seq = closed(report, m, &srv, &single, 1);
     let capacity = e_closed.stats().requests_per_s;
     let conns = open_conns(args);
-    // Requests the engine holds before it rejects: the queue plus the batches running.
-    let fill = (config.batching.max_queue_rows + workers * config.batching.max_batch_rows) as f64 / single.mean_rows();
+    // Requests the engine queues before it rejects.
+    let fill = config.batching.max_queue_rows as f64 / single.mean_rows();
     if (conns as f64) < fill {
         println!(
             "note: {conns} open-loop connections cannot fill the engine's queue (max_queue_rows {}): under \
@@ -297,8 +333,7 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
 
     let split = e_closed.server_split.unwrap_or_default();
     let batch = split.avg_batch_rows.round().max(1.0) as usize;
-    let ceiling =
-        servers::offline_ceiling(&backend, workers, config.workers.threads_per_worker, batch, t.ceiling);
+    let ceiling = servers::offline_ceiling(&backend, workers, config.workers.threads_per_worker, batch, t.ceiling);
     report.push(ScenarioResult {
         name: format!("{}/ceiling/offline/b{batch}", m.name),
         model: m.name.into(),
@@ -319,7 +354,12 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
         if let Mix::Rows(r) = &multi.mix {
             counts.extend(r);
         }
-        let fl = servers::start_floor(&backend, &counts, config.server.http_workers, config.batching.max_request_rows);
+        let fl = servers::start_floor(
+            &backend,
+            &counts,
+            config.server.http_workers,
+            config.batching.max_request_rows,
+        );
         let srv = Srv {
             name: "floor",
             tgt: target(&fl.base_url, false, t, args),
@@ -337,11 +377,19 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let e = e_closed.stats();
     let tput_old = ratio(e.requests_per_s, o_closed.stats().requests_per_s);
-    let detail = format!("{:.1} vs {:.1} req/s, c={c}", e.requests_per_s, o_closed.stats().requests_per_s);
+    let detail = format!(
+        "{:.1} vs {:.1} req/s, c={c}",
+        e.requests_per_s,
+        o_closed.stats().requests_per_s
+    );
     report.check(if m.size == ModelSize::Tiny {
         Check::at_least(&format!("{n}: engine/old-design throughput"), tput_old, 10.0, detail)
     } else {
-        Check { target: "(info)".into(), pass: None, ..Check::at_least(&format!("{n}: engine/old-design throughput"), tput_old, 10.0, detail) }
+        Check {
+            target: "(info)".into(),
+            pass: None,
+            ..Check::at_least(&format!("{n}: engine/old-design throughput"), tput_old, 10.0, detail)
+        }
     });
     let eff = ratio(e.rows_per_s, ceiling.rows_per_s);
     let detail = format!(
@@ -351,7 +399,11 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
     report.check(if m.size == ModelSize::Tiny {
         Check::at_least(&format!("{n}: engine/offline-ceiling rows/s"), eff, 0.75, detail)
     } else {
-        Check { target: "(info)".into(), pass: None, ..Check::at_least(&format!("{n}: engine/offline-ceiling rows/s"), eff, 0.75, detail) }
+        Check {
+            target: "(info)".into(),
+            pass: None,
+            ..Check::at_least(&format!("{n}: engine/offline-ceiling rows/s"), eff, 0.75, detail)
+        }
     });
     if let Some(fl) = &floor {
         let f = fl.stats();
@@ -376,7 +428,10 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
             &format!("{n}: open 3x lost requests"),
             o3.lost as f64,
             0.0,
-            format!("sent {} = {} answered + {} rejected + {} other + {} lost", o3.sent, o3.answered, o3.rejected, o3.other_status, o3.lost),
+            format!(
+                "sent {} = {} answered + {} rejected + {} other + {} lost",
+                o3.sent, o3.answered, o3.rejected, o3.other_status, o3.lost
+            ),
         )
     });
     if o3.rejected > 0 {
@@ -384,7 +439,10 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
             &format!("{n}: open 3x 429 p99 latency (ms, from send)"),
             o3.rejected_service_latency.p99_ms,
             1.0,
-            format!("{} rejections; from intended send time p99 {:.3} ms", o3.rejected, o3.rejected_latency.p99_ms),
+            format!(
+                "{} rejections; from intended send time p99 {:.3} ms",
+                o3.rejected, o3.rejected_latency.p99_ms
+            ),
         ));
     } else {
         report.check(Check::na(
@@ -405,7 +463,11 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
             open[0].rate_per_s.unwrap_or(0.0),
             lateness_p99(o3),
             lateness_p99(o80),
-            if lateness_p99(o3) > 10.0 { " (client pool saturated: the engine did not shed the excess)" } else { "" }
+            if lateness_p99(o3) > 10.0 {
+                " (client pool saturated: the engine did not shed the excess)"
+            } else {
+                ""
+            }
         ),
     ));
 }
@@ -419,7 +481,11 @@ fn sweep(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
     let dims = Dims::for_size(m.size);
     let single = Arc::new(Workload::new(Mix::Single, dims.input, 64));
     let c = closed_clients(m.size);
-    println!("== sweep {}: closed loop, single-row, {c} clients, {:.1} s windows", m.name, t.duration.as_secs_f64());
+    println!(
+        "== sweep {}: closed loop, single-row, {c} clients, {:.1} s windows",
+        m.name,
+        t.duration.as_secs_f64()
+    );
     println!(
         "{:>3} {:>3} {:>7} {:>4} | {:>9} {:>10} {:>9} {:>9} | {:>7} {:>9} {:>9} {:>5}",
         "W", "T", "delay", "http", "req/s", "rows/s", "p50 ms", "p99 ms", "b.rows", "queue ms", "comp ms", "util"
@@ -462,8 +528,15 @@ fn sweep(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
 fn main() {
     let args = Args::parse();
     let t = args.timing();
-    let suite = if args.sweep { "sweep".to_string() } else { args.suite.clone() };
-    assert!(args.sweep || ["quick", "full"].contains(&args.suite.as_str()), "--suite is quick or full");
+    let suite = if args.sweep {
+        "sweep".to_string()
+    } else {
+        args.suite.clone()
+    };
+    assert!(
+        args.sweep || ["quick", "full"].contains(&args.suite.as_str()),
+        "--suite is quick or full"
+    );
     let mut report = Report::new(&suite);
     report.notes.push(
         "engine runs in process via tokitai_serve::run on its own thread and actix System, built with the \
@@ -489,6 +562,8 @@ fn main() {
             run_model(&args, &t, &m, &mut report);
         }
     }
-    report.write(&args.out).unwrap_or_else(|e| panic!("writing {}: {e}", args.out.display()));
+    report
+        .write(&args.out)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", args.out.display()));
     println!("wrote {}", args.out.display());
 }

@@ -27,15 +27,13 @@ const LN_EPS: f32 = 1e-5;
 
 fn write_f32(dir: &Path, name: &str, v: &[f32]) -> std::io::Result<()> {
     let mut bytes = Vec::with_capacity(v.len() * 4);
-    v.iter()
-        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    v.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
     std::fs::write(dir.join(name), bytes)
 }
 
 fn write_u32(dir: &Path, name: &str, v: &[u32]) -> std::io::Result<()> {
     let mut bytes = Vec::with_capacity(v.len() * 4);
-    v.iter()
-        .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+    v.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
     std::fs::write(dir.join(name), bytes)
 }
 
@@ -48,11 +46,7 @@ fn linear_rows(l: &Linear, x: &[f32]) -> Vec<f32> {
         let xr = &x[r * l.in_dim..(r + 1) * l.in_dim];
         for o in 0..l.out_dim {
             let w = &l.weight[o * l.in_dim..(o + 1) * l.in_dim];
-            out.push(
-                w.iter()
-                    .zip(xr)
-                    .fold(l.bias[o], |acc, (a, b)| b.mul_add(*a, acc)),
-            );
+            out.push(w.iter().zip(xr).fold(l.bias[o], |acc, (a, b)| b.mul_add(*a, acc)));
         }
     }
     out
@@ -80,9 +74,7 @@ fn ln_gelu_rows(z: &[f32], n: usize, affine: Option<(&[f32], &[f32])>) -> Vec<f3
 
 fn cpu_forward(weights: &MoeWeights, mode: LayerNormMode, input: &[f32]) -> ForwardOutput {
     let backend = CpuBackend::new(weights.clone(), mode);
-    let mut session = backend
-        .create_session(SessionConfig::default())
-        .expect("cpu session");
+    let mut session = backend.create_session(SessionConfig::default()).expect("cpu session");
     let mut out = ForwardOutput::default();
     session.forward(input, &mut out).expect("cpu forward");
     out
@@ -92,8 +84,7 @@ fn dump(name: &str, root: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let src = PathBuf::from(FIXTURES).join(name);
     let dims = Arch::load(&src.join("arch.json"))?.dims();
     let weights = read_checkpoint(&src.join("checkpoint.tkp1"), &dims)?.weights;
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("expected.json"))?)?;
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("expected.json"))?)?;
     let rows = expected["inputs"].as_array().ok_or("inputs")?;
     let input: Vec<f32> = rows
         .iter()
@@ -146,11 +137,7 @@ fn dump(name: &str, root: &Path) -> Result<(), Box<dyn std::error::Error>> {
     for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
         let out = cpu_forward(&weights, mode, &input);
         write_f32(&dir, &format!("cpu_{mode}_logits.f32"), &out.logits)?;
-        write_f32(
-            &dir,
-            &format!("cpu_{mode}_router_weights.f32"),
-            &out.router_weights,
-        )?;
+        write_f32(&dir, &format!("cpu_{mode}_router_weights.f32"), &out.router_weights)?;
         write_u32(&dir, &format!("cpu_{mode}_top_k.u32"), &out.top_k)?;
     }
 

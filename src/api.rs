@@ -43,11 +43,7 @@ pub struct Features {
 ///
 /// `row_len` comes from the model's arch; `max_rows` bounds the batch before
 /// its rows are stored (a request over it is rejected without buffering it).
-pub fn parse_infer_request(
-    body: &[u8],
-    row_len: usize,
-    max_rows: usize,
-) -> Result<Features, RequestError> {
+pub fn parse_infer_request(body: &[u8], row_len: usize, max_rows: usize) -> Result<Features, RequestError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let seed = RequestSeed { row_len, max_rows };
     let parsed = seed.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
@@ -136,19 +132,34 @@ impl<'de> Visitor<'de> for FeaturesSeed {
     type Value = Features;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "`features` as an array of {} numbers or an array of such rows", self.row_len)
+        write!(
+            f,
+            "`features` as an array of {} numbers or an array of such rows",
+            self.row_len
+        )
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Features, A::Error> {
         let mut rows: Vec<f32> = Vec::with_capacity(self.row_len);
         // The first element decides the form: a number means one flat row,
         // an array means a batch of rows.
-        let first = seq.next_element_seed(FirstElement { rows: &mut rows, row_len: self.row_len })?;
+        let first = seq.next_element_seed(FirstElement {
+            rows: &mut rows,
+            row_len: self.row_len,
+        })?;
         match first {
             None => Err(invalid("`features` is empty: expected at least one row")),
             Some(First::Number) => {
                 let mut index = 1;
-                while seq.next_element_seed(Number { rows: &mut rows, row: 0, index, single: true })?.is_some() {
+                while seq
+                    .next_element_seed(Number {
+                        rows: &mut rows,
+                        row: 0,
+                        index,
+                        single: true,
+                    })?
+                    .is_some()
+                {
                     index += 1;
                     if index > self.row_len {
                         // Keep counting without storing so the message gives the real length.
@@ -159,7 +170,11 @@ impl<'de> Visitor<'de> for FeaturesSeed {
                     }
                 }
                 check_len(0, index, self.row_len)?;
-                Ok(Features { rows, n_rows: 1, single_row: true })
+                Ok(Features {
+                    rows,
+                    n_rows: 1,
+                    single_row: true,
+                })
             }
             Some(First::Row) => {
                 let mut n_rows = 1;
@@ -176,13 +191,21 @@ impl<'de> Visitor<'de> for FeaturesSeed {
                         }
                         break;
                     }
-                    let seed = RowSeed { rows: &mut rows, row: n_rows, row_len: self.row_len };
+                    let seed = RowSeed {
+                        rows: &mut rows,
+                        row: n_rows,
+                        row_len: self.row_len,
+                    };
                     if seq.next_element_seed(seed)?.is_none() {
                         break;
                     }
                     n_rows += 1;
                 }
-                Ok(Features { rows, n_rows, single_row: false })
+                Ok(Features {
+                    rows,
+                    n_rows,
+                    single_row: false,
+                })
             }
         }
     }
@@ -214,7 +237,9 @@ fn check_len<E: de::Error>(row: usize, len: usize, row_len: usize) -> Result<(),
     if len == row_len {
         Ok(())
     } else {
-        Err(invalid(format_args!("row {row} has {len} features, expected {row_len}")))
+        Err(invalid(format_args!(
+            "row {row} has {len} features, expected {row_len}"
+        )))
     }
 }
 
@@ -224,7 +249,9 @@ fn to_f32<E: de::Error>(v: f64, row: usize, index: usize) -> Result<f32, E> {
     if x.is_finite() {
         Ok(x)
     } else {
-        Err(invalid(format_args!("row {row}, feature {index}: {v} is not a finite f32 value")))
+        Err(invalid(format_args!(
+            "row {row}, feature {index}: {v} is not a finite f32 value"
+        )))
     }
 }
 
@@ -262,7 +289,12 @@ impl<'de> Visitor<'de> for FirstElement<'_> {
         self.visit_f64(v as f64)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<First, A::Error> {
-        RowSeed { rows: self.rows, row: 0, row_len: self.row_len }.visit_seq(seq)?;
+        RowSeed {
+            rows: self.rows,
+            row: 0,
+            row_len: self.row_len,
+        }
+        .visit_seq(seq)?;
         Ok(First::Row)
     }
     fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<First, A::Error> {
@@ -302,7 +334,12 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         let start = self.rows.len();
         let mut index = 0;
         while index < self.row_len {
-            let seed = Number { rows: self.rows, row: self.row, index, single: false };
+            let seed = Number {
+                rows: self.rows,
+                row: self.row,
+                index,
+                single: false,
+            };
             if seq.next_element_seed(seed)?.is_none() {
                 break;
             }
@@ -390,7 +427,11 @@ impl<'de> Visitor<'de> for Number<'_> {
         Err(self.not_a_number("null"))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, _seq: A) -> Result<(), A::Error> {
-        Err(self.not_a_number(if self.single { "an array (rows cannot mix with flat features)" } else { "an array" }))
+        Err(self.not_a_number(if self.single {
+            "an array (rows cannot mix with flat features)"
+        } else {
+            "an array"
+        }))
     }
     fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
         Err(self.not_a_number("an object"))
@@ -399,7 +440,10 @@ impl<'de> Visitor<'de> for Number<'_> {
 
 impl Number<'_> {
     fn not_a_number<E: de::Error>(&self, what: &str) -> E {
-        invalid(format_args!("row {}, feature {} is not a number ({what})", self.row, self.index))
+        invalid(format_args!(
+            "row {}, feature {} is not a number ({what})",
+            self.row, self.index
+        ))
     }
 }
 
@@ -468,15 +512,16 @@ impl Serialize for WireF32 {
 }
 
 /// Writes the `/infer` answer for row-major outputs.
-pub fn write_infer_response(
-    logits: &[f32],
-    output_dim: usize,
-    router_weights: &[f32],
-    n_experts: usize,
-) -> Vec<u8> {
+pub fn write_infer_response(logits: &[f32], output_dim: usize, router_weights: &[f32], n_experts: usize) -> Vec<u8> {
     let response = InferResponse {
-        logits: Rows { values: logits, row_len: output_dim },
-        router_weights: Rows { values: router_weights, row_len: n_experts },
+        logits: Rows {
+            values: logits,
+            row_len: output_dim,
+        },
+        router_weights: Rows {
+            values: router_weights,
+            row_len: n_experts,
+        },
     };
     // 12 bytes per value is a close upper estimate of ryu's f32 output.
     let mut out = Vec::with_capacity(32 + 12 * (logits.len() + router_weights.len()));
@@ -518,7 +563,10 @@ mod tests {
     fn rejects_non_numbers_non_finite_and_empty() {
         let cases = [
             (r#"{"features": [1, 2, "3", 4]}"#, "row 0, feature 2 is not a number"),
-            (r#"{"features": [[1, 2, 3, null]]}"#, "row 0, feature 3 is not a number (null)"),
+            (
+                r#"{"features": [[1, 2, 3, null]]}"#,
+                "row 0, feature 3 is not a number (null)",
+            ),
             (r#"{"features": [1, 2, 3, 1e39]}"#, "not a finite f32"),
             (r#"{"features": []}"#, "empty"),
             (r#"{"features": {}}"#, "must be an array"),
@@ -536,8 +584,14 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_json_errors_and_row_limit_is_enforced() {
-        assert!(matches!(parse_infer_request(b"{\"features\": [1,", 4, 10), Err(RequestError::Json(_))));
-        assert!(matches!(parse_infer_request(b"{\"features\": [1,2,3,4]} trailing", 4, 10), Err(RequestError::Json(_))));
+        assert!(matches!(
+            parse_infer_request(b"{\"features\": [1,", 4, 10),
+            Err(RequestError::Json(_))
+        ));
+        assert!(matches!(
+            parse_infer_request(b"{\"features\": [1,2,3,4]} trailing", 4, 10),
+            Err(RequestError::Json(_))
+        ));
         let body = format!(r#"{{"features": [{}]}}"#, vec![row(4, 1.0); 11].join(","));
         assert_eq!(
             parse_infer_request(body.as_bytes(), 4, 10).unwrap_err(),

@@ -21,7 +21,12 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_FAILURE: i32 = 1;
 
 #[derive(Debug, Parser)]
-#[command(name = "tokitai-serve", version, about = "Serve tokitai-operator MoE models over HTTP", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "tokitai-serve",
+    version,
+    about = "Serve tokitai-operator MoE models over HTTP",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -143,12 +148,18 @@ impl ServeArgs {
         push("model.layernorm", self.model.layernorm.map(|m| Str(m.as_str().into())));
         push("server.bind", self.bind.clone().map(Str));
         push("workers.count", self.workers.map(|n| int(n as u64)));
-        push("workers.threads_per_worker", self.threads_per_worker.map(|n| int(n as u64)));
+        push(
+            "workers.threads_per_worker",
+            self.threads_per_worker.map(|n| int(n as u64)),
+        );
         push("server.http_workers", self.http_workers.map(|n| int(n as u64)));
         push("batching.max_batch_rows", self.max_batch_rows.map(|n| int(n as u64)));
         push("batching.max_queue_delay_us", self.max_queue_delay_us.map(int));
         push("batching.max_queue_rows", self.max_queue_rows.map(|n| int(n as u64)));
-        push("batching.max_request_rows", self.max_request_rows.map(|n| int(n as u64)));
+        push(
+            "batching.max_request_rows",
+            self.max_request_rows.map(|n| int(n as u64)),
+        );
         push("logging.format", self.log_format.clone().map(Str));
         o
     }
@@ -193,7 +204,9 @@ pub fn infer(args: &InferArgs) -> i32 {
     let backend = CpuBackend::new(model.weights, args.model.layernorm.unwrap_or_default());
     let mut out = ForwardOutput::default();
     let result = backend
-        .create_session(SessionConfig { threads: args.threads.max(1) })
+        .create_session(SessionConfig {
+            threads: args.threads.max(1),
+        })
         .and_then(|mut session| session.forward(&features.rows, &mut out));
     if let Err(e) = result {
         eprintln!("error: forward failed: {e}");

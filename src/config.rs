@@ -40,7 +40,7 @@ pub enum ConfigError {
     Invalid { setting: &'static str, message: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -133,19 +133,6 @@ pub struct LoggingConfig {
     pub format: String,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            model: ModelConfig::default(),
-            batching: BatchingConfig::default(),
-            workers: WorkersConfig::default(),
-            logging: LoggingConfig::default(),
-            metrics: MetricsConfig::default(),
-        }
-    }
-}
-
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -194,7 +181,10 @@ impl Default for WorkersConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig { level: "info".to_string(), format: "text".to_string() }
+        LoggingConfig {
+            level: "info".to_string(),
+            format: "text".to_string(),
+        }
     }
 }
 
@@ -210,10 +200,14 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut doc = toml::Table::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
-            doc = toml::from_str(&text)
-                .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            doc = toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         }
         for (name, raw) in env {
             if let Some((section, key)) = env_setting(&name) {
@@ -235,34 +229,58 @@ impl Config {
     /// Checks every value; the error names the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid { setting, message: message.into() })
+            Err(ConfigError::Invalid {
+                setting,
+                message: message.into(),
+            })
         }
         if self.server.bind.parse::<SocketAddr>().is_err() {
-            return bad("server.bind", format!("{:?} is not an IP:port address", self.server.bind));
+            return bad(
+                "server.bind",
+                format!("{:?} is not an IP:port address", self.server.bind),
+            );
         }
         if !(1..=64).contains(&self.server.http_workers) {
-            return bad("server.http_workers", format!("{} is not in 1..=64", self.server.http_workers));
+            return bad(
+                "server.http_workers",
+                format!("{} is not in 1..=64", self.server.http_workers),
+            );
         }
         if self.server.max_body_bytes < 1024 {
-            return bad("server.max_body_bytes", format!("{} is below the minimum of 1024", self.server.max_body_bytes));
+            return bad(
+                "server.max_body_bytes",
+                format!("{} is below the minimum of 1024", self.server.max_body_bytes),
+            );
         }
         if self.server.request_timeout_ms == 0 {
             return bad("server.request_timeout_ms", "must be at least 1");
         }
         if self.model.arch.is_some() != self.model.checkpoint.is_some() {
-            let (setting, other) =
-                if self.model.arch.is_some() { ("model.checkpoint", "model.arch") } else { ("model.arch", "model.checkpoint") };
-            return bad(setting, format!("is required when {other} is given (give both, or neither for the demo model)"));
+            let (setting, other) = if self.model.arch.is_some() {
+                ("model.checkpoint", "model.arch")
+            } else {
+                ("model.arch", "model.checkpoint")
+            };
+            return bad(
+                setting,
+                format!("is required when {other} is given (give both, or neither for the demo model)"),
+            );
         }
         let name_ok = |n: &str| {
             !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         };
         if !name_ok(&self.model.name) {
-            return bad("model.name", format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.model.name));
+            return bad(
+                "model.name",
+                format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.model.name),
+            );
         }
         let b = &self.batching;
         if !(1..=65_536).contains(&b.max_batch_rows) {
-            return bad("batching.max_batch_rows", format!("{} is not in 1..=65536", b.max_batch_rows));
+            return bad(
+                "batching.max_batch_rows",
+                format!("{} is not in 1..=65536", b.max_batch_rows),
+            );
         }
         if b.max_request_rows == 0 {
             return bad("batching.max_request_rows", "must be at least 1");
@@ -277,29 +295,48 @@ impl Config {
             );
         }
         if b.max_queue_delay_us > 1_000_000 {
-            return bad("batching.max_queue_delay_us", format!("{} is over the maximum of 1000000 (1 s)", b.max_queue_delay_us));
+            return bad(
+                "batching.max_queue_delay_us",
+                format!("{} is over the maximum of 1000000 (1 s)", b.max_queue_delay_us),
+            );
         }
         if !["auto", "cpu", "hip"].contains(&self.workers.backend.as_str()) {
             return bad(
                 "workers.backend",
-                format!("{:?} is not a known backend (expected \"auto\", \"cpu\" or \"hip\")", self.workers.backend),
+                format!(
+                    "{:?} is not a known backend (expected \"auto\", \"cpu\" or \"hip\")",
+                    self.workers.backend
+                ),
             );
         }
         let gpus = &self.workers.gpus;
-        if let Some(dup) = gpus.iter().enumerate().find_map(|(i, g)| gpus[..i].contains(g).then_some(g)) {
+        if let Some(dup) = gpus
+            .iter()
+            .enumerate()
+            .find_map(|(i, g)| gpus[..i].contains(g).then_some(g))
+        {
             return bad("workers.gpus", format!("device {dup} is listed twice"));
         }
         if !(1..=64).contains(&self.workers.streams_per_gpu) {
-            return bad("workers.streams_per_gpu", format!("{} is not in 1..=64", self.workers.streams_per_gpu));
+            return bad(
+                "workers.streams_per_gpu",
+                format!("{} is not in 1..=64", self.workers.streams_per_gpu),
+            );
         }
         if !(1..=256).contains(&self.workers.count) {
             return bad("workers.count", format!("{} is not in 1..=256", self.workers.count));
         }
         if !(1..=256).contains(&self.workers.threads_per_worker) {
-            return bad("workers.threads_per_worker", format!("{} is not in 1..=256", self.workers.threads_per_worker));
+            return bad(
+                "workers.threads_per_worker",
+                format!("{} is not in 1..=256", self.workers.threads_per_worker),
+            );
         }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
-            return bad("logging.format", format!("{:?} is not \"text\" or \"json\"", self.logging.format));
+            return bad(
+                "logging.format",
+                format!("{:?} is not \"text\" or \"json\"", self.logging.format),
+            );
         }
         Ok(())
     }
@@ -339,7 +376,9 @@ fn env_value(raw: &str) -> toml::Value {
 }
 
 fn set(doc: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
-    let entry = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let entry = doc
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(table) = entry {
         table.insert(key.to_string(), value);
     }
@@ -365,8 +404,16 @@ mod tests {
     fn precedence_is_file_then_env_then_command_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[batching]\nmax_batch_rows = 8\nmax_queue_rows = 9000\n[server]\nbind = \"127.0.0.1:1\"\n").unwrap();
-        let e = env(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "16"), ("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:2"), ("PATH", "/bin")]);
+        std::fs::write(
+            &path,
+            "[batching]\nmax_batch_rows = 8\nmax_queue_rows = 9000\n[server]\nbind = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("TOKITAI_BATCHING_MAX_BATCH_ROWS", "16"),
+            ("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:2"),
+            ("PATH", "/bin"),
+        ]);
         let c = Config::load(Some(&path), e.clone(), &[]).unwrap();
         assert_eq!((c.batching.max_batch_rows, c.batching.max_queue_rows), (16, 9000));
         assert_eq!(c.server.bind, "127.0.0.1:2");

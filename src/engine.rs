@@ -14,7 +14,7 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::hip::{self, FailedBackend, HipOptions};
+use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, SessionConfig};
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{AttachWorkers, Batcher};
@@ -34,7 +34,11 @@ pub struct EngineState {
 
 impl EngineState {
     pub fn new(workers: usize) -> EngineState {
-        EngineState { workers, ready_workers: AtomicUsize::new(0), draining: AtomicBool::new(false) }
+        EngineState {
+            workers,
+            ready_workers: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
     }
 
     /// A worker finished its warm-up batch.
@@ -92,7 +96,12 @@ pub fn load_model(config: &Config) -> Result<LoadedModel, ModelError> {
 
 /// Builds the configured backend from the model, consuming its weights (the
 /// backend packs them once; workers share them).
-pub fn build_backend(model: LoadedModel, config: &Config) -> (Arc<dyn Backend>, ModelDescription) {
+/// A backend that cannot be built (`hip` without a usable device) is an
+/// error naming the setting, so start-up stops with the reason.
+pub fn build_backend(
+    model: LoadedModel,
+    config: &Config,
+) -> Result<(Arc<dyn Backend>, ModelDescription), BackendError> {
     let dims = model.arch.dims();
     let (arch, checkpoint, demo) = match &model.source {
         ModelSource::Files { arch, checkpoint } => {
@@ -104,10 +113,7 @@ pub fn build_backend(model: LoadedModel, config: &Config) -> (Arc<dyn Backend>, 
     let size = model.arch.size.as_str();
     let fingerprint = model.arch.fingerprint.clone();
     let step = model.step;
-    // A backend that cannot be built (`hip` without a device) becomes one whose
-    // sessions fail, so `start` stops start-up with the reason.
-    let backend = choose_backend(model.weights, layernorm, config)
-        .unwrap_or_else(|e| Arc::new(FailedBackend::new("hip", dims, e.to_string())));
+    let backend = choose_backend(model.weights, layernorm, config)?;
     let description = ModelDescription {
         name: config.model.name.clone(),
         size,
@@ -122,7 +128,7 @@ pub fn build_backend(model: LoadedModel, config: &Config) -> (Arc<dyn Backend>, 
         devices: backend.describe(),
         dims,
     };
-    (backend, description)
+    Ok((backend, description))
 }
 
 /// Builds the backend `workers.backend` names: `cpu`; `hip` (an error when
@@ -134,7 +140,10 @@ pub fn choose_backend(
     config: &Config,
 ) -> Result<Arc<dyn Backend>, BackendError> {
     let w = &config.workers;
-    let options = HipOptions { gpus: w.gpus.clone(), streams_per_gpu: w.streams_per_gpu };
+    let options = HipOptions {
+        gpus: w.gpus.clone(),
+        streams_per_gpu: w.streams_per_gpu,
+    };
     match w.backend.as_str() {
         "cpu" => Ok(Arc::new(CpuBackend::new(weights, layernorm))),
         "hip" => match hip::new_backend(&weights, layernorm, &options) {
@@ -179,7 +188,9 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<Engine, crate::backend::BackendError> {
     let workers = config.workers.count;
-    let session_config = SessionConfig { threads: config.workers.threads_per_worker };
+    let session_config = SessionConfig {
+        threads: config.workers.threads_per_worker,
+    };
     // Sessions are created here, before any actor starts, so a backend that
     // cannot serve fails start-up with its own error instead of a dead pool.
     let sessions = (0..workers)
@@ -191,7 +202,12 @@ pub fn start(
         max_queue_delay: config.max_queue_delay(),
         max_queue_rows: config.batching.max_queue_rows,
     };
-    metrics.init_pool(workers, model.dims.experts, policy.max_queue_rows, policy.max_batch_rows);
+    metrics.init_pool(
+        workers,
+        model.dims.experts,
+        policy.max_queue_rows,
+        policy.max_batch_rows,
+    );
     metrics
         .model_info
         .with_label_values(&[
@@ -217,7 +233,9 @@ pub fn start(
             let done = batcher.clone().recipient();
             SyncArbiter::start(1, move || {
                 let session = slot.lock().take().unwrap_or_else(|| {
-                    backend.create_session(session_config).expect("the backend created this session before")
+                    backend
+                        .create_session(session_config)
+                        .expect("the backend created this session before")
                 });
                 Worker::new(
                     id,
@@ -232,7 +250,12 @@ pub fn start(
         })
         .collect();
     batcher.do_send(AttachWorkers(addrs));
-    Ok(Engine { batcher, state, metrics, model: Arc::new(model) })
+    Ok(Engine {
+        batcher,
+        state,
+        metrics,
+        model: Arc::new(model),
+    })
 }
 
 /// Times `f`, for the model-load metric and log.

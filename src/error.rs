@@ -22,7 +22,11 @@ pub enum ServeError {
     #[error("{0}")]
     BadRequest(String),
     #[error("queue is full ({queued_rows} rows queued, limit {limit}); retry after {retry_after_secs} s")]
-    Overloaded { queued_rows: usize, limit: usize, retry_after_secs: u64 },
+    Overloaded {
+        queued_rows: usize,
+        limit: usize,
+        retry_after_secs: u64,
+    },
     #[error("server is not ready: {0}")]
     NotReady(&'static str),
     #[error("deadline of {timeout_ms} ms passed before the request was computed")]
@@ -39,9 +43,7 @@ impl ServeError {
     /// Stable failure kind: the JSON body's `type` and the metrics' `reason`.
     pub fn kind(&self) -> &'static str {
         match self {
-            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => {
-                "too_large"
-            }
+            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => "too_large",
             ServeError::Request(_) | ServeError::BadRequest(_) => "invalid",
             ServeError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ServeError::Overloaded { .. } => "overloaded",

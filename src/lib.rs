@@ -59,7 +59,7 @@ pub async fn run(
     let metrics = Arc::new(metrics);
     let (model, load_time) = engine::timed(|| engine::load_model(&config));
     let model = model?;
-    let (backend, description) = engine::build_backend(model, &config);
+    let (backend, description) = engine::build_backend(model, &config)?;
     metrics.model_load_seconds.set(load_time.as_secs_f64());
     tracing::info!(
         size = description.size,

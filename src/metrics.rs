@@ -12,8 +12,7 @@
 use std::time::Duration;
 
 use prometheus::{
-    Counter,
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -110,31 +109,46 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("metric definitions are static and valid");
-                registry.register(Box::new(m.clone())).expect("each metric is registered once");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("each metric is registered once");
                 m
             }};
         }
         let metrics = Metrics {
             recording: true,
             http_requests: reg!(IntCounterVec::new(
-                Opts::new("tokitai_http_requests_total", "HTTP requests answered, by route template and status code."),
+                Opts::new(
+                    "tokitai_http_requests_total",
+                    "HTTP requests answered, by route template and status code."
+                ),
                 &["route", "status"],
             )),
             request_failures: reg!(IntCounterVec::new(
-                Opts::new("tokitai_request_failures_total", "Requests that got no model answer, by route and reason."),
+                Opts::new(
+                    "tokitai_request_failures_total",
+                    "Requests that got no model answer, by route and reason."
+                ),
                 &["route", "reason"],
             )),
             request_duration: reg!(HistogramVec::new(
-                HistogramOpts::new("tokitai_request_duration_seconds", "Time from request start to answer, by route.")
-                    .buckets(lat.clone()),
+                HistogramOpts::new(
+                    "tokitai_request_duration_seconds",
+                    "Time from request start to answer, by route."
+                )
+                .buckets(lat.clone()),
                 &["route"],
             )),
             queue_wait: reg!(Histogram::with_opts(
-                HistogramOpts::new("tokitai_queue_wait_seconds", "Time a request's rows waited before their batch started.")
-                    .buckets(lat.clone()),
+                HistogramOpts::new(
+                    "tokitai_queue_wait_seconds",
+                    "Time a request's rows waited before their batch started."
+                )
+                .buckets(lat.clone()),
             )),
             compute_time: reg!(Histogram::with_opts(
-                HistogramOpts::new("tokitai_compute_seconds", "Forward time of one batch on a worker.").buckets(lat.clone()),
+                HistogramOpts::new("tokitai_compute_seconds", "Forward time of one batch on a worker.")
+                    .buckets(lat.clone()),
             )),
             rows_computed: reg!(IntCounterVec::new(
                 Opts::new("tokitai_rows_computed_total", "Rows computed, by worker."),
@@ -148,49 +162,88 @@ impl Metrics {
                 HistogramOpts::new("tokitai_batch_size_rows", "Rows per computed batch.").buckets(pow2_buckets()),
             )),
             batch_requests: reg!(Histogram::with_opts(
-                HistogramOpts::new("tokitai_batch_size_requests", "Requests (or request parts) per computed batch.")
-                    .buckets(pow2_buckets()),
+                HistogramOpts::new(
+                    "tokitai_batch_size_requests",
+                    "Requests (or request parts) per computed batch."
+                )
+                .buckets(pow2_buckets()),
             )),
             rows_dropped: reg!(IntCounterVec::new(
-                Opts::new("tokitai_rows_dropped_total", "Queued rows dropped before compute, by reason."),
+                Opts::new(
+                    "tokitai_rows_dropped_total",
+                    "Queued rows dropped before compute, by reason."
+                ),
                 &["reason"],
             )),
-            queue_depth_rows: reg!(IntGauge::new("tokitai_queue_depth_rows", "Rows waiting in the batcher's queue.")),
+            queue_depth_rows: reg!(IntGauge::new(
+                "tokitai_queue_depth_rows",
+                "Rows waiting in the batcher's queue."
+            )),
             inflight_requests: reg!(IntGauge::new(
                 "tokitai_inflight_requests",
                 "Inference requests accepted and not yet answered."
             )),
-            workers: reg!(IntGauge::new("tokitai_workers", "Worker actors (sessions) in the pool.")),
+            workers: reg!(IntGauge::new(
+                "tokitai_workers",
+                "Worker actors (sessions) in the pool."
+            )),
             worker_busy: reg!(prometheus::CounterVec::new(
-                Opts::new("tokitai_worker_busy_seconds_total", "Seconds each worker spent computing; rate() is utilisation."),
+                Opts::new(
+                    "tokitai_worker_busy_seconds_total",
+                    "Seconds each worker spent computing; rate() is utilisation."
+                ),
                 &["worker"],
             )),
             worker_restarts: reg!(IntCounterVec::new(
-                Opts::new("tokitai_worker_restarts_total", "Sessions rebuilt after a fault inside a forward, by worker."),
+                Opts::new(
+                    "tokitai_worker_restarts_total",
+                    "Sessions rebuilt after a fault inside a forward, by worker."
+                ),
                 &["worker"],
             )),
             expert_rows: reg!(IntCounterVec::new(
-                Opts::new("tokitai_expert_rows_total", "Rows routed to each expert (each row counts once per selected expert)."),
+                Opts::new(
+                    "tokitai_expert_rows_total",
+                    "Rows routed to each expert (each row counts once per selected expert)."
+                ),
                 &["expert"],
             )),
             router_top1_weight: reg!(Histogram::with_opts(
-                HistogramOpts::new("tokitai_router_top1_weight", "The router's largest expert weight per row (its confidence).")
-                    .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
+                HistogramOpts::new(
+                    "tokitai_router_top1_weight",
+                    "The router's largest expert weight per row (its confidence)."
+                )
+                .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
             )),
             model_info: reg!(IntGaugeVec::new(
                 Opts::new("tokitai_model_info", "The served model (value 1)."),
                 &["size", "layernorm", "param_count", "checkpoint", "backend", "devices"],
             )),
-            model_load_seconds: reg!(Gauge::new("tokitai_model_load_seconds", "Time taken to load and prepare the model.")),
+            model_load_seconds: reg!(Gauge::new(
+                "tokitai_model_load_seconds",
+                "Time taken to load and prepare the model."
+            )),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
                 &["version"],
             )),
-            ready: reg!(IntGauge::new("tokitai_ready", "1 when the model is loaded, workers warmed up and not draining.")),
-            config_max_queue_rows: reg!(IntGauge::new("tokitai_queue_capacity_rows", "Configured batching.max_queue_rows.")),
-            config_max_batch_rows: reg!(IntGauge::new("tokitai_max_batch_rows", "Configured batching.max_batch_rows.")),
+            ready: reg!(IntGauge::new(
+                "tokitai_ready",
+                "1 when the model is loaded, workers warmed up and not draining."
+            )),
+            config_max_queue_rows: reg!(IntGauge::new(
+                "tokitai_queue_capacity_rows",
+                "Configured batching.max_queue_rows."
+            )),
+            config_max_batch_rows: reg!(IntGauge::new(
+                "tokitai_max_batch_rows",
+                "Configured batching.max_batch_rows."
+            )),
             device_memory_bytes: reg!(GaugeVec::new(
-                Opts::new("tokitai_device_memory_used_bytes", "Memory used on each compute device."),
+                Opts::new(
+                    "tokitai_device_memory_used_bytes",
+                    "Memory used on each compute device."
+                ),
                 &["device"],
             )),
             registry,
@@ -198,9 +251,15 @@ impl Metrics {
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
-            metrics.registry.register(Box::new(pc)).expect("process collector registered once");
+            metrics
+                .registry
+                .register(Box::new(pc))
+                .expect("process collector registered once");
         }
-        metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         metrics
     }
 
@@ -245,13 +304,17 @@ impl Metrics {
         }
         let route = normalise_route(route);
         self.http_requests.with_label_values(&[route, status]).inc();
-        self.request_duration.with_label_values(&[route]).observe(elapsed.as_secs_f64());
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
     }
 
     /// One request that got no model answer.
     pub fn observe_failure(&self, route: &str, reason: &'static str) {
         if self.recording {
-            self.request_failures.with_label_values(&[normalise_route(route), reason]).inc();
+            self.request_failures
+                .with_label_values(&[normalise_route(route), reason])
+                .inc();
         }
     }
 
@@ -292,7 +355,9 @@ impl Metrics {
             batches: self.batches.with_label_values(&[&label]),
             busy: self.worker_busy.with_label_values(&[&label]),
             restarts: self.worker_restarts.with_label_values(&[&label]),
-            experts: (0..experts).map(|e| self.expert_rows.with_label_values(&[&e.to_string()])).collect(),
+            experts: (0..experts)
+                .map(|e| self.expert_rows.with_label_values(&[&e.to_string()]))
+                .collect(),
             batch_rows: self.batch_rows.clone(),
             batch_requests: self.batch_requests.clone(),
             compute: self.compute_time.clone(),
@@ -382,7 +447,6 @@ impl WorkerMetrics {
 fn normalise_route(route: &str) -> &'static str {
     ROUTES.iter().copied().find(|r| *r == route).unwrap_or("other")
 }
-
 
 #[cfg(test)]
 mod tests {

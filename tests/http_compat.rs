@@ -35,9 +35,7 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
             reply.header("content-type")
         );
         for h in ["x-queue-time-us", "x-compute-time-us"] {
-            let v = reply
-                .header(h)
-                .unwrap_or_else(|| panic!("{name} row {r}: missing {h}"));
+            let v = reply.header(h).unwrap_or_else(|| panic!("{name} row {r}: missing {h}"));
             v.parse::<u64>()
                 .unwrap_or_else(|_| panic!("{h} is not a whole number: {v:?}"));
         }
@@ -51,12 +49,7 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
             2,
             "only logits and router_weights: {answer}"
         );
-        fixture.check(
-            mode,
-            &answer,
-            &[r],
-            &format!("{name} {mode} single row {r}"),
-        );
+        fixture.check(mode, &answer, &[r], &format!("{name} {mode} single row {r}"));
         singles.push(answer);
     }
 
@@ -149,19 +142,11 @@ fn request_id_readyz_and_metrics() {
     assert_eq!(reply.header("x-request-id"), Some("client-id-42"));
     let a = post(&agent, &server.url("/infer"), &body, &[]);
     let b = post(&agent, &server.url("/infer"), &body, &[]);
-    let (ida, idb) = (
-        a.header("x-request-id").unwrap(),
-        b.header("x-request-id").unwrap(),
-    );
+    let (ida, idb) = (a.header("x-request-id").unwrap(), b.header("x-request-id").unwrap());
     assert_ne!(ida, idb, "generated request ids are unique");
     assert_ne!(ida, "client-id-42");
     // Errors carry the id too.
-    let bad = post(
-        &agent,
-        &server.url("/infer"),
-        "{",
-        &[("X-Request-Id", "bad-one")],
-    );
+    let bad = post(&agent, &server.url("/infer"), "{", &[("X-Request-Id", "bad-one")]);
     assert_eq!(bad.status, 400);
     assert_eq!(bad.header("x-request-id"), Some("bad-one"));
 
@@ -184,10 +169,7 @@ fn request_id_readyz_and_metrics() {
         "tokitai_queue_depth_rows",
         "tokitai_batch_size_rows",
     ] {
-        assert!(
-            text.contains(&format!("# TYPE {family} ")),
-            "/metrics lacks {family}"
-        );
+        assert!(text.contains(&format!("# TYPE {family} ")), "/metrics lacks {family}");
     }
     let m = common::Metrics::parse(&text);
     assert_eq!(
@@ -196,12 +178,7 @@ fn request_id_readyz_and_metrics() {
         "three answered inferences"
     );
     assert_eq!(m.requests_by_status("/infer").get(&400), Some(&1));
-    assert!(
-        m.sum(
-            "tokitai_request_duration_seconds_count",
-            &[("route", "/infer")]
-        ) >= 4.0
-    );
+    assert!(m.sum("tokitai_request_duration_seconds_count", &[("route", "/infer")]) >= 4.0);
     assert!(m.has("tokitai_batch_size_rows_bucket"));
     server.shutdown();
 }

@@ -84,10 +84,7 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
                 Value::Array(_) => serde_json::from_value(sent["features"].clone()).unwrap(),
                 _ => vec![serde_json::from_value(sent["features"].clone()).unwrap()],
             };
-            assert_eq!(
-                sequential[c][i]["logits"].as_array().unwrap().len(),
-                rows.len()
-            );
+            assert_eq!(sequential[c][i]["logits"].as_array().unwrap().len(), rows.len());
             for (j, row) in rows.iter().enumerate() {
                 if let Some(r) = fixture.inputs.iter().position(|x| x == row) {
                     let one = serde_json::json!({
@@ -120,10 +117,7 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
             })
         })
         .collect();
-    let concurrent: Vec<Vec<Value>> = handles
-        .into_iter()
-        .map(|h| h.join().expect("client thread"))
-        .collect();
+    let concurrent: Vec<Vec<Value>> = handles.into_iter().map(|h| h.join().expect("client thread")).collect();
 
     for c in 0..CLIENTS {
         for i in 0..REQUESTS_PER_CLIENT {
@@ -138,8 +132,8 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
     let after = server.metrics();
     let le1 = after.sum("tokitai_batch_size_requests_bucket", &[("le", "1")])
         - before.sum("tokitai_batch_size_requests_bucket", &[("le", "1")]);
-    let total = after.sum("tokitai_batch_size_requests_count", &[])
-        - before.sum("tokitai_batch_size_requests_count", &[]);
+    let total =
+        after.sum("tokitai_batch_size_requests_count", &[]) - before.sum("tokitai_batch_size_requests_count", &[]);
     assert!(total > 0.0, "batches were computed");
     assert!(
         le1 < total,

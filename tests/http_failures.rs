@@ -31,8 +31,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
 use common::{
-    Fixture, ProcessServer, RawOutcome, TestServer, agent, batch_body, close, fixture_config, get,
-    post, raw_exchange, raw_request, send_and_abandon, single_body, try_get,
+    Fixture, ProcessServer, RawOutcome, TestServer, agent, batch_body, close, fixture_config, get, post, raw_exchange,
+    raw_request, send_and_abandon, single_body, try_get,
 };
 use tokitai_serve::model::LayerNormMode;
 
@@ -78,16 +78,11 @@ fn overload_answers_every_request_with_200_or_429() {
             std::thread::spawn(move || {
                 let agent = agent();
                 barrier.wait();
-                (0..EACH)
-                    .map(|_| post(&agent, &url, &body, &[]))
-                    .collect::<Vec<_>>()
+                (0..EACH).map(|_| post(&agent, &url, &body, &[])).collect::<Vec<_>>()
             })
         })
         .collect();
-    let mut replies: Vec<common::Reply> = handles
-        .into_iter()
-        .flat_map(|h| h.join().expect("client"))
-        .collect();
+    let mut replies: Vec<common::Reply> = handles.into_iter().flat_map(|h| h.join().expect("client")).collect();
     replies.push(first.join().expect("first client"));
 
     let (mut ok, mut refused) = (0u64, 0u64);
@@ -124,10 +119,7 @@ fn overload_answers_every_request_with_200_or_429() {
         .into_iter()
         .filter(|&(_, n)| n > 0)
         .collect();
-    assert_eq!(
-        counted, expected,
-        "server's request counts by status vs the clients'"
-    );
+    assert_eq!(counted, expected, "server's request counts by status vs the clients'");
     server.shutdown();
 }
 
@@ -174,18 +166,10 @@ fn deadline_passed_in_queue_gets_504_and_rows_are_not_computed() {
     // rows are computed.
     let reply = post(&agent, &url, &batch_body(&fixture.inputs[10..12]), &[]);
     assert_eq!(reply.status, 200, "{}", reply.text());
-    fixture.check(
-        LayerNormMode::Identity,
-        &reply.json(),
-        &[10, 11],
-        "after the timeouts",
-    );
+    fixture.check(LayerNormMode::Identity, &reply.json(), &[10, 11], "after the timeouts");
     let last = server.metrics();
     assert_eq!(rows_computed(&last) - rows_computed(&before), 2.0);
-    assert_eq!(
-        rows_dropped(&last, "timeout"),
-        rows_dropped(&after, "timeout")
-    );
+    assert_eq!(rows_dropped(&last, "timeout"), rows_dropped(&after, "timeout"));
     server.shutdown();
 }
 
@@ -208,9 +192,7 @@ fn disconnected_clients_rows_are_dropped_not_computed() {
         &[("Content-Type", "application/json")],
         body.as_bytes(),
     );
-    let streams: Vec<_> = (0..CLIENTS)
-        .map(|_| send_and_abandon(server.addr, &request))
-        .collect();
+    let streams: Vec<_> = (0..CLIENTS).map(|_| send_and_abandon(server.addr, &request)).collect();
     server.wait_metrics("every abandoned request queued", |m| {
         m.sum("tokitai_queue_depth_rows", &[]) == (CLIENTS * ROWS) as f64
     });
@@ -238,19 +220,9 @@ fn disconnected_clients_rows_are_dropped_not_computed() {
     assert_eq!(after.sum("tokitai_inflight_requests", &[]), 0.0);
 
     // The server still answers.
-    let reply = post(
-        &agent(),
-        &server.url("/infer"),
-        &single_body(&fixture.inputs[5]),
-        &[],
-    );
+    let reply = post(&agent(), &server.url("/infer"), &single_body(&fixture.inputs[5]), &[]);
     assert_eq!(reply.status, 200, "{}", reply.text());
-    fixture.check(
-        LayerNormMode::Identity,
-        &reply.json(),
-        &[5],
-        "after the disconnects",
-    );
+    fixture.check(LayerNormMode::Identity, &reply.json(), &[5], "after the disconnects");
     server.shutdown();
 }
 
@@ -274,12 +246,7 @@ fn worker_panic_answers_500_and_the_worker_recovers() {
     for r in [3, 0, 63] {
         let reply = post(&agent, &url, &single_body(&fixture.inputs[r]), &[]);
         assert_eq!(reply.status, 200, "after the panic: {}", reply.text());
-        fixture.check(
-            LayerNormMode::Stored,
-            &reply.json(),
-            &[r],
-            "after the panic",
-        );
+        fixture.check(LayerNormMode::Stored, &reply.json(), &[r], "after the panic");
     }
     let reply = post(&agent, &url, &batch_body(&fixture.inputs), &[]);
     assert_eq!(reply.status, 200);
@@ -291,11 +258,7 @@ fn worker_panic_answers_500_and_the_worker_recovers() {
     );
 
     let after = server.metrics();
-    assert_eq!(
-        restarts(&after) - restarts(&before),
-        1.0,
-        "one session rebuilt"
-    );
+    assert_eq!(restarts(&after) - restarts(&before), 1.0, "one session rebuilt");
     assert_eq!(after.requests_by_status("/infer").get(&500), Some(&1));
     assert_eq!(
         get(&agent, &server.url("/readyz")).status,
@@ -320,14 +283,7 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
     let arch = fixture.arch.display().to_string();
     let checkpoint = fixture.checkpoint.display().to_string();
     let mut server = ProcessServer::start(
-        &[
-            "--arch",
-            &arch,
-            "--checkpoint",
-            &checkpoint,
-            "--workers",
-            "2",
-        ],
+        &["--arch", &arch, "--checkpoint", &checkpoint, "--workers", "2"],
         &[("TOKITAI_SERVER_SHUTDOWN_TIMEOUT_SECS", "10")],
     );
     let addr = server.addr;
@@ -365,23 +321,17 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
                     );
                     match raw_exchange(addr, &request) {
                         RawOutcome::Response(reply) if reply.status == 200 => {
-                            let answer: serde_json::Value =
-                                match serde_json::from_slice(&reply.body) {
-                                    Ok(v) => v,
-                                    Err(e) => {
-                                        problems
-                                            .lock()
-                                            .unwrap()
-                                            .push(format!("200 with an unparseable body: {e}"));
-                                        continue;
-                                    }
-                                };
-                            fixture.check(
-                                LayerNormMode::Identity,
-                                &answer,
-                                &rows,
-                                "answer during shutdown",
-                            );
+                            let answer: serde_json::Value = match serde_json::from_slice(&reply.body) {
+                                Ok(v) => v,
+                                Err(e) => {
+                                    problems
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("200 with an unparseable body: {e}"));
+                                    continue;
+                                }
+                            };
+                            fixture.check(LayerNormMode::Identity, &answer, &rows, "answer during shutdown");
                             answered.fetch_add(1, Ordering::AcqRel);
                             seen.push(Seen::Answer);
                         }
@@ -393,11 +343,10 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
                             seen.push(Seen::Draining);
                         }
                         RawOutcome::Response(reply) => {
-                            problems.lock().unwrap().push(format!(
-                                "status {}: {}",
-                                reply.status,
-                                reply.text()
-                            ));
+                            problems
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}: {}", reply.status, reply.text()));
                         }
                         RawOutcome::Partial { bytes, error } => {
                             problems.lock().unwrap().push(format!(
@@ -408,10 +357,7 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
                         RawOutcome::NoResponse(error) => {
                             let after = after_signal || signalled.load(Ordering::Acquire);
                             if !after {
-                                problems
-                                    .lock()
-                                    .unwrap()
-                                    .push(format!("failed before SIGTERM: {error}"));
+                                problems.lock().unwrap().push(format!("failed before SIGTERM: {error}"));
                             }
                             seen.push(Seen::NoResponse);
                             if after {
@@ -469,10 +415,7 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
     assert!(problems.is_empty(), "bad outcomes: {problems:#?}");
     let answers = seen.iter().filter(|s| matches!(s, Seen::Answer)).count();
     let draining = seen.iter().filter(|s| matches!(s, Seen::Draining)).count();
-    let failed = seen
-        .iter()
-        .filter(|s| matches!(s, Seen::NoResponse))
-        .count();
+    let failed = seen.iter().filter(|s| matches!(s, Seen::NoResponse)).count();
     assert!(answers >= 20);
     eprintln!(
         "SIGTERM under load: {answers} answers, {draining} draining 503s, {failed} refused after the signal, \

@@ -19,8 +19,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{
-    Fixture, RawOutcome, TestServer, agent, fixture_config, get, post, raw_exchange, raw_request,
-    single_body,
+    Fixture, RawOutcome, TestServer, agent, fixture_config, get, post, raw_exchange, raw_request, single_body,
 };
 use tokitai_serve::model::LayerNormMode;
 
@@ -50,12 +49,7 @@ fn features(inner: &str) -> Vec<u8> {
 }
 
 fn json_post(body: &[u8]) -> Vec<u8> {
-    raw_request(
-        "POST",
-        "/infer",
-        &[("Content-Type", "application/json")],
-        body,
-    )
+    raw_request("POST", "/infer", &[("Content-Type", "application/json")], body)
 }
 
 struct Case {
@@ -89,24 +83,14 @@ fn table() -> Vec<Case> {
     deep.push_str(&"]".repeat(600));
     vec![
         // Broken JSON.
-        case(
-            "truncated JSON",
-            json_post(br#"{"features": [1, 2"#),
-            400,
-            "invalid",
-        ),
+        case("truncated JSON", json_post(br#"{"features": [1, 2"#), 400, "invalid"),
         case(
             "trailing garbage",
             json_post(format!(r#"{{"features": {good}}} trailing"#).as_bytes()),
             400,
             "invalid",
         ),
-        case(
-            "single quotes",
-            json_post(b"{'features': [1, 2]}"),
-            400,
-            "invalid",
-        ),
+        case("single quotes", json_post(b"{'features': [1, 2]}"), 400, "invalid"),
         case(
             "trailing comma",
             json_post(format!(r#"{{"features": [{}, ]}}"#, nums(96)).as_bytes()),
@@ -114,12 +98,7 @@ fn table() -> Vec<Case> {
             "invalid",
         ),
         case("empty body", json_post(b""), 400, "invalid"),
-        case(
-            "NaN literal",
-            json_post(&features(&row_with(3, "NaN"))),
-            400,
-            "invalid",
-        ),
+        case("NaN literal", json_post(&features(&row_with(3, "NaN"))), 400, "invalid"),
         case(
             "unquoted key",
             json_post(format!("{{features: {good}}}").as_bytes()),
@@ -127,18 +106,8 @@ fn table() -> Vec<Case> {
             "invalid",
         ),
         // Not an object.
-        case(
-            "top-level array",
-            json_post(good.as_bytes()),
-            400,
-            "invalid",
-        ),
-        case(
-            "top-level string",
-            json_post(br#""features""#),
-            400,
-            "invalid",
-        ),
+        case("top-level array", json_post(good.as_bytes()), 400, "invalid"),
+        case("top-level string", json_post(br#""features""#), 400, "invalid"),
         case("top-level null", json_post(b"null"), 400, "invalid"),
         // `features` of the wrong kind.
         says(
@@ -150,30 +119,10 @@ fn table() -> Vec<Case> {
             ),
             "features",
         ),
-        case(
-            "features null",
-            json_post(&features("null")),
-            400,
-            "invalid",
-        ),
-        case(
-            "features number",
-            json_post(&features("42")),
-            400,
-            "invalid",
-        ),
-        case(
-            "features string",
-            json_post(&features(r#""1,2,3""#)),
-            400,
-            "invalid",
-        ),
-        case(
-            "features object",
-            json_post(&features(r#"{"0": 1}"#)),
-            400,
-            "invalid",
-        ),
+        case("features null", json_post(&features("null")), 400, "invalid"),
+        case("features number", json_post(&features("42")), 400, "invalid"),
+        case("features string", json_post(&features(r#""1,2,3""#)), 400, "invalid"),
+        case("features object", json_post(&features(r#"{"0": 1}"#)), 400, "invalid"),
         says(
             case("features empty", json_post(&features("[]")), 400, "invalid"),
             "empty",
@@ -225,21 +174,11 @@ fn table() -> Vec<Case> {
             "row 1",
         ),
         says(
-            case(
-                "95 features",
-                json_post(&features(&row(95))),
-                400,
-                "invalid",
-            ),
+            case("95 features", json_post(&features(&row(95))), 400, "invalid"),
             "row 0 has 95 features, expected 96",
         ),
         says(
-            case(
-                "97 features",
-                json_post(&features(&row(97))),
-                400,
-                "invalid",
-            ),
+            case("97 features", json_post(&features(&row(97))), 400, "invalid"),
             "row 0 has 97 features, expected 96",
         ),
         says(
@@ -298,12 +237,7 @@ fn table() -> Vec<Case> {
             "finite",
         ),
         says(
-            case(
-                "-1e39",
-                json_post(&batch(&[row_with(9, "-1e39")])),
-                400,
-                "invalid",
-            ),
+            case("-1e39", json_post(&batch(&[row_with(9, "-1e39")])), 400, "invalid"),
             "finite",
         ),
         case(
@@ -313,12 +247,7 @@ fn table() -> Vec<Case> {
             "invalid",
         ),
         // Size limits.
-        case(
-            "chunked body over the limit",
-            chunked_over_limit(),
-            413,
-            "too_large",
-        ),
+        case("chunked body over the limit", chunked_over_limit(), 413, "too_large"),
         says(
             case(
                 "batch over max_request_rows",
@@ -331,12 +260,7 @@ fn table() -> Vec<Case> {
         // Content type.
         case(
             "text/plain",
-            raw_request(
-                "POST",
-                "/infer",
-                &[("Content-Type", "text/plain")],
-                &features(&good),
-            ),
+            raw_request("POST", "/infer", &[("Content-Type", "text/plain")], &features(&good)),
             415,
             "unsupported_media_type",
         ),
@@ -405,10 +329,7 @@ fn timeout_request(value: &str, good: &str) -> Vec<u8> {
     raw_request(
         "POST",
         "/infer",
-        &[
-            ("Content-Type", "application/json"),
-            ("X-Request-Timeout-Ms", value),
-        ],
+        &[("Content-Type", "application/json"), ("X-Request-Timeout-Ms", value)],
         &features(good),
     )
 }
@@ -418,10 +339,7 @@ fn chunked_over_limit() -> Vec<u8> {
     let mut req = raw_request(
         "POST",
         "/infer",
-        &[
-            ("Content-Type", "application/json"),
-            ("Transfer-Encoding", "chunked"),
-        ],
+        &[("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")],
         b"",
     );
     let chunk = vec![b' '; 4096];
@@ -445,12 +363,7 @@ fn still_healthy(server: &TestServer) {
     let agent = agent();
     assert_eq!(get(&agent, &server.url("/healthz")).status, 200);
     let fixture = Fixture::load("nano-s11");
-    let reply = post(
-        &agent,
-        &server.url("/infer"),
-        &single_body(&fixture.inputs[9]),
-        &[],
-    );
+    let reply = post(&agent, &server.url("/infer"), &single_body(&fixture.inputs[9]), &[]);
     assert_eq!(reply.status, 200, "{}", reply.text());
     fixture.check(
         LayerNormMode::Identity,
@@ -470,11 +383,7 @@ fn malformed_requests_get_their_status_and_a_json_error() {
         reply.assert_error(c.status, c.kind, c.name);
         if let Some(text) = c.says {
             let msg = reply.json()["error"].as_str().unwrap().to_string();
-            assert!(
-                msg.contains(text),
-                "{}: message {msg:?} does not say {text:?}",
-                c.name
-            );
+            assert!(msg.contains(text), "{}: message {msg:?} does not say {text:?}", c.name);
         }
         if c.status == 405 || c.status == 404 || c.status == 415 {
             assert!(
@@ -505,10 +414,9 @@ fn malformed_requests_get_their_status_and_a_json_error() {
 fn declared_50_mb_body_is_refused_before_it_is_sent() {
     let server = server();
     let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let head = "POST /infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n";
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head =
+        "POST /infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n";
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(br#"{"features": [[0.5, 0.25, "#).unwrap();
     // Nothing more is sent: the answer must come from the header alone.

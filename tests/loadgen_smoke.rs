@@ -45,7 +45,7 @@ fn assert_accounted(r: &stats::RunStats) {
 
 #[test]
 fn metrics_text_is_summed_over_labels() {
-    let text = "# HELP a x\n# TYPE a counter\na_total{w=\"0\"} 3\na_total{w=\"1\",r=\"{}\"} 4\nb_sum 1.5\nb_count 2 1700000000\nbad\n";
+    let text = "# HELP a x\n# TYPE a counter\na_total{w=\"0\"} 3\na_total{w=\"1\",r=\"{}\\\" x\"} 4\nb_sum 1.5\nb_count 2 1700000000\nbad\n";
     let m = MetricsSnapshot::parse(text);
     assert_eq!(m.get("a_total"), 7.0);
     assert_eq!(m.get("b_sum"), 1.5);
@@ -94,7 +94,9 @@ fn closed_and_open_loops_against_the_engine() {
     let run = client::closed_loop(&tgt, Arc::clone(&multi), 2);
     assert_accounted(&run.stats);
     assert!(run.stats.rows_answered >= run.stats.answered);
-    report.push(ScenarioResult::from_run("nano", "engine", "closed", "multi", "c2", &run, 1));
+    report.push(ScenarioResult::from_run(
+        "nano", "engine", "closed", "multi", "c2", &run, 1,
+    ));
 
     let run = client::open_loop(&tgt, Arc::clone(&single), 40.0, 4);
     assert_accounted(&run.stats);
@@ -110,13 +112,37 @@ fn closed_and_open_loops_against_the_engine() {
     // The baselines run on the same backend.
     let backend = servers::baseline_backend(&config);
     let old = servers::start_old_design(&backend, 1, 1, 4096);
-    let run = client::closed_loop(&Target { base_url: old.base_url.clone(), scrape_metrics: false, ..tgt.clone() }, Arc::clone(&single), 2);
+    let run = client::closed_loop(
+        &Target {
+            base_url: old.base_url.clone(),
+            scrape_metrics: false,
+            ..tgt.clone()
+        },
+        Arc::clone(&single),
+        2,
+    );
     assert_accounted(&run.stats);
     assert!(run.metrics_before.is_none());
-    report.push(ScenarioResult::from_run("nano", "old-design", "closed", "single", "c2", &run, 1));
+    report.push(ScenarioResult::from_run(
+        "nano",
+        "old-design",
+        "closed",
+        "single",
+        "c2",
+        &run,
+        1,
+    ));
     old.stop();
     let floor = servers::start_floor(&backend, &[1], 1, 4096);
-    let run = client::closed_loop(&Target { base_url: floor.base_url.clone(), scrape_metrics: false, ..tgt }, Arc::clone(&single), 2);
+    let run = client::closed_loop(
+        &Target {
+            base_url: floor.base_url.clone(),
+            scrape_metrics: false,
+            ..tgt
+        },
+        Arc::clone(&single),
+        2,
+    );
     assert_accounted(&run.stats);
     floor.stop();
     let ceiling = servers::offline_ceiling(&backend, 1, 1, 4, Duration::from_millis(200));
@@ -130,5 +156,7 @@ fn closed_and_open_loops_against_the_engine() {
     assert!(v["scenarios"][0]["server_split"]["batches"].as_u64().unwrap() > 0);
     assert!(v["checks"][1]["value"].is_null());
     let dir = tempfile::tempdir().unwrap();
-    report.write(&dir.path().join("sub/loadgen.json")).expect("write report");
+    report
+        .write(&dir.path().join("sub/loadgen.json"))
+        .expect("write report");
 }

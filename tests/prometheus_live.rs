@@ -43,11 +43,7 @@ fn root() -> &'static Path {
 fn tool(name: &str, env_var: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "{env_var}={} is not a file; {INSTALL_HINT}",
-            p.display()
-        );
+        assert!(p.is_file(), "{env_var}={} is not a file; {INSTALL_HINT}", p.display());
         return p;
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -68,11 +64,7 @@ fn run_promtool(args: &[&str], stdin: Option<&[u8]>) -> String {
     let mut child = Command::new(promtool())
         .args(args)
         .current_dir(root())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -230,11 +222,7 @@ fn drive_load(engine: &Engine) -> Sent {
                 s.spawn(move || {
                     for i in 0..VALID_PER_THREAD {
                         let n_rows = 1 + (t + i) % 4;
-                        let status = post_infer(
-                            engine,
-                            "application/json",
-                            &rows_body(n_rows, INPUT_DIM, t * 100 + i),
-                        );
+                        let status = post_infer(engine, "application/json", &rows_body(n_rows, INPUT_DIM, t * 100 + i));
                         assert_eq!(status, 200, "valid request ({n_rows} rows) got {status}");
                     }
                 })
@@ -249,28 +237,12 @@ fn drive_load(engine: &Engine) -> Sent {
     let cases: [(&str, String, u16); 8] = [
         ("application/json", "{not json".to_string(), 400),
         ("application/json", rows_body(1, INPUT_DIM - 1, 1), 400),
-        (
-            "application/json",
-            json!({ "features": "x" }).to_string(),
-            400,
-        ),
+        ("application/json", json!({ "features": "x" }).to_string(), 400),
         ("application/json", json!({ "rows": [] }).to_string(), 400),
-        (
-            "application/json",
-            rows_body(MAX_REQUEST_ROWS + 1, INPUT_DIM, 2),
-            413,
-        ),
-        (
-            "application/json",
-            rows_body(MAX_REQUEST_ROWS * 4, INPUT_DIM, 3),
-            413,
-        ),
+        ("application/json", rows_body(MAX_REQUEST_ROWS + 1, INPUT_DIM, 2), 413),
+        ("application/json", rows_body(MAX_REQUEST_ROWS * 4, INPUT_DIM, 3), 413),
         ("text/plain", rows_body(1, INPUT_DIM, 4), 415),
-        (
-            "application/x-www-form-urlencoded",
-            "features=1".to_string(),
-            415,
-        ),
+        ("application/x-www-form-urlencoded", "features=1".to_string(), 415),
     ];
     for (content_type, body, expected) in &cases {
         let status = post_infer(engine, content_type, body);
@@ -298,11 +270,7 @@ impl Prometheus {
         // Port 0 is not supported: take a free port and release it. Another
         // process may grab it in between, so retry on a new one.
         for _attempt in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let dir = tempfile::tempdir().expect("temp dir");
             let config = format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
@@ -316,18 +284,13 @@ impl Prometheus {
             let log = std::fs::File::create(&log_path).unwrap();
             let child = Command::new(&binary)
                 .arg(format!("--config.file={}", config_path.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
+                .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
                 .arg(format!("--web.listen-address=127.0.0.1:{port}"))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start {}: {e}; {INSTALL_HINT}", binary.display())
-                });
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL_HINT}", binary.display()));
             let mut prom = Prometheus {
                 child,
                 base: format!("http://127.0.0.1:{port}"),
@@ -342,8 +305,7 @@ impl Prometheus {
                     }
                     panic!("prometheus exited at start-up ({status}):\n{last_log}");
                 }
-                if matches!(agent().get(&format!("{}/-/ready", prom.base)).call(), Ok(r) if r.status() == 200)
-                {
+                if matches!(agent().get(&format!("{}/-/ready", prom.base)).call(), Ok(r) if r.status() == 200) {
                     return prom;
                 }
                 if Instant::now() > deadline {
@@ -365,10 +327,7 @@ impl Prometheus {
         let body: Value = match req.call() {
             Ok(r) => r.into_json().map_err(|e| e.to_string())?,
             Err(ureq::Error::Status(code, r)) => {
-                return Err(format!(
-                    "HTTP {code}: {}",
-                    r.into_string().unwrap_or_default()
-                ));
+                return Err(format!("HTTP {code}: {}", r.into_string().unwrap_or_default()));
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -393,13 +352,7 @@ impl Prometheus {
     /// The single value of a query answering one series (None when empty).
     fn scalar(&self, promql: &str) -> Option<f64> {
         let result = self.query(promql).ok()?;
-        let value = result
-            .first()?
-            .get("value")?
-            .get(1)?
-            .as_str()?
-            .parse()
-            .ok()?;
+        let value = result.first()?.get("value")?.get(1)?.as_str()?.parse().ok()?;
         Some(value)
     }
 
@@ -493,9 +446,7 @@ fn metric_idents(text: &str) -> Vec<(String, usize)> {
         let c = bytes[i];
         if c.is_ascii_alphabetic() || c == b'_' {
             let start = i;
-            while i < bytes.len()
-                && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] == b':')
-            {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_' || bytes[i] == b':') {
                 i += 1;
             }
             let word = &text[start..i];
@@ -523,9 +474,7 @@ fn exported_names() -> BTreeSet<String> {
     let source = std::fs::read_to_string(root().join("src/metrics.rs")).unwrap();
     let mut names = BTreeSet::new();
     for part in source.split('"').skip(1).step_by(2) {
-        if part.starts_with("tokitai_")
-            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if part.starts_with("tokitai_") && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             names.insert(part.to_string());
         }
     }
@@ -566,10 +515,7 @@ fn promtool_check_config_accepts_prometheus_yml() {
         text.contains("job_name: tokitai-serve"),
         "scrape job is named tokitai-serve"
     );
-    assert!(
-        text.contains("127.0.0.1:9100"),
-        "scrapes the engine's default address"
-    );
+    assert!(text.contains("127.0.0.1:9100"), "scrapes the engine's default address");
 }
 
 #[test]
@@ -589,10 +535,7 @@ fn promtool_test_rules_passes_alerts_test_yml() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert!(
-        alerts.len() >= 6,
-        "alerts.yml has the required rules: {alerts:?}"
-    );
+    assert!(alerts.len() >= 6, "alerts.yml has the required rules: {alerts:?}");
     for alert in alerts {
         let blocks: Vec<&str> = tests
             .split("alertname: ")
@@ -602,11 +545,7 @@ fn promtool_test_rules_passes_alerts_test_yml() {
         let firing = blocks.iter().filter(|b| b.contains("exp_labels")).count();
         let quiet = blocks
             .iter()
-            .filter(|b| {
-                b.lines()
-                    .nth(1)
-                    .is_some_and(|l| l.contains("exp_alerts: []"))
-            })
+            .filter(|b| b.lines().nth(1).is_some_and(|l| l.contains("exp_alerts: []")))
             .count();
         assert!(
             firing >= 1 && quiet >= 1,
@@ -653,9 +592,7 @@ fn dashboard_has_current_schema_variables_and_described_panels() {
         "schemaVersion 39 or later"
     );
     assert_eq!(d["uid"], "tokitai-serve");
-    let vars = d["templating"]["list"]
-        .as_array()
-        .expect("template variables");
+    let vars = d["templating"]["list"].as_array().expect("template variables");
     let var = |name: &str| {
         vars.iter()
             .find(|v| v["name"] == name)
@@ -680,18 +617,12 @@ fn dashboard_has_current_schema_variables_and_described_panels() {
             ids.insert(p["id"].as_u64().expect("panel id")),
             "duplicate panel id in {title}"
         );
-        assert!(
-            p["gridPos"]["w"].as_u64().is_some(),
-            "{title} has a gridPos"
-        );
+        assert!(p["gridPos"]["w"].as_u64().is_some(), "{title} has a gridPos");
         if p["type"] == "row" {
             continue;
         }
         let desc = p["description"].as_str().unwrap_or("");
-        assert!(
-            desc.len() >= 40,
-            "{title} needs a description saying what it answers"
-        );
+        assert!(desc.len() >= 40, "{title} needs a description saying what it answers");
         assert_eq!(
             p["datasource"]["uid"], "${datasource}",
             "{title} uses the datasource variable"
@@ -714,10 +645,7 @@ fn dashboard_queries_use_only_exported_metrics_filtered_by_instance() {
     let mut used = BTreeSet::new();
     for (title, ref_id, expr) in &queries {
         let idents = metric_idents(expr);
-        assert!(
-            !idents.is_empty(),
-            "{title} {ref_id}: no engine metric in {expr}"
-        );
+        assert!(!idents.is_empty(), "{title} {ref_id}: no engine metric in {expr}");
         for (name, end) in idents {
             assert!(
                 names.contains(&name),
@@ -758,14 +686,12 @@ fn dashboard_queries_use_only_exported_metrics_filtered_by_instance() {
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }
-    let all = queries
-        .iter()
-        .map(|q| q.2.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let all = queries.iter().map(|q| q.2.as_str()).collect::<Vec<_>>().join("\n");
     for q in ["0.5", "0.95", "0.99"] {
         assert!(
-            all.contains(&format!("histogram_quantile({q}, sum by (le) (rate(tokitai_request_duration_seconds_bucket{{")),
+            all.contains(&format!(
+                "histogram_quantile({q}, sum by (le) (rate(tokitai_request_duration_seconds_bucket{{"
+            )),
             "latency p{q} panel"
         );
     }
@@ -773,26 +699,13 @@ fn dashboard_queries_use_only_exported_metrics_filtered_by_instance() {
 
 #[test]
 fn grafana_provisioning_points_at_prometheus_and_the_dashboards_folder() {
-    let ds =
-        std::fs::read_to_string(root().join("config/grafana/datasources/prometheus.yml")).unwrap();
-    for needed in [
-        "apiVersion: 1",
-        "type: prometheus",
-        "url: http",
-        "isDefault: true",
-    ] {
-        assert!(
-            ds.contains(needed),
-            "datasource provisioning lacks {needed}"
-        );
+    let ds = std::fs::read_to_string(root().join("config/grafana/datasources/prometheus.yml")).unwrap();
+    for needed in ["apiVersion: 1", "type: prometheus", "url: http", "isDefault: true"] {
+        assert!(ds.contains(needed), "datasource provisioning lacks {needed}");
     }
-    let dash = std::fs::read_to_string(root().join("config/grafana/dashboards/tokitai-serve.yml"))
-        .unwrap();
+    let dash = std::fs::read_to_string(root().join("config/grafana/dashboards/tokitai-serve.yml")).unwrap();
     for needed in ["apiVersion: 1", "providers:", "type: file", "path: "] {
-        assert!(
-            dash.contains(needed),
-            "dashboard provisioning lacks {needed}"
-        );
+        assert!(dash.contains(needed), "dashboard provisioning lacks {needed}");
     }
 }
 
@@ -832,11 +745,9 @@ fn live_prometheus_scrapes_the_engine_and_every_dashboard_query_has_data() {
 
     // The counter Prometheus scraped matches what was sent, status by status.
     let total = "sum(tokitai_http_requests_total{route=\"/infer\"})";
-    let seen = wait_for(
-        "Prometheus to scrape every /infer request",
-        SCRAPE_TIMEOUT,
-        || prom.scalar(total).filter(|v| *v >= sent.total() as f64),
-    );
+    let seen = wait_for("Prometheus to scrape every /infer request", SCRAPE_TIMEOUT, || {
+        prom.scalar(total).filter(|v| *v >= sent.total() as f64)
+    });
     assert_eq!(
         seen,
         sent.total() as f64,
@@ -847,31 +758,19 @@ fn live_prometheus_scrapes_the_engine_and_every_dashboard_query_has_data() {
         let q = format!("sum(tokitai_http_requests_total{{route=\"/infer\",status=\"{status}\"}})");
         assert_eq!(prom.scalar(&q), Some(*count as f64), "{q}");
     }
-    for (reason, status) in [
-        ("invalid", 400),
-        ("too_large", 413),
-        ("unsupported_media_type", 415),
-    ] {
-        let q =
-            format!("sum(tokitai_request_failures_total{{route=\"/infer\",reason=\"{reason}\"}})");
+    for (reason, status) in [("invalid", 400), ("too_large", 413), ("unsupported_media_type", 415)] {
+        let q = format!("sum(tokitai_request_failures_total{{route=\"/infer\",reason=\"{reason}\"}})");
         assert_eq!(prom.scalar(&q), Some(sent.by_status[&status] as f64), "{q}");
     }
     // Series first seen during the load need a few samples inside the rate
     // window before rate() has two points to work with.
-    let samples = format!(
-        "min(count_over_time(tokitai_http_requests_total{{route=\"/infer\"}}[{RATE_INTERVAL}]))"
-    );
-    wait_for(
-        "three scrapes of every /infer series",
-        SCRAPE_TIMEOUT,
-        || prom.scalar(&samples).filter(|n| *n >= 3.0),
-    );
+    let samples = format!("min(count_over_time(tokitai_http_requests_total{{route=\"/infer\"}}[{RATE_INTERVAL}]))");
+    wait_for("three scrapes of every /infer series", SCRAPE_TIMEOUT, || {
+        prom.scalar(&samples).filter(|n| *n >= 3.0)
+    });
     // The instance variable's query finds this engine.
     let instances = prom
-        .api(
-            "label/instance/values",
-            &[("match[]", "tokitai_build_info")],
-        )
+        .api("label/instance/values", &[("match[]", "tokitai_build_info")])
         .unwrap();
     assert_eq!(
         instances,
@@ -915,11 +814,9 @@ fn live_prometheus_scrapes_the_engine_and_every_dashboard_query_has_data() {
             .iter()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        let evaluated = rules.iter().all(|r| {
-            r["lastEvaluation"]
-                .as_str()
-                .is_some_and(|t| !t.starts_with("0001"))
-        });
+        let evaluated = rules
+            .iter()
+            .all(|r| r["lastEvaluation"].as_str().is_some_and(|t| !t.starts_with("0001")));
         (evaluated && rules.len() == expected.len()).then_some(rules)
     });
     let names: BTreeSet<String> = rules
@@ -938,8 +835,6 @@ fn live_prometheus_scrapes_the_engine_and_every_dashboard_query_has_data() {
         );
     }
     // The engine is up, so the down alert is quiet.
-    let down = prom
-        .query("ALERTS{alertname=\"TokitaiServeDown\"}")
-        .unwrap();
+    let down = prom.query("ALERTS{alertname=\"TokitaiServeDown\"}").unwrap();
     assert!(down.is_empty(), "TokitaiServeDown is active: {down:?}");
 }

@@ -42,17 +42,27 @@ fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
     let server = TestServer::start(fixture_config(fixture, mode));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/triton/client_check.py");
     let out = Command::new(venv.join("bin/python"))
-        .args([script, &server.addr.to_string(), "tokitai-moe", &format!("{FIXTURES}/{fixture}"), logits_key])
+        .args([
+            script,
+            &server.addr.to_string(),
+            "tokitai-moe",
+            &format!("{FIXTURES}/{fixture}"),
+            logits_key,
+        ])
         .output()
         .expect("run client_check.py");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "tritonclient check failed ({fixture}, {mode}):\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "tritonclient check failed ({fixture}, {mode}):\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("PASS"), "{stdout}");
     // The binary and JSON requests went through the v2 route, counted apart from /infer.
     let m = server.metrics();
     assert!(
-        m.text.contains("tokitai_http_requests_total{route=\"/v2/models/{model}/infer\",status=\"200\"}"),
+        m.text
+            .contains("tokitai_http_requests_total{route=\"/v2/models/{model}/infer\",status=\"200\"}"),
         "v2 inference not counted under its route"
     );
     server.shutdown();
@@ -74,7 +84,11 @@ fn tritonclient_matches_fixtures_in_stored_mode() {
 fn perf_analyzer_completes_over_http_with_binary_data() {
     let venv = venv();
     let perf_analyzer = venv.join("bin/perf_analyzer");
-    assert!(perf_analyzer.exists(), "{} missing: tritonclient==2.51.0 bundles it", perf_analyzer.display());
+    assert!(
+        perf_analyzer.exists(),
+        "{} missing: tritonclient==2.51.0 bundles it",
+        perf_analyzer.display()
+    );
     let cuda_rt = std::fs::read_dir(venv.join("lib"))
         .expect("venv lib dir")
         .filter_map(|e| e.ok())
@@ -107,11 +121,17 @@ fn perf_analyzer_completes_over_http_with_binary_data() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "perf_analyzer failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("Throughput"), "no throughput line:\n{stdout}");
-    assert!(!stdout.to_lowercase().contains("error"), "perf_analyzer reported errors:\n{stdout}\n{stderr}");
+    assert!(
+        !stdout.to_lowercase().contains("error"),
+        "perf_analyzer reported errors:\n{stdout}\n{stderr}"
+    );
     let m = server.metrics();
     let answered = m.text.lines().any(|l| {
         l.starts_with("tokitai_http_requests_total{route=\"/v2/models/{model}/infer\",status=\"200\"}")
-            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+            && l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
     });
     assert!(answered, "perf_analyzer's requests were not answered by the v2 route");
     server.shutdown();

@@ -10,8 +10,8 @@
 //! `hdrhistogram` (see `stats.rs`).
 
 use std::io::Read;
-use std::sync::{Arc, Barrier, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::stats::{LatencyHist, MetricsSnapshot, RunStats};
@@ -75,9 +75,10 @@ impl Workload {
         let mut bodies = Vec::new();
         for v in 0..variants.max(1) {
             match &mix {
-                Mix::Single => {
-                    bodies.push(Body { bytes: format!(r#"{{"features":{}}}"#, row(input_dim)).into_bytes(), rows: 1 })
-                }
+                Mix::Single => bodies.push(Body {
+                    bytes: format!(r#"{{"features":{}}}"#, row(input_dim)).into_bytes(),
+                    rows: 1,
+                }),
                 Mix::Rows(counts) => {
                     // Rotate so consecutive requests differ in size whatever `variants`.
                     for i in 0..counts.len() {
@@ -150,7 +151,12 @@ fn send(agent: &ureq::Agent, url: &str, body: &[u8], buf: &mut Vec<u8>) -> Outco
 
 /// `GET /metrics`, parsed.
 pub fn scrape(base_url: &str) -> Option<MetricsSnapshot> {
-    let text = ureq::get(&format!("{base_url}/metrics")).timeout(Duration::from_secs(10)).call().ok()?.into_string().ok()?;
+    let text = ureq::get(&format!("{base_url}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
     Some(MetricsSnapshot::parse(&text))
 }
 
@@ -211,7 +217,9 @@ impl Tally {
     }
 
     fn into_stats(self, measure_start: Instant, open: bool) -> (RunStats, Duration) {
-        let window = self.last_done.map_or(Duration::ZERO, |t| t.saturating_duration_since(measure_start));
+        let window = self
+            .last_done
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(measure_start));
         let secs = window.as_secs_f64().max(1e-9);
         let stats = RunStats {
             sent: self.sent,
@@ -223,7 +231,11 @@ impl Tally {
             elapsed_s: window.as_secs_f64(),
             requests_per_s: self.answered as f64 / secs,
             rows_per_s: self.rows as f64 / secs,
-            rejected_share: if self.sent > 0 { self.rejected as f64 / self.sent as f64 } else { 0.0 },
+            rejected_share: if self.sent > 0 {
+                self.rejected as f64 / self.sent as f64
+            } else {
+                0.0
+            },
             latency: self.latency.summary(),
             rejected_latency: self.rejected_latency.summary(),
             rejected_service_latency: self.rejected_service.summary(),
@@ -252,7 +264,11 @@ impl Conn {
     /// Opens the connection with an uncounted `GET /readyz`, retrying for a
     /// while (many threads connecting at once can overflow the listen backlog).
     fn open(base_url: &str, timeout: Duration) -> Conn {
-        let mut c = Conn { agent: agent(timeout), ready_url: format!("{base_url}/readyz"), last_used: Instant::now() };
+        let mut c = Conn {
+            agent: agent(timeout),
+            ready_url: format!("{base_url}/readyz"),
+            last_used: Instant::now(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.refresh() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -263,7 +279,10 @@ impl Conn {
     /// An uncounted request that (re)establishes the pooled connection.
     fn refresh(&mut self) -> bool {
         self.last_used = Instant::now();
-        matches!(self.agent.get(&self.ready_url).call().map(|r| r.into_string()), Ok(Ok(_)))
+        matches!(
+            self.agent.get(&self.ready_url).call().map(|r| r.into_string()),
+            Ok(Ok(_))
+        )
     }
 
     /// The server closes idle keep-alive connections (actix: 5 s), and a POST
@@ -317,14 +336,27 @@ fn drive(
     barrier.wait();
     let measure_start = clock(&start) + target.warmup;
     sleep_until(measure_start);
-    let before = if target.scrape_metrics { scrape(&target.base_url) } else { None };
+    let before = if target.scrape_metrics {
+        scrape(&target.base_url)
+    } else {
+        None
+    };
     let mut total = Tally::default();
     for h in handles {
         total.merge(h.join().expect("client thread panicked"));
     }
-    let after = if target.scrape_metrics { scrape(&target.base_url) } else { None };
+    let after = if target.scrape_metrics {
+        scrape(&target.base_url)
+    } else {
+        None
+    };
     let (stats, window) = total.into_stats(measure_start, open);
-    LoadRun { stats, window, metrics_before: before, metrics_after: after }
+    LoadRun {
+        stats,
+        window,
+        metrics_before: before,
+        metrics_after: after,
+    }
 }
 
 /// Closed loop: `clients` threads, each with its own keep-alive connection,

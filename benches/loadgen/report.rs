@@ -137,15 +137,33 @@ pub struct Check {
 
 impl Check {
     pub fn at_least(name: &str, value: f64, min: f64, detail: String) -> Check {
-        Check { name: name.into(), value, target: format!(">= {min}"), pass: Some(value >= min), detail }
+        Check {
+            name: name.into(),
+            value,
+            target: format!(">= {min}"),
+            pass: Some(value >= min),
+            detail,
+        }
     }
 
     pub fn at_most(name: &str, value: f64, max: f64, detail: String) -> Check {
-        Check { name: name.into(), value, target: format!("<= {max}"), pass: Some(value <= max), detail }
+        Check {
+            name: name.into(),
+            value,
+            target: format!("<= {max}"),
+            pass: Some(value <= max),
+            detail,
+        }
     }
 
     pub fn na(name: &str, target: &str, detail: String) -> Check {
-        Check { name: name.into(), value: f64::NAN, target: target.into(), pass: None, detail }
+        Check {
+            name: name.into(),
+            value: f64::NAN,
+            target: target.into(),
+            pass: None,
+            detail,
+        }
     }
 
     pub fn line(&self) -> String {
@@ -154,7 +172,10 @@ impl Check {
             Some(false) => "FAIL",
             None => "n/a ",
         };
-        format!("CHECK {verdict} {:<48} {:>10.3} (target {}) {}", self.name, self.value, self.target, self.detail)
+        format!(
+            "CHECK {verdict} {:<48} {:>10.3} (target {}) {}",
+            self.name, self.value, self.target, self.detail
+        )
     }
 }
 

@@ -91,7 +91,11 @@ pub fn start_engine(config: Config) -> RunningServer {
                 .expect("engine failed");
         })
         .expect("spawn engine thread");
-    let server = RunningServer { base_url, stop: Some(tx), thread: Some(thread) };
+    let server = RunningServer {
+        base_url,
+        stop: Some(tx),
+        thread: Some(thread),
+    };
     wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(300));
     server
 }
@@ -109,7 +113,9 @@ where
         .spawn(move || {
             actix_rt::System::new().block_on(async move {
                 let server = HttpServer::new(move || {
-                    App::new().app_data(web::PayloadConfig::new(MAX_BODY)).configure(configure.clone())
+                    App::new()
+                        .app_data(web::PayloadConfig::new(MAX_BODY))
+                        .configure(configure.clone())
                 })
                 .workers(http_workers.max(1))
                 .disable_signals()
@@ -126,7 +132,11 @@ where
             })
         })
         .expect("spawn server thread");
-    let server = RunningServer { base_url, stop: Some(tx), thread: Some(thread) };
+    let server = RunningServer {
+        base_url,
+        stop: Some(tx),
+        thread: Some(thread),
+    };
     wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(60));
     server
 }
@@ -167,7 +177,11 @@ pub fn start_old_design(
     http_workers: usize,
     max_rows: usize,
 ) -> RunningServer {
-    let session = backend.create_session(SessionConfig { threads: session_threads }).expect("session");
+    let session = backend
+        .create_session(SessionConfig {
+            threads: session_threads,
+        })
+        .expect("session");
     let state = web::Data::new(OldDesign {
         session: parking_lot::Mutex::new((session, ForwardOutput::default())),
         dims: backend.dims(),
@@ -217,7 +231,10 @@ pub fn start_floor(
         .map(|&n| {
             let logits = out.logits.repeat(n);
             let rw = out.router_weights.repeat(n);
-            (n, web::Bytes::from(write_infer_response(&logits, dims.output, &rw, dims.experts)))
+            (
+                n,
+                web::Bytes::from(write_infer_response(&logits, dims.output, &rw, dims.experts)),
+            )
         })
         .collect();
     let state = web::Data::new(Floor { canned, dims, max_rows });
@@ -285,10 +302,23 @@ pub fn offline_ceiling(
     barrier.wait();
     let results: Vec<(u64, Duration)> = handles.into_iter().map(|h| h.join().expect("ceiling thread")).collect();
     let batches: u64 = results.iter().map(|r| r.0).sum();
-    let elapsed = results.iter().map(|r| r.1).max().unwrap_or_default().as_secs_f64().max(1e-9);
+    let elapsed = results
+        .iter()
+        .map(|r| r.1)
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-9);
     // Each session's rate, summed: the sessions ran concurrently.
-    let rows_per_s: f64 = results.iter().map(|&(b, e)| (b as f64 * batch_rows as f64) / e.as_secs_f64().max(1e-9)).sum();
-    let per_batch: f64 = results.iter().map(|&(b, e)| e.as_secs_f64() / (b.max(1) as f64)).sum::<f64>() / sessions as f64;
+    let rows_per_s: f64 = results
+        .iter()
+        .map(|&(b, e)| (b as f64 * batch_rows as f64) / e.as_secs_f64().max(1e-9))
+        .sum();
+    let per_batch: f64 = results
+        .iter()
+        .map(|&(b, e)| e.as_secs_f64() / (b.max(1) as f64))
+        .sum::<f64>()
+        / sessions as f64;
     Ceiling {
         sessions,
         threads_per_session: threads,

@@ -83,7 +83,7 @@ impl MetricsSnapshot {
             }
             // The name ends at `{` or a space; the value follows the labels.
             let (name, rest) = match line.find(['{', ' ']) {
-                Some(i) if line.as_bytes()[i] == b'{' => match line[i..].find('}') {
+                Some(i) if line.as_bytes()[i] == b'{' => match labels_end(&line[i..]) {
                     Some(j) => (&line[..i], &line[i + j + 1..]),
                     None => continue,
                 },
@@ -107,7 +107,11 @@ impl MetricsSnapshot {
         let d = |name: &str| self.get(name) - before.get(name);
         let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
         let batches = d("tokitai_batch_size_rows_count");
-        let queue_wait_avg_ms = 1000.0 * ratio(d("tokitai_queue_wait_seconds_sum"), d("tokitai_queue_wait_seconds_count"));
+        let queue_wait_avg_ms = 1000.0
+            * ratio(
+                d("tokitai_queue_wait_seconds_sum"),
+                d("tokitai_queue_wait_seconds_count"),
+            );
         let compute_avg_ms = 1000.0 * ratio(d("tokitai_compute_seconds_sum"), d("tokitai_compute_seconds_count"));
         let busy = d("tokitai_worker_busy_seconds_total");
         ServerSplit {
@@ -125,6 +129,22 @@ impl MetricsSnapshot {
             rows_dropped: d("tokitai_rows_dropped_total").round() as u64,
         }
     }
+}
+
+/// The index of the `}` closing a label set that starts at `s[0] == '{'`;
+/// label values are quoted and may contain `}`, `"` (escaped) and `\\`.
+fn labels_end(s: &str) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// What the engine's own metrics say about a measurement window.

@@ -63,7 +63,12 @@ impl Job {
             deadline: now + timeout,
             timeout,
             submitted_at: now,
-            state: Mutex::new(JobState { reply: Some(tx), output: None, rows_left: n_rows, first_start: None }),
+            state: Mutex::new(JobState {
+                reply: Some(tx),
+                output: None,
+                rows_left: n_rows,
+                first_start: None,
+            }),
         };
         (Arc::new(job), rx)
     }
@@ -88,7 +93,9 @@ impl Job {
     }
 
     pub fn deadline_error(&self) -> ServeError {
-        ServeError::DeadlineExceeded { timeout_ms: self.timeout.as_millis() as u64 }
+        ServeError::DeadlineExceeded {
+            timeout_ms: self.timeout.as_millis() as u64,
+        }
     }
 
     /// Records that rows of this job started computing at `start`.
@@ -99,7 +106,14 @@ impl Job {
 
     /// Stores computed rows `[first_row, first_row + n)`; answers when the
     /// last rows arrive. `logits`/`router_weights` hold exactly those rows.
-    pub fn complete_rows(&self, dims: &Dims, first_row: usize, logits: &[f32], router_weights: &[f32], compute: Duration) {
+    pub fn complete_rows(
+        &self,
+        dims: &Dims,
+        first_row: usize,
+        logits: &[f32],
+        router_weights: &[f32],
+        compute: Duration,
+    ) {
         let n = logits.len() / dims.output;
         let mut state = self.state.lock();
         if state.reply.is_none() {
@@ -118,7 +132,9 @@ impl Job {
         state.rows_left -= n;
         if state.rows_left == 0 {
             let mut output = state.output.take().expect("inserted above");
-            output.queue_wait = state.first_start.map_or(Duration::ZERO, |s| s.saturating_duration_since(self.submitted_at));
+            output.queue_wait = state
+                .first_start
+                .map_or(Duration::ZERO, |s| s.saturating_duration_since(self.submitted_at));
             if let Some(tx) = state.reply.take() {
                 let _ = tx.send(Ok(output));
             }

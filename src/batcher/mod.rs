@@ -115,7 +115,9 @@ impl Batcher {
     fn drop_dead_front(&mut self) {
         let now = Instant::now();
         while let Some(front) = self.queue.front() {
-            let Some(reason) = front.job.skip_reason(now) else { break };
+            let Some(reason) = front.job.skip_reason(now) else {
+                break;
+            };
             let front = self.queue.pop_front().expect("front exists");
             self.drop_rows(&front, reason);
         }

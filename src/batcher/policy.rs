@@ -31,7 +31,11 @@ impl Queued {
 /// Admission: a request is queued only if all its rows fit. `Err` carries
 /// the current depth for the 429 message. Nothing is queued on `Err`.
 pub fn admit(queued_rows: usize, request_rows: usize, policy: &BatchPolicy) -> Result<(), usize> {
-    if queued_rows + request_rows > policy.max_queue_rows { Err(queued_rows) } else { Ok(()) }
+    if queued_rows + request_rows > policy.max_queue_rows {
+        Err(queued_rows)
+    } else {
+        Ok(())
+    }
 }
 
 /// `Retry-After` for a 429, in whole seconds: the time to drain the queue at
@@ -57,7 +61,9 @@ pub enum Decision {
 /// Dispatch when rows are queued, unless `max_queue_delay` is set and the
 /// batch would not be full and its oldest request has waited less than that.
 pub fn decide(queued_rows: usize, oldest_submitted: Option<Instant>, now: Instant, policy: &BatchPolicy) -> Decision {
-    let Some(oldest) = oldest_submitted else { return Decision::Idle };
+    let Some(oldest) = oldest_submitted else {
+        return Decision::Idle;
+    };
     if queued_rows == 0 {
         return Decision::Idle;
     }
@@ -65,7 +71,11 @@ pub fn decide(queued_rows: usize, oldest_submitted: Option<Instant>, now: Instan
         return Decision::Dispatch;
     }
     let release = oldest + policy.max_queue_delay;
-    if now >= release { Decision::Dispatch } else { Decision::WaitUntil(release) }
+    if now >= release {
+        Decision::Dispatch
+    } else {
+        Decision::WaitUntil(release)
+    }
 }
 
 /// Picks the worker for the next batch. An idle worker is always preferred
@@ -91,7 +101,11 @@ pub fn take_batch(queue: &mut VecDeque<Queued>, max_rows: usize) -> Batch {
     while n_rows < max_rows {
         let Some(front) = queue.front_mut() else { break };
         let take = front.rows_left().min(max_rows - n_rows);
-        slices.push(Slice { job: Arc::clone(&front.job), first_row: front.next_row, n_rows: take });
+        slices.push(Slice {
+            job: Arc::clone(&front.job),
+            first_row: front.next_row,
+            n_rows: take,
+        });
         front.next_row += take;
         n_rows += take;
         if front.rows_left() == 0 {
@@ -106,7 +120,11 @@ mod tests {
     use super::*;
 
     fn policy(delay_us: u64) -> BatchPolicy {
-        BatchPolicy { max_batch_rows: 8, max_queue_delay: Duration::from_micros(delay_us), max_queue_rows: 20 }
+        BatchPolicy {
+            max_batch_rows: 8,
+            max_queue_delay: Duration::from_micros(delay_us),
+            max_queue_rows: 20,
+        }
     }
 
     fn job(n: usize) -> Arc<Job> {
@@ -152,8 +170,13 @@ mod tests {
     #[test]
     fn batches_keep_order_and_split_large_requests() {
         let (a, b, c) = (job(3), job(12), job(2));
-        let mut q: VecDeque<Queued> =
-            [&a, &b, &c].into_iter().map(|j| Queued { job: Arc::clone(j), next_row: 0 }).collect();
+        let mut q: VecDeque<Queued> = [&a, &b, &c]
+            .into_iter()
+            .map(|j| Queued {
+                job: Arc::clone(j),
+                next_row: 0,
+            })
+            .collect();
         let first = take_batch(&mut q, 8);
         assert_eq!(first.n_rows, 8);
         let parts: Vec<(usize, usize)> = first.slices.iter().map(|s| (s.first_row, s.n_rows)).collect();

@@ -22,17 +22,24 @@ pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 /// Requires `Content-Type: application/json` (parameters such as `charset`
 /// allowed), as the old sidecar's JSON extractor did.
 pub fn require_json(req: &HttpRequest) -> Result<(), ServeError> {
-    let found = req.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("<non-ASCII>"));
+    let found = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("<non-ASCII>"));
     let essence = found.map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     match essence.as_deref() {
         Some("application/json") => Ok(()),
-        _ => Err(ServeError::UnsupportedMediaType { found: found.unwrap_or("<none>").to_string() }),
+        _ => Err(ServeError::UnsupportedMediaType {
+            found: found.unwrap_or("<none>").to_string(),
+        }),
     }
 }
 
 /// The request's timeout: `X-Request-Timeout-Ms`, or `default`.
 pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration, ServeError> {
-    let Some(value) = req.headers().get(TIMEOUT_HEADER) else { return Ok(default) };
+    let Some(value) = req.headers().get(TIMEOUT_HEADER) else {
+        return Ok(default);
+    };
     value
         .to_str()
         .ok()

@@ -128,7 +128,11 @@ async fn observe(
         }
     }
     span.in_scope(|| {
-        tracing::debug!(status = status.as_u16(), elapsed_us = start.elapsed().as_micros() as u64, "answered");
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_us = start.elapsed().as_micros() as u64,
+            "answered"
+        );
     });
     Ok(res)
 }

@@ -12,8 +12,8 @@ use actix_web::http::header::ContentType;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
-use super::extract::{read_body, request_timeout, require_json};
 use super::HttpSettings;
+use super::extract::{read_body, request_timeout, require_json};
 use crate::api::{parse_infer_request, write_infer_response};
 use crate::batcher::Submit;
 use crate::batcher::job::{Job, JobOutput};
@@ -29,7 +29,11 @@ pub async fn infer(
     settings: web::Data<HttpSettings>,
 ) -> Result<HttpResponse, ServeError> {
     if !engine.state.is_ready() {
-        let why = if engine.state.is_draining() { "draining" } else { "starting" };
+        let why = if engine.state.is_draining() {
+            "draining"
+        } else {
+            "starting"
+        };
         return Err(ServeError::NotReady(why));
     }
     require_json(&req)?;
@@ -90,7 +94,11 @@ struct InflightGuard {
 impl InflightGuard {
     fn new(metrics: &Arc<Metrics>, route: &'static str) -> InflightGuard {
         metrics.add_inflight(1);
-        InflightGuard { metrics: Arc::clone(metrics), route, finished: false }
+        InflightGuard {
+            metrics: Arc::clone(metrics),
+            route,
+            finished: false,
+        }
     }
 
     /// The engine answered (with output or an error).
@@ -138,8 +146,14 @@ pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
     if engine.state.is_ready() {
         HttpResponse::Ok().json(json!({ "status": "ready" }))
     } else {
-        let status = if engine.state.is_draining() { "draining" } else { "starting" };
-        HttpResponse::ServiceUnavailable().insert_header(("retry-after", "1")).json(json!({ "status": status }))
+        let status = if engine.state.is_draining() {
+            "draining"
+        } else {
+            "starting"
+        };
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("retry-after", "1"))
+            .json(json!({ "status": status }))
     }
 }
 
@@ -158,5 +172,8 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ServeError> {
 
 /// Known paths, wrong method.
 pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ServeError> {
-    Err(ServeError::MethodNotAllowed { method: req.method().to_string(), path: req.path().chars().take(200).collect() })
+    Err(ServeError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: req.path().chars().take(200).collect(),
+    })
 }

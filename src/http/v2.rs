@@ -42,9 +42,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v2/models/{model}", web::get().to(model_metadata))
         .route("/v2/models/{model}/versions/{version}", web::get().to(model_metadata))
         .route("/v2/models/{model}/ready", web::get().to(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", web::get().to(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            web::get().to(model_ready),
+        )
         .route("/v2/models/{model}/config", web::get().to(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", web::get().to(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            web::get().to(model_config),
+        )
         .route("/v2/models/{model}/infer", web::post().to(infer))
         .route("/v2/models/{model}/versions/{version}/infer", web::post().to(infer));
 }
@@ -65,7 +71,10 @@ fn version_of(engine: &Engine) -> String {
 fn check_model(engine: &Engine, path: &ModelPath) -> Result<(), V2Error> {
     let version = version_of(engine);
     if path.model != engine.model.name {
-        return Err(V2Error::NotFound(format!("Request for unknown model: '{}' is not found", path.model)));
+        return Err(V2Error::NotFound(format!(
+            "Request for unknown model: '{}' is not found",
+            path.model
+        )));
     }
     match &path.version {
         Some(v) if !v.is_empty() && *v != version => Err(V2Error::NotFound(format!(
@@ -91,7 +100,11 @@ async fn live() -> HttpResponse {
 /// Triton answers "not ready" with 400; so does this engine on `/v2` routes
 /// (`/readyz` keeps 503 for load balancers).
 async fn ready(engine: web::Data<Engine>) -> HttpResponse {
-    if engine.state.is_ready() { HttpResponse::Ok().finish() } else { HttpResponse::BadRequest().finish() }
+    if engine.state.is_ready() {
+        HttpResponse::Ok().finish()
+    } else {
+        HttpResponse::BadRequest().finish()
+    }
 }
 
 async fn model_ready(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
@@ -197,7 +210,11 @@ async fn infer(
 ) -> Result<HttpResponse, V2Error> {
     check_model(&engine, &path)?;
     if !engine.state.is_ready() {
-        let why = if engine.state.is_draining() { "draining" } else { "starting" };
+        let why = if engine.state.is_draining() {
+            "draining"
+        } else {
+            "starting"
+        };
         return Err(ServeError::NotReady(why).into());
     }
     let timeout = request_timeout(&req, settings.default_timeout)?;
@@ -209,7 +226,12 @@ async fn infer(
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .filter(|&n| n <= body.len())
-            .ok_or_else(|| invalid(format!("{HEADER_LENGTH} must be a number no larger than the body ({} bytes)", body.len())))?,
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{HEADER_LENGTH} must be a number no larger than the body ({} bytes)",
+                    body.len()
+                ))
+            })?,
     };
     let (json_part, binary_part) = body.split_at(json_len);
     let header: InferHeader =
@@ -228,7 +250,13 @@ async fn infer(
             _ => (name, &output.router_weights[..], dims.experts, binary),
         })
         .collect();
-    let mut response = write_response(&engine.model.name, &version_of(&engine), header.id.as_ref(), n_rows, &tensors);
+    let mut response = write_response(
+        &engine.model.name,
+        &version_of(&engine),
+        header.id.as_ref(),
+        n_rows,
+        &tensors,
+    );
     response.headers_mut().insert(
         header::HeaderName::from_static("x-queue-time-us"),
         HeaderValue::from(output.queue_wait.as_micros() as u64),
@@ -252,10 +280,16 @@ fn read_input(
     max_rows: usize,
 ) -> Result<(Vec<f32>, usize), V2Error> {
     let [input] = header.inputs.as_slice() else {
-        return Err(invalid(format!("expected 1 input ('{INPUT}') but got {}", header.inputs.len())));
+        return Err(invalid(format!(
+            "expected 1 input ('{INPUT}') but got {}",
+            header.inputs.len()
+        )));
     };
     if input.name != INPUT {
-        return Err(invalid(format!("unexpected inference input '{}': the model's input is '{INPUT}'", input.name)));
+        return Err(invalid(format!(
+            "unexpected inference input '{}': the model's input is '{INPUT}'",
+            input.name
+        )));
     }
     if input.datatype != FP32 {
         return Err(invalid(format!(
@@ -273,10 +307,12 @@ fn read_input(
         }
     };
     if n_rows > max_rows {
-        return Err(V2Error::Serve(ServeError::Request(crate::api::RequestError::TooManyRows {
-            rows: n_rows,
-            limit: max_rows,
-        })));
+        return Err(V2Error::Serve(ServeError::Request(
+            crate::api::RequestError::TooManyRows {
+                rows: n_rows,
+                limit: max_rows,
+            },
+        )));
     }
     let expected = n_rows * row_len;
     let rows = match (input.parameters.binary_data_size, &input.data) {
@@ -290,8 +326,10 @@ fn read_input(
                     expected * 4
                 )));
             }
-            let rows: Vec<f32> =
-                binary.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let rows: Vec<f32> = binary
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
                 return Err(invalid(format!("input '{INPUT}' element {i} is not finite")));
             }
@@ -299,7 +337,10 @@ fn read_input(
         }
         (None, Some(data)) => {
             if !binary.is_empty() {
-                return Err(invalid(format!("{} unexpected binary bytes after the JSON header", binary.len())));
+                return Err(invalid(format!(
+                    "{} unexpected binary bytes after the JSON header",
+                    binary.len()
+                )));
             }
             let mut rows = Vec::with_capacity(expected);
             flatten(data, &mut rows, expected)?;
@@ -312,7 +353,11 @@ fn read_input(
             }
             rows
         }
-        (None, None) => return Err(invalid(format!("input '{INPUT}' has neither data nor binary_data_size"))),
+        (None, None) => {
+            return Err(invalid(format!(
+                "input '{INPUT}' has neither data nor binary_data_size"
+            )));
+        }
     };
     Ok((rows, n_rows))
 }
@@ -332,7 +377,10 @@ fn flatten(value: &Value, out: &mut Vec<f32>, limit: usize) -> Result<(), V2Erro
         Value::Number(n) => {
             let v = n.as_f64().unwrap_or(f64::NAN) as f32;
             if !v.is_finite() {
-                return Err(invalid(format!("input '{INPUT}' element {} ({n}) is not a finite FP32 value", out.len())));
+                return Err(invalid(format!(
+                    "input '{INPUT}' element {} ({n}) is not a finite FP32 value",
+                    out.len()
+                )));
             }
             out.push(v);
             Ok(())
@@ -359,7 +407,10 @@ fn requested_outputs(header: &InferHeader) -> Result<Vec<(&'static str, bool)>, 
             .iter()
             .map(|o| {
                 let name = OUTPUTS.iter().copied().find(|n| *n == o.name).ok_or_else(|| {
-                    invalid(format!("unexpected inference output '{}': outputs are {:?}", o.name, OUTPUTS))
+                    invalid(format!(
+                        "unexpected inference output '{}': outputs are {:?}",
+                        o.name, OUTPUTS
+                    ))
                 })?;
                 Ok((name, o.parameters.binary_data.unwrap_or(default_binary)))
             })

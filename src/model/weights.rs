@@ -56,8 +56,14 @@ impl Dims {
     pub fn param_specs(&self) -> Vec<ParamSpec> {
         let (i, h, o) = (self.input, self.hidden, self.output);
         let mut specs = vec![
-            ParamSpec { name: "router.param_0".into(), len: self.experts * i },
-            ParamSpec { name: "router.param_1".into(), len: self.experts },
+            ParamSpec {
+                name: "router.param_0".into(),
+                len: self.experts * i,
+            },
+            ParamSpec {
+                name: "router.param_1".into(),
+                len: self.experts,
+            },
         ];
         for e in 0..self.experts {
             let mut lens = vec![h * i, h, h, h];
@@ -97,11 +103,24 @@ impl MoeWeights {
             let mut blocks = Vec::with_capacity(dims.depth + 1);
             for b in 0..=dims.depth {
                 let in_dim = if b == 0 { dims.input } else { dims.hidden };
-                let linear = Linear { out_dim: dims.hidden, in_dim, weight: next(), bias: next() };
-                let norm = LayerNorm { gamma: next(), beta: next() };
+                let linear = Linear {
+                    out_dim: dims.hidden,
+                    in_dim,
+                    weight: next(),
+                    bias: next(),
+                };
+                let norm = LayerNorm {
+                    gamma: next(),
+                    beta: next(),
+                };
                 blocks.push(Block { linear, norm });
             }
-            let output = Linear { out_dim: dims.output, in_dim: dims.hidden, weight: next(), bias: next() };
+            let output = Linear {
+                out_dim: dims.output,
+                in_dim: dims.hidden,
+                weight: next(),
+                bias: next(),
+            };
             experts.push(Expert { blocks, output });
         }
         MoeWeights { dims, router, experts }

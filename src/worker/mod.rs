@@ -111,9 +111,13 @@ impl Worker {
                 self.recorder.restart();
                 match self.backend.create_session(self.session_config) {
                     Ok(session) => self.session = session,
-                    Err(e) => tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one"),
+                    Err(e) => {
+                        tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one")
+                    }
                 }
-                Err(ServeError::Internal("the forward failed on this batch; the worker recovered".into()))
+                Err(ServeError::Internal(
+                    "the forward failed on this batch; the worker recovered".into(),
+                ))
             }
         }
     }
@@ -179,7 +183,8 @@ impl Handler<RunBatch> for Worker {
                         );
                         offset = rows.end;
                     }
-                    self.recorder.observe_routing(&self.output.top_k, &self.output.router_weights, e);
+                    self.recorder
+                        .observe_routing(&self.output.top_k, &self.output.router_weights, e);
                 }
                 Err(error) => {
                     for slice in &self.live {
@@ -190,6 +195,9 @@ impl Handler<RunBatch> for Worker {
             self.recorder.observe_batch(n_rows, self.live.len(), compute);
         }
         self.live.clear();
-        self.batcher.do_send(BatchDone { worker: self.id, rows: n_rows });
+        self.batcher.do_send(BatchDone {
+            worker: self.id,
+            rows: n_rows,
+        });
     }
 }

@@ -37,9 +37,13 @@ pub(crate) fn gemm_panels(isa: Isa, w: &PackedLinear, a: &[f32], m: usize, p0: u
             let p = p0 + pi;
             let b = &w.panel_data(p)[kb * NR..(kb + kl) * NR];
             let bias = (kb == 0).then(|| &w.bias[p * NR..(p + 1) * NR]);
+            // Balanced tile heights (e.g. 8 rows = 4 + 4, not 6 + 2): a short
+            // tile has too few independent FMA chains to hide latency. Tile
+            // boundaries never change a result bit.
+            let tiles = m.div_ceil(MR);
             let mut r = 0;
-            while r < m {
-                let mr = MR.min(m - r);
+            for t in 0..tiles {
+                let mr = (m - r).div_ceil(tiles - t);
                 simd::tile(
                     isa,
                     mr,

@@ -188,10 +188,13 @@ impl Session for CpuSession {
         }
         let (model, isa) = (&*self.model, self.isa);
         match &self.pool {
+            None if self.split == SplitPolicy::Rows => {
+                forward_passes(model, isa, input, out_parts(out), &mut self.scratch[0])
+            }
             None => forward_chunk(model, isa, Par::Seq, input, out_parts(out), &mut self.scratch[0]),
             Some(_) if self.split == SplitPolicy::Rows && n < 2 * MIN_ROWS_PER_THREAD => {
                 // Too few rows to pay for waking the pool: stay on the caller.
-                forward_chunk(model, isa, Par::Seq, input, out_parts(out), &mut self.scratch[0])
+                forward_passes(model, isa, input, out_parts(out), &mut self.scratch[0])
             }
             Some(pool) if self.split == SplitPolicy::Rows => {
                 // Contiguous row shares, each with its own scratch.
@@ -205,9 +208,7 @@ impl Session for CpuSession {
                         .zip(out.top_k.par_chunks_mut(per * dims.top_k))
                         .zip(input.par_chunks(per * dims.input))
                         .zip(scratch.par_iter_mut())
-                        .for_each(|((((logits, rw), tk), x), s)| {
-                            forward_chunk(model, isa, Par::Seq, x, (logits, rw, tk), s)
-                        })
+                        .for_each(|((((logits, rw), tk), x), s)| forward_passes(model, isa, x, (logits, rw, tk), s))
                 });
             }
             Some(pool) => {
@@ -221,6 +222,28 @@ impl Session for CpuSession {
 }
 
 type OutParts<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [u32]);
+
+/// Rows per pass of a cache-resident (row-split) model: each pass runs the
+/// whole forward on at most this many rows, so an expert's gathered
+/// activations (rows x hidden floats) stay in L1/L2 instead of being swept
+/// from further out once per column panel. Measured on Nano (hidden 128):
+/// batch 256 in one pass ran slower per row than batch 64. A row's arithmetic
+/// does not depend on which pass it is in, so batch invariance holds.
+const ROWS_PER_PASS: usize = 64;
+
+/// [`forward_chunk`] over `input` in passes of at most [`ROWS_PER_PASS`] rows.
+fn forward_passes(model: &PackedModel, isa: Isa, input: &[f32], out: OutParts<'_>, s: &mut Scratch) {
+    let d = model.dims;
+    let (logits, rw, topk) = out;
+    let passes = input
+        .chunks(ROWS_PER_PASS * d.input)
+        .zip(logits.chunks_mut(ROWS_PER_PASS * d.output))
+        .zip(rw.chunks_mut(ROWS_PER_PASS * d.experts))
+        .zip(topk.chunks_mut(ROWS_PER_PASS * d.top_k));
+    for (((x, l), w), t) in passes {
+        forward_chunk(model, isa, Par::Seq, x, (l, w, t), s);
+    }
+}
 
 fn out_parts(out: &mut ForwardOutput) -> OutParts<'_> {
     (&mut out.logits, &mut out.router_weights, &mut out.top_k)

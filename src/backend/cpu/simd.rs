@@ -131,7 +131,7 @@ fn tile_scalar(mr: usize, kc: usize, a: &[f32], ps: usize, b: &[f32], c: &mut [f
             for (acc_j, b_j) in row.iter_mut().zip(brow) {
                 // Deliberately unfused: the portable path must not depend on
                 // a slow software fma.
-                *acc_j = *acc_j + av * *b_j;
+                *acc_j += av * *b_j;
             }
         }
     }
@@ -389,15 +389,15 @@ const EXP_P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    0.5,
 ];
 #[cfg(test)]
 const TANH_P: [f32; 5] = [
     -5.704_988_7e-3,
-    2.063_908_9e-2,
-    -5.373_971_6e-2,
+    2.063_909e-2,
+    -5.373_971_5e-2,
     1.333_144_2e-1,
-    -3.333_328_2e-1,
+    -3.333_328e-1,
 ];
 /// Below this |x| tanh uses its odd polynomial (no cancellation); above, `1 - 2/(e^{2x}+1)`.
 #[cfg(test)]

@@ -66,12 +66,7 @@ struct Gpu {
 }
 
 impl Gpu {
-    fn new(
-        id: i32,
-        weights: &MoeWeights,
-        mode: LayerNormMode,
-        streams: usize,
-    ) -> Result<Gpu, HipError> {
+    fn new(id: i32, weights: &MoeWeights, mode: LayerNormMode, streams: usize) -> Result<Gpu, HipError> {
         runtime::set_device(id)?;
         let (name, bytes) = runtime::device_info(id)?;
         let kernels = Kernels::load()?;
@@ -131,11 +126,7 @@ impl HipBackend {
     /// Uploads `weights` to every selected GPU (all visible ones when
     /// `options.gpus` is empty). Fails with the reason when no device is
     /// usable, a listed id does not exist, or any HIP call fails.
-    pub fn new(
-        weights: &MoeWeights,
-        mode: LayerNormMode,
-        options: &HipOptions,
-    ) -> Result<HipBackend, BackendError> {
+    pub fn new(weights: &MoeWeights, mode: LayerNormMode, options: &HipOptions) -> Result<HipBackend, BackendError> {
         let dims = weights.dims;
         if dims.experts > MAX_EXPERTS || dims.top_k > dims.experts {
             return Err(BackendError::Unavailable(format!(
@@ -143,8 +134,8 @@ impl HipBackend {
                 dims.experts, dims.top_k
             )));
         }
-        let count = runtime::device_count()
-            .map_err(|e| BackendError::Unavailable(format!("no HIP device found ({e})")))?;
+        let count =
+            runtime::device_count().map_err(|e| BackendError::Unavailable(format!("no HIP device found ({e})")))?;
         if count == 0 {
             return Err(BackendError::Unavailable(
                 "no HIP device found (hipGetDeviceCount returned 0)".into(),
@@ -167,11 +158,7 @@ impl HipBackend {
             .map(|&g| {
                 Gpu::new(g as i32, weights, mode, streams)
                     .map(Arc::new)
-                    .map_err(|e| {
-                        BackendError::Device(format!(
-                            "GPU {g} (code objects built for {ARCHS}): {e}"
-                        ))
-                    })
+                    .map_err(|e| BackendError::Device(format!("GPU {g} (code objects built for {ARCHS}): {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(HipBackend {
@@ -257,10 +244,7 @@ impl Scratch {
             rows: DeviceBuffer::new(d.experts * cap)?,
             pos: DeviceBuffer::new(cap * d.experts)?,
             gathered: DeviceBuffer::new(cap * d.input)?,
-            act: [
-                DeviceBuffer::new(cap * d.hidden)?,
-                DeviceBuffer::new(cap * d.hidden)?,
-            ],
+            act: [DeviceBuffer::new(cap * d.hidden)?, DeviceBuffer::new(cap * d.hidden)?],
             y: DeviceBuffer::new(d.experts * cap * d.output)?,
             logits: DeviceBuffer::new(cap * d.output)?,
             host_x: PinnedBuffer::new(cap * d.input)?,
@@ -291,13 +275,7 @@ impl HipSession {
     }
 
     /// The forward over `input` (`n <= MAX_CHUNK_ROWS` rows) into the output slices.
-    fn chunk(
-        &mut self,
-        input: &[f32],
-        logits: &mut [f32],
-        rw: &mut [f32],
-        topk: &mut [u32],
-    ) -> Result<(), HipError> {
+    fn chunk(&mut self, input: &[f32], logits: &mut [f32], rw: &mut [f32], topk: &mut [u32]) -> Result<(), HipError> {
         let d = self.dims;
         let n = input.len() / d.input;
         let gpu = Arc::clone(&self.gpu);
@@ -331,17 +309,7 @@ impl HipSession {
             &s.pos,
         )?;
         for (e, expert) in gpu.experts.iter().enumerate() {
-            kn.gather_rows(
-                &stream,
-                &s.x,
-                &s.rows,
-                &s.counts,
-                e,
-                n,
-                cap,
-                d.input,
-                &s.gathered,
-            )?;
+            kn.gather_rows(&stream, &s.x, &s.rows, &s.counts, e, n, cap, d.input, &s.gathered)?;
             let mut src = &s.gathered;
             for (l, block) in expert.blocks.iter().enumerate() {
                 let dst = &s.act[l % 2];

@@ -11,9 +11,5 @@ pub(crate) const MODULES: [(&str, &[u8], &[&str]); 4] = [
     ("gemm", GEMM, &["tk_gemm_bias"]),
     ("layernorm_gelu", LAYERNORM_GELU, &["tk_layernorm_gelu"]),
     ("router", ROUTER, &["tk_router_topk"]),
-    (
-        "dispatch",
-        DISPATCH,
-        &["tk_dispatch", "tk_gather_rows", "tk_combine"],
-    ),
+    ("dispatch", DISPATCH, &["tk_dispatch", "tk_gather_rows", "tk_combine"]),
 ];

@@ -129,10 +129,7 @@ impl Kernels {
         n: usize,
         k: usize,
     ) -> Result<(), HipError> {
-        assert!(
-            w.len() >= n * k && bias.len() >= n,
-            "gemm weights smaller than {n}x{k}"
-        );
+        assert!(w.len() >= n * k && bias.len() >= n, "gemm weights smaller than {n}x{k}");
         assert!(
             a.1 + m_max * k <= a.0.len() && c.1 + m_max * n <= c.0.len(),
             "gemm activations too small"
@@ -184,13 +181,7 @@ impl Kernels {
             Some((g, b)) => (g.ptr_at(0), b.ptr_at(0)),
             None => (std::ptr::null_mut(), std::ptr::null_mut()),
         };
-        let mut args = [
-            arg(&mut pa),
-            arg(&mut pm),
-            arg(&mut nn),
-            arg(&mut pg),
-            arg(&mut pb),
-        ];
+        let mut args = [arg(&mut pa), arg(&mut pm), arg(&mut nn), arg(&mut pg), arg(&mut pb)];
         let grid = (blocks(m_max, 1)?, 1);
         // SAFETY: matches `tk_layernorm_gelu(float*, const int*, int, const
         // float*, const float*)`; one block per row below `*m_ptr <= m_max`.
@@ -288,14 +279,8 @@ impl Kernels {
         k: usize,
         dst: &DeviceBuffer<f32>,
     ) -> Result<(), HipError> {
-        assert!(
-            x.len() >= n * k
-                && rows.len() >= (e + 1) * cap
-                && e < counts.len()
-                && dst.len() >= n * k
-        );
-        let (mut px, mut pr, mut pc, mut pd) =
-            (x.ptr_at(0), rows.ptr_at(0), counts.ptr_at(0), dst.ptr_at(0));
+        assert!(x.len() >= n * k && rows.len() >= (e + 1) * cap && e < counts.len() && dst.len() >= n * k);
+        let (mut px, mut pr, mut pc, mut pd) = (x.ptr_at(0), rows.ptr_at(0), counts.ptr_at(0), dst.ptr_at(0));
         let (mut ee, mut cc, mut kk) = (dim(e), dim(cap), dim(k));
         let mut args = [
             arg(&mut px),
@@ -326,18 +311,9 @@ impl Kernels {
         cap: usize,
         logits: &DeviceBuffer<f32>,
     ) -> Result<(), HipError> {
-        assert!(
-            y.len() >= experts * cap * out
-                && weights.len() >= n * experts
-                && pos.len() >= n * experts
-        );
+        assert!(y.len() >= experts * cap * out && weights.len() >= n * experts && pos.len() >= n * experts);
         assert!(logits.len() >= n * out && n <= cap);
-        let (mut py, mut pw, mut pp, mut pl) = (
-            y.ptr_at(0),
-            weights.ptr_at(0),
-            pos.ptr_at(0),
-            logits.ptr_at(0),
-        );
+        let (mut py, mut pw, mut pp, mut pl) = (y.ptr_at(0), weights.ptr_at(0), pos.ptr_at(0), logits.ptr_at(0));
         let (mut nn, mut ee, mut oo, mut cc) = (dim(n), dim(experts), dim(out), dim(cap));
         let mut args = [
             arg(&mut py),

@@ -91,39 +91,3 @@ pub fn new_backend(
 ) -> Result<HipBackend, BackendError> {
     HipBackend::new(weights, mode, options)
 }
-
-/// Stands in for a backend that could not be built, so start-up fails with
-/// the reason when the first session is created (the engine creates every
-/// session before serving). Used by `engine::build_backend`.
-pub struct FailedBackend {
-    name: &'static str,
-    dims: crate::model::Dims,
-    reason: String,
-}
-
-impl FailedBackend {
-    pub fn new(name: &'static str, dims: crate::model::Dims, reason: String) -> FailedBackend {
-        FailedBackend { name, dims, reason }
-    }
-}
-
-impl super::Backend for FailedBackend {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn describe(&self) -> String {
-        format!("{} (unavailable: {})", self.name, self.reason)
-    }
-
-    fn dims(&self) -> crate::model::Dims {
-        self.dims
-    }
-
-    fn create_session(
-        &self,
-        _config: super::SessionConfig,
-    ) -> Result<Box<dyn super::Session>, BackendError> {
-        Err(BackendError::Unavailable(self.reason.clone()))
-    }
-}

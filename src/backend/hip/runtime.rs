@@ -23,9 +23,7 @@ use super::ffi::{HipError, check, sys};
 pub(crate) fn device_count() -> Result<usize, HipError> {
     let mut n: std::ffi::c_int = 0;
     // SAFETY: `n` is a valid out-pointer for the duration of the call.
-    check("hipGetDeviceCount", unsafe {
-        sys::hipGetDeviceCount(&mut n)
-    })?;
+    check("hipGetDeviceCount", unsafe { sys::hipGetDeviceCount(&mut n) })?;
     Ok(n.max(0) as usize)
 }
 
@@ -215,22 +213,14 @@ impl Stream {
         src: &PinnedBuffer<T>,
         len: usize,
     ) -> Result<(), HipError> {
-        assert!(
-            len <= dst.len && len <= src.len,
-            "copy of {len} elements out of bounds"
-        );
+        assert!(len <= dst.len && len <= src.len, "copy of {len} elements out of bounds");
         if len == 0 {
             return Ok(());
         }
         // SAFETY: both ranges are in bounds (asserted); the pinned source is
         // not written by its owner until it waits on this stream (module doc).
         check("hipMemcpyHtoDAsync", unsafe {
-            sys::hipMemcpyHtoDAsync(
-                dst.ptr.cast(),
-                src.ptr.cast(),
-                len * std::mem::size_of::<T>(),
-                self.raw,
-            )
+            sys::hipMemcpyHtoDAsync(dst.ptr.cast(), src.ptr.cast(), len * std::mem::size_of::<T>(), self.raw)
         })
     }
 
@@ -241,31 +231,21 @@ impl Stream {
         src: &DeviceBuffer<T>,
         len: usize,
     ) -> Result<(), HipError> {
-        assert!(
-            len <= dst.len && len <= src.len,
-            "copy of {len} elements out of bounds"
-        );
+        assert!(len <= dst.len && len <= src.len, "copy of {len} elements out of bounds");
         if len == 0 {
             return Ok(());
         }
         // SAFETY: both ranges are in bounds (asserted); the pinned destination
         // is not read by its owner until it waits on this stream (module doc).
         check("hipMemcpyDtoHAsync", unsafe {
-            sys::hipMemcpyDtoHAsync(
-                dst.ptr.cast(),
-                src.ptr.cast(),
-                len * std::mem::size_of::<T>(),
-                self.raw,
-            )
+            sys::hipMemcpyDtoHAsync(dst.ptr.cast(), src.ptr.cast(), len * std::mem::size_of::<T>(), self.raw)
         })
     }
 
     /// Waits for everything queued so far.
     pub(crate) fn synchronize(&self) -> Result<(), HipError> {
         // SAFETY: `raw` is a live stream.
-        check("hipStreamSynchronize", unsafe {
-            sys::hipStreamSynchronize(self.raw)
-        })
+        check("hipStreamSynchronize", unsafe { sys::hipStreamSynchronize(self.raw) })
     }
 }
 
@@ -299,16 +279,12 @@ impl Event {
 
     pub(crate) fn record(&self, stream: &Stream) -> Result<(), HipError> {
         // SAFETY: both handles are live.
-        check("hipEventRecord", unsafe {
-            sys::hipEventRecord(self.raw, stream.raw)
-        })
+        check("hipEventRecord", unsafe { sys::hipEventRecord(self.raw, stream.raw) })
     }
 
     pub(crate) fn synchronize(&self) -> Result<(), HipError> {
         // SAFETY: `raw` is a live event.
-        check("hipEventSynchronize", unsafe {
-            sys::hipEventSynchronize(self.raw)
-        })
+        check("hipEventSynchronize", unsafe { sys::hipEventSynchronize(self.raw) })
     }
 }
 

@@ -15,11 +15,7 @@ pub struct HipBackend {
 
 impl HipBackend {
     /// Always `Err`: this build has no HIP support.
-    pub fn new(
-        _weights: &MoeWeights,
-        _mode: LayerNormMode,
-        _options: &HipOptions,
-    ) -> Result<HipBackend, BackendError> {
+    pub fn new(_weights: &MoeWeights, _mode: LayerNormMode, _options: &HipOptions) -> Result<HipBackend, BackendError> {
         Err(BackendError::Unavailable(NOT_COMPILED.to_string()))
     }
 }

@@ -1,0 +1,246 @@
+//! The Open Inference Protocol (KServe v2) routes over real HTTP, beyond what
+//! Triton's client exercises (tests/triton_client.rs): JSON and binary
+//! requests give bit-identical answers to `/infer`, `id` is echoed, requested
+//! outputs are honoured, and each malformed request gets the protocol's
+//! `{"error": ...}` with Triton's status code for the same condition.
+
+mod common;
+
+use common::{Fixture, TestServer, agent, fixture_config, get, post};
+use serde_json::{Value, json};
+use tokitai_serve::model::LayerNormMode;
+
+const MODEL: &str = "tokitai-moe";
+
+fn binary_request(header: &Value, payload: &[u8]) -> (Vec<u8>, String) {
+    let head = serde_json::to_vec(header).unwrap();
+    let mut body = head.clone();
+    body.extend_from_slice(payload);
+    (body, head.len().to_string())
+}
+
+fn post_binary(url: &str, body: &[u8], header_len: &str) -> common::Reply {
+    let response = agent()
+        .post(url)
+        .set("Content-Type", "application/octet-stream")
+        .set("Inference-Header-Content-Length", header_len)
+        .send_bytes(body);
+    let response = match response {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = response.status();
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = response.header(&n).unwrap_or("").to_string();
+            (n.to_ascii_lowercase(), v)
+        })
+        .collect();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut out).unwrap();
+    common::Reply {
+        status,
+        headers,
+        body: out,
+    }
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn json_and_binary_answers_equal_infer_bit_for_bit() {
+    let fixture = Fixture::load("nano-s11");
+    let server = TestServer::start(fixture_config("nano-s11", LayerNormMode::Identity));
+    let a = agent();
+    let rows: Vec<Vec<f32>> = fixture
+        .inputs
+        .iter()
+        .take(5)
+        .map(|r| r.iter().map(|&v| v as f32).collect())
+        .collect();
+    let version = get(&a, &server.url(&format!("/v2/models/{MODEL}"))).json()["versions"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(version, "0", "a fixture's version is its checkpoint step");
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+
+    let legacy = post(&a, &server.url("/infer"), &json!({ "features": rows }).to_string(), &[]).json();
+    let legacy_logits: Vec<f32> = legacy["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().clone())
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+
+    // JSON, nested data, one requested output, id echoed.
+    let request = json!({
+        "id": "req-7",
+        "inputs": [{ "name": "features", "shape": [5, 96], "datatype": "FP32", "data": rows }],
+        "outputs": [{ "name": "logits" }],
+    });
+    let reply = post(
+        &a,
+        &server.url(&format!("/v2/models/{MODEL}/infer")),
+        &request.to_string(),
+        &[],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let v = reply.json();
+    assert_eq!(v["id"], "req-7");
+    assert_eq!(v["model_name"], MODEL);
+    assert_eq!(v["model_version"], version.as_str());
+    let outputs = v["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 1, "only the requested output");
+    assert_eq!(outputs[0]["name"], "logits");
+    assert_eq!(outputs[0]["shape"], json!([5, 20]));
+    let json_logits: Vec<f32> = outputs[0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(json_logits, legacy_logits, "v2 JSON answer differs from /infer");
+
+    // Binary in, binary out, through the versioned route.
+    let payload: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let header = json!({
+        "inputs": [{ "name": "features", "shape": [5, 96], "datatype": "FP32",
+                     "parameters": { "binary_data_size": payload.len() } }],
+        "parameters": { "binary_data_output": true },
+    });
+    let (body, len) = binary_request(&header, &payload);
+    let reply = post_binary(
+        &server.url(&format!("/v2/models/{MODEL}/versions/{version}/infer")),
+        &body,
+        &len,
+    );
+    assert_eq!(reply.status, 200, "{:?}", String::from_utf8_lossy(&reply.body));
+    let head_len: usize = reply
+        .header("inference-header-content-length")
+        .expect("binary answer")
+        .parse()
+        .unwrap();
+    let head: Value = serde_json::from_slice(&reply.body[..head_len]).unwrap();
+    let outs = head["outputs"].as_array().unwrap();
+    assert_eq!(outs[0]["parameters"]["binary_data_size"], 5 * 20 * 4);
+    assert_eq!(outs[1]["parameters"]["binary_data_size"], 5 * 4 * 4);
+    let binary_logits = f32s(&reply.body[head_len..head_len + 400]);
+    assert_eq!(binary_logits, legacy_logits, "v2 binary answer differs from /infer");
+    let router = f32s(&reply.body[head_len + 400..]);
+    assert_eq!(router.len(), 20);
+    let as_rows = |v: &[f32], w: usize| -> Value { v.chunks(w).map(|r| json!(r)).collect() };
+    let answer = json!({ "logits": as_rows(&binary_logits, 20), "router_weights": as_rows(&router, 4) });
+    fixture.check(LayerNormMode::Identity, &answer, &[0, 1, 2, 3, 4], "v2 binary");
+    server.shutdown();
+}
+
+#[test]
+fn metadata_health_and_config_routes() {
+    let server = TestServer::start(common::base_config());
+    let a = agent();
+    let meta = get(&a, &server.url("/v2")).json();
+    assert!(
+        meta["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("binary_tensor_data"))
+    );
+    assert_eq!(get(&a, &server.url("/v2/health/live")).status, 200);
+    assert_eq!(get(&a, &server.url("/v2/health/ready")).status, 200);
+    assert_eq!(get(&a, &server.url(&format!("/v2/models/{MODEL}/ready"))).status, 200);
+    let m = get(&a, &server.url(&format!("/v2/models/{MODEL}"))).json();
+    assert_eq!(
+        m["inputs"][0],
+        json!({ "name": "features", "datatype": "FP32", "shape": [-1, 96] })
+    );
+    assert_eq!(
+        m["outputs"][1],
+        json!({ "name": "router_weights", "datatype": "FP32", "shape": [-1, 4] })
+    );
+    let c = get(&a, &server.url(&format!("/v2/models/{MODEL}/config"))).json();
+    assert_eq!(c["max_batch_size"], 4096);
+    assert_eq!(c["input"][0]["dims"], json!([96]));
+    let missing = get(&a, &server.url("/v2/models/other"));
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"].as_str().unwrap().contains("unknown model"));
+    assert_eq!(
+        get(&a, &server.url(&format!("/v2/models/{MODEL}/versions/999/ready"))).status,
+        404
+    );
+    server.shutdown();
+}
+
+#[test]
+fn malformed_v2_requests_get_the_protocol_error_and_triton_status() {
+    let mut config = common::base_config();
+    config.batching.max_request_rows = 8;
+    config.batching.max_queue_rows = 8;
+    let server = TestServer::start(config);
+    let a = agent();
+    let url = server.url(&format!("/v2/models/{MODEL}/infer"));
+    let row = vec![0.25f32; 96];
+    let input = |shape: Value, datatype: &str, data: Value| {
+        json!({ "inputs": [{ "name": "features", "shape": shape, "datatype": datatype, "data": data }] }).to_string()
+    };
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("broken JSON", "{\"inputs\": [".into(), 400, "parse"),
+        ("no inputs", json!({ "inputs": [] }).to_string(), 400, "expected 1 input"),
+        ("wrong input name", json!({ "inputs": [{ "name": "x", "shape": [1, 96], "datatype": "FP32", "data": row }] }).to_string(), 400, "unexpected inference input"),
+        ("FP16", input(json!([1, 96]), "FP16", json!(row)), 400, "only FP32"),
+        ("shape width 95", input(json!([1, 95]), "FP32", json!(row)), 400, "shape"),
+        ("shape rank 1", input(json!([96]), "FP32", json!(row)), 400, "shape"),
+        ("data shorter than shape", input(json!([2, 96]), "FP32", json!(row)), 400, "needs 192"),
+        ("non-number data", input(json!([1, 96]), "FP32", json!(vec!["a"; 96])), 400, "not a number"),
+        ("too many rows", input(json!([9, 96]), "FP32", json!(vec![row.clone(); 9])), 400, "limit"),
+        ("unknown output", json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32", "data": row }], "outputs": [{ "name": "probs" }] }).to_string(), 400, "unexpected inference output"),
+        ("no data", json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32" }] }).to_string(), 400, "neither data"),
+    ];
+    for (name, body, status, needle) in cases {
+        let reply = post(&a, &url, &body, &[]);
+        assert_eq!(reply.status, status, "{name}: {}", String::from_utf8_lossy(&reply.body));
+        let msg = reply.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: no error string"))
+            .to_string();
+        assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
+    }
+    // Binary size that disagrees with the shape.
+    let header = json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32",
+                                      "parameters": { "binary_data_size": 380 } }] });
+    let (body, len) = binary_request(&header, &[0u8; 380]);
+    let reply = post_binary(&url, &body, &len);
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["error"].as_str().unwrap().contains("binary_data_size"));
+    // Header length past the body.
+    let reply = post_binary(&url, &body, "100000");
+    assert_eq!(reply.status, 400);
+    // A non-finite value in binary data.
+    let mut payload: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+    payload[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let header = json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32",
+                                      "parameters": { "binary_data_size": 384 } }] });
+    let (body, len) = binary_request(&header, &payload);
+    let reply = post_binary(&url, &body, &len);
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["error"].as_str().unwrap().contains("not finite"));
+    // Still healthy and correct afterwards.
+    let ok = post(&a, &url, &input(json!([1, 96]), "FP32", json!(row)), &[]);
+    assert_eq!(ok.status, 200);
+    let failures = server.metrics();
+    assert!(
+        failures
+            .text
+            .contains("tokitai_request_failures_total{reason=\"invalid\",route=\"/v2/models/{model}/infer\"}"),
+        "v2 failures are counted under the v2 route"
+    );
+    server.shutdown();
+}
