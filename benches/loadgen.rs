@@ -263,13 +263,17 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
     let single = Arc::new(Workload::new(Mix::Single, dims.input, 64));
     let multi = Arc::new(Workload::new(Mix::multi(), dims.input, 8));
     let c = closed_clients(m.size);
-    let workers = config.workers.count;
+    // The baselines' backend, built first so the engine's pool shape (0 =
+    // the backend's choice) resolves exactly as the engine resolves it.
+    let backend = servers::baseline_backend(&config);
+    let shape = tokitai_serve::engine::pool_shape(backend.as_ref(), &config);
+    let workers = shape.workers;
     let settings = engine_settings(&config);
     println!(
         "== {}: engine {} workers x {} threads, max_batch_rows {}, max_queue_delay_us {}, max_queue_rows {}, http_workers {}",
         m.name,
         workers,
-        config.workers.threads_per_worker,
+        shape.threads_per_worker,
         config.batching.max_batch_rows,
         config.batching.max_queue_delay_us,
         config.batching.max_queue_rows,
@@ -285,6 +289,11 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
         settings: settings.clone(),
     };
     let e_closed = closed(report, m, &srv, &single, c);
+    // The binary Open Inference Protocol path, same clients, same run (Nano).
+    let v2 = (m.size == ModelSize::Nano).then(|| {
+        let binary = Arc::new(Workload::new(Mix::V2Binary, dims.input, 64));
+        closed(report, m, &srv, &binary, c)
+    });
     closed(report, m, &srv, &multi, multi_clients(m.size));
     let e_seq = closed(report, m, &srv, &single, 1);
     let capacity = e_closed.stats().requests_per_s;
@@ -311,7 +320,6 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
     engine.stop();
 
     // ---- baselines on the same kernels ----
-    let backend = servers::baseline_backend(&config);
     let old = servers::start_old_design(
         &backend,
         args.old_threads,
@@ -333,7 +341,7 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
 
     let split = e_closed.server_split.unwrap_or_default();
     let batch = split.avg_batch_rows.round().max(1.0) as usize;
-    let ceiling = servers::offline_ceiling(&backend, workers, config.workers.threads_per_worker, batch, t.ceiling);
+    let ceiling = servers::offline_ceiling(&backend, workers, shape.threads_per_worker, batch, t.ceiling);
     report.push(ScenarioResult {
         name: format!("{}/ceiling/offline/b{batch}", m.name),
         model: m.name.into(),
@@ -343,7 +351,7 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
         clients: None,
         rate_per_s: None,
         conns: None,
-        settings: serde_json::json!({ "sessions": workers, "threads_per_session": config.workers.threads_per_worker }),
+        settings: serde_json::json!({ "sessions": workers, "threads_per_session": shape.threads_per_worker }),
         client: None,
         server_split: None,
         ceiling: Some(ceiling),
@@ -405,6 +413,18 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
             ..Check::at_least(&format!("{n}: engine/offline-ceiling rows/s"), eff, 0.75, detail)
         }
     });
+    if let Some(v2) = &v2 {
+        let b = v2.stats();
+        report.check(Check::at_least(
+            &format!("{n}: v2 binary/JSON /infer throughput"),
+            ratio(b.requests_per_s, e.requests_per_s),
+            2.0,
+            format!(
+                "{:.1} vs {:.1} req/s, p99 {:.3} vs {:.3} ms, c={c}",
+                b.requests_per_s, e.requests_per_s, b.latency.p99_ms, e.latency.p99_ms
+            ),
+        ));
+    }
     if let Some(fl) = &floor {
         let f = fl.stats();
         report.check(Check::at_least(

@@ -92,6 +92,10 @@ pub struct BatchingConfig {
     pub max_queue_rows: usize,
     /// Most rows in one request; more gets 413.
     pub max_request_rows: usize,
+    /// When a worker frees up with fewer rows queued than it just answered,
+    /// how long (in percent of that batch's compute time) the next partial
+    /// batch may wait for those clients to send again. 0 disables.
+    pub regroup_delay_pct: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,9 +108,11 @@ pub struct WorkersConfig {
     pub gpus: Vec<u32>,
     /// HIP streams per GPU; worker sessions are spread over GPUs, then streams.
     pub streams_per_gpu: usize,
-    /// Worker actors, each owning one session.
+    /// Worker actors, each owning one session. 0: the backend's fastest
+    /// shape (CPU: one per core for cache-resident models, else one).
     pub count: usize,
-    /// Intra-op threads per worker session.
+    /// Intra-op threads per worker session. 0: the backend's choice (CPU:
+    /// 1 for cache-resident models, else every core).
     pub threads_per_worker: usize,
 }
 
@@ -163,6 +169,7 @@ impl Default for BatchingConfig {
             max_queue_delay_us: 0,
             max_queue_rows: 8192,
             max_request_rows: 4096,
+            regroup_delay_pct: 10,
         }
     }
 }
@@ -173,8 +180,8 @@ impl Default for WorkersConfig {
             backend: "auto".to_string(),
             gpus: Vec::new(),
             streams_per_gpu: 2,
-            count: 2,
-            threads_per_worker: 1,
+            count: 0,
+            threads_per_worker: 0,
         }
     }
 }
@@ -323,13 +330,25 @@ impl Config {
                 format!("{} is not in 1..=64", self.workers.streams_per_gpu),
             );
         }
-        if !(1..=256).contains(&self.workers.count) {
-            return bad("workers.count", format!("{} is not in 1..=256", self.workers.count));
+        if b.regroup_delay_pct > 100 {
+            return bad(
+                "batching.regroup_delay_pct",
+                format!("{} is over 100", b.regroup_delay_pct),
+            );
         }
-        if !(1..=256).contains(&self.workers.threads_per_worker) {
+        if self.workers.count > 256 {
+            return bad(
+                "workers.count",
+                format!("{} is not in 0..=256 (0: chosen by the backend)", self.workers.count),
+            );
+        }
+        if self.workers.threads_per_worker > 256 {
             return bad(
                 "workers.threads_per_worker",
-                format!("{} is not in 1..=256", self.workers.threads_per_worker),
+                format!(
+                    "{} is not in 0..=256 (0: chosen by the backend)",
+                    self.workers.threads_per_worker
+                ),
             );
         }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
@@ -429,7 +448,7 @@ mod tests {
         assert!(err(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "lots")]).contains("max_batch_rows"));
         assert!(err(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "0")]).contains("batching.max_batch_rows"));
         assert!(err(&[("TOKITAI_SERVER_BIND", "nowhere")]).contains("server.bind"));
-        assert!(err(&[("TOKITAI_WORKERS_COUNT", "0")]).contains("workers.count"));
+        assert!(err(&[("TOKITAI_WORKERS_COUNT", "300")]).contains("workers.count"));
         assert!(err(&[("TOKITAI_MODEL_LAYERNORM", "both")]).contains("layernorm"));
         assert!(err(&[("TOKITAI_MODEL_ARCH", "/a.json")]).contains("model.checkpoint"));
         assert!(err(&[("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "10")]).contains("batching.max_queue_rows"));

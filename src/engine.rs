@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::hip::{self, HipOptions};
-use crate::backend::{Backend, BackendError, SessionConfig};
+use crate::backend::{Backend, BackendError, PoolShape, SessionConfig};
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{AttachWorkers, Batcher};
 use crate::config::Config;
@@ -179,6 +179,18 @@ pub struct Engine {
     pub model: Arc<ModelDescription>,
 }
 
+/// The pool shape: the configured values, with 0 meaning the backend's
+/// choice for this machine's cores.
+pub fn pool_shape(backend: &dyn Backend, config: &Config) -> PoolShape {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let preferred = backend.pool_shape(cores);
+    let pick = |configured: usize, preferred: usize| if configured == 0 { preferred } else { configured };
+    PoolShape {
+        workers: pick(config.workers.count, preferred.workers),
+        threads_per_worker: pick(config.workers.threads_per_worker, preferred.threads_per_worker),
+    }
+}
+
 /// Starts the batcher and one worker actor per configured worker, each on
 /// its own thread with its own session. Must run inside an actix `System`.
 pub fn start(
@@ -187,10 +199,16 @@ pub fn start(
     config: &Config,
     metrics: Arc<Metrics>,
 ) -> Result<Engine, crate::backend::BackendError> {
-    let workers = config.workers.count;
+    let shape = pool_shape(backend.as_ref(), config);
+    let workers = shape.workers;
     let session_config = SessionConfig {
-        threads: config.workers.threads_per_worker,
+        threads: shape.threads_per_worker,
     };
+    tracing::info!(
+        workers,
+        threads_per_worker = shape.threads_per_worker,
+        "worker pool (workers.count / threads_per_worker 0 = the backend's choice)"
+    );
     // Sessions are created here, before any actor starts, so a backend that
     // cannot serve fails start-up with its own error instead of a dead pool.
     let sessions = (0..workers)
@@ -201,6 +219,7 @@ pub fn start(
         max_batch_rows: config.batching.max_batch_rows,
         max_queue_delay: config.max_queue_delay(),
         max_queue_rows: config.batching.max_queue_rows,
+        regroup_fraction: f64::from(config.batching.regroup_delay_pct) / 100.0,
     };
     metrics.init_pool(
         workers,

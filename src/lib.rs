@@ -88,7 +88,7 @@ pub async fn run(
     let state = Arc::clone(&engine.state);
     let server = http::server(listener, engine, &config)?;
     println!("listening on http://{addr}");
-    tracing::info!(%addr, workers = config.workers.count, threads_per_worker = config.workers.threads_per_worker, "listening");
+    tracing::info!(%addr, "listening");
 
     let handle = server.handle();
     actix_rt::spawn(async move {

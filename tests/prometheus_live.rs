@@ -467,36 +467,39 @@ fn metric_idents(text: &str) -> Vec<(String, usize)> {
     out
 }
 
-/// Every series name the engine can expose: the `tokitai_*` names declared in
-/// src/metrics.rs (histograms with their `_bucket`/`_sum`/`_count` series)
-/// and the process collector's families.
+/// Every series name the engine can expose, read from its own registry
+/// (not its source text): every family, after one of each recording, with
+/// histograms expanded to their `_bucket`/`_sum`/`_count` series, plus the
+/// process collector's families.
 fn exported_names() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(root().join("src/metrics.rs")).unwrap();
+    use prometheus::proto::MetricType;
+    let metrics = Metrics::new();
+    metrics.init_pool(1, 4, 100, 10);
+    metrics.observe_request("/infer", "200", Duration::from_micros(10));
+    metrics.observe_failure("/infer", "invalid");
+    metrics.observe_queue_wait(Duration::from_micros(10));
+    metrics
+        .model_info
+        .with_label_values(&["Nano", "identity", "1", "x", "cpu", "cpu"])
+        .set(1);
+    metrics.device_memory_bytes.with_label_values(&["0"]).set(0.0);
+    let worker = metrics.worker(0, 4);
+    worker.observe_batch(1, 1, Duration::from_micros(10));
+    worker.observe_routing(&[0, 1], &[0.6, 0.4, 0.0, 0.0], 4);
     let mut names = BTreeSet::new();
-    for part in source.split('"').skip(1).step_by(2) {
-        if part.starts_with("tokitai_") && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            names.insert(part.to_string());
+    let mut histograms = 0;
+    for family in metrics.registry().gather() {
+        let name = family.name().to_string();
+        if family.get_field_type() == MetricType::HISTOGRAM {
+            histograms += 1;
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        } else {
+            names.insert(name);
         }
     }
-    let histograms: Vec<String> = source
-        .split("HistogramOpts::new(\"")
-        .skip(1)
-        .filter_map(|s| s.split('"').next().map(str::to_string))
-        .collect();
-    assert!(
-        histograms.len() >= 6,
-        "src/metrics.rs declares its histograms with HistogramOpts::new"
-    );
-    for h in histograms {
-        for suffix in ["_bucket", "_sum", "_count"] {
-            names.insert(format!("{h}{suffix}"));
-        }
-    }
-    for family in Metrics::new().registry().gather() {
-        if family.name().starts_with("process_") {
-            names.insert(family.name().to_string());
-        }
-    }
+    assert!(histograms >= 6, "the registry holds the engine's histograms");
     assert!(
         names.contains("process_cpu_seconds_total"),
         "the process collector is registered"

@@ -26,6 +26,9 @@ pub enum Mix {
     Single,
     /// Requests cycle through these row counts (batch form `[[..], ..]`).
     Rows(Vec<usize>),
+    /// One row per request on the Open Inference Protocol route
+    /// (`/v2/models/{model}/infer`) with binary tensor data in and out.
+    V2Binary,
 }
 
 impl Mix {
@@ -38,6 +41,7 @@ impl Mix {
         match self {
             Mix::Single => "single".to_string(),
             Mix::Rows(r) => format!("rows{r:?}").replace(' ', ""),
+            Mix::V2Binary => "v2-binary-single".to_string(),
         }
     }
 }
@@ -46,7 +50,13 @@ impl Mix {
 pub struct Body {
     pub bytes: Vec<u8>,
     pub rows: usize,
+    /// Binary v2 requests: the length of the JSON part
+    /// (`Inference-Header-Content-Length`).
+    pub v2_header_len: Option<usize>,
 }
+
+/// The model name the v2 workload addresses (the engine's default).
+pub const V2_MODEL: &str = "tokitai-moe";
 
 /// Pre-serialised request bodies, sent in turn.
 pub struct Workload {
@@ -78,19 +88,49 @@ impl Workload {
                 Mix::Single => bodies.push(Body {
                     bytes: format!(r#"{{"features":{}}}"#, row(input_dim)).into_bytes(),
                     rows: 1,
+                    v2_header_len: None,
                 }),
+                Mix::V2Binary => {
+                    let head = format!(
+                        r#"{{"inputs":[{{"name":"features","shape":[1,{input_dim}],"datatype":"FP32","parameters":{{"binary_data_size":{}}}}}],"parameters":{{"binary_data_output":true}}}}"#,
+                        input_dim * 4
+                    );
+                    let mut bytes = head.clone().into_bytes();
+                    // Same values as a JSON row would carry, little-endian f32.
+                    let text = row(input_dim);
+                    for v in text.trim_matches(|c| c == '[' || c == ']').split(',') {
+                        bytes.extend_from_slice(&v.parse::<f32>().expect("a formatted f32").to_le_bytes());
+                    }
+                    bodies.push(Body {
+                        bytes,
+                        rows: 1,
+                        v2_header_len: Some(head.len()),
+                    });
+                }
                 Mix::Rows(counts) => {
                     // Rotate so consecutive requests differ in size whatever `variants`.
                     for i in 0..counts.len() {
                         let n = counts[(i + v) % counts.len()];
                         let rows: Vec<String> = (0..n).map(|_| row(input_dim)).collect();
                         let bytes = format!(r#"{{"features":[{}]}}"#, rows.join(",")).into_bytes();
-                        bodies.push(Body { bytes, rows: n });
+                        bodies.push(Body {
+                            bytes,
+                            rows: n,
+                            v2_header_len: None,
+                        });
                     }
                 }
             }
         }
         Workload { mix, bodies }
+    }
+
+    /// The route this workload posts to.
+    pub fn path(&self) -> String {
+        match self.mix {
+            Mix::V2Binary => format!("/v2/models/{V2_MODEL}/infer"),
+            _ => "/infer".to_string(),
+        }
     }
 
     pub fn mean_rows(&self) -> f64 {
@@ -135,8 +175,15 @@ fn agent(timeout: Duration) -> ureq::Agent {
 }
 
 /// Sends one request and reads the whole answer (so the connection is reused).
-fn send(agent: &ureq::Agent, url: &str, body: &[u8], buf: &mut Vec<u8>) -> Outcome {
-    let resp = match agent.post(url).set("content-type", "application/json").send_bytes(body) {
+fn send(agent: &ureq::Agent, url: &str, body: &Body, buf: &mut Vec<u8>) -> Outcome {
+    let request = match body.v2_header_len {
+        Some(len) => agent
+            .post(url)
+            .set("content-type", "application/octet-stream")
+            .set("inference-header-content-length", &len.to_string()),
+        None => agent.post(url).set("content-type", "application/json"),
+    };
+    let resp = match request.send_bytes(&body.bytes) {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
         Err(ureq::Error::Transport(_)) => return Outcome::Lost,
@@ -295,7 +342,7 @@ impl Conn {
         }
     }
 
-    fn send(&mut self, url: &str, body: &[u8], buf: &mut Vec<u8>) -> Outcome {
+    fn send(&mut self, url: &str, body: &Body, buf: &mut Vec<u8>) -> Outcome {
         let outcome = send(&self.agent, url, body, buf);
         self.last_used = Instant::now();
         outcome
@@ -363,7 +410,7 @@ fn drive(
 /// each sending its next request as soon as the last is answered. Requests
 /// sent during the warm-up are not counted.
 pub fn closed_loop(target: &Target, workload: Arc<Workload>, clients: usize) -> LoadRun {
-    let url = format!("{}/infer", target.base_url);
+    let url = format!("{}{}", target.base_url, workload.path());
     let (warmup, duration) = (target.warmup, target.duration);
     let n = workload.bodies.len();
     drive(target, clients.max(1), false, move |i, conn, start| {
@@ -381,7 +428,7 @@ pub fn closed_loop(target: &Target, workload: Arc<Workload>, clients: usize) -> 
             }
             let b = &workload.bodies[k % n];
             k += 1;
-            let outcome = conn.send(&url, &b.bytes, &mut buf);
+            let outcome = conn.send(&url, b, &mut buf);
             let lost = matches!(outcome, Outcome::Lost);
             if sent_at >= measure_start {
                 tally.record(outcome, b.rows, sent_at, sent_at);
@@ -404,7 +451,7 @@ pub fn closed_loop(target: &Target, workload: Arc<Workload>, clients: usize) -> 
 /// recorded too: if the pool is too small for the server's latency the
 /// lateness grows, and shows up in the latency as it should.
 pub fn open_loop(target: &Target, workload: Arc<Workload>, rate: f64, conns: usize) -> LoadRun {
-    let url = format!("{}/infer", target.base_url);
+    let url = format!("{}{}", target.base_url, workload.path());
     let rate = rate.max(0.1);
     let total_secs = (target.warmup + target.duration).as_secs_f64();
     let tickets = (total_secs * rate).floor() as u64;
@@ -424,7 +471,7 @@ pub fn open_loop(target: &Target, workload: Arc<Workload>, rate: f64, conns: usi
             sleep_until(intended);
             let sent_at = Instant::now();
             let b = &workload.bodies[(i % n) as usize];
-            let outcome = conn.send(&url, &b.bytes, &mut buf);
+            let outcome = conn.send(&url, b, &mut buf);
             if i >= first_measured {
                 tally.lateness.record(sent_at.saturating_duration_since(intended));
                 tally.record(outcome, b.rows, intended, sent_at);

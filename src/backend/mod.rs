@@ -67,6 +67,14 @@ pub enum BackendError {
     Device(String),
 }
 
+/// How many workers, and intra-op threads each, a backend serves fastest
+/// with (used when `workers.count` / `workers.threads_per_worker` are 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShape {
+    pub workers: usize,
+    pub threads_per_worker: usize,
+}
+
 /// A model prepared for one kind of device. Built once, shared by all workers.
 pub trait Backend: Send + Sync {
     /// Short name for logs, `/healthz` and metrics (`"cpu"`, `"hip"`).
@@ -75,6 +83,14 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
     /// The model's shapes.
     fn dims(&self) -> Dims;
+    /// The pool shape that serves this model fastest on `cores` CPU cores.
+    /// Default: one single-threaded worker per core.
+    fn pool_shape(&self, cores: usize) -> PoolShape {
+        PoolShape {
+            workers: cores.max(1),
+            threads_per_worker: 1,
+        }
+    }
     /// A new session for one worker. Sessions share this backend's weights.
     fn create_session(&self, config: SessionConfig) -> Result<Box<dyn Session>, BackendError>;
 }

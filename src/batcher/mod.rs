@@ -27,19 +27,19 @@ use crate::worker::{RunBatch, Worker};
 
 // ---- messages -------------------------------------------------------------
 
-/// A new request from an HTTP actor. Answered at once: `Ok` means queued (the
-/// job's own channel will carry its answer), `Err` means rejected and nothing
-/// was queued.
+/// A new request from an HTTP actor. Admitted and queued, or rejected at once
+/// through the job's own reply channel (nothing queued then).
 #[derive(Message)]
-#[rtype(result = "Result<(), ServeError>")]
+#[rtype(result = "()")]
 pub struct Submit(pub Arc<Job>);
 
-/// A worker finished a batch of `rows` rows.
+/// A worker finished a batch of `rows` rows in `compute`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BatchDone {
     pub worker: usize,
     pub rows: usize,
+    pub compute: std::time::Duration,
 }
 
 /// The worker pool, registered once at start-up (the workers need the
@@ -59,6 +59,9 @@ pub struct Batcher {
     /// Batches sent to each worker and not yet reported done.
     in_flight: Vec<usize>,
     delay_timer: Option<(Instant, SpawnHandle)>,
+    /// Set when a worker frees up: how long, and for how many rows, the next
+    /// partial batch may wait for the clients just answered to come back.
+    regroup: Option<policy::Regroup>,
     expiry_timer: Option<(Instant, SpawnHandle)>,
     /// Recent throughput in rows/s, for `Retry-After`.
     rows_per_sec: f64,
@@ -76,6 +79,7 @@ impl Batcher {
             workers: Vec::new(),
             in_flight: Vec::new(),
             delay_timer: None,
+            regroup: None,
             expiry_timer: None,
             rows_per_sec: 0.0,
             last_done: None,
@@ -93,13 +97,14 @@ impl Batcher {
                 break;
             };
             let oldest = self.queue.front().map(|q| q.job.submitted_at);
-            match policy::decide(self.queued_rows, oldest, Instant::now(), &self.policy) {
+            match policy::decide(self.queued_rows, oldest, self.regroup, Instant::now(), &self.policy) {
                 Decision::Idle => break,
                 Decision::WaitUntil(at) => {
                     self.arm_delay_timer(ctx, at);
                     break;
                 }
                 Decision::Dispatch => {
+                    self.regroup = None;
                     let batch = policy::take_batch(&mut self.queue, self.policy.max_batch_rows);
                     self.queued_rows -= batch.n_rows;
                     self.in_flight[worker] += 1;
@@ -197,25 +202,26 @@ impl Actor for Batcher {
 // ---- handlers -------------------------------------------------------------
 
 impl Handler<Submit> for Batcher {
-    type Result = Result<(), ServeError>;
+    type Result = ();
 
-    fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) {
         if self.state.is_draining() {
-            return Err(ServeError::NotReady("draining"));
+            job.fail(ServeError::NotReady("draining"));
+            return;
         }
         if let Err(queued_rows) = policy::admit(self.queued_rows, job.n_rows, &self.policy) {
-            return Err(ServeError::Overloaded {
+            job.fail(ServeError::Overloaded {
                 queued_rows,
                 limit: self.policy.max_queue_rows,
                 retry_after_secs: policy::retry_after_secs(queued_rows, self.rows_per_sec),
             });
+            return;
         }
         self.queued_rows += job.n_rows;
         let deadline = job.deadline;
         self.queue.push_back(Queued { job, next_row: 0 });
         self.arm_expiry_timer(ctx, deadline);
         self.pump(ctx);
-        Ok(())
     }
 }
 
@@ -232,6 +238,7 @@ impl Handler<BatchDone> for Batcher {
             // Exponentially weighted rate, only used to size Retry-After.
             self.rows_per_sec = 0.9 * self.rows_per_sec + 0.1 * (done.rows as f64 / dt);
         }
+        self.regroup = policy::regroup(self.queued_rows, done.rows, done.compute, now, &self.policy);
         self.pump(ctx);
     }
 }

@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use super::job::{Batch, Job, Slice};
 
 /// Batching settings (from `[batching]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchPolicy {
     pub max_batch_rows: usize,
     pub max_queue_delay: Duration,
     pub max_queue_rows: usize,
+    /// Share of the last batch's compute time a freed worker may wait for the
+    /// clients it just answered to send again (0 disables regrouping).
+    pub regroup_fraction: f64,
 }
 
 /// A queued request and how many of its rows were already handed out.
@@ -58,14 +61,59 @@ pub enum Decision {
     Idle,
 }
 
-/// Dispatch when rows are queued, unless `max_queue_delay` is set and the
+/// A short hold after a worker frees up (see [`regroup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Regroup {
+    /// Dispatch once this many rows are queued...
+    pub rows: usize,
+    /// ...or at this instant, whichever comes first.
+    pub until: Instant,
+}
+
+/// When a worker finishes a batch of `done_rows` rows while only
+/// `queued_rows` wait, the clients it just answered are likely to send again
+/// within a round trip (a closed loop: the search service's pattern). Sending
+/// the queued rows at once would leave those clients for the batch after,
+/// and the load settles into alternating half-size batches (measured on Tiny
+/// with 32 clients: 16-row batches, see BENCHMARKS.md). So the next partial
+/// batch may wait until the answered rows are back, for at most
+/// `regroup_fraction` of the batch's compute time. A lone client is never
+/// held: its next request alone makes the expected count.
+pub fn regroup(
+    queued_rows: usize,
+    done_rows: usize,
+    compute: Duration,
+    now: Instant,
+    policy: &BatchPolicy,
+) -> Option<Regroup> {
+    let wait = compute.mul_f64(policy.regroup_fraction.clamp(0.0, 1.0));
+    let rows = (queued_rows + done_rows).min(policy.max_batch_rows);
+    (done_rows > 0 && !wait.is_zero() && queued_rows < rows).then(|| Regroup {
+        rows,
+        until: now + wait,
+    })
+}
+
+/// Dispatch when rows are queued, unless a regroup hold is on (fewer rows
+/// than it expects, before its deadline), or `max_queue_delay` is set and the
 /// batch would not be full and its oldest request has waited less than that.
-pub fn decide(queued_rows: usize, oldest_submitted: Option<Instant>, now: Instant, policy: &BatchPolicy) -> Decision {
+pub fn decide(
+    queued_rows: usize,
+    oldest_submitted: Option<Instant>,
+    regroup: Option<Regroup>,
+    now: Instant,
+    policy: &BatchPolicy,
+) -> Decision {
     let Some(oldest) = oldest_submitted else {
         return Decision::Idle;
     };
     if queued_rows == 0 {
         return Decision::Idle;
+    }
+    if let Some(hold) = regroup {
+        if queued_rows < hold.rows && now < hold.until {
+            return Decision::WaitUntil(hold.until);
+        }
     }
     if policy.max_queue_delay.is_zero() || queued_rows >= policy.max_batch_rows {
         return Decision::Dispatch;
@@ -124,6 +172,7 @@ mod tests {
             max_batch_rows: 8,
             max_queue_delay: Duration::from_micros(delay_us),
             max_queue_rows: 20,
+            regroup_fraction: 0.1,
         }
     }
 
@@ -143,8 +192,8 @@ mod tests {
     #[test]
     fn work_conserving_without_delay() {
         let now = Instant::now();
-        assert_eq!(decide(1, Some(now), now, &policy(0)), Decision::Dispatch);
-        assert_eq!(decide(0, None, now, &policy(0)), Decision::Idle);
+        assert_eq!(decide(1, Some(now), None, now, &policy(0)), Decision::Dispatch);
+        assert_eq!(decide(0, None, None, now, &policy(0)), Decision::Idle);
     }
 
     #[test]
@@ -152,9 +201,41 @@ mod tests {
         let t0 = Instant::now();
         let p = policy(500);
         let release = t0 + Duration::from_micros(500);
-        assert_eq!(decide(3, Some(t0), t0, &p), Decision::WaitUntil(release));
-        assert_eq!(decide(8, Some(t0), t0, &p), Decision::Dispatch);
-        assert_eq!(decide(3, Some(t0), release, &p), Decision::Dispatch);
+        assert_eq!(decide(3, Some(t0), None, t0, &p), Decision::WaitUntil(release));
+        assert_eq!(decide(8, Some(t0), None, t0, &p), Decision::Dispatch);
+        assert_eq!(decide(3, Some(t0), None, release, &p), Decision::Dispatch);
+    }
+
+    #[test]
+    fn regroup_holds_for_the_answered_rows_within_a_share_of_compute() {
+        let t0 = Instant::now();
+        let p = policy(0);
+        let compute = Duration::from_millis(30);
+        // Batch of 4 done, 3 queued: wait for up to 7 rows, at most 3 ms.
+        let hold = regroup(3, 4, compute, t0, &p).unwrap();
+        assert_eq!(
+            hold,
+            Regroup {
+                rows: 7,
+                until: t0 + Duration::from_millis(3)
+            }
+        );
+        assert_eq!(decide(3, Some(t0), Some(hold), t0, &p), Decision::WaitUntil(hold.until));
+        assert_eq!(decide(7, Some(t0), Some(hold), t0, &p), Decision::Dispatch);
+        assert_eq!(decide(3, Some(t0), Some(hold), hold.until, &p), Decision::Dispatch);
+        // Never more than a full batch is waited for.
+        assert_eq!(regroup(6, 5, compute, t0, &p).unwrap().rows, 8);
+        assert_eq!(regroup(8, 5, compute, t0, &p), None);
+        // A lone client (nothing queued, one row answered): its next request
+        // alone makes the expected count, so it is never held.
+        let lone = regroup(0, 1, compute, t0, &p).unwrap();
+        assert_eq!(decide(1, Some(t0), Some(lone), t0, &p), Decision::Dispatch);
+        // Off when the fraction is 0.
+        let off = BatchPolicy {
+            regroup_fraction: 0.0,
+            ..p
+        };
+        assert_eq!(regroup(3, 4, compute, t0, &off), None);
     }
 
     #[test]

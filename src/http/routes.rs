@@ -64,17 +64,14 @@ pub(super) async fn compute(
 ) -> Result<JobOutput, ServeError> {
     let (job, reply) = Job::new(rows, n_rows, timeout);
     let inflight = InflightGuard::new(&engine.metrics, route);
-    let outcome = async {
-        engine
-            .batcher
-            .send(Submit(job))
-            .await
-            .map_err(|e| ServeError::Internal(format!("batcher unavailable: {e}")))??;
-        reply
-            .await
-            .map_err(|_| ServeError::Internal("the request was dropped before it was answered".into()))?
-    }
-    .await;
+    // Fire and forget: the batcher answers a rejection (429, 503) through the
+    // job's own channel at once, so the HTTP thread waits on one channel and
+    // is woken once per request, not twice.
+    engine.batcher.do_send(Submit(job));
+    let outcome = reply
+        .await
+        .map_err(|_| ServeError::Internal("the request was dropped before it was answered".into()))
+        .and_then(|answer| answer);
     inflight.finish();
     let output = outcome?;
     engine.metrics.observe_queue_wait(output.queue_wait);

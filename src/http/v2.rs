@@ -424,9 +424,25 @@ struct OutputTensor<'a> {
     datatype: &'static str,
     shape: [usize; 2],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<Value>,
+    parameters: Option<BinarySize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a [f32]>,
+}
+
+#[derive(Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+/// The JSON part of an answer, written straight from typed fields (no
+/// intermediate `serde_json::Value` tree on the hot path).
+#[derive(Serialize)]
+struct ResponseHead<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+    outputs: Vec<OutputTensor<'a>>,
 }
 
 /// Writes the v2 answer; binary outputs follow the JSON header.
@@ -443,15 +459,19 @@ fn write_response(
             name,
             datatype: FP32,
             shape: [n_rows, width],
-            parameters: binary.then(|| json!({ "binary_data_size": values.len() * 4 })),
+            parameters: binary.then_some(BinarySize {
+                binary_data_size: values.len() * 4,
+            }),
             data: (!binary).then_some(values),
         })
         .collect();
-    let mut head = json!({ "model_name": model, "model_version": version, "outputs": outputs });
-    if let Some(id) = id {
-        head["id"] = id.clone();
-    }
-    let head = serde_json::to_vec(&head).expect("serialising a JSON value cannot fail");
+    let head = ResponseHead {
+        model_name: model,
+        model_version: version,
+        id,
+        outputs,
+    };
+    let head = serde_json::to_vec(&head).expect("serialising to a Vec cannot fail");
     let binary_len: usize = tensors.iter().filter(|t| t.3).map(|t| t.1.len() * 4).sum();
     if binary_len == 0 {
         return HttpResponse::Ok().content_type("application/json").body(head);

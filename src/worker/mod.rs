@@ -165,9 +165,10 @@ impl Handler<RunBatch> for Worker {
             self.live.push(slice);
         }
         let n_rows = self.input.len() / row_len;
+        let mut compute = std::time::Duration::ZERO;
         if n_rows > 0 {
             let result = self.guarded_forward();
-            let compute = start.elapsed();
+            compute = start.elapsed();
             match result {
                 Ok(()) => {
                     let (o, e) = (self.dims.output, self.dims.experts);
@@ -198,6 +199,7 @@ impl Handler<RunBatch> for Worker {
         self.batcher.do_send(BatchDone {
             worker: self.id,
             rows: n_rows,
+            compute,
         });
     }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{Backend, BackendError, ForwardOutput, Session, SessionConfig};
+use super::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
 use crate::model::{Dims, LayerNormMode, MoeWeights};
 use pack::{PackedLinear, PackedModel};
 use simd::{Isa, NR};
@@ -101,6 +101,26 @@ impl Backend for CpuBackend {
 
     fn dims(&self) -> Dims {
         self.model.dims
+    }
+
+    /// Cache-resident experts (Nano): one single-threaded worker per core, so
+    /// batches run side by side with no intra-op synchronisation. DRAM-bound
+    /// experts (Tiny and up): one worker using every core, so each weight is
+    /// streamed from memory once per batch rather than once per worker, and a
+    /// lone request gets all the bandwidth. Measured in BENCHMARKS.md (issue 5).
+    fn pool_shape(&self, cores: usize) -> PoolShape {
+        let cores = cores.max(1);
+        if self.model.expert_bytes() <= ROW_SPLIT_MAX_EXPERT_BYTES {
+            PoolShape {
+                workers: cores,
+                threads_per_worker: 1,
+            }
+        } else {
+            PoolShape {
+                workers: 1,
+                threads_per_worker: cores,
+            }
+        }
     }
 
     fn create_session(&self, config: SessionConfig) -> Result<Box<dyn Session>, BackendError> {

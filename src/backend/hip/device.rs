@@ -18,7 +18,7 @@ use super::ffi::HipError;
 use super::kernels::ARCHS;
 use super::launch::{Kernels, MAX_EXPERTS};
 use super::runtime::{self, DeviceBuffer, Event, PinnedBuffer, Stream};
-use crate::backend::{Backend, BackendError, ForwardOutput, Session, SessionConfig};
+use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
 use crate::model::{Dims, LayerNormMode, Linear, MoeWeights};
 
 /// Most rows one pass of the forward handles; larger batches run in chunks
@@ -196,6 +196,14 @@ impl Backend for HipBackend {
 
     fn dims(&self) -> Dims {
         self.dims
+    }
+
+    /// One worker per stream of every GPU in use.
+    fn pool_shape(&self, _cores: usize) -> PoolShape {
+        PoolShape {
+            workers: self.gpus.len() * self.streams_per_gpu,
+            threads_per_worker: 1,
+        }
     }
 
     fn create_session(&self, _config: SessionConfig) -> Result<Box<dyn Session>, BackendError> {
