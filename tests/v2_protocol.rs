@@ -20,31 +20,11 @@ fn binary_request(header: &Value, payload: &[u8]) -> (Vec<u8>, String) {
 }
 
 fn post_binary(url: &str, body: &[u8], header_len: &str) -> common::Reply {
-    let response = agent()
+    let request = agent()
         .post(url)
         .set("Content-Type", "application/octet-stream")
-        .set("Inference-Header-Content-Length", header_len)
-        .send_bytes(body);
-    let response = match response {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("POST {url}: {e}"),
-    };
-    let status = response.status();
-    let headers = response
-        .headers_names()
-        .into_iter()
-        .map(|n| {
-            let v = response.header(&n).unwrap_or("").to_string();
-            (n.to_ascii_lowercase(), v)
-        })
-        .collect();
-    let mut out = Vec::new();
-    std::io::Read::read_to_end(&mut response.into_reader(), &mut out).unwrap();
-    common::Reply {
-        status,
-        headers,
-        body: out,
-    }
+        .set("Inference-Header-Content-Length", header_len);
+    common::finish(request.send_bytes(body)).unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

@@ -330,7 +330,8 @@ fn reply_of(response: ureq::Response) -> Result<Reply, String> {
 /// A transport failure (no complete answer), as text.
 pub type HttpError = String;
 
-fn finish(result: Result<ureq::Response, ureq::Error>) -> Result<Reply, HttpError> {
+/// A ureq result as a [`Reply`] (4xx/5xx included) or a transport failure.
+pub fn finish(result: Result<ureq::Response, ureq::Error>) -> Result<Reply, HttpError> {
     match result {
         Ok(r) | Err(ureq::Error::Status(_, r)) => reply_of(r),
         Err(e) => Err(e.to_string()),
