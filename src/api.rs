@@ -47,7 +47,7 @@ pub fn parse_infer_request(body: &[u8], row_len: usize, max_rows: usize) -> Resu
     let mut de = serde_json::Deserializer::from_slice(body);
     let seed = RequestSeed { row_len, max_rows };
     let parsed = seed.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
-    parsed.map_err(|e| classify(e, row_len, max_rows))
+    parsed.map_err(|e| classify(e, max_rows))
 }
 
 // Our visitor reports domain errors through `de::Error::custom` with a marker
@@ -55,7 +55,7 @@ pub fn parse_infer_request(body: &[u8], row_len: usize, max_rows: usize) -> Resu
 const INVALID: &str = "\u{1}invalid:";
 const TOO_MANY: &str = "\u{1}too_many:";
 
-fn classify(e: serde_json::Error, _row_len: usize, max_rows: usize) -> RequestError {
+fn classify(e: serde_json::Error, max_rows: usize) -> RequestError {
     let msg = e.to_string();
     if let Some(rest) = msg.strip_prefix(TOO_MANY) {
         let rows = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
