@@ -174,6 +174,8 @@ pub fn choose_backend(
 #[derive(Clone)]
 pub struct Engine {
     pub batcher: Addr<Batcher>,
+    /// For device metrics at scrape time; compute goes through the workers.
+    pub backend: Arc<dyn Backend>,
     pub state: Arc<EngineState>,
     pub metrics: Arc<Metrics>,
     pub model: Arc<ModelDescription>,
@@ -271,6 +273,7 @@ pub fn start(
     batcher.do_send(AttachWorkers(addrs));
     Ok(Engine {
         batcher,
+        backend,
         state,
         metrics,
         model: Arc::new(model),

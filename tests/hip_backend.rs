@@ -57,6 +57,10 @@ fn auto_falls_back_to_the_cpu_without_a_device() {
     let backend = engine::choose_backend(nano(), LayerNormMode::Identity, &config("auto")).expect("auto never fails");
     assert_eq!(backend.name(), "cpu");
     assert!(backend.describe().starts_with("cpu ("), "{}", backend.describe());
+    assert!(
+        backend.device_memory_used().is_empty(),
+        "the CPU reports no device memory"
+    );
     // And it serves.
     let mut s = backend.create_session(SessionConfig::default()).unwrap();
     let mut out = ForwardOutput::default();
@@ -174,6 +178,9 @@ fn device_rows_are_batch_invariant() {
     require_device!();
     let (weights, input) = fixture("nano-s11");
     let gpu = hip::new_backend(&weights, LayerNormMode::Stored, &HipOptions::default()).unwrap();
+    // The device memory metric's source: every GPU in use, holding at least its weights.
+    let used = gpu.device_memory_used();
+    assert!(!used.is_empty() && used.iter().all(|(_, bytes)| *bytes > 0), "{used:?}");
     let rows = input.len() / 96;
     let mut batch = Vec::new();
     let order: Vec<usize> = (0..300).map(|i| (i * 37 + 5) % rows).collect();

@@ -91,6 +91,11 @@ pub trait Backend: Send + Sync {
             threads_per_worker: 1,
         }
     }
+    /// Memory in use on each compute device, as `(device id, bytes)`, read
+    /// when `/metrics` is scraped. None for the CPU.
+    fn device_memory_used(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
     /// A new session for one worker. Sessions share this backend's weights.
     fn create_session(&self, config: SessionConfig) -> Result<Box<dyn Session>, BackendError>;
 }

@@ -157,6 +157,13 @@ pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(engine: web::Data<Engine>) -> HttpResponse {
     engine.metrics.ready.set(i64::from(engine.state.is_ready()));
+    for (device, bytes) in engine.backend.device_memory_used() {
+        engine
+            .metrics
+            .device_memory_bytes
+            .with_label_values(&[&device])
+            .set(bytes as f64);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(engine.metrics.render())

@@ -198,6 +198,13 @@ impl Backend for HipBackend {
         self.dims
     }
 
+    fn device_memory_used(&self) -> Vec<(String, u64)> {
+        self.gpus
+            .iter()
+            .filter_map(|g| runtime::memory_used(g.id).ok().map(|bytes| (g.id.to_string(), bytes)))
+            .collect()
+    }
+
     /// One worker per stream of every GPU in use.
     fn pool_shape(&self, _cores: usize) -> PoolShape {
         PoolShape {

@@ -56,6 +56,16 @@ pub(crate) fn device_info(device: i32) -> Result<(String, usize), HipError> {
     Ok((name, bytes))
 }
 
+/// Bytes in use on `device` (total minus free), as the driver reports it.
+/// Makes `device` current for the calling thread.
+pub(crate) fn memory_used(device: i32) -> Result<u64, HipError> {
+    set_device(device)?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both are valid out-pointers for the duration of the call.
+    check("hipMemGetInfo", unsafe { sys::hipMemGetInfo(&mut free, &mut total) })?;
+    Ok(total.saturating_sub(free) as u64)
+}
+
 /// Element types that may live in device memory (plain old data).
 pub(crate) trait Pod: Copy + Send + Sync + 'static {}
 impl Pod for f32 {}
