@@ -57,9 +57,12 @@ pub async fn run(
     let mut metrics = Metrics::new();
     metrics.set_recording(config.metrics.record);
     let metrics = Arc::new(metrics);
-    let (model, load_time) = engine::timed(|| engine::load_model(&config));
-    let model = model?;
-    let (backend, description) = engine::build_backend(model, &config)?;
+    // Load and prepare (pack weights / upload to devices): both count as load time.
+    let (prepared, load_time) = engine::timed(|| -> Result<_, StartError> {
+        let model = engine::load_model(&config)?;
+        Ok(engine::build_backend(model, &config)?)
+    });
+    let (backend, description) = prepared?;
     metrics.model_load_seconds.set(load_time.as_secs_f64());
     tracing::info!(
         size = description.size,
