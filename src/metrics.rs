@@ -34,7 +34,7 @@ fn pow2_buckets() -> Vec<f64> {
 }
 
 /// Route templates used as the `route` label (a fixed vocabulary).
-pub const ROUTES: [&str; 17] = [
+pub const ROUTES: [&str; 16] = [
     "/infer",
     "/healthz",
     "/readyz",
@@ -50,7 +50,6 @@ pub const ROUTES: [&str; 17] = [
     "/v2/models/{model}/versions/{version}/config",
     "/v2/models/{model}/infer",
     "/v2/models/{model}/versions/{version}/infer",
-    "/",
     "other",
 ];
 
@@ -291,10 +290,6 @@ impl Metrics {
     /// costs (`metrics.record = false`); `/metrics` then shows zeros.
     pub fn set_recording(&mut self, on: bool) {
         self.recording = on;
-    }
-
-    pub fn recording(&self) -> bool {
-        self.recording
     }
 
     /// One answered HTTP request (`status` as its three digits).
