@@ -29,6 +29,7 @@ pub mod backend;
 pub mod batcher;
 pub mod cli;
 pub mod config;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod http;

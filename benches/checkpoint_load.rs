@@ -7,7 +7,7 @@
 //! `read_checkpoint` on it, and prints the ratio b/a (target: at most 1.5).
 //! Must not touch: the forward benchmark (`benches/forward.rs`).
 //!
-//! Run: `cargo bench --bench load`
+//! Run: `cargo bench --bench checkpoint_load`
 
 use std::fs::File;
 use std::hint::black_box;
