@@ -241,18 +241,7 @@ impl Arch {
     /// Reads, parses and validates the arch.json at `path`; errors name the path.
     pub fn load(path: &Path) -> Result<Arch, ModelError> {
         let label = path.display().to_string();
-        let len = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?.len();
-        if len > MAX_ARCH_JSON {
-            return Err(ModelError::ArchSyntax {
-                file: label,
-                message: format!("file is {len} bytes, over the {MAX_ARCH_JSON}-byte limit for an arch.json"),
-            });
-        }
-        let text = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-        let text = String::from_utf8(text).map_err(|e| ModelError::ArchSyntax {
-            file: label.clone(),
-            message: format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()),
-        })?;
+        let text = read_arch_text(path, &label)?;
         Arch::parse(&text, &label)
     }
 
@@ -293,97 +282,61 @@ impl Arch {
         serde_json::to_string_pretty(&out).expect("serialising plain fields cannot fail")
     }
 
+    /// Parses `text` (errors name it `file`): the JSON object, each field,
+    /// then the checks of the dims against the size and the released values.
     fn parse(text: &str, file: &str) -> Result<Arch, ModelError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| ModelError::ArchSyntax {
-            file: file.to_owned(),
-            message: format!("not valid JSON: {e}"),
-        })?;
-        let Value::Object(map) = value else {
-            return Err(ModelError::ArchSyntax {
-                file: file.to_owned(),
-                message: format!("expected a JSON object, found {}", describe(&value)),
-            });
-        };
+        let map = parse_object(text, file)?;
         let fields = Fields { map: &map, file };
-
-        let size_name = fields.string("size")?;
-        let size = ModelSize::from_arch_name(size_name).ok_or_else(|| {
-            fields.err(
-                "size",
-                format!("is {size_name:?} but must be one of \"Nano\", \"Tiny\", \"Medium\", \"Full\""),
-            )
-        })?;
-        let input_dim = fields.usize("input_dim")?;
-        let hidden_dim = fields.usize("hidden_dim")?;
-        let output_dim = fields.usize("output_dim")?;
-        let n_experts = fields.usize("n_experts")?;
-        let top_k = fields.usize("top_k")?;
-        let expert_depth = fields.usize("expert_depth")?;
-        let seed = fields.u64("seed")?;
-        let model_kind = match fields.optional_string("model_kind")? {
-            None | Some("MoE") => ModelKind::MoE,
-            Some("Dense") => {
-                return Err(fields.err(
-                    "model_kind",
-                    "is \"Dense\" but only \"MoE\" is supported: Dense models are not supported by this engine"
-                        .to_owned(),
-                ));
-            }
-            Some(other) => {
-                return Err(fields.err("model_kind", format!("is {other:?} but must be \"MoE\" or \"Dense\"")));
-            }
+        // Fields are read (and fail) in this order.
+        let arch = Arch {
+            size: fields.size()?,
+            input_dim: fields.usize("input_dim")?,
+            hidden_dim: fields.usize("hidden_dim")?,
+            output_dim: fields.usize("output_dim")?,
+            n_experts: fields.usize("n_experts")?,
+            top_k: fields.usize("top_k")?,
+            expert_depth: fields.usize("expert_depth")?,
+            seed: fields.u64("seed")?,
+            model_kind: fields.model_kind()?,
+            router_kind: fields.router_kind()?,
+            // Reported only: upstream ignores them, so a wrong type is not an error.
+            fingerprint: map.get("fingerprint").and_then(Value::as_str).map(str::to_owned),
+            param_count: map.get("param_count").and_then(Value::as_u64),
         };
-        let router_kind = match fields.optional_string("router_kind")? {
-            None | Some("SheafPadic") => RouterKind::SheafPadic,
-            Some("SheafOnly") => RouterKind::SheafOnly,
-            Some("SoftmaxOnly") => RouterKind::SoftmaxOnly,
-            Some(other) => {
-                return Err(fields.err(
-                    "router_kind",
-                    format!("is {other:?} but must be one of \"SheafPadic\", \"SheafOnly\", \"SoftmaxOnly\""),
-                ));
-            }
-        };
-        // Reported only: upstream ignores them, so a wrong type is not an error.
-        let fingerprint = map.get("fingerprint").and_then(Value::as_str).map(str::to_owned);
-        let param_count = map.get("param_count").and_then(Value::as_u64);
+        fields.check_dims(&arch)?;
+        Ok(arch)
+    }
+}
 
-        let (want_hidden, want_depth) = size.hidden_and_depth();
-        let size_checks = [
-            ("hidden_dim", hidden_dim, want_hidden),
-            ("expert_depth", expert_depth, want_depth),
-        ];
-        for (field, found, want) in size_checks {
-            if found != want {
-                return Err(fields.err(field, format!("is {found} but size {size} requires {want}")));
-            }
-        }
-        let released = [
-            ("input_dim", input_dim, RELEASED_INPUT),
-            ("output_dim", output_dim, RELEASED_OUTPUT),
-            ("n_experts", n_experts, RELEASED_EXPERTS),
-            ("top_k", top_k, RELEASED_TOP_K),
-        ];
-        for (field, found, want) in released {
-            if found != want {
-                return Err(fields.err(field, format!("is {found} but every released size requires {want}")));
-            }
-        }
+/// The text of the arch.json at `path` (errors name it `label`): at most
+/// [`MAX_ARCH_JSON`] bytes, checked before reading, and valid UTF-8.
+fn read_arch_text(path: &Path, label: &str) -> Result<String, ModelError> {
+    let len = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?.len();
+    if len > MAX_ARCH_JSON {
+        return Err(ModelError::ArchSyntax {
+            file: label.to_owned(),
+            message: format!("file is {len} bytes, over the {MAX_ARCH_JSON}-byte limit for an arch.json"),
+        });
+    }
+    let text = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    String::from_utf8(text).map_err(|e| ModelError::ArchSyntax {
+        file: label.to_owned(),
+        message: format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()),
+    })
+}
 
-        Ok(Arch {
-            size,
-            input_dim,
-            hidden_dim,
-            output_dim,
-            n_experts,
-            top_k,
-            expert_depth,
-            seed,
-            model_kind,
-            router_kind,
-            fingerprint,
-            param_count,
-        })
+/// `text` as a JSON object (errors name it `file`).
+fn parse_object(text: &str, file: &str) -> Result<Map<String, Value>, ModelError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| ModelError::ArchSyntax {
+        file: file.to_owned(),
+        message: format!("not valid JSON: {e}"),
+    })?;
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(ModelError::ArchSyntax {
+            file: file.to_owned(),
+            message: format!("expected a JSON object, found {}", describe(&other)),
+        }),
     }
 }
 
@@ -433,6 +386,69 @@ impl<'a> Fields<'a> {
     fn usize(&self, field: &'static str) -> Result<usize, ModelError> {
         let n = self.u64(field)?;
         usize::try_from(n).map_err(|_| self.err(field, format!("is {n}, too large for this platform")))
+    }
+
+    /// `size`: required, spelled exactly as upstream does.
+    fn size(&self) -> Result<ModelSize, ModelError> {
+        let size_name = self.string("size")?;
+        ModelSize::from_arch_name(size_name).ok_or_else(|| {
+            self.err(
+                "size",
+                format!("is {size_name:?} but must be one of \"Nano\", \"Tiny\", \"Medium\", \"Full\""),
+            )
+        })
+    }
+
+    /// `model_kind`: optional (default MoE); Dense is known but not served.
+    fn model_kind(&self) -> Result<ModelKind, ModelError> {
+        match self.optional_string("model_kind")? {
+            None | Some("MoE") => Ok(ModelKind::MoE),
+            Some("Dense") => Err(self.err(
+                "model_kind",
+                "is \"Dense\" but only \"MoE\" is supported: Dense models are not supported by this engine".to_owned(),
+            )),
+            Some(other) => Err(self.err("model_kind", format!("is {other:?} but must be \"MoE\" or \"Dense\""))),
+        }
+    }
+
+    /// `router_kind`: optional (default SheafPadic).
+    fn router_kind(&self) -> Result<RouterKind, ModelError> {
+        match self.optional_string("router_kind")? {
+            None | Some("SheafPadic") => Ok(RouterKind::SheafPadic),
+            Some("SheafOnly") => Ok(RouterKind::SheafOnly),
+            Some("SoftmaxOnly") => Ok(RouterKind::SoftmaxOnly),
+            Some(other) => Err(self.err(
+                "router_kind",
+                format!("is {other:?} but must be one of \"SheafPadic\", \"SheafOnly\", \"SoftmaxOnly\""),
+            )),
+        }
+    }
+
+    /// The dims `arch` read must be the ones its size fixes, then the values
+    /// every released size shares; the first mismatch is the error.
+    fn check_dims(&self, arch: &Arch) -> Result<(), ModelError> {
+        let (want_hidden, want_depth) = arch.size.hidden_and_depth();
+        let size_checks = [
+            ("hidden_dim", arch.hidden_dim, want_hidden),
+            ("expert_depth", arch.expert_depth, want_depth),
+        ];
+        for (field, found, want) in size_checks {
+            if found != want {
+                return Err(self.err(field, format!("is {found} but size {} requires {want}", arch.size)));
+            }
+        }
+        let released = [
+            ("input_dim", arch.input_dim, RELEASED_INPUT),
+            ("output_dim", arch.output_dim, RELEASED_OUTPUT),
+            ("n_experts", arch.n_experts, RELEASED_EXPERTS),
+            ("top_k", arch.top_k, RELEASED_TOP_K),
+        ];
+        for (field, found, want) in released {
+            if found != want {
+                return Err(self.err(field, format!("is {found} but every released size requires {want}")));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -62,17 +62,37 @@ pub struct Checkpoint {
 /// record index + expected name), the byte offset, and what was found vs
 /// expected.
 pub fn read_checkpoint(path: &Path, dims: &Dims) -> Result<Checkpoint, ModelError> {
-    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
-    let mut r = Reader {
-        inner: BufReader::with_capacity(READ_BUF, file),
-        path,
-        pos: 0,
-        len,
-        part: CheckpointPart::Header,
-    };
+    let mut r = Reader::open(path)?;
+    let specs = dims.param_specs();
 
-    // Header.
+    // First pass: validate the whole structure, remembering where each weight is.
+    let step = read_header(&mut r, dims, &specs)?;
+    let config = read_config(&mut r)?;
+    let mut payloads = Vec::with_capacity(specs.len());
+    for (index, spec) in specs.iter().enumerate() {
+        r.part = CheckpointPart::Record {
+            index,
+            expected_name: spec.name.clone(),
+        };
+        payloads.push(read_record(&mut r, spec)?);
+    }
+    check_trailer(&mut r)?;
+
+    let len = r.len;
+    let file = r.inner.into_inner();
+    let tensors = read_payloads(&file, path, len, &specs, &payloads)?;
+    Ok(Checkpoint {
+        step,
+        config,
+        weights: MoeWeights::from_tensors(*dims, tensors),
+    })
+}
+
+/// The 16-byte header: magic, version, step, and a record count that must
+/// match `specs`. Returns the step.
+fn read_header(r: &mut Reader, dims: &Dims, specs: &[ParamSpec]) -> Result<u32, ModelError> {
+    r.part = CheckpointPart::Header;
+    let len = r.len;
     if len < 16 {
         return Err(r.err_at(0, format!("file is {len} bytes, shorter than the 16-byte header")));
     }
@@ -89,7 +109,6 @@ pub fn read_checkpoint(path: &Path, dims: &Dims) -> Result<Checkpoint, ModelErro
         return Err(r.err_at(4, format!("unsupported version {version}, expected {VERSION}")));
     }
     let step = r.u32("step")?;
-    let specs = dims.param_specs();
     let count = r.u32("count")?;
     if count as usize != specs.len() {
         return Err(r.err_at(
@@ -103,21 +122,15 @@ pub fn read_checkpoint(path: &Path, dims: &Dims) -> Result<Checkpoint, ModelErro
             ),
         ));
     }
+    Ok(step)
+}
 
-    // Config.
+/// The `config_len u32 | UTF-8 bytes` block.
+fn read_config(r: &mut Reader) -> Result<String, ModelError> {
     r.part = CheckpointPart::Config;
     let at = r.pos;
-    let config_len = r.u32("config_len")?;
-    if config_len > MAX_CONFIG_LEN {
-        return Err(r.err_at(
-            at,
-            format!("config_len is {config_len}, over the {MAX_CONFIG_LEN}-byte limit"),
-        ));
-    }
-    r.check_left(at, "config_len", u64::from(config_len))?;
-    let mut config = vec![0u8; config_len as usize];
-    r.read_bytes(&mut config, "config")?;
-    let config = String::from_utf8(config).map_err(|e| {
+    let config = r.len_prefixed("config_len", "config", MAX_CONFIG_LEN, None)?;
+    String::from_utf8(config).map_err(|e| {
         r.err_at(
             at + 4,
             format!(
@@ -125,92 +138,80 @@ pub fn read_checkpoint(path: &Path, dims: &Dims) -> Result<Checkpoint, ModelErro
                 e.utf8_error().valid_up_to()
             ),
         )
-    })?;
+    })
+}
 
-    // Records: validate the whole structure, remembering where each weight is.
-    let mut payloads = Vec::with_capacity(specs.len());
-    for (index, spec) in specs.iter().enumerate() {
-        r.part = CheckpointPart::Record {
-            index,
-            expected_name: spec.name.clone(),
-        };
+/// One parameter record: its name and `weight_len` must be `spec`'s; its
+/// weight is not read but seeked past, as are `m`, `v` and any gradient.
+/// Returns the file offset of the weight payload.
+fn read_record(r: &mut Reader, spec: &ParamSpec) -> Result<u64, ModelError> {
+    read_record_name(r, spec)?;
 
-        let at = r.pos;
-        let name_len = r.u32("name_len")?;
-        if name_len > MAX_NAME_LEN {
-            return Err(r.err_at(
-                at,
-                format!(
-                    "name_len is {name_len}, over the {MAX_NAME_LEN}-byte limit (expected {})",
-                    spec.name.len()
-                ),
-            ));
-        }
-        r.check_left(at, "name_len", u64::from(name_len))?;
-        let mut name = vec![0u8; name_len as usize];
-        r.read_bytes(&mut name, "name")?;
-        let name = String::from_utf8(name).map_err(|e| {
-            r.err_at(
-                at + 4,
-                format!(
-                    "name is not valid UTF-8 ({}), expected `{}`",
-                    hex(e.as_bytes()),
-                    spec.name
-                ),
-            )
-        })?;
-        if name != spec.name {
-            return Err(r.err_at(
-                at + 4,
-                format!(
-                    "name is `{}` but expected `{}` (the checkpoint belongs to another arch, or its records are out of order)",
-                    name.escape_debug(),
-                    spec.name
-                ),
-            ));
-        }
-
-        let at = r.pos;
-        let weight_len = r.u32("weight_len")?;
-        if weight_len as usize != spec.len {
-            return Err(r.err_at(at, format!("weight_len is {weight_len} but expected {}", spec.len)));
-        }
-        r.check_left(at, "weight", 4 * u64::from(weight_len))?;
-        payloads.push(r.pos);
-        r.skip(4 * u64::from(weight_len))?;
-
-        r.skip_buffer("m_len", "m", weight_len)?;
-        r.skip_buffer("v_len", "v", weight_len)?;
-        let _param_step = r.u32("param_step")?;
-        let at = r.pos;
-        let mut has_grad = [0u8];
-        r.read_bytes(&mut has_grad, "has_grad")?;
-        match has_grad[0] {
-            0 => {}
-            1 => r.skip_buffer("grad_len", "grad", weight_len)?,
-            other => return Err(r.err_at(at, format!("has_grad is {other} but must be 0 or 1"))),
-        }
+    let at = r.pos;
+    let weight_len = r.u32("weight_len")?;
+    if weight_len as usize != spec.len {
+        return Err(r.err_at(at, format!("weight_len is {weight_len} but expected {}", spec.len)));
     }
+    r.check_left(at, "weight", 4 * u64::from(weight_len))?;
+    let payload = r.pos;
+    r.skip(4 * u64::from(weight_len))?;
 
+    r.skip_buffer("m_len", "m", weight_len)?;
+    r.skip_buffer("v_len", "v", weight_len)?;
+    let _param_step = r.u32("param_step")?;
+    let at = r.pos;
+    let mut has_grad = [0u8];
+    r.read_bytes(&mut has_grad, "has_grad")?;
+    match has_grad[0] {
+        0 => {}
+        1 => r.skip_buffer("grad_len", "grad", weight_len)?,
+        other => return Err(r.err_at(at, format!("has_grad is {other} but must be 0 or 1"))),
+    }
+    Ok(payload)
+}
+
+/// A record's `name_len u32 | UTF-8 bytes`, which must be exactly `spec.name`.
+fn read_record_name(r: &mut Reader, spec: &ParamSpec) -> Result<(), ModelError> {
+    let at = r.pos;
+    let name = r.len_prefixed("name_len", "name", MAX_NAME_LEN, Some(spec.name.len()))?;
+    let name = String::from_utf8(name).map_err(|e| {
+        r.err_at(
+            at + 4,
+            format!(
+                "name is not valid UTF-8 ({}), expected `{}`",
+                hex(e.as_bytes()),
+                spec.name
+            ),
+        )
+    })?;
+    if name != spec.name {
+        return Err(r.err_at(
+            at + 4,
+            format!(
+                "name is `{}` but expected `{}` (the checkpoint belongs to another arch, or its records are out of order)",
+                name.escape_debug(),
+                spec.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The file must end where the last record does.
+fn check_trailer(r: &mut Reader) -> Result<(), ModelError> {
     r.part = CheckpointPart::Trailer;
-    if r.pos != len {
+    if r.pos != r.len {
         return Err(r.err_at(
             r.pos,
             format!(
-                "{} trailing bytes after the last record (file is {len} bytes, records end at {})",
-                len - r.pos,
+                "{} trailing bytes after the last record (file is {} bytes, records end at {})",
+                r.len - r.pos,
+                r.len,
                 r.pos
             ),
         ));
     }
-
-    let file = r.inner.into_inner();
-    let tensors = read_payloads(&file, path, len, &specs, &payloads)?;
-    Ok(Checkpoint {
-        step,
-        config,
-        weights: MoeWeights::from_tensors(*dims, tensors),
-    })
+    Ok(())
 }
 
 /// Second pass: reads every weight payload (at the offsets the structure pass
@@ -270,7 +271,20 @@ struct Reader<'a> {
     part: CheckpointPart,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    /// Opens `path` for the structure pass, at offset 0 in the header.
+    fn open(path: &'a Path) -> Result<Self, ModelError> {
+        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        Ok(Reader {
+            inner: BufReader::with_capacity(READ_BUF, file),
+            path,
+            pos: 0,
+            len,
+            part: CheckpointPart::Header,
+        })
+    }
+
     fn err_at(&self, offset: u64, message: String) -> ModelError {
         ModelError::Checkpoint {
             path: self.path.to_path_buf(),
@@ -328,6 +342,28 @@ impl Reader<'_> {
         let mut b = [0u8; 4];
         self.read_bytes(&mut b, field)?;
         Ok(u32::from_le_bytes(b))
+    }
+
+    /// Reads a `<len_field> u32 | bytes` field. The length is checked against
+    /// `max` and then against the bytes left *before* the buffer is allocated.
+    /// `expected_len`, when the caller knows it, is quoted in the over-`max` error.
+    fn len_prefixed(
+        &mut self,
+        len_field: &str,
+        field: &str,
+        max: u32,
+        expected_len: Option<usize>,
+    ) -> Result<Vec<u8>, ModelError> {
+        let at = self.pos;
+        let n = self.u32(len_field)?;
+        if n > max {
+            let expected = expected_len.map(|e| format!(" (expected {e})")).unwrap_or_default();
+            return Err(self.err_at(at, format!("{len_field} is {n}, over the {max}-byte limit{expected}")));
+        }
+        self.check_left(at, len_field, u64::from(n))?;
+        let mut bytes = vec![0u8; n as usize];
+        self.read_bytes(&mut bytes, field)?;
+        Ok(bytes)
     }
 
     /// Seeks `bytes` forward (already checked against the bytes left).

@@ -2,12 +2,14 @@
 //!
 //! Owns: `arch.json` parsing ([`arch`]), the TKP1 checkpoint reader and writer
 //! ([`checkpoint`], [`writer`]), deterministic synthetic and demo weights
-//! ([`synth`]), and the in-memory weight structs ([`weights`]). Must not touch:
-//! kernels (see `backend/`) or anything about serving.
+//! ([`synth`], drawn from the private `generator` streams that the writer's
+//! optimizer state also uses), and the in-memory weight structs ([`weights`]).
+//! Must not touch: kernels (see `backend/`) or anything about serving.
 
 pub mod arch;
 pub mod checkpoint;
 pub mod error;
+mod generator;
 pub mod synth;
 pub mod weights;
 pub mod writer;

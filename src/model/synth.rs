@@ -1,22 +1,16 @@
 //! Deterministic synthetic weights, synthetic model directories, and the demo model.
 //!
-//! Owns: the seeded generator ([`synth_weights`]), writing a complete model
-//! directory ([`write_model_dir`]) and the in-process [`demo_model`]. Must not
-//! touch: the checkpoint format itself (see `writer.rs` / `checkpoint.rs`) or
-//! any kernel.
-//!
-//! The generator is a hand-written SplitMix64 used in counter mode: element
-//! `j` of a stream with key `k` is `mix(k + (j + 1) * GAMMA)`. No crate
-//! dependency is needed for reproducible values (a `rand` upgrade can never
-//! change them), and counter mode lets the fill run in parallel chunks while
-//! staying bit-identical whatever the thread count.
+//! Owns: the distribution of every synthetic parameter ([`synth_weights`]),
+//! writing a complete model directory ([`write_model_dir`]) and the in-process
+//! [`demo_model`]. Must not touch: the random stream itself (see
+//! `generator.rs`), the checkpoint format (see `writer.rs` / `checkpoint.rs`)
+//! or any kernel.
 
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
 use super::arch::{Arch, Dims, ModelSize};
 use super::error::ModelError;
+use super::generator::{DOMAIN_WEIGHTS, fill_uniform, stream_key};
 use super::weights::MoeWeights;
 use super::writer::write_checkpoint;
 use super::{LoadedModel, ModelSource};
@@ -25,46 +19,6 @@ use super::{LoadedModel, ModelSource};
 pub const DEMO_SEED: u64 = 0x746f_6b69_7461_6921;
 /// Step written into the header of synthetic checkpoints.
 pub const SYNTH_STEP: u32 = 1000;
-
-const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-/// Elements per parallel work item of a fill.
-const CHUNK: usize = 1 << 16;
-
-/// SplitMix64's output function (Steele, Lea, Flood 2014).
-#[inline(always)]
-pub(crate) fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The key of stream `index` in domain `domain` under `seed`.
-pub(crate) fn stream_key(seed: u64, domain: u64, index: u64) -> u64 {
-    mix(seed ^ mix(domain.wrapping_mul(GAMMA) ^ mix(index.wrapping_add(GAMMA))))
-}
-
-/// Fills `out` with elements `start..start + out.len()` of stream `key`,
-/// uniform in `[lo, hi)` (24 random bits each).
-#[inline]
-pub(crate) fn fill_uniform_at(out: &mut [f32], key: u64, start: u64, lo: f32, hi: f32) {
-    let scale = (hi - lo) * (1.0 / 16_777_216.0);
-    let mut state = key.wrapping_add(start.wrapping_add(1).wrapping_mul(GAMMA));
-    for x in out {
-        *x = lo + scale * ((mix(state) >> 40) as f32);
-        state = state.wrapping_add(GAMMA);
-    }
-}
-
-/// [`fill_uniform_at`] over the whole stream, in parallel chunks for large tensors.
-fn fill_uniform(out: &mut [f32], key: u64, lo: f32, hi: f32) {
-    if out.len() <= CHUNK {
-        fill_uniform_at(out, key, 0, lo, hi);
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, c)| fill_uniform_at(c, key, (i * CHUNK) as u64, lo, hi));
-    }
-}
 
 /// What a parameter record is, for choosing its distribution.
 #[derive(Clone, Copy)]
@@ -113,7 +67,7 @@ pub fn synth_weights(dims: Dims, seed: u64) -> MoeWeights {
                 Kind::Beta => (-0.1, 0.1),
             };
             let mut t = vec![0.0f32; spec.len];
-            fill_uniform(&mut t, stream_key(seed, 1, i as u64), lo, hi);
+            fill_uniform(&mut t, stream_key(seed, DOMAIN_WEIGHTS, i as u64), lo, hi);
             t
         })
         .collect();

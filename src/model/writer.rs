@@ -2,7 +2,8 @@
 //!
 //! Owns: serialising [`MoeWeights`] to `checkpoint.tkp1` (tests, benches and
 //! synthetic models use it). Must not touch: the reader's checks (see
-//! `checkpoint.rs`) or the arch.json rules.
+//! `checkpoint.rs`), the arch.json rules, or the random stream behind `m`/`v`
+//! (see `generator.rs`; this module only picks its domains and ranges).
 //!
 //! The file is streamed through a `BufWriter` in 4 MiB blocks; nothing holds
 //! the whole file. Each block's little-endian encoding (and the generation of
@@ -21,8 +22,8 @@ use rayon::prelude::*;
 
 use super::checkpoint::{MAGIC, MAX_CONFIG_LEN, VERSION};
 use super::error::ModelError;
-use super::synth::{fill_uniform_at, stream_key};
-use super::weights::MoeWeights;
+use super::generator::{DOMAIN_ADAM_M, DOMAIN_ADAM_V, fill_uniform_at, stream_key};
+use super::weights::{MoeWeights, ParamSpec};
 
 /// f32s encoded per write (4 MiB).
 const BLOCK_F32: usize = 1 << 20;
@@ -40,41 +41,9 @@ pub fn write_checkpoint(
     config: &str,
     optimizer_state: bool,
 ) -> Result<(), ModelError> {
-    let invalid = |message: String| ModelError::InvalidWeights {
-        path: path.to_path_buf(),
-        message,
-    };
     let specs = weights.dims.param_specs();
     let tensors = weights.tensors();
-    if tensors.len() != specs.len() {
-        return Err(invalid(format!(
-            "the weights hold {} tensors but their dims call for {}",
-            tensors.len(),
-            specs.len()
-        )));
-    }
-    for (i, (spec, t)) in specs.iter().zip(&tensors).enumerate() {
-        if t.len() != spec.len {
-            return Err(invalid(format!(
-                "tensor {i} (`{}`) has {} values but the dims call for {}",
-                spec.name,
-                t.len(),
-                spec.len
-            )));
-        }
-        if u32::try_from(t.len()).is_err() {
-            return Err(invalid(format!(
-                "tensor {i} (`{}`) is too long for a u32 length",
-                spec.name
-            )));
-        }
-    }
-    if config.len() > MAX_CONFIG_LEN as usize {
-        return Err(invalid(format!(
-            "config is {} bytes, over the {MAX_CONFIG_LEN}-byte limit",
-            config.len()
-        )));
-    }
+    check_writable(path, &specs, &tensors, config)?;
 
     let io = |e| ModelError::io(path, e);
     let file = File::create(path).map_err(io)?;
@@ -96,7 +65,7 @@ pub fn write_checkpoint(
         write_f32s(&mut w, t, &mut block).map_err(io)?;
         if optimizer_state {
             // m, then v: same length as the weight.
-            let streams = [(2, -1e-2f32, 1e-2f32), (3, 1e-8, 1e-4)];
+            let streams = [(DOMAIN_ADAM_M, -1e-2f32, 1e-2f32), (DOMAIN_ADAM_V, 1e-8, 1e-4)];
             for (domain, lo, hi) in streams {
                 w.write_all(&len.to_le_bytes()).map_err(io)?;
                 let key = stream_key(u64::from(step), domain, i as u64);
@@ -110,6 +79,45 @@ pub fn write_checkpoint(
         w.write_all(&[0u8]).map_err(io)?; // has_grad
     }
     w.flush().map_err(io)?;
+    Ok(())
+}
+
+/// Fails unless `tensors` match `specs` one for one (count and every length,
+/// each fitting the format's u32) and `config` is within the reader's limit.
+fn check_writable(path: &Path, specs: &[ParamSpec], tensors: &[&[f32]], config: &str) -> Result<(), ModelError> {
+    let invalid = |message: String| ModelError::InvalidWeights {
+        path: path.to_path_buf(),
+        message,
+    };
+    if tensors.len() != specs.len() {
+        return Err(invalid(format!(
+            "the weights hold {} tensors but their dims call for {}",
+            tensors.len(),
+            specs.len()
+        )));
+    }
+    for (i, (spec, t)) in specs.iter().zip(tensors).enumerate() {
+        if t.len() != spec.len {
+            return Err(invalid(format!(
+                "tensor {i} (`{}`) has {} values but the dims call for {}",
+                spec.name,
+                t.len(),
+                spec.len
+            )));
+        }
+        if u32::try_from(t.len()).is_err() {
+            return Err(invalid(format!(
+                "tensor {i} (`{}`) is too long for a u32 length",
+                spec.name
+            )));
+        }
+    }
+    if config.len() > MAX_CONFIG_LEN as usize {
+        return Err(invalid(format!(
+            "config is {} bytes, over the {MAX_CONFIG_LEN}-byte limit",
+            config.len()
+        )));
+    }
     Ok(())
 }
 
