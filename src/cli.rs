@@ -14,6 +14,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, ForwardOutput, SessionConfig};
 use crate::config::{Config, Override};
 use crate::model::{LayerNormMode, ModelSize};
+use crate::input::InputLimits;
+use crate::sidecar_json;
 
 /// Exit status for usage and configuration errors (the sidecar's).
 pub const EXIT_USAGE: i32 = 2;
@@ -194,8 +196,13 @@ pub fn infer(args: &InferArgs) -> i32 {
         return EXIT_FAILURE;
     }
     let dims = model.arch.dims();
-    let features = match crate::api::parse_infer_request(&body, dims.input, usize::MAX) {
-        Ok(f) => f,
+    // The command line has no request limit: a file of any row count is one batch.
+    let limits = InputLimits {
+        row_len: dims.input,
+        max_rows: usize::MAX,
+    };
+    let request = match sidecar_json::parse_infer_request(&body, &limits) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_FAILURE;
@@ -207,12 +214,12 @@ pub fn infer(args: &InferArgs) -> i32 {
         .create_session(SessionConfig {
             threads: args.threads.max(1),
         })
-        .and_then(|mut session| session.forward(&features.rows, &mut out));
+        .and_then(|mut session| session.forward(request.input.values(), &mut out));
     if let Err(e) = result {
         eprintln!("error: forward failed: {e}");
         return EXIT_FAILURE;
     }
-    let answer = crate::api::write_infer_response(&out.logits, dims.output, &out.router_weights, dims.experts);
+    let answer = sidecar_json::write_infer_response(&out.logits, dims.output, &out.router_weights, dims.experts);
     println!("{}", String::from_utf8_lossy(&answer));
     0
 }

@@ -98,12 +98,33 @@ pub struct BatchingConfig {
     pub regroup_delay_pct: u32,
 }
 
+/// `workers.backend`: which compute backend serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// HIP when a usable device is found, else the CPU (the log says which).
+    #[default]
+    Auto,
+    Cpu,
+    /// HIP, or start-up fails with the reason.
+    Hip,
+}
+
+/// `logging.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersConfig {
     /// Compute backend: `auto` (HIP when a device is found, else CPU), `cpu`
     /// or `hip` (fail start-up without a device).
-    pub backend: String,
+    pub backend: BackendChoice,
     /// HIP device ids to use; empty means every visible device.
     pub gpus: Vec<u32>,
     /// HIP streams per GPU; worker sessions are spread over GPUs, then streams.
@@ -136,7 +157,7 @@ pub struct LoggingConfig {
     /// `tracing` filter, e.g. `info` or `tokitai_serve=debug` (`RUST_LOG` wins).
     pub level: String,
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
 }
 
 impl Default for ServerConfig {
@@ -177,7 +198,7 @@ impl Default for BatchingConfig {
 impl Default for WorkersConfig {
     fn default() -> Self {
         WorkersConfig {
-            backend: "auto".to_string(),
+            backend: BackendChoice::Auto,
             gpus: Vec::new(),
             streams_per_gpu: 2,
             count: 0,
@@ -190,7 +211,7 @@ impl Default for LoggingConfig {
     fn default() -> Self {
         LoggingConfig {
             level: "info".to_string(),
-            format: "text".to_string(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -228,136 +249,17 @@ impl Config {
         // Round-trip through text so toml's errors quote the offending line,
         // which names the setting (`max_batch_rows = "x"`).
         let text = toml::to_string(&doc).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| parse_error(&text, &e))?;
         config.validate()?;
         Ok(config)
     }
 
-    /// Checks every value; the error names the setting.
+    /// Checks every value, section by section; the error names the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid {
-                setting,
-                message: message.into(),
-            })
-        }
-        if self.server.bind.parse::<SocketAddr>().is_err() {
-            return bad(
-                "server.bind",
-                format!("{:?} is not an IP:port address", self.server.bind),
-            );
-        }
-        if !(1..=64).contains(&self.server.http_workers) {
-            return bad(
-                "server.http_workers",
-                format!("{} is not in 1..=64", self.server.http_workers),
-            );
-        }
-        if self.server.max_body_bytes < 1024 {
-            return bad(
-                "server.max_body_bytes",
-                format!("{} is below the minimum of 1024", self.server.max_body_bytes),
-            );
-        }
-        if self.server.request_timeout_ms == 0 {
-            return bad("server.request_timeout_ms", "must be at least 1");
-        }
-        if self.model.arch.is_some() != self.model.checkpoint.is_some() {
-            let (setting, other) = if self.model.arch.is_some() {
-                ("model.checkpoint", "model.arch")
-            } else {
-                ("model.arch", "model.checkpoint")
-            };
-            return bad(
-                setting,
-                format!("is required when {other} is given (give both, or neither for the demo model)"),
-            );
-        }
-        let name_ok = |n: &str| {
-            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        if !name_ok(&self.model.name) {
-            return bad(
-                "model.name",
-                format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.model.name),
-            );
-        }
-        let b = &self.batching;
-        if !(1..=65_536).contains(&b.max_batch_rows) {
-            return bad(
-                "batching.max_batch_rows",
-                format!("{} is not in 1..=65536", b.max_batch_rows),
-            );
-        }
-        if b.max_request_rows == 0 {
-            return bad("batching.max_request_rows", "must be at least 1");
-        }
-        if b.max_queue_rows < b.max_request_rows {
-            return bad(
-                "batching.max_queue_rows",
-                format!(
-                    "{} is below batching.max_request_rows ({}): such a request could never be queued",
-                    b.max_queue_rows, b.max_request_rows
-                ),
-            );
-        }
-        if b.max_queue_delay_us > 1_000_000 {
-            return bad(
-                "batching.max_queue_delay_us",
-                format!("{} is over the maximum of 1000000 (1 s)", b.max_queue_delay_us),
-            );
-        }
-        if !["auto", "cpu", "hip"].contains(&self.workers.backend.as_str()) {
-            return bad(
-                "workers.backend",
-                format!(
-                    "{:?} is not a known backend (expected \"auto\", \"cpu\" or \"hip\")",
-                    self.workers.backend
-                ),
-            );
-        }
-        let gpus = &self.workers.gpus;
-        if let Some(dup) = gpus
-            .iter()
-            .enumerate()
-            .find_map(|(i, g)| gpus[..i].contains(g).then_some(g))
-        {
-            return bad("workers.gpus", format!("device {dup} is listed twice"));
-        }
-        if !(1..=64).contains(&self.workers.streams_per_gpu) {
-            return bad(
-                "workers.streams_per_gpu",
-                format!("{} is not in 1..=64", self.workers.streams_per_gpu),
-            );
-        }
-        if b.regroup_delay_pct > 100 {
-            return bad(
-                "batching.regroup_delay_pct",
-                format!("{} is over 100", b.regroup_delay_pct),
-            );
-        }
-        if self.workers.count > 256 {
-            return bad(
-                "workers.count",
-                format!("{} is not in 0..=256 (0: chosen by the backend)", self.workers.count),
-            );
-        }
-        if self.workers.threads_per_worker > 256 {
-            return bad(
-                "workers.threads_per_worker",
-                format!(
-                    "{} is not in 0..=256 (0: chosen by the backend)",
-                    self.workers.threads_per_worker
-                ),
-            );
-        }
-        if !["text", "json"].contains(&self.logging.format.as_str()) {
-            return bad(
-                "logging.format",
-                format!("{:?} is not \"text\" or \"json\"", self.logging.format),
-            );
-        }
-        Ok(())
+        self.server.validate()?;
+        self.model.validate()?;
+        self.batching.validate()?;
+        self.workers.validate()
     }
 
     pub fn bind_addr(&self) -> SocketAddr {
@@ -370,6 +272,140 @@ impl Config {
 
     pub fn max_queue_delay(&self) -> Duration {
         Duration::from_micros(self.batching.max_queue_delay_us)
+    }
+}
+
+/// An invalid setting.
+fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    })
+}
+
+/// `Err` naming `setting` when `value` is outside `range`.
+fn in_range(setting: &'static str, value: usize, range: std::ops::RangeInclusive<usize>, hint: &str) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        bad(
+            setting,
+            format!("{value} is not in {}..={}{hint}", range.start(), range.end()),
+        )
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.bind.parse::<SocketAddr>().is_err() {
+            return bad("server.bind", format!("{:?} is not an IP:port address", self.bind));
+        }
+        in_range("server.http_workers", self.http_workers, 1..=64, "")?;
+        if self.max_body_bytes < 1024 {
+            return bad(
+                "server.max_body_bytes",
+                format!("{} is below the minimum of 1024", self.max_body_bytes),
+            );
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("server.request_timeout_ms", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.arch.is_some() != self.checkpoint.is_some() {
+            let (setting, other) = if self.arch.is_some() {
+                ("model.checkpoint", "model.arch")
+            } else {
+                ("model.arch", "model.checkpoint")
+            };
+            return bad(
+                setting,
+                format!("is required when {other} is given (give both, or neither for the demo model)"),
+            );
+        }
+        let name_ok = |n: &str| {
+            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !name_ok(&self.name) {
+            return bad(
+                "model.name",
+                format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.name),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl BatchingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        in_range("batching.max_batch_rows", self.max_batch_rows, 1..=65_536, "")?;
+        if self.max_request_rows == 0 {
+            return bad("batching.max_request_rows", "must be at least 1");
+        }
+        if self.max_queue_rows < self.max_request_rows {
+            return bad(
+                "batching.max_queue_rows",
+                format!(
+                    "{} is below batching.max_request_rows ({}): such a request could never be queued",
+                    self.max_queue_rows, self.max_request_rows
+                ),
+            );
+        }
+        if self.max_queue_delay_us > 1_000_000 {
+            return bad(
+                "batching.max_queue_delay_us",
+                format!("{} is over the maximum of 1000000 (1 s)", self.max_queue_delay_us),
+            );
+        }
+        if self.regroup_delay_pct > 100 {
+            return bad(
+                "batching.regroup_delay_pct",
+                format!("{} is over 100", self.regroup_delay_pct),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl WorkersConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let gpus = &self.gpus;
+        if let Some(dup) = gpus
+            .iter()
+            .enumerate()
+            .find_map(|(i, g)| gpus[..i].contains(g).then_some(g))
+        {
+            return bad("workers.gpus", format!("device {dup} is listed twice"));
+        }
+        in_range("workers.streams_per_gpu", self.streams_per_gpu, 1..=64, "")?;
+        let backend_choice = " (0: chosen by the backend)";
+        in_range("workers.count", self.count, 0..=256, backend_choice)?;
+        in_range("workers.threads_per_worker", self.threads_per_worker, 0..=256, backend_choice)
+    }
+}
+
+/// A type or value error in the merged document, named as `section.key`
+/// when the error's position shows which setting it is (serde's message
+/// alone says "unknown variant `xml`" without saying where).
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_string();
+    let setting = e.span().and_then(|span| {
+        let before = text.get(..span.start)?;
+        let line = before.rsplit('\n').next().unwrap_or("");
+        let key = line.split('=').next()?.trim();
+        let section = before
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))?;
+        (!key.is_empty() && !key.starts_with('[')).then(|| format!("{section}.{key}"))
+    });
+    match setting {
+        Some(setting) => ConfigError::Parse(format!("setting `{setting}`: {message}")),
+        None => ConfigError::Parse(e.to_string()),
     }
 }
 

@@ -1,13 +1,16 @@
 //! The engine's typed errors.
 //!
 //! Owns: [`ServeError`], everything that can go wrong with one request, and
-//! its stable machine-readable `kind` (also the `reason` label of the failure
-//! metric). The mapping to HTTP status lives in exactly one place,
-//! `http/error.rs`. Model-loading errors are [`crate::model::error::ModelError`];
-//! start-up configuration errors are [`crate::config::ConfigError`].
+//! its [`FailureReason`] (the JSON body's `type` and the failure metric's
+//! `reason`); [`StartError`], why the server could not start. The mapping to
+//! a protocol's status lives in exactly one place per protocol
+//! (`http/error.rs`). Model-loading errors are [`ModelError`]; configuration
+//! errors are [`crate::config::ConfigError`].
 
-use crate::api::RequestError;
+use crate::backend::BackendError;
+use crate::labels::FailureReason;
 
+pub use crate::input::RequestError;
 pub use crate::model::error::ModelError;
 
 /// Why a request did not get an answer.
@@ -35,23 +38,27 @@ pub enum ServeError {
     NotFound(String),
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    #[error("internal error: forward failed: {0}")]
+    Backend(BackendError),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl ServeError {
-    /// Stable failure kind: the JSON body's `type` and the metrics' `reason`.
-    pub fn kind(&self) -> &'static str {
+    /// Why the request failed, as a fixed label.
+    pub fn reason(&self) -> FailureReason {
         match self {
-            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => "too_large",
-            ServeError::Request(_) | ServeError::BadRequest(_) => "invalid",
-            ServeError::UnsupportedMediaType { .. } => "unsupported_media_type",
-            ServeError::Overloaded { .. } => "overloaded",
-            ServeError::NotReady(_) => "not_ready",
-            ServeError::DeadlineExceeded { .. } => "timeout",
-            ServeError::NotFound(_) => "not_found",
-            ServeError::MethodNotAllowed { .. } => "method_not_allowed",
-            ServeError::Internal(_) => "internal",
+            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => {
+                FailureReason::TooLarge
+            }
+            ServeError::Request(_) | ServeError::BadRequest(_) => FailureReason::Invalid,
+            ServeError::UnsupportedMediaType { .. } => FailureReason::UnsupportedMediaType,
+            ServeError::Overloaded { .. } => FailureReason::Overloaded,
+            ServeError::NotReady(_) => FailureReason::NotReady,
+            ServeError::DeadlineExceeded { .. } => FailureReason::Timeout,
+            ServeError::NotFound(_) => FailureReason::NotFound,
+            ServeError::MethodNotAllowed { .. } => FailureReason::MethodNotAllowed,
+            ServeError::Backend(_) | ServeError::Internal(_) => FailureReason::Internal,
         }
     }
 }
@@ -62,7 +69,9 @@ pub enum StartError {
     #[error("failed to load the model: {0}")]
     Model(#[from] ModelError),
     #[error("failed to start the backend: {0}")]
-    Backend(#[from] crate::backend::BackendError),
+    Backend(#[from] BackendError),
+    #[error("worker {worker} failed its warm-up forward: {error}")]
+    WarmUp { worker: usize, error: BackendError },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -1,30 +1,37 @@
 //! tokitai-serve: an actor-based concurrent serving engine for the
 //! tokitai-operator Mixture-of-Experts quality-decision models.
 //!
-//! The request path:
+//! The request path, and the reply path back:
 //!
 //! ```text
-//!  client ──HTTP──▶ http/ (actix-web actors: parse, validate, no compute)
-//!                     │  Submit(Job { rows, deadline, reply channel })
-//!                     ▼
-//!                  batcher/ (one actor: bounded queue, batching policy,
-//!                     │      deadlines; admits or rejects at once)
-//!                     │  RunBatch(rows of one or more requests)
-//!                     ▼
-//!                  worker/ (one actor per CPU worker / GPU stream, each on its
-//!                     │     own thread, owning a backend Session)
-//!                     │  Session::forward (backend/: cpu, shared packed weights)
-//!                     ▼
-//!                  each request's reply channel ──▶ its HTTP actor ──▶ client
+//!  client ──HTTP──▶ http/ (actix-web handlers on the HTTP threads: check the
+//!    ▲                │   request, parse it into a validated InferInput,
+//!    │                │   no compute; sidecar_json.rs and http/v2/ are the
+//!    │                │   wire formats)
+//!    │                │  Engine::infer(input, options)   (engine/: the one
+//!    │                ▼                                   submit path)
+//!    │             batcher/ (one actor: bounded queue, batching policy,
+//!    │                │      deadlines; admits or rejects at once)
+//!    │                │  RunBatch(rows of one or more requests)
+//!    │                ▼
+//!    │             worker/ (one actor per CPU worker / GPU stream, each on
+//!    │                │     its own thread, owning a backend Session)
+//!    │                │  Session::forward (backend/: cpu, hip; shared
+//!    │                │                    packed weights)
+//!    │                ├──▶ BatchDone ──▶ batcher (the worker is free again)
+//!    │                ▼
+//!    └──── each request's own reply channel (Job) ◀── its rows of the output
 //! ```
 //!
-//! Around it: `model/` reads the training runner's `arch.json` and
-//! `checkpoint.tkp1`; `engine.rs` assembles model, backend, batcher and
-//! workers; `metrics.rs` owns the Prometheus registry; `config.rs` the
-//! layered settings. [`run`] takes a bound listener, a config and a shutdown
-//! future, so tests serve on port 0.
+//! Around it: `input.rs` is the one validated input type; `labels.rs` the
+//! fixed vocabularies (routes, failure and drop reasons); `readiness.rs` the
+//! starting / ready / draining state everyone reads; `model/` reads the
+//! training runner's `arch.json` and `checkpoint.tkp1`; `engine/startup.rs`
+//! assembles model, backend, batcher and workers; `metrics.rs` owns the
+//! Prometheus registry; `config.rs` the layered settings; `embed.rs` runs
+//! the engine on a thread of its own. [`run`] takes a bound listener, a
+//! config and a shutdown future, so tests serve on port 0.
 
-pub mod api;
 pub mod backend;
 pub mod batcher;
 pub mod cli;
@@ -33,8 +40,12 @@ pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod input;
+pub mod labels;
 pub mod metrics;
 pub mod model;
+pub mod readiness;
+pub mod sidecar_json;
 pub mod worker;
 
 use std::future::Future;
@@ -42,13 +53,14 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::engine::ModelDescription;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
 /// Serves on `listener` until `shutdown` completes, then drains: readiness
 /// turns 503, no new connections are accepted, and requests already accepted
 /// finish within `server.shutdown_timeout_secs`. Must run inside an actix
-/// `System` (see `main.rs`, or the tests' helpers).
+/// `System` (see `main.rs`, or [`embed::ServerThread`]).
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -65,6 +77,27 @@ pub async fn run(
     });
     let (backend, description) = prepared?;
     metrics.model_load_seconds.set(load_time.as_secs_f64());
+    log_model(&description, load_time);
+    let engine = engine::start(backend, description, &config, Arc::clone(&metrics))?;
+    let readiness = Arc::clone(&engine.readiness);
+    let server = http::server(listener, engine, &config)?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+
+    let handle = server.handle();
+    actix_rt::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining");
+        readiness.start_draining();
+        handle.stop(true).await;
+    });
+    server.await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The start-up log lines that say what is served.
+fn log_model(description: &ModelDescription, load_time: std::time::Duration) {
     tracing::info!(
         size = description.size,
         layernorm = %description.layernorm,
@@ -88,20 +121,4 @@ pub async fn run(
             model::LayerNormMode::Stored => "the checkpoint's stored gamma/beta: upstream's fp32 reference",
         }
     );
-    let engine = engine::start(backend, description, &config, Arc::clone(&metrics))?;
-    let state = Arc::clone(&engine.state);
-    let server = http::server(listener, engine, &config)?;
-    println!("listening on http://{addr}");
-    tracing::info!(%addr, "listening");
-
-    let handle = server.handle();
-    actix_rt::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: draining");
-        state.start_draining();
-        handle.stop(true).await;
-    });
-    server.await?;
-    tracing::info!("stopped");
-    Ok(())
 }

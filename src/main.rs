@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokitai_serve::cli::{self, Cli, Command, EXIT_FAILURE, EXIT_USAGE};
-use tokitai_serve::config::Config;
+use tokitai_serve::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -64,9 +64,8 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    if config.logging.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    match config.logging.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }

@@ -7,9 +7,12 @@
 //! Conventions: names `tokitai_*`, base units (`_seconds`, `_bytes`), counters
 //! end in `_total`, histograms rather than summaries, and label values only
 //! from fixed vocabularies (route templates, failure kinds, worker ids, expert
-//! ids), never from user input.
+//! ids), never from user input. The label vocabularies are the enums of
+//! `labels.rs`.
 
 use std::time::Duration;
+
+use crate::labels::{DropReason, FailureReason, Route};
 
 use prometheus::{
     Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -32,43 +35,6 @@ fn latency_buckets() -> Vec<f64> {
 fn pow2_buckets() -> Vec<f64> {
     (0..=16).map(|i| f64::from(1u32 << i)).collect()
 }
-
-/// Route templates used as the `route` label (a fixed vocabulary).
-pub const ROUTES: [&str; 16] = [
-    "/infer",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/v2",
-    "/v2/health/live",
-    "/v2/health/ready",
-    "/v2/models/{model}",
-    "/v2/models/{model}/versions/{version}",
-    "/v2/models/{model}/ready",
-    "/v2/models/{model}/versions/{version}/ready",
-    "/v2/models/{model}/config",
-    "/v2/models/{model}/versions/{version}/config",
-    "/v2/models/{model}/infer",
-    "/v2/models/{model}/versions/{version}/infer",
-    "other",
-];
-
-/// Failure kinds used as the `reason` label (see `ServeError::kind`).
-pub const FAILURE_REASONS: [&str; 10] = [
-    "invalid",
-    "too_large",
-    "unsupported_media_type",
-    "overloaded",
-    "timeout",
-    "cancelled",
-    "not_ready",
-    "not_found",
-    "method_not_allowed",
-    "internal",
-];
-
-/// Why queued rows were dropped without being computed.
-pub const DROP_REASONS: [&str; 3] = ["timeout", "cancelled", "failed"];
 
 /// All of the engine's metrics.
 pub struct Metrics {
@@ -276,11 +242,12 @@ impl Metrics {
         for e in 0..experts {
             self.expert_rows.with_label_values(&[&e.to_string()]);
         }
-        for reason in DROP_REASONS {
-            self.rows_dropped.with_label_values(&[reason]);
+        for reason in DropReason::ALL {
+            self.rows_dropped.with_label_values(&[reason.as_str()]);
         }
-        for reason in FAILURE_REASONS {
-            self.request_failures.with_label_values(&["/infer", reason]);
+        for reason in FailureReason::ALL {
+            self.request_failures
+                .with_label_values(&[Route::Infer.as_str(), reason.as_str()]);
         }
         self.config_max_queue_rows.set(max_queue_rows as i64);
         self.config_max_batch_rows.set(max_batch_rows as i64);
@@ -293,11 +260,11 @@ impl Metrics {
     }
 
     /// One answered HTTP request (`status` as its three digits).
-    pub fn observe_request(&self, route: &str, status: &str, elapsed: Duration) {
+    pub fn observe_request(&self, route: Route, status: &str, elapsed: Duration) {
         if !self.recording {
             return;
         }
-        let route = normalise_route(route);
+        let route = route.as_str();
         self.http_requests.with_label_values(&[route, status]).inc();
         self.request_duration
             .with_label_values(&[route])
@@ -305,10 +272,10 @@ impl Metrics {
     }
 
     /// One request that got no model answer.
-    pub fn observe_failure(&self, route: &str, reason: &'static str) {
+    pub fn observe_failure(&self, route: Route, reason: FailureReason) {
         if self.recording {
             self.request_failures
-                .with_label_values(&[normalise_route(route), reason])
+                .with_label_values(&[route.as_str(), reason.as_str()])
                 .inc();
         }
     }
@@ -333,10 +300,15 @@ impl Metrics {
         }
     }
 
-    /// Rows dropped before compute (`reason` from [`DROP_REASONS`]).
-    pub fn observe_dropped(&self, reason: &'static str, rows: usize) {
-        if self.recording {
-            self.rows_dropped.with_label_values(&[reason]).inc_by(rows as u64);
+    /// The counters of rows dropped before compute, one per reason,
+    /// resolved once (the batcher and each worker hold a copy).
+    pub fn drop_counters(&self) -> DropCounters {
+        DropCounters {
+            recording: self.recording,
+            by_reason: DropReason::ALL
+                .iter()
+                .map(|r| self.rows_dropped.with_label_values(&[r.as_str()]))
+                .collect(),
         }
     }
 
@@ -346,6 +318,7 @@ impl Metrics {
         let label = id.to_string();
         WorkerMetrics {
             recording: self.recording,
+            dropped: self.drop_counters(),
             rows: self.rows_computed.with_label_values(&[&label]),
             batches: self.batches.with_label_values(&[&label]),
             busy: self.worker_busy.with_label_values(&[&label]),
@@ -380,9 +353,31 @@ impl Default for Metrics {
     }
 }
 
+/// `tokitai_rows_dropped_total`, one handle per [`DropReason`].
+#[derive(Clone)]
+pub struct DropCounters {
+    recording: bool,
+    by_reason: Vec<IntCounter>,
+}
+
+impl DropCounters {
+    /// `rows` rows were dropped before compute, for `reason`.
+    pub fn add(&self, reason: DropReason, rows: usize) {
+        if !self.recording {
+            return;
+        }
+        let index = DropReason::ALL.iter().position(|r| *r == reason);
+        if let Some(counter) = index.and_then(|i| self.by_reason.get(i)) {
+            counter.inc_by(rows as u64);
+        }
+    }
+}
+
 /// One worker's metric handles (see [`Metrics::worker`]).
 pub struct WorkerMetrics {
     recording: bool,
+    /// Rows this worker dropped instead of computing.
+    pub dropped: DropCounters,
     rows: IntCounter,
     batches: IntCounter,
     busy: Counter,
@@ -439,10 +434,6 @@ impl WorkerMetrics {
     }
 }
 
-fn normalise_route(route: &str) -> &'static str {
-    ROUTES.iter().copied().find(|r| *r == route).unwrap_or("other")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,8 +442,9 @@ mod tests {
     fn exposition_has_every_family_and_no_user_labels() {
         let m = Metrics::new();
         m.init_pool(2, 4, 100, 10);
-        m.observe_request("/infer", "200", Duration::from_micros(50));
-        m.observe_request("/../etc/passwd", "404", Duration::from_micros(5));
+        m.observe_request(Route::Infer, "200", Duration::from_micros(50));
+        m.observe_request(Route::from_template("/../etc/passwd"), "404", Duration::from_micros(5));
+        m.drop_counters().add(DropReason::Failed, 3);
         let w = m.worker(0, 4);
         w.observe_batch(3, 2, Duration::from_micros(100));
         w.observe_routing(&[0, 1, 0, 2], &[0.6, 0.4, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0], 4);
@@ -465,6 +457,8 @@ mod tests {
             "tokitai_batch_size_rows_bucket{le=\"4\"} 1",
             "tokitai_router_top1_weight_count 2",
             "tokitai_workers 2",
+            "tokitai_rows_dropped_total{reason=\"failed\"} 3",
+            "tokitai_rows_dropped_total{reason=\"timeout\"} 0",
         ] {
             assert!(text.contains(name), "missing {name}");
         }
@@ -476,7 +470,8 @@ mod tests {
         let mut m = Metrics::new();
         m.set_recording(false);
         m.init_pool(1, 4, 100, 10);
-        m.observe_request("/infer", "200", Duration::from_micros(50));
+        m.observe_request(Route::Infer, "200", Duration::from_micros(50));
+        m.drop_counters().add(DropReason::Timeout, 3);
         let w = m.worker(0, 4);
         w.observe_batch(3, 2, Duration::from_micros(100));
         w.observe_routing(&[0, 1], &[0.6, 0.4, 0.0, 0.0], 4);
@@ -484,6 +479,7 @@ mod tests {
         assert!(!text.contains("tokitai_http_requests_total{"));
         assert!(text.contains("tokitai_rows_computed_total{worker=\"0\"} 0"));
         assert!(text.contains("tokitai_router_top1_weight_count 0"));
+        assert!(text.contains("tokitai_rows_dropped_total{reason=\"timeout\"} 0"));
     }
 
     #[test]

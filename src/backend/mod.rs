@@ -44,6 +44,21 @@ pub struct ForwardOutput {
 }
 
 impl ForwardOutput {
+    /// The row count of `input` (a whole number of rows of `dims.input`,
+    /// else an error), with every buffer sized for it. Every backend's
+    /// forward starts here, so the shape rule is written once.
+    pub fn prepare(&mut self, dims: &Dims, input: &[f32]) -> Result<usize, BackendError> {
+        if input.len() % dims.input != 0 {
+            return Err(BackendError::InputShape {
+                got: input.len(),
+                row_len: dims.input,
+            });
+        }
+        let n_rows = input.len() / dims.input;
+        self.reset(dims, n_rows);
+        Ok(n_rows)
+    }
+
     /// Sizes every buffer for `n_rows` rows, reusing capacity.
     pub fn reset(&mut self, dims: &Dims, n_rows: usize) {
         self.n_rows = n_rows;
@@ -56,8 +71,9 @@ impl ForwardOutput {
     }
 }
 
-/// A failure inside a backend.
-#[derive(Debug, thiserror::Error)]
+/// A failure inside a backend. `Clone`, so one failed batch can answer each
+/// of its requests with the same typed error.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BackendError {
     #[error("input has {got} values, not a whole number of rows of {row_len}")]
     InputShape { got: usize, row_len: usize },

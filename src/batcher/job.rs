@@ -1,7 +1,10 @@
-//! One inference request as it travels through the engine.
+//! One inference request as it travels through the engine, and the batch
+//! message that carries it to a worker.
 //!
-//! Owns: the typed request the HTTP layer hands over (rows, deadline, reply
-//! channel) and the assembly of its answer from one or more batch slices. A
+//! Owns: the typed request the engine hands over (validated input, deadline,
+//! reply channel), the assembly of its answer from one or more batch slices,
+//! the rule for rows that must not be computed ([`Job::drop_if_dead`], used
+//! by the batcher and the workers alike), and [`RunBatch`]. A
 //! job's state sits behind its own small lock, taken only by the workers that
 //! compute its rows (more than one only when a large request was split); there
 //! is no lock shared between requests. Must not touch: batching policy or
@@ -10,15 +13,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::Message;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
+use crate::input::InferInput;
+use crate::labels::DropReason;
+use crate::metrics::DropCounters;
 use crate::model::Dims;
+
+/// A batch for a worker to compute (batcher -> worker).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunBatch(pub Batch);
 
 /// A computed answer for a whole request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct JobOutput {
+pub struct InferOutput {
     /// `[n_rows, dims.output]`
     pub logits: Vec<f32>,
     /// `[n_rows, dims.experts]`
@@ -29,12 +41,13 @@ pub struct JobOutput {
     pub compute: Duration,
 }
 
-pub type JobReply = Result<JobOutput, ServeError>;
+pub type JobReply = Result<InferOutput, ServeError>;
 
-/// A request accepted by the HTTP layer.
+/// A request accepted by the engine.
 pub struct Job {
-    /// Flat row-major input, `n_rows * dims.input` values.
-    pub rows: Vec<f32>,
+    /// The validated rows.
+    pub input: InferInput,
+    /// `input.n_rows()`, the unit every queue and batch counts in.
     pub n_rows: usize,
     /// Rows not computed by this instant are dropped and the request gets 504.
     pub deadline: Instant,
@@ -46,7 +59,7 @@ pub struct Job {
 
 struct JobState {
     reply: Option<oneshot::Sender<JobReply>>,
-    output: Option<JobOutput>,
+    output: Option<InferOutput>,
     rows_left: usize,
     first_start: Option<Instant>,
 }
@@ -54,11 +67,12 @@ struct JobState {
 impl Job {
     /// A job and the receiver its answer arrives on. Dropping the receiver
     /// (the client went away) marks the job cancelled.
-    pub fn new(rows: Vec<f32>, n_rows: usize, timeout: Duration) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+    pub fn new(input: InferInput, timeout: Duration) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
+        let n_rows = input.n_rows();
         let job = Job {
-            rows,
+            input,
             n_rows,
             deadline: now + timeout,
             timeout,
@@ -74,14 +88,29 @@ impl Job {
     }
 
     /// Why this job's rows must not be computed, if they must not.
-    pub fn skip_reason(&self, now: Instant) -> Option<SkipReason> {
+    pub fn drop_reason(&self, now: Instant) -> Option<DropReason> {
         let state = self.state.lock();
         match &state.reply {
-            None => Some(SkipReason::Finished),
-            Some(tx) if tx.is_closed() => Some(SkipReason::Cancelled),
-            Some(_) if now >= self.deadline => Some(SkipReason::Expired),
+            None => Some(DropReason::Failed),
+            Some(tx) if tx.is_closed() => Some(DropReason::Cancelled),
+            Some(_) if now >= self.deadline => Some(DropReason::Timeout),
             Some(_) => None,
         }
+    }
+
+    /// The one rule for rows that must not be computed: when this job's
+    /// client left, its deadline passed or another part of it failed, its
+    /// `n_rows` rows are counted as dropped, an expired job is answered 504,
+    /// and `true` says "skip them".
+    pub fn drop_if_dead(&self, now: Instant, n_rows: usize, dropped: &DropCounters) -> bool {
+        let Some(reason) = self.drop_reason(now) else {
+            return false;
+        };
+        dropped.add(reason, n_rows);
+        if reason == DropReason::Timeout {
+            self.fail(self.deadline_error());
+        }
+        true
     }
 
     /// Answers with an error (once; later answers are ignored).
@@ -120,7 +149,7 @@ impl Job {
             return; // already failed or answered
         }
         let n_rows = self.n_rows;
-        let out = state.output.get_or_insert_with(|| JobOutput {
+        let out = state.output.get_or_insert_with(|| InferOutput {
             logits: vec![0.0; n_rows * dims.output],
             router_weights: vec![0.0; n_rows * dims.experts],
             queue_wait: Duration::ZERO,
@@ -138,28 +167,6 @@ impl Job {
             if let Some(tx) = state.reply.take() {
                 let _ = tx.send(Ok(output));
             }
-        }
-    }
-}
-
-/// Why rows were not computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SkipReason {
-    /// The deadline passed.
-    Expired,
-    /// The client went away.
-    Cancelled,
-    /// The request was already answered (an earlier part failed).
-    Finished,
-}
-
-impl SkipReason {
-    /// The `reason` label of `tokitai_rows_dropped_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            SkipReason::Expired => "timeout",
-            SkipReason::Cancelled => "cancelled",
-            SkipReason::Finished => "failed",
         }
     }
 }

@@ -1,12 +1,14 @@
 //! The dynamic batcher actor: one queue, one batching policy, for the whole
 //! engine.
 //!
-//! Role: receives typed requests from the HTTP actors ([`Submit`]), admits or
+//! Role: receives typed requests from the engine ([`Submit`]), admits or
 //! rejects them at once (bounded queue), forms batches across requests and
 //! hands them to the worker pool, one message per batch; a worker reports back
 //! with [`BatchDone`]. Deadlines of queued requests are enforced here by one
 //! timer armed at the earliest deadline. The rules themselves are plain
 //! functions in [`policy`]; this file only wires them to messages and timers.
+//! Workers are held as `Recipient<RunBatch>`, so the batcher knows nothing
+//! of what computes (its tests attach fake workers).
 //! Must not touch: request parsing (HTTP layer) or compute (workers).
 
 pub mod job;
@@ -14,39 +16,39 @@ pub mod policy;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use self::job::{Job, SkipReason};
+use self::job::{Job, RunBatch};
 use self::policy::{BatchPolicy, Decision, Queued};
-use crate::engine::EngineState;
 use crate::error::ServeError;
-use crate::metrics::Metrics;
-use crate::worker::{RunBatch, Worker};
+use crate::metrics::{DropCounters, Metrics};
+use crate::readiness::Readiness;
 
 // ---- messages -------------------------------------------------------------
 
-/// A new request from an HTTP actor. Admitted and queued, or rejected at once
+/// A new request from the engine. Admitted and queued, or rejected at once
 /// through the job's own reply channel (nothing queued then).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Submit(pub Arc<Job>);
 
-/// A worker finished a batch of `rows` rows in `compute`.
+/// A worker finished a batch of `n_rows` rows in `compute` (worker -> batcher).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BatchDone {
     pub worker: usize,
-    pub rows: usize,
-    pub compute: std::time::Duration,
+    pub n_rows: usize,
+    pub compute: Duration,
 }
 
 /// The worker pool, registered once at start-up (the workers need the
-/// batcher's address first, so they are attached after it starts).
+/// batcher's address first, so they are attached after it starts). Worker
+/// `i` is the `i`-th recipient and reports `BatchDone { worker: i, .. }`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AttachWorkers(pub Vec<Addr<Worker>>);
+pub struct AttachWorkers(pub Vec<Recipient<RunBatch>>);
 
 // ---- actor ----------------------------------------------------------------
 
@@ -55,23 +57,36 @@ pub struct Batcher {
     queue: VecDeque<Queued>,
     /// Rows in `queue` not yet handed to a worker.
     queued_rows: usize,
-    workers: Vec<Addr<Worker>>,
+    workers: Vec<Recipient<RunBatch>>,
     /// Batches sent to each worker and not yet reported done.
     in_flight: Vec<usize>,
+    /// Wakes the batcher when a held partial batch may go (queue delay or
+    /// regroup hold).
     delay_timer: Option<(Instant, SpawnHandle)>,
     /// Set when a worker frees up: how long, and for how many rows, the next
     /// partial batch may wait for the clients just answered to come back.
     regroup: Option<policy::Regroup>,
+    /// Wakes the batcher at the earliest deadline of a queued request.
     expiry_timer: Option<(Instant, SpawnHandle)>,
     /// Recent throughput in rows/s, for `Retry-After`.
     rows_per_sec: f64,
     last_done: Option<Instant>,
     metrics: Arc<Metrics>,
-    state: Arc<EngineState>,
+    dropped: DropCounters,
+    readiness: Arc<Readiness>,
+}
+
+/// The batcher's two timers.
+#[derive(Debug, Clone, Copy)]
+enum TimerKind {
+    /// Fires [`Batcher::pump`].
+    Delay,
+    /// Fires [`Batcher::expire`].
+    Expiry,
 }
 
 impl Batcher {
-    pub fn new(policy: BatchPolicy, metrics: Arc<Metrics>, state: Arc<EngineState>) -> Batcher {
+    pub fn new(policy: BatchPolicy, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Batcher {
         Batcher {
             policy,
             queue: VecDeque::new(),
@@ -83,8 +98,9 @@ impl Batcher {
             expiry_timer: None,
             rows_per_sec: 0.0,
             last_done: None,
+            dropped: metrics.drop_counters(),
             metrics,
-            state,
+            readiness,
         }
     }
 
@@ -100,7 +116,7 @@ impl Batcher {
             match policy::decide(self.queued_rows, oldest, self.regroup, Instant::now(), &self.policy) {
                 Decision::Idle => break,
                 Decision::WaitUntil(at) => {
-                    self.arm_delay_timer(ctx, at);
+                    self.arm(ctx, TimerKind::Delay, at);
                     break;
                 }
                 Decision::Dispatch => {
@@ -120,50 +136,38 @@ impl Batcher {
     fn drop_dead_front(&mut self) {
         let now = Instant::now();
         while let Some(front) = self.queue.front() {
-            let Some(reason) = front.job.skip_reason(now) else {
+            let rows = front.rows_left();
+            if !front.job.drop_if_dead(now, rows, &self.dropped) {
                 break;
-            };
-            let front = self.queue.pop_front().expect("front exists");
-            self.drop_rows(&front, reason);
+            }
+            self.queue.pop_front();
+            self.queued_rows -= rows;
         }
     }
 
-    fn drop_rows(&mut self, queued: &Queued, reason: SkipReason) {
-        let rows = queued.rows_left();
-        self.queued_rows -= rows;
-        self.metrics.observe_dropped(reason.label(), rows);
-        if reason == SkipReason::Expired {
-            queued.job.fail(queued.job.deadline_error());
+    fn timer(&mut self, kind: TimerKind) -> &mut Option<(Instant, SpawnHandle)> {
+        match kind {
+            TimerKind::Delay => &mut self.delay_timer,
+            TimerKind::Expiry => &mut self.expiry_timer,
         }
     }
 
-    fn arm_delay_timer(&mut self, ctx: &mut Context<Self>, at: Instant) {
-        if matches!(self.delay_timer, Some((armed, _)) if armed <= at) {
+    /// Arms timer `kind` for `at`, unless it is already armed no later.
+    fn arm(&mut self, ctx: &mut Context<Self>, kind: TimerKind, at: Instant) {
+        if matches!(*self.timer(kind), Some((armed, _)) if armed <= at) {
             return;
         }
-        if let Some((_, handle)) = self.delay_timer.take() {
+        if let Some((_, handle)) = self.timer(kind).take() {
             ctx.cancel_future(handle);
         }
-        let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), |act, ctx| {
-            act.delay_timer = None;
-            act.pump(ctx);
+        let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), move |act, ctx| {
+            *act.timer(kind) = None;
+            match kind {
+                TimerKind::Delay => act.pump(ctx),
+                TimerKind::Expiry => act.expire(ctx),
+            }
         });
-        self.delay_timer = Some((at, handle));
-    }
-
-    /// Keeps one timer armed at the earliest deadline of a queued request.
-    fn arm_expiry_timer(&mut self, ctx: &mut Context<Self>, deadline: Instant) {
-        if matches!(self.expiry_timer, Some((armed, _)) if armed <= deadline) {
-            return;
-        }
-        if let Some((_, handle)) = self.expiry_timer.take() {
-            ctx.cancel_future(handle);
-        }
-        let handle = ctx.run_later(deadline.saturating_duration_since(Instant::now()), |act, ctx| {
-            act.expiry_timer = None;
-            act.expire(ctx);
-        });
-        self.expiry_timer = Some((deadline, handle));
+        *self.timer(kind) = Some((at, handle));
     }
 
     /// Fails queued requests whose deadline passed (504, rows not computed),
@@ -172,13 +176,15 @@ impl Batcher {
         let now = Instant::now();
         let queue = std::mem::take(&mut self.queue);
         for queued in queue {
-            match queued.job.skip_reason(now) {
-                Some(reason) => self.drop_rows(&queued, reason),
-                None => self.queue.push_back(queued),
+            let rows = queued.rows_left();
+            if queued.job.drop_if_dead(now, rows, &self.dropped) {
+                self.queued_rows -= rows;
+            } else {
+                self.queue.push_back(queued);
             }
         }
         if let Some(next) = self.queue.iter().map(|q| q.job.deadline).min() {
-            self.arm_expiry_timer(ctx, next);
+            self.arm(ctx, TimerKind::Expiry, next);
         }
         self.pump(ctx);
     }
@@ -205,7 +211,7 @@ impl Handler<Submit> for Batcher {
     type Result = ();
 
     fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) {
-        if self.state.is_draining() {
+        if self.readiness.is_draining() {
             job.fail(ServeError::NotReady("draining"));
             return;
         }
@@ -220,7 +226,7 @@ impl Handler<Submit> for Batcher {
         self.queued_rows += job.n_rows;
         let deadline = job.deadline;
         self.queue.push_back(Queued { job, next_row: 0 });
-        self.arm_expiry_timer(ctx, deadline);
+        self.arm(ctx, TimerKind::Expiry, deadline);
         self.pump(ctx);
     }
 }
@@ -236,9 +242,9 @@ impl Handler<BatchDone> for Batcher {
         if let Some(last) = self.last_done.replace(now) {
             let dt = now.duration_since(last).as_secs_f64().max(1e-6);
             // Exponentially weighted rate, only used to size Retry-After.
-            self.rows_per_sec = 0.9 * self.rows_per_sec + 0.1 * (done.rows as f64 / dt);
+            self.rows_per_sec = 0.9 * self.rows_per_sec + 0.1 * (done.n_rows as f64 / dt);
         }
-        self.regroup = policy::regroup(self.queued_rows, done.rows, done.compute, now, &self.policy);
+        self.regroup = policy::regroup(self.queued_rows, done.n_rows, done.compute, now, &self.policy);
         self.pump(ctx);
     }
 }
@@ -252,3 +258,6 @@ impl Handler<AttachWorkers> for Batcher {
         self.pump(ctx);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -177,7 +177,12 @@ mod tests {
     }
 
     fn job(n: usize) -> Arc<Job> {
-        Job::new(vec![0.0; n], n, Duration::from_secs(1)).0
+        let limits = crate::input::InputLimits {
+            row_len: 1,
+            max_rows: n,
+        };
+        let input = crate::input::InferInput::new(vec![0.0; n], &limits).unwrap();
+        Job::new(input, Duration::from_secs(1)).0
     }
 
     #[test]

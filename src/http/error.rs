@@ -8,13 +8,11 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 
-use crate::api::RequestError;
-use crate::error::ServeError;
+use crate::error::{RequestError, ServeError};
+use crate::labels::FailureReason;
 
-/// Stored in an error response's extensions so the metrics middleware can
-/// count the failure by kind without parsing the body.
-#[derive(Debug, Clone, Copy)]
-pub struct FailureKind(pub &'static str);
+// An error response carries its `FailureReason` in its extensions, so the
+// metrics middleware counts the failure without parsing the body.
 
 impl ResponseError for ServeError {
     fn status_code(&self) -> StatusCode {
@@ -29,12 +27,12 @@ impl ResponseError for ServeError {
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ServeError::NotFound(_) => StatusCode::NOT_FOUND,
             ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        let body = serde_json::json!({ "error": self.to_string(), "type": self.kind() });
+        let body = serde_json::json!({ "error": self.to_string(), "type": self.reason().as_str() });
         let mut response = HttpResponse::build(self.status_code());
         match self {
             ServeError::Overloaded { retry_after_secs, .. } => {
@@ -46,7 +44,7 @@ impl ResponseError for ServeError {
             _ => {}
         }
         let mut response = response.json(body);
-        response.extensions_mut().insert(FailureKind(self.kind()));
+        response.extensions_mut().insert(self.reason());
         response
     }
 }
@@ -64,11 +62,17 @@ pub enum V2Error {
     NotFound(String),
 }
 
+impl From<RequestError> for V2Error {
+    fn from(e: RequestError) -> V2Error {
+        V2Error::Serve(ServeError::Request(e))
+    }
+}
+
 impl V2Error {
-    fn kind(&self) -> &'static str {
+    fn reason(&self) -> FailureReason {
         match self {
-            V2Error::Serve(e) => e.kind(),
-            V2Error::NotFound(_) => "not_found",
+            V2Error::Serve(e) => e.reason(),
+            V2Error::NotFound(_) => FailureReason::NotFound,
         }
     }
 }
@@ -87,7 +91,7 @@ impl ResponseError for V2Error {
                 }
                 ServeError::NotFound(_) => StatusCode::NOT_FOUND,
                 ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-                ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -98,7 +102,7 @@ impl ResponseError for V2Error {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
         }
         let mut response = response.json(serde_json::json!({ "error": self.to_string() }));
-        response.extensions_mut().insert(FailureKind(self.kind()));
+        response.extensions_mut().insert(self.reason());
         response
     }
 }

@@ -1,10 +1,13 @@
-//! The HTTP actors (actix-web): routes, request checks, error mapping, and
+//! The HTTP layer (actix-web): routes, request checks, error mapping, and
 //! the request-id / metrics middleware.
 //!
-//! Owns: the app's routing table and per-request observation (request id,
-//! tracing span, request count and duration by route template and status,
-//! failures by kind). Must not touch: inference (handed to the batcher as a
-//! typed job), batching policy, or metric definitions (see `metrics.rs`).
+//! Owns: the app's routing table (one resource per [`Route`], registered
+//! from the enum so a route and its metric label cannot drift apart) and
+//! per-request observation (request id, tracing span, request count and
+//! duration by route and status, failures by reason). The handlers run on
+//! actix-web's HTTP worker threads; they are not actors. Must not touch:
+//! inference (handed to [`Engine::infer`] as a validated input), batching
+//! policy, or metric definitions (see `metrics.rs`).
 
 pub mod error;
 pub mod extract;
@@ -19,18 +22,17 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{Next, from_fn};
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, HttpResponseBuilder, HttpServer, web};
 use tracing::Instrument;
 
-use self::error::FailureKind;
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, InferOutput};
+use crate::labels::{FailureReason, Route};
 
-/// Per-request limits the handlers read.
+/// Per-request limits the handlers read (the row limit is the engine's).
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     pub max_body_bytes: usize,
-    pub max_request_rows: usize,
     pub default_timeout: Duration,
 }
 
@@ -38,23 +40,49 @@ impl HttpSettings {
     pub fn from_config(config: &Config) -> HttpSettings {
         HttpSettings {
             max_body_bytes: config.server.max_body_bytes,
-            max_request_rows: config.batching.max_request_rows,
             default_timeout: config.default_timeout(),
         }
     }
 }
 
-/// Registers every route.
+/// Registers every route: one resource per [`Route`] template.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/infer")
+    for &route in Route::ALL {
+        if let Some(resource) = resource(route) {
+            cfg.service(resource);
+        }
+    }
+}
+
+/// The resource serving `route` (`None` for [`Route::Other`], which is what
+/// matched nothing). The match is exhaustive, so a new route label without a
+/// handler does not compile.
+fn resource(route: Route) -> Option<actix_web::Resource> {
+    let r = web::resource(route.as_str());
+    Some(match route {
+        Route::Infer => r
             .route(web::post().to(routes::infer))
             .default_service(web::to(routes::method_not_allowed)),
-    )
-    .service(web::resource("/healthz").route(web::get().to(routes::healthz)))
-    .service(web::resource("/readyz").route(web::get().to(routes::readyz)))
-    .service(web::resource("/metrics").route(web::get().to(routes::metrics)))
-    .configure(v2::configure);
+        Route::Healthz => r.route(web::get().to(routes::healthz)),
+        Route::Readyz => r.route(web::get().to(routes::readyz)),
+        Route::Metrics => r.route(web::get().to(routes::metrics)),
+        Route::V2Server => r.route(web::get().to(v2::server_metadata)),
+        Route::V2Live => r.route(web::get().to(v2::live)),
+        Route::V2Ready => r.route(web::get().to(v2::ready)),
+        Route::V2Model | Route::V2ModelVersion => r.route(web::get().to(v2::model_metadata)),
+        Route::V2ModelReady | Route::V2ModelVersionReady => r.route(web::get().to(v2::model_ready)),
+        Route::V2ModelConfig | Route::V2ModelVersionConfig => r.route(web::get().to(v2::model_config)),
+        Route::V2Infer | Route::V2VersionInfer => r.route(web::post().to(v2::infer)),
+        Route::Other => return None,
+    })
+}
+
+/// The engine's own timing headers on an inference answer, the same on
+/// every protocol: `x-queue-time-us` and `x-compute-time-us`.
+pub fn timing_headers<'b>(response: &'b mut HttpResponseBuilder, output: &InferOutput) -> &'b mut HttpResponseBuilder {
+    response
+        .insert_header(("x-queue-time-us", output.queue_wait.as_micros() as u64))
+        .insert_header(("x-compute-time-us", output.compute.as_micros() as u64))
 }
 
 /// Builds the HTTP server on an already bound listener. Signals are not
@@ -119,12 +147,15 @@ async fn observe(
     let mut res = next.call(req).instrument(span.clone()).await?;
     res.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
     let status = res.status();
-    let route = res.request().match_pattern().unwrap_or_else(|| "other".to_string());
+    let route = res
+        .request()
+        .match_pattern()
+        .map_or(Route::Other, |p| Route::from_template(&p));
     if let Some(engine) = engine {
         let metrics = &engine.metrics;
-        metrics.observe_request(&route, status.as_str(), start.elapsed());
-        if let Some(FailureKind(kind)) = res.response().extensions().get::<FailureKind>().copied() {
-            metrics.observe_failure(&route, kind);
+        metrics.observe_request(route, status.as_str(), start.elapsed());
+        if let Some(reason) = res.response().extensions().get::<FailureReason>().copied() {
+            metrics.observe_failure(route, reason);
         }
     }
     span.in_scope(|| {
@@ -135,4 +166,35 @@ async fn observe(
         );
     });
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::{App, test};
+
+    use super::*;
+
+    /// A concrete path for a route template.
+    fn sample_path(route: Route) -> String {
+        match route {
+            Route::Other => "/no-such-route".to_string(),
+            _ => route.as_str().replace("{model}", "m").replace("{version}", "1"),
+        }
+    }
+
+    #[actix_web::test]
+    async fn every_route_label_has_a_route_and_every_route_its_label() {
+        let app = test::init_service(App::new().configure(configure)).await;
+        for &route in Route::ALL {
+            let req = test::TestRequest::get().uri(&sample_path(route)).to_request();
+            let res = test::call_service(&app, req).await;
+            let matched = res.request().match_pattern();
+            if route == Route::Other {
+                assert_eq!(matched, None, "{route:?} must match nothing");
+            } else {
+                assert_eq!(matched.as_deref(), Some(route.as_str()), "{route:?}");
+                assert_eq!(Route::from_template(&matched.unwrap()), route);
+            }
+        }
+    }
 }

@@ -3,8 +3,9 @@
 //!
 //! Role: receives a ready batch ([`RunBatch`]) from the batcher, drops the
 //! rows that must not be computed (deadline passed, client gone), gathers the
-//! rest into its session's input buffer, runs the forward, hands each request
-//! its rows, and reports [`crate::batcher::BatchDone`]. A panic inside a
+//! rest into its session's input buffer, runs the forward, records the
+//! batch's metrics, hands each request its rows, and reports
+//! [`crate::batcher::BatchDone`]. A panic inside a
 //! forward is caught here: that batch's requests get 500, the session is
 //! rebuilt, and the worker goes on serving. Must not touch: queueing policy
 //! (the batcher's) or request parsing (the HTTP layer's).
@@ -12,20 +13,22 @@
 //! Workers run in `SyncContext` (a dedicated thread each), so CPU-bound work
 //! never runs on the async HTTP runtime. The weights are shared through the
 //! backend's `Arc`; a session holds only scratch buffers and its thread budget.
+//! The session arrives warmed up (the engine ran its first forward at start-up,
+//! so a backend that cannot compute stops start-up with its reason).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use crate::backend::{Backend, ForwardOutput, Session, SessionConfig};
 use crate::batcher::BatchDone;
-use crate::batcher::job::{Batch, SkipReason, Slice};
-use crate::engine::EngineState;
+use crate::batcher::job::{Batch, RunBatch, Slice};
 use crate::error::ServeError;
-use crate::metrics::{Metrics, WorkerMetrics};
+use crate::metrics::WorkerMetrics;
 use crate::model::Dims;
+use crate::readiness::Readiness;
 
 /// A row whose first feature is exactly this value makes the forward panic,
 /// in builds with the `fault-injection` feature only (tests of the recovery
@@ -34,53 +37,80 @@ use crate::model::Dims;
 pub const FAULT_INJECTION_PANIC_VALUE: f32 = -424_242.0;
 
 // ---- messages -------------------------------------------------------------
-
-/// A batch to compute.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct RunBatch(pub Batch);
+//
+// [`RunBatch`] (batcher -> worker) is declared beside the job types it
+// carries, in `batcher/job.rs`; [`BatchDone`] (worker -> batcher) in the
+// batcher.
 
 // ---- actor ----------------------------------------------------------------
 
+/// What a worker needs besides its session; one per pool, cloned per worker.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub backend: Arc<dyn Backend>,
+    pub session_config: SessionConfig,
+    pub batcher: Recipient<BatchDone>,
+    pub readiness: Arc<Readiness>,
+}
+
 pub struct Worker {
     id: usize,
-    backend: Arc<dyn Backend>,
-    session_config: SessionConfig,
+    context: WorkerContext,
     session: Box<dyn Session>,
     dims: Dims,
+    /// The gathered rows of the batch being computed (reused).
     input: Vec<f32>,
     output: ForwardOutput,
+    /// The slices of the batch being computed whose rows are in `input`.
     live: Vec<Slice>,
-    batcher: Recipient<BatchDone>,
-    metrics: Arc<Metrics>,
-    recorder: WorkerMetrics,
-    state: Arc<EngineState>,
+    metrics: WorkerMetrics,
 }
 
 impl Worker {
-    pub fn new(
-        id: usize,
-        backend: Arc<dyn Backend>,
-        session: Box<dyn Session>,
-        session_config: SessionConfig,
-        batcher: Recipient<BatchDone>,
-        metrics: Arc<Metrics>,
-        state: Arc<EngineState>,
-    ) -> Worker {
-        let dims = backend.dims();
+    /// Worker `id` computing with `session` (already warmed up).
+    pub fn new(id: usize, session: Box<dyn Session>, context: WorkerContext, metrics: WorkerMetrics) -> Worker {
         Worker {
             id,
-            recorder: metrics.worker(id, dims.experts),
-            backend,
-            session_config,
+            dims: context.backend.dims(),
+            context,
             session,
-            dims,
             input: Vec::new(),
             output: ForwardOutput::default(),
             live: Vec::new(),
-            batcher,
             metrics,
-            state,
+        }
+    }
+
+    /// Copies the rows of `batch` that must still be computed into `input`
+    /// (their slices into `live`); the others are dropped and counted.
+    fn gather(&mut self, batch: Batch, start: Instant) {
+        self.input.clear();
+        self.live.clear();
+        for slice in batch.slices {
+            if slice.job.drop_if_dead(start, slice.n_rows, &self.metrics.dropped) {
+                continue;
+            }
+            self.input
+                .extend_from_slice(slice.job.input.rows(slice.first_row, slice.n_rows));
+            slice.job.mark_started(start);
+            self.live.push(slice);
+        }
+    }
+
+    /// Hands each live slice its rows of the output.
+    fn answer(&self, compute: Duration) {
+        let (o, e) = (self.dims.output, self.dims.experts);
+        let mut offset = 0;
+        for slice in &self.live {
+            let rows = offset..offset + slice.n_rows;
+            slice.job.complete_rows(
+                &self.dims,
+                slice.first_row,
+                &self.output.logits[rows.start * o..rows.end * o],
+                &self.output.router_weights[rows.start * e..rows.end * e],
+                compute,
+            );
+            offset = rows.end;
         }
     }
 
@@ -99,7 +129,7 @@ impl Worker {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::error!(worker = self.id, error = %e, "forward failed");
-                Err(ServeError::Internal(format!("forward failed: {e}")))
+                Err(ServeError::Backend(e))
             }
             Err(panic) => {
                 let msg = panic
@@ -108,8 +138,8 @@ impl Worker {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 tracing::error!(worker = self.id, panic = %msg, "forward panicked; rebuilding the session");
-                self.recorder.restart();
-                match self.backend.create_session(self.session_config) {
+                self.metrics.restart();
+                match self.context.backend.create_session(self.context.session_config) {
                     Ok(session) => self.session = session,
                     Err(e) => {
                         tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one")
@@ -126,18 +156,9 @@ impl Worker {
 impl Actor for Worker {
     type Context = SyncContext<Self>;
 
-    /// Warm-up: one forward of a single zero row sizes the scratch buffers and
-    /// touches the weights before the worker counts as ready.
     fn started(&mut self, _ctx: &mut SyncContext<Self>) {
-        self.input.clear();
-        self.input.resize(self.dims.input, 0.0);
-        match self.guarded_forward() {
-            Ok(()) => {
-                self.state.worker_ready();
-                tracing::debug!(worker = self.id, "worker warmed up");
-            }
-            Err(e) => tracing::error!(worker = self.id, error = %e, "warm-up failed; worker not ready"),
-        }
+        self.context.readiness.worker_ready();
+        tracing::debug!(worker = self.id, "worker serving");
     }
 }
 
@@ -148,44 +169,21 @@ impl Handler<RunBatch> for Worker {
 
     fn handle(&mut self, RunBatch(batch): RunBatch, _ctx: &mut SyncContext<Self>) {
         let start = Instant::now();
-        let row_len = self.dims.input;
-        self.input.clear();
-        self.live.clear();
-        for slice in batch.slices {
-            if let Some(reason) = slice.job.skip_reason(start) {
-                self.metrics.observe_dropped(reason.label(), slice.n_rows);
-                if reason == SkipReason::Expired {
-                    slice.job.fail(slice.job.deadline_error());
-                }
-                continue;
-            }
-            let rows = &slice.job.rows[slice.first_row * row_len..(slice.first_row + slice.n_rows) * row_len];
-            self.input.extend_from_slice(rows);
-            slice.job.mark_started(start);
-            self.live.push(slice);
-        }
-        let n_rows = self.input.len() / row_len;
-        let mut compute = std::time::Duration::ZERO;
+        self.gather(batch, start);
+        let n_rows = self.input.len() / self.dims.input;
+        let mut compute = Duration::ZERO;
         if n_rows > 0 {
             let result = self.guarded_forward();
             compute = start.elapsed();
+            // Metrics first: a client that reads /metrics right after its
+            // answer must see the batch that computed it.
+            self.metrics.observe_batch(n_rows, self.live.len(), compute);
             match result {
                 Ok(()) => {
-                    let (o, e) = (self.dims.output, self.dims.experts);
-                    let mut offset = 0;
-                    for slice in &self.live {
-                        let rows = offset..offset + slice.n_rows;
-                        slice.job.complete_rows(
-                            &self.dims,
-                            slice.first_row,
-                            &self.output.logits[rows.start * o..rows.end * o],
-                            &self.output.router_weights[rows.start * e..rows.end * e],
-                            compute,
-                        );
-                        offset = rows.end;
-                    }
-                    self.recorder
+                    let e = self.dims.experts;
+                    self.metrics
                         .observe_routing(&self.output.top_k, &self.output.router_weights, e);
+                    self.answer(compute);
                 }
                 Err(error) => {
                     for slice in &self.live {
@@ -193,12 +191,11 @@ impl Handler<RunBatch> for Worker {
                     }
                 }
             }
-            self.recorder.observe_batch(n_rows, self.live.len(), compute);
         }
         self.live.clear();
-        self.batcher.do_send(BatchDone {
+        self.context.batcher.do_send(BatchDone {
             worker: self.id,
-            rows: n_rows,
+            n_rows,
             compute,
         });
     }

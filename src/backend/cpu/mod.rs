@@ -195,14 +195,7 @@ struct CpuSession {
 impl Session for CpuSession {
     fn forward(&mut self, input: &[f32], out: &mut ForwardOutput) -> Result<(), BackendError> {
         let dims = self.model.dims;
-        if input.len() % dims.input != 0 {
-            return Err(BackendError::InputShape {
-                got: input.len(),
-                row_len: dims.input,
-            });
-        }
-        let n = input.len() / dims.input;
-        out.reset(&dims, n);
+        let n = out.prepare(&dims, input)?;
         if n == 0 {
             return Ok(());
         }

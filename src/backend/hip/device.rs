@@ -376,14 +376,7 @@ impl HipSession {
 impl Session for HipSession {
     fn forward(&mut self, input: &[f32], out: &mut ForwardOutput) -> Result<(), BackendError> {
         let d = self.dims;
-        if input.len() % d.input != 0 {
-            return Err(BackendError::InputShape {
-                got: input.len(),
-                row_len: d.input,
-            });
-        }
-        let n = input.len() / d.input;
-        out.reset(&d, n);
+        let n = out.prepare(&d, input)?;
         if n == 0 {
             return Ok(());
         }

@@ -1,38 +1,34 @@
-//! The old sidecar's `/infer` wire format: request parsing and response writing.
+//! The old sidecar's `/infer` JSON wire format: request parsing and response
+//! writing.
 //!
-//! Owns: turning a request body into a validated, flat row-major `Vec<f32>`,
-//! and writing outputs back as the sidecar did (`null` for NaN, `1e99` /
-//! `-1e99` for infinities). Shared by `POST /infer` and `tokitai-serve infer`,
-//! so both accept and answer exactly the same bytes. Must not touch: queueing,
+//! Owns: turning a request body into an [`InferInput`], and writing outputs
+//! back as the sidecar did (`null` for NaN, `1e99` / `-1e99` for
+//! infinities). Shared by `POST /infer` and `tokitai-serve infer`, so both
+//! accept and answer exactly the same bytes. Must not touch: queueing,
 //! compute, HTTP status codes (errors here are [`RequestError`] values; the
 //! HTTP layer maps them in one place).
 //!
 //! The request is parsed with a streaming serde visitor rather than through a
 //! `serde_json::Value`: it writes numbers straight into the flat buffer, stops
 //! at the first bad row, and can say exactly which row and feature is wrong.
+//! The visitors record that typed error in an [`ErrorSlot`] and hand serde
+//! only a placeholder to unwind with, so no error is ever parsed back out of
+//! a message.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, SerializeStruct};
 use serde::{Deserializer, Serialize, Serializer};
 
-/// Why a request body was rejected. Every variant is the client's fault.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RequestError {
-    #[error("invalid JSON: {0}")]
-    Json(String),
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error("request has {rows} rows, more than the limit of {limit}")]
-    TooManyRows { rows: usize, limit: usize },
-}
+pub use crate::input::RequestError;
+use crate::input::{InferInput, InputLimits};
 
-/// A validated `/infer` request: `n_rows` rows of `row_len` finite f32 values.
+/// A parsed `/infer` request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Features {
-    pub rows: Vec<f32>,
-    pub n_rows: usize,
+pub struct SidecarRequest {
+    pub input: InferInput,
     /// `true` when the body used the flat one-row form `{"features": [..]}`.
     /// The answer is the same shape either way (one inner array per row), as
     /// the old sidecar answered.
@@ -41,215 +37,238 @@ pub struct Features {
 
 /// Parses an `/infer` body: `{"features": [row]}` or `{"features": [[row], ...]}`.
 ///
-/// `row_len` comes from the model's arch; `max_rows` bounds the batch before
-/// its rows are stored (a request over it is rejected without buffering it).
-pub fn parse_infer_request(body: &[u8], row_len: usize, max_rows: usize) -> Result<Features, RequestError> {
+/// `limits.row_len` comes from the model's arch; `limits.max_rows` bounds
+/// the batch before its rows are stored (a request over it is rejected
+/// without buffering it).
+pub fn parse_infer_request(body: &[u8], limits: &InputLimits) -> Result<SidecarRequest, RequestError> {
+    let slot = ErrorSlot::default();
     let mut de = serde_json::Deserializer::from_slice(body);
-    let seed = RequestSeed { row_len, max_rows };
+    let seed = RequestSeed {
+        limits: *limits,
+        slot: &slot,
+    };
     let parsed = seed.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
-    parsed.map_err(|e| classify(e, max_rows))
+    let (values, single_row) = parsed.map_err(|e| slot.take().unwrap_or_else(|| json_error(e)))?;
+    Ok(SidecarRequest {
+        input: InferInput::new(values, limits)?,
+        single_row,
+    })
 }
 
-// Our visitor reports domain errors through `de::Error::custom` with a marker
-// prefix, so they can be told apart from JSON syntax errors afterwards.
-const INVALID: &str = "\u{1}invalid:";
-const TOO_MANY: &str = "\u{1}too_many:";
+/// Where a visitor records the domain error it rejected the body for.
+#[derive(Default)]
+struct ErrorSlot(RefCell<Option<RequestError>>);
 
-fn classify(e: serde_json::Error, max_rows: usize) -> RequestError {
-    let msg = e.to_string();
-    if let Some(rest) = msg.strip_prefix(TOO_MANY) {
-        let rows = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
-        return RequestError::TooManyRows { rows, limit: max_rows };
+impl ErrorSlot {
+    /// Records `error` (the first one wins) and returns the placeholder that
+    /// makes serde unwind; [`parse_infer_request`] answers the recorded one.
+    fn reject<E: de::Error>(&self, error: RequestError) -> E {
+        self.0.borrow_mut().get_or_insert(error);
+        E::custom("rejected by the /infer visitor")
     }
-    if let Some(rest) = msg.strip_prefix(INVALID) {
-        // Drop serde_json's " at line 1 column N" suffix: the message already
-        // names the row and feature, which is what a caller can act on.
-        let text = rest.split(" at line ").next().unwrap_or(rest);
-        return RequestError::Invalid(text.to_string());
+
+    fn invalid<E: de::Error>(&self, msg: impl fmt::Display) -> E {
+        self.reject(RequestError::Invalid(msg.to_string()))
     }
+
+    fn take(&self) -> Option<RequestError> {
+        self.0.borrow_mut().take()
+    }
+}
+
+/// A serde error that no visitor recorded: JSON syntax, or a data error
+/// serde found itself (a value of the wrong type for a map key, say).
+fn json_error(e: serde_json::Error) -> RequestError {
     match e.classify() {
-        serde_json::error::Category::Data => RequestError::Invalid(msg),
-        _ => RequestError::Json(msg),
+        serde_json::error::Category::Data => RequestError::Invalid(e.to_string()),
+        _ => RequestError::Json(e.to_string()),
     }
 }
 
-fn invalid<E: de::Error>(msg: impl fmt::Display) -> E {
-    E::custom(format_args!("{INVALID}{msg}"))
+/// Rows as parsed: the flat values and whether the body used the one-row form.
+type Parsed = (Vec<f32>, bool);
+
+struct RequestSeed<'s> {
+    limits: InputLimits,
+    slot: &'s ErrorSlot,
 }
 
-struct RequestSeed {
-    row_len: usize,
-    max_rows: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for RequestSeed {
-    type Value = Features;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Features, D::Error> {
+impl<'de> DeserializeSeed<'de> for RequestSeed<'_> {
+    type Value = Parsed;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Parsed, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for RequestSeed {
-    type Value = Features;
+impl<'de> Visitor<'de> for RequestSeed<'_> {
+    type Value = Parsed;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object with a `features` array")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Features, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Parsed, A::Error> {
         let mut features = None;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             if key == "features" {
                 if features.is_some() {
-                    return Err(invalid("duplicate field `features`"));
+                    return Err(self.slot.invalid("duplicate field `features`"));
                 }
                 features = Some(map.next_value_seed(FeaturesSeed {
-                    row_len: self.row_len,
-                    max_rows: self.max_rows,
+                    limits: self.limits,
+                    slot: self.slot,
                 })?);
             } else {
                 // Unknown fields are ignored, as the old sidecar did.
                 map.next_value::<IgnoredAny>()?;
             }
         }
-        features.ok_or_else(|| invalid("missing field `features`"))
+        features.ok_or_else(|| self.slot.invalid("missing field `features`"))
     }
 }
 
-struct FeaturesSeed {
-    row_len: usize,
-    max_rows: usize,
+struct FeaturesSeed<'s> {
+    limits: InputLimits,
+    slot: &'s ErrorSlot,
 }
 
-impl<'de> DeserializeSeed<'de> for FeaturesSeed {
-    type Value = Features;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Features, D::Error> {
+impl<'de> DeserializeSeed<'de> for FeaturesSeed<'_> {
+    type Value = Parsed;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Parsed, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for FeaturesSeed {
-    type Value = Features;
+impl FeaturesSeed<'_> {
+    /// The rest of a flat single row whose first number is already stored.
+    fn flat_row<'de, A: SeqAccess<'de>>(&self, mut seq: A, values: &mut Vec<f32>) -> Result<(), A::Error> {
+        let row_len = self.limits.row_len;
+        let mut index = 1;
+        while seq
+            .next_element_seed(Number {
+                values: &mut *values,
+                row: 0,
+                index,
+                single: true,
+                slot: self.slot,
+            })?
+            .is_some()
+        {
+            index += 1;
+            if index > row_len {
+                // Keep counting without storing so the message gives the real length.
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    index += 1;
+                }
+                break;
+            }
+        }
+        check_len(self.slot, 0, index, row_len)
+    }
+
+    /// The rest of a batch whose first row is already stored.
+    fn batch_rows<'de, A: SeqAccess<'de>>(&self, mut seq: A, values: &mut Vec<f32>) -> Result<(), A::Error> {
+        let max_rows = self.limits.max_rows;
+        let mut n_rows = 1;
+        loop {
+            if n_rows >= max_rows {
+                // One more row would exceed the limit: count the rest
+                // without storing them, then reject as too large.
+                let mut total = n_rows;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    total += 1;
+                }
+                return self.limits.check_rows(total).map_err(|e| self.slot.reject(e));
+            }
+            let seed = RowSeed {
+                values: &mut *values,
+                row: n_rows,
+                row_len: self.limits.row_len,
+                slot: self.slot,
+            };
+            if seq.next_element_seed(seed)?.is_none() {
+                return Ok(());
+            }
+            n_rows += 1;
+        }
+    }
+
+    fn not_an_array<E: de::Error>(&self, what: &str) -> E {
+        self.slot.invalid(format_args!("`features` must be an array, not {what}"))
+    }
+}
+
+impl<'de> Visitor<'de> for FeaturesSeed<'_> {
+    type Value = Parsed;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
             "`features` as an array of {} numbers or an array of such rows",
-            self.row_len
+            self.limits.row_len
         )
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Features, A::Error> {
-        let mut rows: Vec<f32> = Vec::with_capacity(self.row_len);
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parsed, A::Error> {
+        let mut values: Vec<f32> = Vec::with_capacity(self.limits.row_len);
         // The first element decides the form: a number means one flat row,
         // an array means a batch of rows.
         let first = seq.next_element_seed(FirstElement {
-            rows: &mut rows,
-            row_len: self.row_len,
+            values: &mut values,
+            row_len: self.limits.row_len,
+            slot: self.slot,
         })?;
         match first {
-            None => Err(invalid("`features` is empty: expected at least one row")),
+            None => Err(self.slot.invalid("`features` is empty: expected at least one row")),
             Some(First::Number) => {
-                let mut index = 1;
-                while seq
-                    .next_element_seed(Number {
-                        rows: &mut rows,
-                        row: 0,
-                        index,
-                        single: true,
-                    })?
-                    .is_some()
-                {
-                    index += 1;
-                    if index > self.row_len {
-                        // Keep counting without storing so the message gives the real length.
-                        while seq.next_element::<IgnoredAny>()?.is_some() {
-                            index += 1;
-                        }
-                        break;
-                    }
-                }
-                check_len(0, index, self.row_len)?;
-                Ok(Features {
-                    rows,
-                    n_rows: 1,
-                    single_row: true,
-                })
+                self.flat_row(seq, &mut values)?;
+                Ok((values, true))
             }
             Some(First::Row) => {
-                let mut n_rows = 1;
-                loop {
-                    if n_rows >= self.max_rows {
-                        // One more row would exceed the limit: count the rest
-                        // without storing them, then reject as too large.
-                        let mut total = n_rows;
-                        while seq.next_element::<IgnoredAny>()?.is_some() {
-                            total += 1;
-                        }
-                        if total > self.max_rows {
-                            return Err(de::Error::custom(format_args!("{TOO_MANY}{total} rows")));
-                        }
-                        break;
-                    }
-                    let seed = RowSeed {
-                        rows: &mut rows,
-                        row: n_rows,
-                        row_len: self.row_len,
-                    };
-                    if seq.next_element_seed(seed)?.is_none() {
-                        break;
-                    }
-                    n_rows += 1;
-                }
-                Ok(Features {
-                    rows,
-                    n_rows,
-                    single_row: false,
-                })
+                self.batch_rows(seq, &mut values)?;
+                Ok((values, false))
             }
         }
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<Features, A::Error> {
-        Err(invalid("`features` must be an array, not an object"))
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<Parsed, A::Error> {
+        Err(self.not_an_array("an object"))
     }
-    fn visit_str<E: de::Error>(self, _v: &str) -> Result<Features, E> {
-        Err(invalid("`features` must be an array, not a string"))
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<Parsed, E> {
+        Err(self.not_an_array("a string"))
     }
-    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<Features, E> {
-        Err(invalid("`features` must be an array, not a boolean"))
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<Parsed, E> {
+        Err(self.not_an_array("a boolean"))
     }
-    fn visit_unit<E: de::Error>(self) -> Result<Features, E> {
-        Err(invalid("`features` must be an array, not null"))
+    fn visit_unit<E: de::Error>(self) -> Result<Parsed, E> {
+        Err(self.not_an_array("null"))
     }
-    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<Features, E> {
-        Err(invalid("`features` must be an array, not a number"))
+    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<Parsed, E> {
+        Err(self.not_an_array("a number"))
     }
-    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<Features, E> {
-        Err(invalid("`features` must be an array, not a number"))
+    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<Parsed, E> {
+        Err(self.not_an_array("a number"))
     }
-    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<Features, E> {
-        Err(invalid("`features` must be an array, not a number"))
+    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<Parsed, E> {
+        Err(self.not_an_array("a number"))
     }
 }
 
-fn check_len<E: de::Error>(row: usize, len: usize, row_len: usize) -> Result<(), E> {
+fn check_len<E: de::Error>(slot: &ErrorSlot, row: usize, len: usize, row_len: usize) -> Result<(), E> {
     if len == row_len {
         Ok(())
     } else {
-        Err(invalid(format_args!(
-            "row {row} has {len} features, expected {row_len}"
-        )))
+        Err(slot.invalid(format_args!("row {row} has {len} features, expected {row_len}")))
     }
 }
 
 /// Converts a JSON number to f32, rejecting values that are not finite as f32.
-fn to_f32<E: de::Error>(v: f64, row: usize, index: usize) -> Result<f32, E> {
+fn to_f32<E: de::Error>(slot: &ErrorSlot, v: f64, row: usize, index: usize) -> Result<f32, E> {
     let x = v as f32;
     if x.is_finite() {
         Ok(x)
     } else {
-        Err(invalid(format_args!(
+        Err(slot.invalid(format_args!(
             "row {row}, feature {index}: {v} is not a finite f32 value"
         )))
     }
@@ -262,8 +281,9 @@ enum First {
 
 /// The first element of `features`: a number (flat row) or an array (batch).
 struct FirstElement<'a> {
-    rows: &'a mut Vec<f32>,
+    values: &'a mut Vec<f32>,
     row_len: usize,
+    slot: &'a ErrorSlot,
 }
 
 impl<'de> DeserializeSeed<'de> for FirstElement<'_> {
@@ -279,7 +299,7 @@ impl<'de> Visitor<'de> for FirstElement<'_> {
         f.write_str("a number or an array of numbers")
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<First, E> {
-        self.rows.push(to_f32(v, 0, 0)?);
+        self.values.push(to_f32(self.slot, v, 0, 0)?);
         Ok(First::Number)
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<First, E> {
@@ -290,32 +310,34 @@ impl<'de> Visitor<'de> for FirstElement<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<First, A::Error> {
         RowSeed {
-            rows: self.rows,
+            values: self.values,
             row: 0,
             row_len: self.row_len,
+            slot: self.slot,
         }
         .visit_seq(seq)?;
         Ok(First::Row)
     }
     fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<First, A::Error> {
-        Err(invalid("row 0 must be an array of numbers, not an object"))
+        Err(self.slot.invalid("row 0 must be an array of numbers, not an object"))
     }
     fn visit_str<E: de::Error>(self, _v: &str) -> Result<First, E> {
-        Err(invalid("row 0, feature 0 is not a number (a string)"))
+        Err(self.slot.invalid("row 0, feature 0 is not a number (a string)"))
     }
     fn visit_bool<E: de::Error>(self, _v: bool) -> Result<First, E> {
-        Err(invalid("row 0, feature 0 is not a number (a boolean)"))
+        Err(self.slot.invalid("row 0, feature 0 is not a number (a boolean)"))
     }
     fn visit_unit<E: de::Error>(self) -> Result<First, E> {
-        Err(invalid("row 0, feature 0 is not a number (null)"))
+        Err(self.slot.invalid("row 0, feature 0 is not a number (null)"))
     }
 }
 
 /// One row of a batch: exactly `row_len` numbers.
 struct RowSeed<'a> {
-    rows: &'a mut Vec<f32>,
+    values: &'a mut Vec<f32>,
     row: usize,
     row_len: usize,
+    slot: &'a ErrorSlot,
 }
 
 impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
@@ -331,14 +353,15 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         write!(f, "row {} as an array of {} numbers", self.row, self.row_len)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let start = self.rows.len();
+        let start = self.values.len();
         let mut index = 0;
         while index < self.row_len {
             let seed = Number {
-                rows: self.rows,
+                values: &mut *self.values,
                 row: self.row,
                 index,
                 single: false,
+                slot: self.slot,
             };
             if seq.next_element_seed(seed)?.is_none() {
                 break;
@@ -350,8 +373,8 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
                 index += 1;
             }
         }
-        check_len(self.row, index, self.row_len)?;
-        debug_assert_eq!(self.rows.len() - start, self.row_len);
+        check_len(self.slot, self.row, index, self.row_len)?;
+        debug_assert_eq!(self.values.len() - start, self.row_len);
         Ok(())
     }
     fn visit_f64<E: de::Error>(self, _v: f64) -> Result<(), E> {
@@ -379,7 +402,7 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
 
 impl RowSeed<'_> {
     fn not_a_row<E: de::Error>(&self, what: &str) -> E {
-        invalid(format_args!(
+        self.slot.invalid(format_args!(
             "row {} must be an array of {} numbers, not {what} (rows cannot mix with flat features)",
             self.row, self.row_len
         ))
@@ -388,11 +411,12 @@ impl RowSeed<'_> {
 
 /// One feature value.
 struct Number<'a> {
-    rows: &'a mut Vec<f32>,
+    values: &'a mut Vec<f32>,
     row: usize,
     index: usize,
     /// Flat single-row form: an array here is a mix of forms, not a nested row.
     single: bool,
+    slot: &'a ErrorSlot,
 }
 
 impl<'de> DeserializeSeed<'de> for Number<'_> {
@@ -408,7 +432,7 @@ impl<'de> Visitor<'de> for Number<'_> {
         write!(f, "a number at row {}, feature {}", self.row, self.index)
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.rows.push(to_f32(v, self.row, self.index)?);
+        self.values.push(to_f32(self.slot, v, self.row, self.index)?);
         Ok(())
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
@@ -440,7 +464,7 @@ impl<'de> Visitor<'de> for Number<'_> {
 
 impl Number<'_> {
     fn not_a_number<E: de::Error>(&self, what: &str) -> E {
-        invalid(format_args!(
+        self.slot.invalid(format_args!(
             "row {}, feature {} is not a number ({what})",
             self.row, self.index
         ))
@@ -533,6 +557,11 @@ pub fn write_infer_response(logits: &[f32], output_dim: usize, router_weights: &
 mod tests {
     use super::*;
 
+    const LIMITS: InputLimits = InputLimits {
+        row_len: 4,
+        max_rows: 10,
+    };
+
     fn row(n: usize, v: f32) -> String {
         let items: Vec<String> = (0..n).map(|_| v.to_string()).collect();
         format!("[{}]", items.join(","))
@@ -542,20 +571,20 @@ mod tests {
     fn flat_and_batch_forms_parse_to_the_same_rows() {
         let flat = format!(r#"{{"features": {}}}"#, row(4, 0.5));
         let batch = format!(r#"{{"features": [{}]}}"#, row(4, 0.5));
-        let a = parse_infer_request(flat.as_bytes(), 4, 10).unwrap();
-        let b = parse_infer_request(batch.as_bytes(), 4, 10).unwrap();
-        assert_eq!(a.rows, b.rows);
-        assert_eq!((a.n_rows, a.single_row), (1, true));
-        assert_eq!((b.n_rows, b.single_row), (1, false));
+        let a = parse_infer_request(flat.as_bytes(), &LIMITS).unwrap();
+        let b = parse_infer_request(batch.as_bytes(), &LIMITS).unwrap();
+        assert_eq!(a.input.values(), b.input.values());
+        assert_eq!((a.input.n_rows(), a.single_row), (1, true));
+        assert_eq!((b.input.n_rows(), b.single_row), (1, false));
     }
 
     #[test]
     fn wrong_row_length_names_row_length_and_expected() {
         let body = format!(r#"{{"features": [{}, {}]}}"#, row(4, 1.0), row(3, 1.0));
-        let err = parse_infer_request(body.as_bytes(), 4, 10).unwrap_err();
+        let err = parse_infer_request(body.as_bytes(), &LIMITS).unwrap_err();
         assert_eq!(err, RequestError::Invalid("row 1 has 3 features, expected 4".into()));
         let body = format!(r#"{{"features": {}}}"#, row(5, 1.0));
-        let err = parse_infer_request(body.as_bytes(), 4, 10).unwrap_err();
+        let err = parse_infer_request(body.as_bytes(), &LIMITS).unwrap_err();
         assert_eq!(err, RequestError::Invalid("row 0 has 5 features, expected 4".into()));
     }
 
@@ -575,7 +604,7 @@ mod tests {
             (r#"{"rows": []}"#, "missing field `features`"),
         ];
         for (body, want) in cases {
-            match parse_infer_request(body.as_bytes(), 4, 10) {
+            match parse_infer_request(body.as_bytes(), &LIMITS) {
                 Err(RequestError::Invalid(msg)) => assert!(msg.contains(want), "{body}: {msg}"),
                 other => panic!("{body}: {other:?}"),
             }
@@ -585,20 +614,20 @@ mod tests {
     #[test]
     fn syntax_errors_are_json_errors_and_row_limit_is_enforced() {
         assert!(matches!(
-            parse_infer_request(b"{\"features\": [1,", 4, 10),
+            parse_infer_request(b"{\"features\": [1,", &LIMITS),
             Err(RequestError::Json(_))
         ));
         assert!(matches!(
-            parse_infer_request(b"{\"features\": [1,2,3,4]} trailing", 4, 10),
+            parse_infer_request(b"{\"features\": [1,2,3,4]} trailing", &LIMITS),
             Err(RequestError::Json(_))
         ));
         let body = format!(r#"{{"features": [{}]}}"#, vec![row(4, 1.0); 11].join(","));
         assert_eq!(
-            parse_infer_request(body.as_bytes(), 4, 10).unwrap_err(),
+            parse_infer_request(body.as_bytes(), &LIMITS).unwrap_err(),
             RequestError::TooManyRows { rows: 11, limit: 10 }
         );
         let body = format!(r#"{{"features": [{}]}}"#, vec![row(4, 1.0); 10].join(","));
-        assert_eq!(parse_infer_request(body.as_bytes(), 4, 10).unwrap().n_rows, 10);
+        assert_eq!(parse_infer_request(body.as_bytes(), &LIMITS).unwrap().input.n_rows(), 10);
     }
 
     #[test]

@@ -1,0 +1,196 @@
+//! The batcher actor against fake workers: what it dispatches, in which
+//! order, to whom, and what happens after a worker fails a batch. The fakes
+//! record each batch and answer only when the test says so, so every step is
+//! driven by messages, never by time (regrouping and queue delay are off).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+
+use super::job::{Batch, Job, JobReply, RunBatch};
+use super::policy::BatchPolicy;
+use super::{AttachWorkers, BatchDone, Batcher, Submit};
+use crate::error::ServeError;
+use crate::input::{InferInput, InputLimits};
+use crate::metrics::Metrics;
+use crate::model::Dims;
+use crate::readiness::Readiness;
+
+const ROW_LEN: usize = 2;
+const MAX_BATCH_ROWS: usize = 4;
+
+/// A worker that records each batch it is sent.
+struct FakeWorker {
+    id: usize,
+    batches: mpsc::UnboundedSender<(usize, Batch)>,
+}
+
+/// Answered once every message sent to the fake before it is handled.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Actor for FakeWorker {
+    type Context = Context<Self>;
+}
+
+impl Handler<RunBatch> for FakeWorker {
+    type Result = ();
+    fn handle(&mut self, RunBatch(batch): RunBatch, _ctx: &mut Context<Self>) {
+        let _ = self.batches.send((self.id, batch));
+    }
+}
+
+impl Handler<Flush> for FakeWorker {
+    type Result = ();
+    fn handle(&mut self, _: Flush, _ctx: &mut Context<Self>) {}
+}
+
+struct Harness {
+    batcher: Addr<Batcher>,
+    workers: Vec<Addr<FakeWorker>>,
+    batches: mpsc::UnboundedReceiver<(usize, Batch)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Harness {
+    fn start(n_workers: usize) -> Harness {
+        let policy = BatchPolicy {
+            max_batch_rows: MAX_BATCH_ROWS,
+            max_queue_delay: Duration::ZERO,
+            max_queue_rows: 64,
+            regroup_fraction: 0.0,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let batcher = Batcher::new(policy, Arc::clone(&metrics), Arc::new(Readiness::new(n_workers))).start();
+        let (tx, batches) = mpsc::unbounded_channel();
+        let workers: Vec<Addr<FakeWorker>> = (0..n_workers)
+            .map(|id| {
+                FakeWorker {
+                    id,
+                    batches: tx.clone(),
+                }
+                .start()
+            })
+            .collect();
+        batcher.do_send(AttachWorkers(workers.iter().map(|w| w.clone().recipient()).collect()));
+        Harness {
+            batcher,
+            workers,
+            batches,
+            metrics,
+        }
+    }
+
+    /// Submits a job of `n_rows` rows whose every value is `id`.
+    async fn submit(&self, id: f32, n_rows: usize) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+        let limits = InputLimits {
+            row_len: ROW_LEN,
+            max_rows: 64,
+        };
+        let input = InferInput::new(vec![id; n_rows * ROW_LEN], &limits).unwrap();
+        let (job, reply) = Job::new(input, Duration::from_secs(600));
+        self.batcher.send(Submit(Arc::clone(&job))).await.unwrap();
+        (job, reply)
+    }
+
+    async fn done(&self, worker: usize, n_rows: usize) {
+        let done = BatchDone {
+            worker,
+            n_rows,
+            compute: Duration::from_micros(10),
+        };
+        self.batcher.send(done).await.unwrap();
+    }
+
+    /// Every batch dispatched so far, as (worker, [(job id, first row, rows)]).
+    async fn dispatched(&mut self) -> Vec<(usize, Vec<(f32, usize, usize)>)> {
+        for w in &self.workers {
+            w.send(Flush).await.unwrap();
+        }
+        let mut out = Vec::new();
+        while let Ok((worker, batch)) = self.batches.try_recv() {
+            let slices = batch
+                .slices
+                .iter()
+                .map(|s| (s.job.input.values()[0], s.first_row, s.n_rows))
+                .collect();
+            out.push((worker, slices));
+        }
+        out
+    }
+}
+
+fn answer(job: &Job, first_row: usize, n_rows: usize) {
+    let dims = Dims {
+        input: ROW_LEN,
+        hidden: 1,
+        output: 1,
+        experts: 1,
+        top_k: 1,
+        depth: 1,
+    };
+    job.complete_rows(&dims, first_row, &vec![0.5; n_rows], &vec![1.0; n_rows], Duration::ZERO);
+}
+
+#[test]
+fn one_batch_per_free_worker_in_arrival_order() {
+    System::new().block_on(async {
+        let mut h = Harness::start(2);
+        let (a, _ra) = h.submit(1.0, 1).await;
+        let (_b, _rb) = h.submit(2.0, 2).await;
+        // Both workers idle: one batch each, in arrival order.
+        assert_eq!(
+            h.dispatched().await,
+            vec![(0, vec![(1.0, 0, 1)]), (1, vec![(2.0, 0, 2)])]
+        );
+        // Both busy and less than a full batch queued: nothing is prepared.
+        let (_c, _rc) = h.submit(3.0, 1).await;
+        let (_d, _rd) = h.submit(4.0, 1).await;
+        assert_eq!(h.dispatched().await, vec![]);
+        // Worker 0 frees up: the queued requests ride together, in order.
+        answer(&a, 0, 1);
+        h.done(0, 1).await;
+        assert_eq!(h.dispatched().await, vec![(0, vec![(3.0, 0, 1), (4.0, 0, 1)])]);
+    });
+}
+
+#[test]
+fn a_full_batch_is_prepared_for_a_busy_worker_and_large_requests_split() {
+    System::new().block_on(async {
+        let mut h = Harness::start(1);
+        let (_a, _ra) = h.submit(1.0, 1).await;
+        assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 1)])]);
+        // Six rows queued behind a busy worker: one full batch goes ahead
+        // (split at the batch limit), the rest waits.
+        let (_b, _rb) = h.submit(2.0, 6).await;
+        assert_eq!(h.dispatched().await, vec![(0, vec![(2.0, 0, 4)])]);
+        h.done(0, 1).await;
+        assert_eq!(h.dispatched().await, vec![], "the worker still has a batch");
+        h.done(0, 4).await;
+        assert_eq!(h.dispatched().await, vec![(0, vec![(2.0, 4, 2)])]);
+    });
+}
+
+#[test]
+fn a_failed_batch_fails_its_requests_and_drops_their_remaining_rows() {
+    System::new().block_on(async {
+        let mut h = Harness::start(1);
+        let (a, ra) = h.submit(1.0, 6).await;
+        let (_b, _rb) = h.submit(2.0, 1).await;
+        assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 4)])]);
+        // The worker fails the first part of request 1.
+        a.fail(ServeError::Internal("injected".into()));
+        h.done(0, 4).await;
+        // Its last two rows are dropped, not computed; request 2 goes next.
+        assert_eq!(h.dispatched().await, vec![(0, vec![(2.0, 0, 1)])]);
+        assert!(matches!(ra.await.unwrap(), Err(ServeError::Internal(_))));
+        let text = String::from_utf8(h.metrics.render()).unwrap();
+        assert!(
+            text.contains("tokitai_rows_dropped_total{reason=\"failed\"} 2"),
+            "{text}"
+        );
+    });
+}

@@ -1,0 +1,320 @@
+//! Start-up: load the model, build the backend, warm up one session per
+//! worker, start the batcher and the worker pool.
+//!
+//! Owns: the start-up order (model -> backend -> sessions, each warmed up ->
+//! batcher -> workers) and the choices made once here (backend, pool shape,
+//! batching policy). A model, backend or warm-up that fails stops start-up
+//! with its reason. Must not touch: request handling (protocol layers and
+//! `Engine::infer`), batching rules (batcher) or kernels (backends).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+
+use super::{Engine, ModelDescription};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::hip::{self, HipOptions};
+use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
+use crate::batcher::policy::BatchPolicy;
+use crate::batcher::{AttachWorkers, Batcher};
+use crate::config::{BackendChoice, Config};
+use crate::error::{ModelError, StartError};
+use crate::input::InputLimits;
+use crate::metrics::Metrics;
+use crate::model::{LayerNormMode, LoadedModel, ModelSource, MoeWeights};
+use crate::readiness::Readiness;
+use crate::worker::{Worker, WorkerContext};
+
+/// Loads the configured model, or the built-in demo model when none is given.
+pub fn load_model(config: &Config) -> Result<LoadedModel, ModelError> {
+    match (&config.model.arch, &config.model.checkpoint) {
+        (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
+        _ => Ok(crate::model::synth::demo_model()),
+    }
+}
+
+/// Builds the configured backend from the model, consuming its weights (the
+/// backend packs them once; workers share them).
+/// A backend that cannot be built (`hip` without a usable device) is an
+/// error naming the setting, so start-up stops with the reason.
+pub fn build_backend(
+    model: LoadedModel,
+    config: &Config,
+) -> Result<(Arc<dyn Backend>, ModelDescription), BackendError> {
+    let dims = model.arch.dims();
+    let (arch, checkpoint, demo) = match &model.source {
+        ModelSource::Files { arch, checkpoint } => {
+            (arch.display().to_string(), checkpoint.display().to_string(), false)
+        }
+        ModelSource::Demo => ("builtin:demo".to_string(), "builtin:demo".to_string(), true),
+    };
+    let layernorm = config.model.layernorm;
+    let size = model.arch.size.as_str();
+    let fingerprint = model.arch.fingerprint.clone();
+    let step = model.step;
+    let backend = choose_backend(model.weights, layernorm, config)?;
+    let description = ModelDescription {
+        name: config.model.name.clone(),
+        size,
+        layernorm,
+        param_count: dims.param_count(),
+        arch,
+        checkpoint,
+        checkpoint_step: step,
+        fingerprint,
+        demo,
+        backend: backend.name(),
+        devices: backend.describe(),
+        dims,
+    };
+    Ok((backend, description))
+}
+
+/// Builds the backend `workers.backend` names: `cpu`; `hip` (an error when
+/// this build has no HIP support or no device is usable); `auto` (HIP when a
+/// device is usable, else the CPU; the log says which and why).
+pub fn choose_backend(
+    weights: MoeWeights,
+    layernorm: LayerNormMode,
+    config: &Config,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    let w = &config.workers;
+    let options = HipOptions {
+        gpus: w.gpus.clone(),
+        streams_per_gpu: w.streams_per_gpu,
+    };
+    match w.backend {
+        BackendChoice::Cpu => Ok(Arc::new(CpuBackend::new(weights, layernorm))),
+        BackendChoice::Hip => match hip::new_backend(&weights, layernorm, &options) {
+            Ok(b) => Ok(Arc::new(b)),
+            Err(e) => Err(BackendError::Unavailable(format!(
+                "workers.backend = \"hip\": {e} (use \"auto\" or \"cpu\" to serve on the CPU)"
+            ))),
+        },
+        BackendChoice::Auto => match hip::new_backend(&weights, layernorm, &options) {
+            Ok(b) => {
+                tracing::info!(devices = %b.describe(), "workers.backend = auto: using the HIP backend");
+                Ok(Arc::new(b))
+            }
+            Err(e) => {
+                // A device that is present but failed to initialise is worth a warning.
+                if hip::device_count().is_ok_and(|n| n > 0) {
+                    tracing::warn!(reason = %e, "workers.backend = auto: HIP device present but unusable, using the CPU backend");
+                } else {
+                    tracing::info!(reason = %e, "workers.backend = auto: no usable HIP device, using the CPU backend");
+                }
+                Ok(Arc::new(CpuBackend::new(weights, layernorm)))
+            }
+        },
+    }
+}
+
+/// The pool shape: the configured values, with 0 meaning the backend's
+/// choice for this machine's cores.
+pub fn pool_shape(backend: &dyn Backend, config: &Config) -> PoolShape {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let preferred = backend.pool_shape(cores);
+    let pick = |configured: usize, preferred: usize| if configured == 0 { preferred } else { configured };
+    PoolShape {
+        workers: pick(config.workers.count, preferred.workers),
+        threads_per_worker: pick(config.workers.threads_per_worker, preferred.threads_per_worker),
+    }
+}
+
+/// Starts the batcher and one worker actor per configured worker, each on
+/// its own thread with its own warmed-up session. Must run inside an actix
+/// `System`.
+pub fn start(
+    backend: Arc<dyn Backend>,
+    description: ModelDescription,
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<Engine, StartError> {
+    let shape = pool_shape(backend.as_ref(), config);
+    let session_config = SessionConfig {
+        threads: shape.threads_per_worker,
+    };
+    tracing::info!(
+        workers = shape.workers,
+        threads_per_worker = shape.threads_per_worker,
+        "worker pool (workers.count / threads_per_worker 0 = the backend's choice)"
+    );
+    // Sessions are created and warmed up here, before any actor starts, so a
+    // backend that cannot serve fails start-up with its own error instead of
+    // a pool that never becomes ready.
+    let sessions = (0..shape.workers)
+        .map(|_| backend.create_session(session_config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sessions = warm_up(sessions, backend.as_ref())?;
+    let readiness = Arc::new(Readiness::new(shape.workers));
+    let policy = batch_policy(config);
+    record_model(&metrics, &description, shape.workers, &policy);
+
+    let batcher = Batcher::new(policy, Arc::clone(&metrics), Arc::clone(&readiness)).start();
+    let context = WorkerContext {
+        backend: Arc::clone(&backend),
+        session_config,
+        batcher: batcher.clone().recipient(),
+        readiness: Arc::clone(&readiness),
+    };
+    let workers = start_workers(sessions, &context, &metrics);
+    batcher.do_send(AttachWorkers(workers));
+    Ok(Engine {
+        batcher,
+        backend,
+        readiness,
+        metrics,
+        limits: InputLimits {
+            row_len: description.dims.input,
+            max_rows: config.batching.max_request_rows,
+        },
+        description: Arc::new(description),
+    })
+}
+
+/// One forward of a single zero row on each session, in parallel: sizes the
+/// scratch buffers and touches the weights before the worker serves. The
+/// first failure stops start-up, naming the worker.
+fn warm_up(sessions: Vec<Box<dyn Session>>, backend: &dyn Backend) -> Result<Vec<Box<dyn Session>>, StartError> {
+    let zero_row = vec![0.0f32; backend.dims().input];
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = sessions
+            .into_iter()
+            .map(|mut session| {
+                let row = &zero_row;
+                scope.spawn(move || {
+                    let result = session.forward(row, &mut ForwardOutput::default());
+                    result.map(|()| session)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .enumerate()
+            .map(|(worker, run)| {
+                let result = run.join().unwrap_or_else(|_| {
+                    Err(BackendError::Device("the warm-up forward panicked".into()))
+                });
+                result.map_err(|error| StartError::WarmUp { worker, error })
+            })
+            .collect()
+    })
+}
+
+/// The batching policy from `[batching]`.
+fn batch_policy(config: &Config) -> BatchPolicy {
+    BatchPolicy {
+        max_batch_rows: config.batching.max_batch_rows,
+        max_queue_delay: config.max_queue_delay(),
+        max_queue_rows: config.batching.max_queue_rows,
+        regroup_fraction: f64::from(config.batching.regroup_delay_pct) / 100.0,
+    }
+}
+
+/// The pool's series and the served model's description, as metrics.
+fn record_model(metrics: &Metrics, model: &ModelDescription, workers: usize, policy: &BatchPolicy) {
+    metrics.init_pool(workers, model.dims.experts, policy.max_queue_rows, policy.max_batch_rows);
+    metrics
+        .model_info
+        .with_label_values(&[
+            model.size,
+            model.layernorm.as_str(),
+            &model.param_count.to_string(),
+            &model.checkpoint,
+            model.backend,
+            &model.devices,
+        ])
+        .set(1);
+}
+
+/// One `SyncArbiter` thread per session, each running a [`Worker`].
+fn start_workers(
+    sessions: Vec<Box<dyn Session>>,
+    context: &WorkerContext,
+    metrics: &Arc<Metrics>,
+) -> Vec<Recipient<crate::batcher::job::RunBatch>> {
+    let experts = context.backend.dims().experts;
+    sessions
+        .into_iter()
+        .enumerate()
+        .map(|(id, session)| {
+            // SyncArbiter's factory is `Fn`; the warmed-up session is handed
+            // over once, and a restart of the actor (never expected: panics
+            // are caught inside it) would build a fresh one.
+            let slot = parking_lot::Mutex::new(Some(session));
+            let context = context.clone();
+            let metrics = Arc::clone(metrics);
+            let addr = SyncArbiter::start(1, move || {
+                let session = slot.lock().take().unwrap_or_else(|| {
+                    context
+                        .backend
+                        .create_session(context.session_config)
+                        .expect("the backend created this session before")
+                });
+                Worker::new(id, session, context.clone(), metrics.worker(id, experts))
+            });
+            addr.recipient()
+        })
+        .collect()
+}
+
+/// Times `f`, for the model-load metric and log.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Dims, ModelSize};
+
+    /// A session that fails every forward when `broken`.
+    struct FakeSession {
+        broken: bool,
+    }
+
+    impl Session for FakeSession {
+        fn forward(&mut self, input: &[f32], out: &mut ForwardOutput) -> Result<(), BackendError> {
+            if self.broken {
+                return Err(BackendError::Device("no device memory left".into()));
+            }
+            out.prepare(&Dims::for_size(ModelSize::Nano), input).map(|_| ())
+        }
+    }
+
+    struct FakeBackend;
+
+    impl Backend for FakeBackend {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+        fn dims(&self) -> Dims {
+            Dims::for_size(ModelSize::Nano)
+        }
+        fn create_session(&self, _config: SessionConfig) -> Result<Box<dyn Session>, BackendError> {
+            Ok(Box::new(FakeSession { broken: false }))
+        }
+    }
+
+    #[test]
+    fn a_failed_warm_up_stops_start_up_naming_the_worker_and_the_reason() {
+        let sessions: Vec<Box<dyn Session>> = vec![
+            Box::new(FakeSession { broken: false }),
+            Box::new(FakeSession { broken: true }),
+        ];
+        let err = warm_up(sessions, &FakeBackend).err().expect("warm-up must fail");
+        assert!(matches!(err, StartError::WarmUp { worker: 1, .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("worker 1") && text.contains("no device memory left"), "{text}");
+
+        let sessions: Vec<Box<dyn Session>> = (0..3)
+            .map(|_| Box::new(FakeSession { broken: false }) as Box<dyn Session>)
+            .collect();
+        assert_eq!(warm_up(sessions, &FakeBackend).map(|s| s.len()).ok(), Some(3));
+    }
+}

@@ -1,0 +1,203 @@
+//! The Open Inference Protocol (KServe v2) routes, with the binary tensor
+//! data extension and Triton's model-configuration extension.
+//!
+//! Owns: `/v2` server metadata and health, model metadata/readiness/config,
+//! and `POST /v2/models/{model}[/versions/{version}]/infer` in JSON and
+//! binary form. Inference goes through the same batcher, workers, limits,
+//! deadlines and metrics as `/infer` (the `route` label tells them apart).
+//! Must not touch: batching or compute; status codes live in `http/error.rs`
+//! (`V2Error`, Triton's codes for the same conditions). The infer request's
+//! parsing is `request.rs`, its answer `response.rs`.
+//!
+//! Wire details (KServe v2 + Triton's binary extension): a request body is a
+//! JSON header, optionally followed by raw little-endian tensor bytes; the
+//! `Inference-Header-Content-Length` header gives the JSON part's length.
+//! Inputs carrying `"parameters": {"binary_data_size": N}` take their data
+//! from those bytes, in input order. Outputs requested with
+//! `"binary_data": true` (or all, with `"binary_data_output": true`) are
+//! answered the same way.
+
+mod request;
+mod response;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use self::request::parse_request;
+use self::response::{Answerer, write_response};
+use super::HttpSettings;
+use super::error::V2Error;
+use super::extract::{read_body, request_timeout};
+use crate::engine::{Engine, InferOptions};
+use crate::error::ServeError;
+use crate::labels::Route;
+
+/// Header giving the length of the JSON part of a binary request/response.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+/// The only tensor type the engine computes in; others are rejected by name.
+const FP32: &str = "FP32";
+const INPUT: &str = "features";
+
+/// `{model}` and the optional `{version}` of a path.
+#[derive(Deserialize)]
+pub struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+/// The model's version on these routes: the checkpoint's training step.
+fn version_of(engine: &Engine) -> String {
+    engine.description.checkpoint_step.to_string()
+}
+
+/// Checks that the path names the served model (and its version, if given).
+fn check_model(engine: &Engine, path: &ModelPath) -> Result<(), V2Error> {
+    let version = version_of(engine);
+    if path.model != engine.description.name {
+        return Err(V2Error::NotFound(format!(
+            "Request for unknown model: '{}' is not found",
+            path.model
+        )));
+    }
+    match &path.version {
+        Some(v) if !v.is_empty() && *v != version => Err(V2Error::NotFound(format!(
+            "Request for unknown model: '{}' version {v} is not found (the served version is {version})",
+            path.model
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> V2Error {
+    V2Error::Serve(ServeError::BadRequest(msg.into()))
+}
+
+/// `GET /v2`
+pub async fn server_metadata() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "name": "tokitai-serve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration"],
+    }))
+}
+
+/// `GET /v2/health/live`
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().finish()
+}
+
+/// `GET /v2/health/ready`. Triton answers "not ready" with 400; so does this
+/// engine on `/v2` routes (`/readyz` keeps 503 for load balancers).
+pub async fn ready(engine: web::Data<Engine>) -> HttpResponse {
+    if engine.readiness.is_ready() {
+        HttpResponse::Ok().finish()
+    } else {
+        HttpResponse::BadRequest().finish()
+    }
+}
+
+/// `GET /v2/models/{model}[/versions/{version}]/ready`
+pub async fn model_ready(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
+    check_model(&engine, &path)?;
+    Ok(ready(engine).await)
+}
+
+/// `GET /v2/models/{model}[/versions/{version}]`
+pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
+    check_model(&engine, &path)?;
+    let m = &engine.description;
+    let d = m.dims;
+    Ok(HttpResponse::Ok().json(json!({
+        "name": m.name,
+        "versions": [version_of(&engine)],
+        "platform": "tokitai_moe",
+        "inputs": [{ "name": INPUT, "datatype": FP32, "shape": [-1, d.input] }],
+        "outputs": [
+            { "name": "logits", "datatype": FP32, "shape": [-1, d.output] },
+            { "name": "router_weights", "datatype": FP32, "shape": [-1, d.experts] },
+        ],
+        "parameters": {
+            "accepted_datatypes": [FP32],
+            "layernorm": m.layernorm,
+            "size": m.size,
+        },
+    })))
+}
+
+/// `GET /v2/models/{model}[/versions/{version}]/config`: Triton's
+/// model-configuration extension (perf_analyzer reads it).
+pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
+    check_model(&engine, &path)?;
+    let m = &engine.description;
+    let d = m.dims;
+    Ok(HttpResponse::Ok().json(json!({
+        "name": m.name,
+        "platform": "tokitai_moe",
+        "backend": m.backend,
+        "max_batch_size": engine.limits.max_rows,
+        "input": [{ "name": INPUT, "data_type": "TYPE_FP32", "dims": [d.input] }],
+        "output": [
+            { "name": "logits", "data_type": "TYPE_FP32", "dims": [d.output] },
+            { "name": "router_weights", "data_type": "TYPE_FP32", "dims": [d.experts] },
+        ],
+        "dynamic_batching": {},
+        "version_policy": { "latest": { "num_versions": 1 } },
+    })))
+}
+
+/// `POST /v2/models/{model}[/versions/{version}]/infer`.
+pub async fn infer(
+    req: HttpRequest,
+    payload: web::Payload,
+    engine: web::Data<Engine>,
+    settings: web::Data<HttpSettings>,
+    path: web::Path<ModelPath>,
+) -> Result<HttpResponse, V2Error> {
+    check_model(&engine, &path)?;
+    let timeout = request_timeout(&req, settings.default_timeout)?;
+    let body = read_body(&req, payload, settings.max_body_bytes).await?;
+    let json_len = json_part_len(&req, body.len())?;
+    let (json_part, binary_part) = body.split_at(json_len);
+    let request = parse_request(json_part, binary_part, &engine.limits)?;
+    drop(body);
+
+    let options = InferOptions {
+        timeout,
+        route: Route::V2Infer,
+    };
+    let output = engine.infer(request.input, options).await?;
+    let version = version_of(&engine);
+    let who = Answerer {
+        model: &engine.description.name,
+        version: &version,
+        id: request.header.id.as_ref(),
+    };
+    let mut response = HttpResponse::Ok();
+    super::timing_headers(&mut response, &output);
+    Ok(write_response(
+        response,
+        &who,
+        &request.outputs,
+        &output,
+        &engine.description.dims,
+    ))
+}
+
+/// The length of the body's JSON part: `Inference-Header-Content-Length`
+/// when given (binary tensor data follows it), else the whole body.
+fn json_part_len(req: &HttpRequest, body_len: usize) -> Result<usize, V2Error> {
+    let Some(value) = req.headers().get(HEADER_LENGTH) else {
+        return Ok(body_len);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n <= body_len)
+        .ok_or_else(|| {
+            invalid(format!(
+                "{HEADER_LENGTH} must be a number no larger than the body ({body_len} bytes)"
+            ))
+        })
+}

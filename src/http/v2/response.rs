@@ -1,0 +1,108 @@
+//! The Open Inference Protocol's infer answer: a JSON header written straight
+//! from typed fields (no `serde_json::Value` tree on the hot path), followed
+//! by the raw bytes of the outputs asked for in binary form.
+//!
+//! Owns: the answer's bytes and content headers. Must not touch: which
+//! outputs were asked for (`request.rs`), status codes.
+
+use actix_web::{HttpResponse, HttpResponseBuilder};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::request::{OutputName, OutputRequest};
+use super::{FP32, HEADER_LENGTH};
+use crate::engine::InferOutput;
+use crate::model::Dims;
+
+#[derive(Serialize)]
+struct OutputTensor<'a> {
+    name: &'static str,
+    datatype: &'static str,
+    shape: [usize; 2],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a [f32]>,
+}
+
+#[derive(Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+#[derive(Serialize)]
+struct ResponseHead<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Value>,
+    outputs: Vec<OutputTensor<'a>>,
+}
+
+/// Who answers, for the header's `model_name` / `model_version` / `id`.
+pub struct Answerer<'a> {
+    pub model: &'a str,
+    pub version: &'a str,
+    pub id: Option<&'a Value>,
+}
+
+/// One requested output's values and row width.
+fn tensor<'o>(output: &'o InferOutput, name: OutputName, dims: &Dims) -> (&'o [f32], usize) {
+    match name {
+        OutputName::Logits => (&output.logits, dims.output),
+        OutputName::RouterWeights => (&output.router_weights, dims.experts),
+    }
+}
+
+/// Writes the answer into `response`; binary outputs follow the JSON header.
+pub fn write_response(
+    mut response: HttpResponseBuilder,
+    who: &Answerer,
+    requested: &[OutputRequest],
+    output: &InferOutput,
+    dims: &Dims,
+) -> HttpResponse {
+    let n_rows = output.logits.len() / dims.output.max(1);
+    let outputs = requested
+        .iter()
+        .map(|r| {
+            let (values, width) = tensor(output, r.output, dims);
+            OutputTensor {
+                name: r.output.as_str(),
+                datatype: FP32,
+                shape: [n_rows, width],
+                parameters: r.binary.then_some(BinarySize {
+                    binary_data_size: values.len() * 4,
+                }),
+                data: (!r.binary).then_some(values),
+            }
+        })
+        .collect();
+    let head = ResponseHead {
+        model_name: who.model,
+        model_version: who.version,
+        id: who.id,
+        outputs,
+    };
+    let head = serde_json::to_vec(&head).expect("serialising to a Vec cannot fail");
+    let binary: Vec<&[f32]> = requested
+        .iter()
+        .filter(|r| r.binary)
+        .map(|r| tensor(output, r.output, dims).0)
+        .collect();
+    let binary_len: usize = binary.iter().map(|v| v.len() * 4).sum();
+    if binary_len == 0 {
+        return response.content_type("application/json").body(head);
+    }
+    let mut body = Vec::with_capacity(head.len() + binary_len);
+    body.extend_from_slice(&head);
+    for values in binary {
+        for v in values {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    response
+        .content_type("application/octet-stream")
+        .insert_header((HEADER_LENGTH, head.len().to_string()))
+        .body(body)
+}

@@ -1,0 +1,131 @@
+//! The one validated input the engine accepts, whatever protocol it came in.
+//!
+//! Owns: [`InferInput`] (row-major f32 rows, fields private, built only by
+//! [`InferInput::new`], which checks the row length, the row limit and that
+//! every value is finite), its limits ([`InputLimits`]), and
+//! [`RequestError`], the ways a client's input can be wrong. Protocol
+//! parsers (`sidecar_json.rs`, `http/v2/`) may reject earlier and with more
+//! precise messages, but nothing reaches the engine without passing through
+//! here, so the batcher and the workers never have to trust a length. Must
+//! not touch: wire formats, HTTP status codes (see `http/error.rs`).
+
+/// Why a request's input was rejected. Every variant is the client's fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("request has {rows} rows, more than the limit of {limit}")]
+    TooManyRows { rows: usize, limit: usize },
+}
+
+/// What a valid input looks like: rows of `row_len` values, at most
+/// `max_rows` of them (`batching.max_request_rows`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    pub row_len: usize,
+    pub max_rows: usize,
+}
+
+impl InputLimits {
+    /// `Err` when `n_rows` is over the limit; for parsers that learn the row
+    /// count before the rows (a declared shape, a row counter).
+    pub fn check_rows(&self, n_rows: usize) -> Result<(), RequestError> {
+        if n_rows > self.max_rows {
+            Err(RequestError::TooManyRows {
+                rows: n_rows,
+                limit: self.max_rows,
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// `n_rows` rows of `row_len` finite f32 values, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferInput {
+    values: Vec<f32>,
+    n_rows: usize,
+    row_len: usize,
+}
+
+impl InferInput {
+    /// Validates `values` as whole rows under `limits`: at least one row, at
+    /// most `limits.max_rows`, every value finite.
+    pub fn new(values: Vec<f32>, limits: &InputLimits) -> Result<InferInput, RequestError> {
+        let row_len = limits.row_len.max(1);
+        if values.is_empty() {
+            return Err(RequestError::Invalid("the input has no rows".into()));
+        }
+        if values.len() % row_len != 0 {
+            return Err(RequestError::Invalid(format!(
+                "the input has {} values, not a whole number of rows of {row_len}",
+                values.len()
+            )));
+        }
+        let n_rows = values.len() / row_len;
+        limits.check_rows(n_rows)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(RequestError::Invalid(format!(
+                "row {}, feature {}: the value is not a finite f32",
+                i / row_len,
+                i % row_len
+            )));
+        }
+        Ok(InferInput {
+            values,
+            n_rows,
+            row_len,
+        })
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+
+    /// Every value, row-major.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Rows `[first, first + n)`, row-major. Panics when out of range: a
+    /// caller's bug, since slices of a job are cut from its own row count.
+    pub fn rows(&self, first: usize, n: usize) -> &[f32] {
+        &self.values[first * self.row_len..(first + n) * self.row_len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: InputLimits = InputLimits {
+        row_len: 3,
+        max_rows: 2,
+    };
+
+    #[test]
+    fn accepts_whole_finite_rows_within_the_limit() {
+        let input = InferInput::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &LIMITS).unwrap();
+        assert_eq!((input.n_rows(), input.row_len()), (2, 3));
+        assert_eq!(input.rows(1, 1), &[4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn rejects_empty_ragged_too_many_and_non_finite() {
+        let err = |v: Vec<f32>| InferInput::new(v, &LIMITS).unwrap_err();
+        assert!(matches!(err(vec![]), RequestError::Invalid(m) if m.contains("no rows")));
+        assert!(matches!(err(vec![1.0; 4]), RequestError::Invalid(m) if m.contains("4 values")));
+        assert_eq!(err(vec![1.0; 9]), RequestError::TooManyRows { rows: 3, limit: 2 });
+        let mut v = vec![1.0; 6];
+        v[4] = f32::NAN;
+        assert!(matches!(err(v), RequestError::Invalid(m) if m.contains("row 1, feature 1")));
+        assert!(matches!(err(vec![1.0, f32::INFINITY, 0.0]), RequestError::Invalid(_)));
+    }
+}

@@ -1,0 +1,126 @@
+//! The engine's fixed vocabularies: every value a metric label, an error's
+//! `type` or a route table takes, each as an enum with one `as_str`.
+//!
+//! Owns: [`Route`] (the route templates, the HTTP layer registers its routes
+//! from them and the metrics label requests with them), [`FailureReason`]
+//! (why a request got no model answer: the JSON error's `type` and the
+//! failure metric's `reason`) and [`DropReason`] (why queued rows were not
+//! computed). `metrics.rs` builds its label vocabularies from the `ALL`
+//! lists here, so a new variant appears everywhere at once. Must not touch:
+//! anything that runs (this is a leaf module: it depends on nothing).
+
+/// Defines a label enum: its variants, their text, and the `ALL` list.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The label text.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// A route template: the path actix matches and the `route` label.
+    /// `Other` is every request that matched no route.
+    Route {
+        Infer => "/infer",
+        Healthz => "/healthz",
+        Readyz => "/readyz",
+        Metrics => "/metrics",
+        V2Server => "/v2",
+        V2Live => "/v2/health/live",
+        V2Ready => "/v2/health/ready",
+        V2Model => "/v2/models/{model}",
+        V2ModelVersion => "/v2/models/{model}/versions/{version}",
+        V2ModelReady => "/v2/models/{model}/ready",
+        V2ModelVersionReady => "/v2/models/{model}/versions/{version}/ready",
+        V2ModelConfig => "/v2/models/{model}/config",
+        V2ModelVersionConfig => "/v2/models/{model}/versions/{version}/config",
+        V2Infer => "/v2/models/{model}/infer",
+        V2VersionInfer => "/v2/models/{model}/versions/{version}/infer",
+        Other => "other",
+    }
+}
+
+impl Route {
+    /// The route whose template is `pattern` (what actix reports as the
+    /// matched pattern), or [`Route::Other`].
+    pub fn from_template(pattern: &str) -> Route {
+        Route::ALL
+            .iter()
+            .copied()
+            .find(|r| r.as_str() == pattern)
+            .unwrap_or(Route::Other)
+    }
+}
+
+label_enum! {
+    /// Why a request got no model answer.
+    FailureReason {
+        Invalid => "invalid",
+        TooLarge => "too_large",
+        UnsupportedMediaType => "unsupported_media_type",
+        Overloaded => "overloaded",
+        Timeout => "timeout",
+        /// The client went away before its answer.
+        Cancelled => "cancelled",
+        NotReady => "not_ready",
+        NotFound => "not_found",
+        MethodNotAllowed => "method_not_allowed",
+        Internal => "internal",
+    }
+}
+
+label_enum! {
+    /// Why queued rows were dropped without being computed.
+    DropReason {
+        /// The request's deadline passed.
+        Timeout => "timeout",
+        /// The client went away.
+        Cancelled => "cancelled",
+        /// Another part of the same request failed, so it was already answered.
+        Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_unique_and_templates_round_trip() {
+        for all in [
+            Route::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            FailureReason::ALL.iter().map(|r| r.as_str()).collect(),
+            DropReason::ALL.iter().map(|r| r.as_str()).collect(),
+        ] {
+            let mut sorted = all.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), all.len(), "duplicate label in {all:?}");
+        }
+        for &route in Route::ALL {
+            assert_eq!(Route::from_template(route.as_str()), route);
+        }
+        assert_eq!(Route::from_template("/../etc/passwd"), Route::Other);
+    }
+}
