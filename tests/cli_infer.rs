@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row};
+use common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row, nano_dims, single_body};
 use serde_json::Value;
 use tokitai_serve::model::LayerNormMode;
 
@@ -49,6 +49,37 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+/// `infer --arch ARCH --checkpoint CHECKPOINT`, then `extra`.
+fn infer_args<'a>(arch: &'a Path, checkpoint: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["infer", "--arch", path(arch), "--checkpoint", path(checkpoint)];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `synth --size nano --seed SEED --out OUT`.
+fn synth_nano(seed: u64, out: &Path) -> Output {
+    run(
+        &[
+            "synth",
+            "--size",
+            "nano",
+            "--seed",
+            &seed.to_string(),
+            "--out",
+            path(out),
+        ],
+        b"",
+    )
+}
+
+/// `infer` on the model `synth` wrote to `dir`, with `stdin`.
+fn infer_model_dir(dir: &Path, stdin: &[u8]) -> Output {
+    run(
+        &infer_args(&dir.join("arch.json"), &dir.join("checkpoint.tkp1"), &[]),
+        stdin,
+    )
+}
+
 #[test]
 fn infer_matches_the_fixtures_in_both_modes_from_stdin_and_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,18 +88,10 @@ fn infer_matches_the_fixtures_in_both_modes_from_stdin_and_file() {
         let body = batch_body(&fixture.inputs);
         let input = dir.path().join(format!("{name}.json"));
         std::fs::write(&input, &body).unwrap();
-        let all: Vec<usize> = (0..64).collect();
+        let all = fixture.all_rows();
         for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
-            let base = [
-                "infer",
-                "--arch",
-                path(&fixture.arch),
-                "--checkpoint",
-                path(&fixture.checkpoint),
-            ];
-            let mut from_stdin: Vec<&str> = base.to_vec();
-            let mut from_file: Vec<&str> = base.to_vec();
-            from_file.extend(["--input", path(&input)]);
+            let mut from_stdin = infer_args(&fixture.arch, &fixture.checkpoint, &[]);
+            let mut from_file = infer_args(&fixture.arch, &fixture.checkpoint, &["--input", path(&input)]);
             if mode == LayerNormMode::Stored {
                 from_stdin.extend(["--layernorm", "stored"]);
                 from_file.extend(["--layernorm", "stored"]);
@@ -98,17 +121,8 @@ fn infer_matches_the_fixtures_in_both_modes_from_stdin_and_file() {
             );
         }
         // A single flat row gives that row's answer, bit for bit.
-        let single = common::single_body(&fixture.inputs[7]);
-        let out = run(
-            &[
-                "infer",
-                "--arch",
-                path(&fixture.arch),
-                "--checkpoint",
-                path(&fixture.checkpoint),
-            ],
-            single.as_bytes(),
-        );
+        let single = single_body(&fixture.inputs[7]);
+        let out = run(&infer_args(&fixture.arch, &fixture.checkpoint, &[]), single.as_bytes());
         assert!(out.status.success(), "{}", stderr(&out));
         let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
         fixture.check(LayerNormMode::Identity, &answer, &[7], "single flat row");
@@ -135,15 +149,7 @@ fn usage_errors_exit_2() {
         ),
         (
             "bad --layernorm",
-            vec![
-                "infer",
-                "--arch",
-                path(&f.arch),
-                "--checkpoint",
-                path(&f.checkpoint),
-                "--layernorm",
-                "both",
-            ],
+            infer_args(&f.arch, &f.checkpoint, &["--layernorm", "both"]),
             "--layernorm",
         ),
         ("synth without --out", vec!["synth", "--size", "nano"], "Usage:"),
@@ -168,14 +174,11 @@ fn usage_errors_exit_2() {
 fn load_and_body_failures_exit_1_with_the_reason() {
     let f = Fixture::load("nano-s11");
     let dir = tempfile::tempdir().unwrap();
-    let body = common::single_body(&f.inputs[0]);
+    let body = single_body(&f.inputs[0]);
 
     // Missing checkpoint.
     let missing = dir.path().join("nope.tkp1");
-    let out = run(
-        &["infer", "--arch", path(&f.arch), "--checkpoint", path(&missing)],
-        body.as_bytes(),
-    );
+    let out = run(&infer_args(&f.arch, &missing, &[]), body.as_bytes());
     assert_eq!(out.status.code(), Some(1), "missing checkpoint: {}", stderr(&out));
     assert!(
         stderr(&out).contains("nope.tkp1") || stderr(&out).to_lowercase().contains("no such file"),
@@ -194,10 +197,7 @@ fn load_and_body_failures_exit_1_with_the_reason() {
     let garbage = dir.path().join("garbage.tkp1");
     std::fs::write(&garbage, b"TKP1\x01\0\0\0\0\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
     for ckpt in [&bad_magic, &truncated, &garbage] {
-        let out = run(
-            &["infer", "--arch", path(&f.arch), "--checkpoint", path(ckpt)],
-            body.as_bytes(),
-        );
+        let out = run(&infer_args(&f.arch, ckpt, &[]), body.as_bytes());
         assert_eq!(out.status.code(), Some(1), "{}: {}", ckpt.display(), stderr(&out));
         let err = stderr(&out);
         assert!(err.contains("failed to load the model"), "{}: {err}", ckpt.display());
@@ -205,22 +205,14 @@ fn load_and_body_failures_exit_1_with_the_reason() {
     }
 
     // Malformed bodies.
+    let one_short = vec!["0.5"; f.dims.input - 1].join(",");
     for (what, body) in [
         ("broken JSON", "{\"features\": [1,".to_string()),
-        (
-            "95 features",
-            format!("{{\"features\": [{}]}}", vec!["0.5"; 95].join(",")),
-        ),
+        ("one feature short", format!("{{\"features\": [{one_short}]}}")),
         ("empty", String::new()),
-        (
-            "not a number",
-            format!("{{\"features\": [\"x\", {}]}}", vec!["0.5"; 95].join(",")),
-        ),
+        ("not a number", format!("{{\"features\": [\"x\", {one_short}]}}")),
     ] {
-        let out = run(
-            &["infer", "--arch", path(&f.arch), "--checkpoint", path(&f.checkpoint)],
-            body.as_bytes(),
-        );
+        let out = run(&infer_args(&f.arch, &f.checkpoint, &[]), body.as_bytes());
         assert_eq!(out.status.code(), Some(1), "{what}: {}", stderr(&out));
         let err = stderr(&out);
         assert!(
@@ -229,29 +221,13 @@ fn load_and_body_failures_exit_1_with_the_reason() {
         );
         assert!(out.stdout.is_empty(), "{what}: no answer printed");
     }
-    let out = run(
-        &["infer", "--arch", path(&f.arch), "--checkpoint", path(&f.checkpoint)],
-        b"{\"features\": [1,2]}",
-    );
-    assert!(
-        stderr(&out).contains("row 0 has 2 features, expected 96"),
-        "{}",
-        stderr(&out)
-    );
+    let out = run(&infer_args(&f.arch, &f.checkpoint, &[]), b"{\"features\": [1,2]}");
+    let want = format!("row 0 has 2 features, expected {}", f.dims.input);
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
 
     // Missing --input file.
-    let out = run(
-        &[
-            "infer",
-            "--arch",
-            path(&f.arch),
-            "--checkpoint",
-            path(&f.checkpoint),
-            "--input",
-            path(&dir.path().join("no.json")),
-        ],
-        b"",
-    );
+    let no_input = dir.path().join("no.json");
+    let out = run(&infer_args(&f.arch, &f.checkpoint, &["--input", path(&no_input)]), b"");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
@@ -259,27 +235,28 @@ fn load_and_body_failures_exit_1_with_the_reason() {
 fn synth_then_infer() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("model");
-    let out = run(
-        &["synth", "--size", "nano", "--seed", "3", "--out", path(&out_dir)],
-        b"",
-    );
+    let out = synth_nano(3, &out_dir);
     assert!(out.status.success(), "synth: {}", stderr(&out));
     let (arch, checkpoint) = (out_dir.join("arch.json"), out_dir.join("checkpoint.tkp1"));
     assert!(arch.is_file() && checkpoint.is_file());
 
     let fixture = Fixture::load("nano-s11");
     let body = batch_body(&fixture.inputs[..8]);
-    let args = ["infer", "--arch", path(&arch), "--checkpoint", path(&checkpoint)];
-    let first = run(&args, body.as_bytes());
+    let first = infer_model_dir(&out_dir, body.as_bytes());
     assert!(first.status.success(), "infer on the synth model: {}", stderr(&first));
     let answer: Value = serde_json::from_slice(&first.stdout).unwrap();
     assert_eq!(answer["logits"].as_array().unwrap().len(), 8);
+    let dims = nano_dims();
     for r in 0..8 {
-        let logits = f32_row(&answer["logits"][r], 20, "synth logits");
+        let logits = f32_row(&answer["logits"][r], dims.output, "synth logits");
         assert!(logits.iter().all(|x| x.is_finite()), "row {r}: {logits:?}");
-        let w = f32_row(&answer["router_weights"][r], 4, "synth router weights");
+        let w = f32_row(&answer["router_weights"][r], dims.experts, "synth router weights");
         let nonzero = w.iter().filter(|&&x| x != 0.0).count();
-        assert!((1..=2).contains(&nonzero), "row {r}: top-2 routing, got {w:?}");
+        assert!(
+            (1..=dims.top_k).contains(&nonzero),
+            "row {r}: top-{} routing, got {w:?}",
+            dims.top_k
+        );
         let sum: f64 = w.iter().sum();
         assert!(
             sum > 0.0 && sum <= 1.0 + 1e-6,
@@ -288,41 +265,12 @@ fn synth_then_infer() {
     }
     // Same seed, same model: a second synth gives the same answer.
     let again_dir = dir.path().join("again");
-    let out = run(
-        &["synth", "--size", "nano", "--seed", "3", "--out", path(&again_dir)],
-        b"",
-    );
-    assert!(out.status.success());
-    let again = run(
-        &[
-            "infer",
-            "--arch",
-            path(&again_dir.join("arch.json")),
-            "--checkpoint",
-            path(&again_dir.join("checkpoint.tkp1")),
-        ],
-        body.as_bytes(),
-    );
+    assert!(synth_nano(3, &again_dir).status.success());
+    let again = infer_model_dir(&again_dir, body.as_bytes());
     assert_eq!(first.stdout, again.stdout, "synth is deterministic in its seed");
     // A different seed is a different model.
     let other_dir = dir.path().join("other");
-    assert!(
-        run(
-            &["synth", "--size", "nano", "--seed", "4", "--out", path(&other_dir)],
-            b""
-        )
-        .status
-        .success()
-    );
-    let other = run(
-        &[
-            "infer",
-            "--arch",
-            path(&other_dir.join("arch.json")),
-            "--checkpoint",
-            path(&other_dir.join("checkpoint.tkp1")),
-        ],
-        body.as_bytes(),
-    );
+    assert!(synth_nano(4, &other_dir).status.success());
+    let other = infer_model_dir(&other_dir, body.as_bytes());
     assert_ne!(first.stdout, other.stdout);
 }

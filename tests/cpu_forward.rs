@@ -4,26 +4,16 @@
 //!
 //! Owns: nothing but tests. Must not touch: fixtures (read-only).
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::OnceLock;
 
+use common::{Fixture, LOGIT_TOL, ROUTER_TOL};
 use proptest::prelude::*;
 use tokitai_serve::backend::cpu::{CpuBackend, CpuOptions, SplitPolicy};
 use tokitai_serve::backend::{Backend, ForwardOutput, SessionConfig, reference};
-use tokitai_serve::model::arch::Arch;
-use tokitai_serve::model::checkpoint::read_checkpoint;
 use tokitai_serve::model::synth::synth_weights;
-use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
-
-fn fixture_weights(name: &str) -> MoeWeights {
-    let dir = PathBuf::from(FIXTURES).join(name);
-    let dims = Arch::load(&dir.join("arch.json")).expect("arch.json").dims();
-    read_checkpoint(&dir.join("checkpoint.tkp1"), &dims)
-        .expect("checkpoint")
-        .weights
-}
+use tokitai_serve::model::{Dims, LayerNormMode, ModelSize};
 
 fn options() -> Vec<CpuOptions> {
     let mut v = vec![];
@@ -46,49 +36,34 @@ fn max_abs_diff(a: &[f32], b: impl IntoIterator<Item = f64>) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
 }
 
-fn flat(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
-        .collect()
+/// Rows of a matrix, one after the other.
+fn flat(rows: &[Vec<f64>]) -> Vec<f64> {
+    rows.iter().flatten().copied().collect()
 }
 
 fn check_fixture(name: &str) {
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(PathBuf::from(FIXTURES).join(name).join("expected.json")).unwrap(),
-    )
-    .unwrap();
-    let input: Vec<f32> = flat(&expected["inputs"]).into_iter().map(|x| x as f32).collect();
-    let n = expected["inputs"].as_array().unwrap().len();
-    let strict: Vec<bool> = expected["top_k_strict"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b.as_bool().unwrap())
-        .collect();
-    let topk = flat(&expected["top_k_indices"]);
-    let rw = flat(&expected["router_weights"]);
-    for (mode, key) in [
-        (LayerNormMode::Identity, "logits_ln_identity"),
-        (LayerNormMode::Stored, "logits"),
-    ] {
-        let want = flat(&expected[key]);
+    let fixture = Fixture::load(name);
+    let weights = fixture.weights();
+    let input = fixture.flat_inputs();
+    let n = fixture.inputs.len();
+    let rw = flat(&fixture.router_weights);
+    for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
+        let want = flat(fixture.expected_logits(mode));
         for opts in options() {
-            let backend = CpuBackend::with_options(fixture_weights(name), mode, opts);
+            let backend = CpuBackend::with_options(weights.clone(), mode, opts);
             for threads in [1, 2] {
                 let out = run(&backend, threads, &input);
                 let what = format!("{name} {mode} {opts:?} threads={threads}");
                 assert_eq!(out.n_rows, n);
                 let d = max_abs_diff(&out.logits, want.iter().copied());
-                assert!(d <= 2e-5, "{what}: max |logit diff| {d:e}");
+                assert!(d <= LOGIT_TOL, "{what}: max |logit diff| {d:e}");
                 let d = max_abs_diff(&out.router_weights, rw.iter().copied());
-                assert!(d <= 1e-6, "{what}: max |router weight diff| {d:e}");
+                assert!(d <= ROUTER_TOL, "{what}: max |router weight diff| {d:e}");
                 let k = backend.dims().top_k;
-                for (row, &s) in strict.iter().enumerate() {
+                for (row, &s) in fixture.top_k_strict.iter().enumerate() {
                     if s {
-                        let got: Vec<f64> = out.top_k[row * k..(row + 1) * k].iter().map(|&e| e as f64).collect();
-                        assert_eq!(got, topk[row * k..(row + 1) * k], "{what}: top_k of row {row}");
+                        let got: Vec<usize> = out.top_k[row * k..(row + 1) * k].iter().map(|&e| e as usize).collect();
+                        assert_eq!(got, fixture.top_k_indices[row], "{what}: top_k of row {row}");
                     }
                 }
             }
@@ -161,24 +136,22 @@ fn matches_reference_on_synthetic_weights() {
 
 #[test]
 fn describe_and_errors() {
-    let backend = CpuBackend::new(
-        synth_weights(Dims::for_size(ModelSize::Nano), 1),
-        LayerNormMode::Identity,
-    );
+    let dims = Dims::for_size(ModelSize::Nano);
+    let backend = CpuBackend::new(synth_weights(dims, 1), LayerNormMode::Identity);
     assert_eq!(backend.name(), "cpu");
     assert!(backend.describe().starts_with("cpu ("), "{}", backend.describe());
     let mut s = backend.create_session(SessionConfig { threads: 2 }).unwrap();
     let mut out = ForwardOutput::default();
-    assert!(s.forward(&[0.0; 95], &mut out).is_err());
+    assert!(s.forward(&vec![0.0; dims.input - 1], &mut out).is_err());
     s.forward(&[], &mut out).unwrap();
     assert_eq!(out.n_rows, 0);
     assert!(out.logits.is_empty());
     // Reuse after a larger batch: outputs sized to the new batch.
-    s.forward(&inputs(40, 96, 3), &mut out).unwrap();
-    s.forward(&inputs(2, 96, 3), &mut out).unwrap();
+    s.forward(&inputs(40, dims.input, 3), &mut out).unwrap();
+    s.forward(&inputs(2, dims.input, 3), &mut out).unwrap();
     assert_eq!(
         (out.logits.len(), out.router_weights.len(), out.top_k.len()),
-        (40, 8, 4)
+        (2 * dims.output, 2 * dims.experts, 2 * dims.top_k)
     );
 }
 

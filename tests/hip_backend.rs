@@ -5,19 +5,16 @@
 //!
 //! Owns: nothing but tests. Must not touch: fixtures (read-only).
 
-use std::path::PathBuf;
+mod common;
 
+use common::{FIXTURE_NAMES, Fixture};
 use tokitai_serve::backend::cpu::CpuBackend;
 use tokitai_serve::backend::hip::{self, HipOptions};
 use tokitai_serve::backend::{Backend, BackendError, ForwardOutput, SessionConfig};
 use tokitai_serve::config::Config;
 use tokitai_serve::engine;
-use tokitai_serve::model::arch::Arch;
-use tokitai_serve::model::checkpoint::read_checkpoint;
 use tokitai_serve::model::synth::{demo_model, synth_weights};
 use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 
 fn config(backend: &str) -> Config {
     let mut c = Config::default();
@@ -64,7 +61,7 @@ fn auto_falls_back_to_the_cpu_without_a_device() {
     // And it serves.
     let mut s = backend.create_session(SessionConfig::default()).unwrap();
     let mut out = ForwardOutput::default();
-    s.forward(&vec![0.5; 96 * 3], &mut out).unwrap();
+    s.forward(&vec![0.5; backend.dims().input * 3], &mut out).unwrap();
     assert_eq!(out.n_rows, 3);
 }
 
@@ -127,19 +124,10 @@ fn a_build_without_the_feature_says_so() {
 
 // ---------------------------------------------------------------- device tests
 
+/// A fixture's weights and every one of its input rows, flat.
 fn fixture(name: &str) -> (MoeWeights, Vec<f32>) {
-    let dir = PathBuf::from(FIXTURES).join(name);
-    let dims = Arch::load(&dir.join("arch.json")).unwrap().dims();
-    let weights = read_checkpoint(&dir.join("checkpoint.tkp1"), &dims).unwrap().weights;
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let input = expected["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32))
-        .collect();
-    (weights, input)
+    let f = Fixture::load(name);
+    (f.weights(), f.flat_inputs())
 }
 
 fn run(backend: &dyn Backend, input: &[f32]) -> ForwardOutput {
@@ -157,7 +145,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn device_forward_matches_the_cpu_on_the_fixtures() {
     require_device!();
-    for name in ["nano-s11", "nano-s12"] {
+    for name in FIXTURE_NAMES {
         let (weights, input) = fixture(name);
         for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
             let gpu = hip::new_backend(&weights, mode, &HipOptions::default()).unwrap();
@@ -181,20 +169,31 @@ fn device_rows_are_batch_invariant() {
     // The device memory metric's source: every GPU in use, holding at least its weights.
     let used = gpu.device_memory_used();
     assert!(!used.is_empty() && used.iter().all(|(_, bytes)| *bytes > 0), "{used:?}");
-    let rows = input.len() / 96;
+    let Dims {
+        input: width,
+        output,
+        experts,
+        top_k,
+        ..
+    } = gpu.dims();
+    let rows = input.len() / width;
     let mut batch = Vec::new();
     let order: Vec<usize> = (0..300).map(|i| (i * 37 + 5) % rows).collect();
     for &r in &order {
-        batch.extend_from_slice(&input[r * 96..(r + 1) * 96]);
+        batch.extend_from_slice(&input[r * width..(r + 1) * width]);
     }
     let all = run(&gpu, &batch);
     let mut session = gpu.create_session(SessionConfig::default()).unwrap();
     for (i, &r) in order.iter().enumerate().take(64) {
         let mut one = ForwardOutput::default();
-        session.forward(&input[r * 96..(r + 1) * 96], &mut one).unwrap();
-        assert_eq!(one.logits, all.logits[i * 20..(i + 1) * 20], "row {r} at position {i}");
-        assert_eq!(one.router_weights, all.router_weights[i * 4..(i + 1) * 4]);
-        assert_eq!(one.top_k, all.top_k[i * 2..(i + 1) * 2]);
+        session.forward(&input[r * width..(r + 1) * width], &mut one).unwrap();
+        assert_eq!(
+            one.logits,
+            all.logits[i * output..(i + 1) * output],
+            "row {r} at position {i}"
+        );
+        assert_eq!(one.router_weights, all.router_weights[i * experts..(i + 1) * experts]);
+        assert_eq!(one.top_k, all.top_k[i * top_k..(i + 1) * top_k]);
     }
 }
 
@@ -212,13 +211,14 @@ fn device_sessions_handle_empty_large_and_malformed_batches() {
     )
     .unwrap();
     let cpu = CpuBackend::new(weights, LayerNormMode::Identity);
+    let width = gpu.dims().input;
     let mut s = gpu.create_session(SessionConfig::default()).unwrap();
     let mut out = ForwardOutput::default();
     s.forward(&[], &mut out).unwrap();
     assert_eq!(out.n_rows, 0);
-    assert!(s.forward(&[1.0; 95], &mut out).is_err());
+    assert!(s.forward(&vec![1.0; width - 1], &mut out).is_err());
     // More rows than one chunk.
-    let input: Vec<f32> = (0..5000 * 96)
+    let input: Vec<f32> = (0..5000 * width)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();
     s.forward(&input, &mut out).unwrap();

@@ -57,8 +57,7 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
     let reply = post(&agent, &url, &batch_body(&fixture.inputs), &[]);
     assert_eq!(reply.status, 200, "{name} batch: {}", reply.text());
     let batch = reply.json();
-    let all: Vec<usize> = (0..64).collect();
-    fixture.check(mode, &batch, &all, &format!("{name} {mode} batch"));
+    fixture.check(mode, &batch, &fixture.all_rows(), &format!("{name} {mode} batch"));
 
     // Same numbers whichever form and whatever the companions.
     for (r, single) in singles.iter().enumerate() {
@@ -73,7 +72,7 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
     }
 
     // A batch in another order gets its rows back in that order.
-    let order: Vec<usize> = (0..64).rev().step_by(3).collect();
+    let order: Vec<usize> = fixture.all_rows().into_iter().rev().step_by(3).collect();
     let rows: Vec<&Vec<f64>> = order.iter().map(|&r| &fixture.inputs[r]).collect();
     let reply = post(&agent, &url, &batch_body(&rows), &[]);
     assert_eq!(reply.status, 200);
@@ -92,9 +91,9 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
     assert_eq!(h["status"], "ok");
     assert_eq!(h["arch"], fixture.arch.display().to_string());
     assert_eq!(h["checkpoint"], fixture.checkpoint.display().to_string());
-    assert_eq!(h["in_dim"], 96);
-    assert_eq!(h["out_dim"], 20);
-    assert_eq!(h["n_experts"], 4);
+    assert_eq!(h["in_dim"], fixture.dims.input);
+    assert_eq!(h["out_dim"], fixture.dims.output);
+    assert_eq!(h["n_experts"], fixture.dims.experts);
     assert_eq!(h["size"], "Nano");
     assert_eq!(h["layernorm"], mode.as_str());
     assert_eq!(h["param_count"], 195_540);

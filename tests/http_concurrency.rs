@@ -11,9 +11,7 @@
 
 mod common;
 
-use std::sync::{Arc, Barrier};
-
-use common::{Fixture, Rng, TestServer, agent, batch_body, fixture_config, post, single_body};
+use common::{Fixture, Rng, TestServer, agent, batch_body, concurrent_clients, fixture_config, post, single_body};
 use serde_json::Value;
 use tokitai_serve::model::LayerNormMode;
 
@@ -29,9 +27,9 @@ fn plan(fixture: &Fixture) -> Vec<Vec<String>> {
                 .map(|_| {
                     let row = |rng: &mut Rng| {
                         if rng.below(2) == 0 {
-                            fixture.inputs[rng.below(64)].clone()
+                            fixture.inputs[rng.below(fixture.inputs.len())].clone()
                         } else {
-                            rng.row()
+                            rng.row(fixture.dims.input)
                         }
                     };
                     if rng.below(3) == 0 {
@@ -47,6 +45,13 @@ fn plan(fixture: &Fixture) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The JSON answer to `body`, which must be a 200.
+fn answer(agent: &ureq::Agent, url: &str, body: &str, who: &str) -> Value {
+    let reply = post(agent, url, body, &[]);
+    assert_eq!(reply.status, 200, "{who}: {}", reply.text());
+    reply.json()
+}
+
 #[test]
 fn concurrent_clients_get_their_own_bit_identical_answers() {
     let fixture = Fixture::load("nano-s12");
@@ -58,7 +63,7 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
     config.batching.max_queue_delay_us = 2000;
     let server = TestServer::start(config);
     let url = server.url("/infer");
-    let plan = Arc::new(plan(&fixture));
+    let plan = plan(&fixture);
 
     // Sequential reference answers, one request at a time.
     let sequential: Vec<Vec<Value>> = {
@@ -67,11 +72,7 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
             .map(|client| {
                 client
                     .iter()
-                    .map(|body| {
-                        let reply = post(&agent, &url, body, &[]);
-                        assert_eq!(reply.status, 200, "sequential: {}", reply.text());
-                        reply.json()
-                    })
+                    .map(|body| answer(&agent, &url, body, "sequential"))
                     .collect()
             })
             .collect()
@@ -99,25 +100,12 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
     let before = server.metrics();
 
     // The same requests from 64 concurrent clients, each on its own connection.
-    let barrier = Arc::new(Barrier::new(CLIENTS));
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (plan, barrier, url) = (Arc::clone(&plan), Arc::clone(&barrier), url.clone());
-            std::thread::spawn(move || {
-                let agent = agent();
-                barrier.wait();
-                plan[c]
-                    .iter()
-                    .map(|body| {
-                        let reply = post(&agent, &url, body, &[]);
-                        assert_eq!(reply.status, 200, "client {c}: {}", reply.text());
-                        reply.json()
-                    })
-                    .collect::<Vec<Value>>()
-            })
-        })
-        .collect();
-    let concurrent: Vec<Vec<Value>> = handles.into_iter().map(|h| h.join().expect("client thread")).collect();
+    let concurrent: Vec<Vec<Value>> = concurrent_clients(CLIENTS, |c, agent| {
+        plan[c]
+            .iter()
+            .map(|body| answer(agent, &url, body, &format!("client {c}")))
+            .collect()
+    });
 
     for c in 0..CLIENTS {
         for i in 0..REQUESTS_PER_CLIENT {

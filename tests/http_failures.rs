@@ -27,34 +27,71 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    Fixture, ProcessServer, RawOutcome, TestServer, agent, batch_body, close, fixture_config, get, post, raw_exchange,
-    raw_request, send_and_abandon, single_body, try_get,
+    Fixture, Metrics, ProcessServer, RawOutcome, Reply, TestServer, agent, batch_body, close, concurrent_clients,
+    fixture_config, get, post, raw_exchange, raw_json_request, send_and_abandon, single_body, try_get,
 };
+use tokitai_serve::config::Config;
 use tokitai_serve::model::LayerNormMode;
 
-fn rows_computed(m: &common::Metrics) -> f64 {
+fn rows_computed(m: &Metrics) -> f64 {
     m.sum("tokitai_rows_computed_total", &[])
 }
 
-fn rows_dropped(m: &common::Metrics, reason: &str) -> f64 {
+fn rows_dropped(m: &Metrics, reason: &str) -> f64 {
     m.sum("tokitai_rows_dropped_total", &[("reason", reason)])
+}
+
+/// nano-s11 (identity LayerNorm) on one worker that holds a partial batch
+/// `hold_us` before computing it.
+fn one_worker_holding_batches(hold_us: u64) -> Config {
+    let mut config = fixture_config("nano-s11", LayerNormMode::Identity);
+    config.workers.count = 1;
+    config.batching.max_queue_delay_us = hold_us;
+    config
+}
+
+/// Waits until `rows` more rows than in `before` are counted as dropped for
+/// `reason`, then asserts that exactly that many were, that no row at all was
+/// computed since `before`, and that `requests` requests failed for `reason`
+/// on `/infer`. `what` names the rows. Returns the last scrape.
+fn assert_dropped_not_computed(
+    server: &TestServer,
+    before: &Metrics,
+    reason: &str,
+    rows: usize,
+    requests: usize,
+    what: &str,
+) -> Metrics {
+    let dropped_since = |m: &Metrics| rows_dropped(m, reason) - rows_dropped(before, reason);
+    let after = server.wait_metrics(&format!("{what} dropped as {reason}"), |m| {
+        dropped_since(m) >= rows as f64
+    });
+    assert_eq!(dropped_since(&after), rows as f64, "{what} dropped as {reason}");
+    assert_eq!(rows_computed(&after), rows_computed(before), "{what} were computed");
+    assert_eq!(
+        after.sum(
+            "tokitai_request_failures_total",
+            &[("route", "/infer"), ("reason", reason)]
+        ),
+        requests as f64,
+        "requests failed as {reason}"
+    );
+    after
 }
 
 #[test]
 fn overload_answers_every_request_with_200_or_429() {
     let fixture = Fixture::load("nano-s11");
-    let mut config = fixture_config("nano-s11", LayerNormMode::Identity);
-    config.workers.count = 1;
-    config.batching.max_request_rows = 8;
-    config.batching.max_queue_rows = 8;
     // A batch is never full (256 > 8 queued rows at most), so an admitted
     // request stays queued for 1 s: while it does, the queue is full and
     // every other request must be refused.
-    config.batching.max_queue_delay_us = 1_000_000;
+    let mut config = one_worker_holding_batches(1_000_000);
+    config.batching.max_request_rows = 8;
+    config.batching.max_queue_rows = 8;
     let server = TestServer::start(config);
     let url = server.url("/infer");
     let body = Arc::new(batch_body(&fixture.inputs[..8]));
@@ -71,18 +108,12 @@ fn overload_answers_every_request_with_200_or_429() {
     // ...then a flood from 16 clients.
     const CLIENTS: usize = 16;
     const EACH: usize = 3;
-    let barrier = Arc::new(Barrier::new(CLIENTS));
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (url, body, barrier) = (url.clone(), Arc::clone(&body), Arc::clone(&barrier));
-            std::thread::spawn(move || {
-                let agent = agent();
-                barrier.wait();
-                (0..EACH).map(|_| post(&agent, &url, &body, &[])).collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let mut replies: Vec<common::Reply> = handles.into_iter().flat_map(|h| h.join().expect("client")).collect();
+    let mut replies: Vec<Reply> = concurrent_clients(CLIENTS, |_, agent| {
+        (0..EACH).map(|_| post(agent, &url, &body, &[])).collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
     replies.push(first.join().expect("first client"));
 
     let (mut ok, mut refused) = (0u64, 0u64);
@@ -126,11 +157,8 @@ fn overload_answers_every_request_with_200_or_429() {
 #[test]
 fn deadline_passed_in_queue_gets_504_and_rows_are_not_computed() {
     let fixture = Fixture::load("nano-s11");
-    let mut config = fixture_config("nano-s11", LayerNormMode::Identity);
-    config.workers.count = 1;
     // Partial batches are held 300 ms: a 1 ms deadline always passes first.
-    config.batching.max_queue_delay_us = 300_000;
-    let server = TestServer::start(config);
+    let server = TestServer::start(one_worker_holding_batches(300_000));
     let agent = agent();
     let url = server.url("/infer");
     let before = server.metrics();
@@ -142,24 +170,13 @@ fn deadline_passed_in_queue_gets_504_and_rows_are_not_computed() {
         let reply = post(&agent, &url, &body, &[("X-Request-Timeout-Ms", "1")]);
         reply.assert_error(504, "timeout", &format!("request {i} with a 1 ms deadline"));
     }
-    let after = server.wait_metrics("the expired rows counted as dropped", |m| {
-        rows_dropped(m, "timeout") - rows_dropped(&before, "timeout") >= (REQUESTS * ROWS) as f64
-    });
-    assert_eq!(
-        rows_dropped(&after, "timeout") - rows_dropped(&before, "timeout"),
-        (REQUESTS * ROWS) as f64
-    );
-    assert_eq!(
-        rows_computed(&after),
-        rows_computed(&before),
-        "expired rows were computed"
-    );
-    assert_eq!(
-        after.sum(
-            "tokitai_request_failures_total",
-            &[("route", "/infer"), ("reason", "timeout")]
-        ),
-        REQUESTS as f64
+    let after = assert_dropped_not_computed(
+        &server,
+        &before,
+        "timeout",
+        REQUESTS * ROWS,
+        REQUESTS,
+        "the expired rows",
     );
 
     // A request with the default deadline still gets its answer, and only its
@@ -176,46 +193,29 @@ fn deadline_passed_in_queue_gets_504_and_rows_are_not_computed() {
 #[test]
 fn disconnected_clients_rows_are_dropped_not_computed() {
     let fixture = Fixture::load("nano-s11");
-    let mut config = fixture_config("nano-s11", LayerNormMode::Identity);
-    config.workers.count = 1;
     // Hold partial batches 1 s: long enough to see them queued and leave.
-    config.batching.max_queue_delay_us = 1_000_000;
-    let server = TestServer::start(config);
+    let server = TestServer::start(one_worker_holding_batches(1_000_000));
     let before = server.metrics();
 
     const CLIENTS: usize = 3;
     const ROWS: usize = 2;
     let body = batch_body(&fixture.inputs[20..20 + ROWS]);
-    let request = raw_request(
-        "POST",
-        "/infer",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    );
-    let streams: Vec<_> = (0..CLIENTS).map(|_| send_and_abandon(server.addr, &request)).collect();
+    let request = raw_json_request("POST", "/infer", body.as_bytes());
+    let streams: Vec<_> = (0..CLIENTS)
+        .map(|_| send_and_abandon(server.addr(), &request))
+        .collect();
     server.wait_metrics("every abandoned request queued", |m| {
         m.sum("tokitai_queue_depth_rows", &[]) == (CLIENTS * ROWS) as f64
     });
     streams.into_iter().for_each(close);
 
-    let after = server.wait_metrics("the abandoned rows dropped as cancelled", |m| {
-        rows_dropped(m, "cancelled") - rows_dropped(&before, "cancelled") >= (CLIENTS * ROWS) as f64
-    });
-    assert_eq!(
-        rows_dropped(&after, "cancelled") - rows_dropped(&before, "cancelled"),
-        (CLIENTS * ROWS) as f64
-    );
-    assert_eq!(
-        rows_computed(&after),
-        rows_computed(&before),
-        "rows of clients that left were computed"
-    );
-    assert_eq!(
-        after.sum(
-            "tokitai_request_failures_total",
-            &[("route", "/infer"), ("reason", "cancelled")]
-        ),
-        CLIENTS as f64
+    let after = assert_dropped_not_computed(
+        &server,
+        &before,
+        "cancelled",
+        CLIENTS * ROWS,
+        CLIENTS,
+        "the rows of clients that left",
     );
     assert_eq!(after.sum("tokitai_inflight_requests", &[]), 0.0);
 
@@ -234,7 +234,7 @@ fn worker_panic_answers_500_and_the_worker_recovers() {
     let server = TestServer::start(config);
     let agent = agent();
     let url = server.url("/infer");
-    let restarts = |m: &common::Metrics| m.sum("tokitai_worker_restarts_total", &[]);
+    let restarts = |m: &Metrics| m.sum("tokitai_worker_restarts_total", &[]);
     let before = server.metrics();
     assert_eq!(restarts(&before), 0.0);
 
@@ -253,7 +253,7 @@ fn worker_panic_answers_500_and_the_worker_recovers() {
     fixture.check(
         LayerNormMode::Stored,
         &reply.json(),
-        &(0..64).collect::<Vec<_>>(),
+        &fixture.all_rows(),
         "batch after the panic",
     );
 
@@ -313,12 +313,7 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
                     let inputs: Vec<&Vec<f64>> = rows.iter().map(|&r| &fixture.inputs[r]).collect();
                     let body = batch_body(&inputs);
                     let after_signal = signalled.load(Ordering::Acquire);
-                    let request = raw_request(
-                        "POST",
-                        "/infer",
-                        &[("Content-Type", "application/json")],
-                        body.as_bytes(),
-                    );
+                    let request = raw_json_request("POST", "/infer", body.as_bytes());
                     match raw_exchange(addr, &request) {
                         RawOutcome::Response(reply) if reply.status == 200 => {
                             let answer: serde_json::Value = match serde_json::from_slice(&reply.body) {

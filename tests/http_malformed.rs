@@ -19,7 +19,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{
-    Fixture, RawOutcome, TestServer, agent, fixture_config, get, post, raw_exchange, raw_request, single_body,
+    Fixture, RawOutcome, TestServer, agent, fixture_config, fixture_dims, get, post, raw_exchange, raw_json_request,
+    raw_request, single_body,
 };
 use tokitai_serve::model::LayerNormMode;
 
@@ -37,19 +38,12 @@ fn row(n: usize) -> String {
     format!("[{}]", nums(n))
 }
 
-/// A row of 96 numbers with element `at` replaced by `value`.
-fn row_with(at: usize, value: &str) -> String {
-    let mut items: Vec<String> = (0..96).map(|i| format!("{}", i as f64 / 100.0)).collect();
-    items[at] = value.to_string();
-    format!("[{}]", items.join(","))
-}
-
 fn features(inner: &str) -> Vec<u8> {
     format!(r#"{{"features": {inner}}}"#).into_bytes()
 }
 
 fn json_post(body: &[u8]) -> Vec<u8> {
-    raw_request("POST", "/infer", &[("Content-Type", "application/json")], body)
+    raw_json_request("POST", "/infer", body)
 }
 
 struct Case {
@@ -58,7 +52,7 @@ struct Case {
     status: u16,
     kind: &'static str,
     /// Text the error message must contain.
-    says: Option<&'static str>,
+    says: Option<String>,
 }
 
 fn case(name: &'static str, request: Vec<u8>, status: u16, kind: &'static str) -> Case {
@@ -71,13 +65,21 @@ fn case(name: &'static str, request: Vec<u8>, status: u16, kind: &'static str) -
     }
 }
 
-fn says(mut c: Case, text: &'static str) -> Case {
-    c.says = Some(text);
+fn says(mut c: Case, text: impl Into<String>) -> Case {
+    c.says = Some(text.into());
     c
 }
 
 fn table() -> Vec<Case> {
-    let good = row(96);
+    // Features per row the served model takes.
+    let width = fixture_dims("nano-s11").input;
+    // A row of `width` numbers with element `at` replaced by `value`.
+    let row_with = |at: usize, value: &str| {
+        let mut items: Vec<String> = (0..width).map(|i| format!("{}", i as f64 / 100.0)).collect();
+        items[at] = value.to_string();
+        format!("[{}]", items.join(","))
+    };
+    let good = row(width);
     let batch = |rows: &[String]| features(&format!("[{}]", rows.join(",")));
     let mut deep = "[".repeat(600);
     deep.push_str(&"]".repeat(600));
@@ -93,7 +95,7 @@ fn table() -> Vec<Case> {
         case("single quotes", json_post(b"{'features': [1, 2]}"), 400, "invalid"),
         case(
             "trailing comma",
-            json_post(format!(r#"{{"features": [{}, ]}}"#, nums(96)).as_bytes()),
+            json_post(format!(r#"{{"features": [{}, ]}}"#, nums(width)).as_bytes()),
             400,
             "invalid",
         ),
@@ -141,7 +143,7 @@ fn table() -> Vec<Case> {
                 400,
                 "invalid",
             ),
-            "row 1 has 0 features, expected 96",
+            format!("row 1 has 0 features, expected {width}"),
         ),
         case(
             "nested too deep",
@@ -174,30 +176,40 @@ fn table() -> Vec<Case> {
             "row 1",
         ),
         says(
-            case("95 features", json_post(&features(&row(95))), 400, "invalid"),
-            "row 0 has 95 features, expected 96",
-        ),
-        says(
-            case("97 features", json_post(&features(&row(97))), 400, "invalid"),
-            "row 0 has 97 features, expected 96",
-        ),
-        says(
             case(
-                "batch row of 95",
-                json_post(&batch(&[good.clone(), good.clone(), row(95)])),
+                "one feature short",
+                json_post(&features(&row(width - 1))),
                 400,
                 "invalid",
             ),
-            "row 2 has 95 features, expected 96",
+            format!("row 0 has {} features, expected {width}", width - 1),
         ),
         says(
             case(
-                "batch row of 97",
-                json_post(&batch(&[good.clone(), row(97), good.clone()])),
+                "one feature too many",
+                json_post(&features(&row(width + 1))),
                 400,
                 "invalid",
             ),
-            "row 1 has 97 features, expected 96",
+            format!("row 0 has {} features, expected {width}", width + 1),
+        ),
+        says(
+            case(
+                "batch row one feature short",
+                json_post(&batch(&[good.clone(), good.clone(), row(width - 1)])),
+                400,
+                "invalid",
+            ),
+            format!("row 2 has {} features, expected {width}", width - 1),
+        ),
+        says(
+            case(
+                "batch row one feature too many",
+                json_post(&batch(&[good.clone(), row(width + 1), good.clone()])),
+                400,
+                "invalid",
+            ),
+            format!("row 1 has {} features, expected {width}", width + 1),
         ),
         // Elements.
         says(
@@ -220,12 +232,12 @@ fn table() -> Vec<Case> {
         ),
         says(
             case(
-                "null element",
-                json_post(&features(&row_with(95, "null"))),
+                "null last element",
+                json_post(&features(&row_with(width - 1, "null"))),
                 400,
                 "invalid",
             ),
-            "feature 95",
+            format!("feature {}", width - 1),
         ),
         says(
             case(
@@ -289,13 +301,13 @@ fn table() -> Vec<Case> {
         ),
         case(
             "PUT /infer",
-            json_post_to("PUT", "/infer", &features(&good)),
+            raw_json_request("PUT", "/infer", &features(&good)),
             405,
             "method_not_allowed",
         ),
         case(
             "unknown path",
-            json_post_to("POST", "/predict", &features(&good)),
+            raw_json_request("POST", "/predict", &features(&good)),
             404,
             "not_found",
         ),
@@ -319,10 +331,6 @@ fn table() -> Vec<Case> {
             "invalid",
         ),
     ]
-}
-
-fn json_post_to(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
-    raw_request(method, path, &[("Content-Type", "application/json")], body)
 }
 
 fn timeout_request(value: &str, good: &str) -> Vec<u8> {
@@ -379,9 +387,9 @@ fn malformed_requests_get_their_status_and_a_json_error() {
     let cases = table();
     assert!(cases.len() >= 25);
     for c in &cases {
-        let reply = raw_exchange(server.addr, &c.request).expect_response(c.name);
+        let reply = raw_exchange(server.addr(), &c.request).expect_response(c.name);
         reply.assert_error(c.status, c.kind, c.name);
-        if let Some(text) = c.says {
+        if let Some(text) = &c.says {
             let msg = reply.json()["error"].as_str().unwrap().to_string();
             assert!(msg.contains(text), "{}: message {msg:?} does not say {text:?}", c.name);
         }
@@ -413,7 +421,7 @@ fn malformed_requests_get_their_status_and_a_json_error() {
 #[test]
 fn declared_50_mb_body_is_refused_before_it_is_sent() {
     let server = server();
-    let mut stream = TcpStream::connect(server.addr).unwrap();
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let head =
         "POST /infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n";
@@ -439,7 +447,7 @@ fn unparseable_content_length_is_refused_and_the_server_survives() {
         );
         // actix's HTTP/1 parser refuses these before any handler runs, with
         // a bare 400 (empty body: no engine code sees the request).
-        let reply = raw_exchange(server.addr, request.as_bytes()).expect_response(length);
+        let reply = raw_exchange(server.addr(), request.as_bytes()).expect_response(length);
         assert_eq!(reply.status, 400, "Content-Length: {length}");
     }
     still_healthy(&server);

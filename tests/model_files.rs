@@ -7,18 +7,20 @@
 //! broken files are made from the fixture bytes in a tempdir; the shared
 //! fixtures are never written.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::{FIXTURE_NAMES, fixture_dir};
 use proptest::prelude::*;
 use tokitai_serve::model::{
     Arch, Checkpoint, Dims, ModelError, ModelKind, ModelSize, ModelSource, RouterKind, load_model, read_checkpoint,
 };
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 const NANO_PARAMS: u64 = 195_540;
 
 fn fixture(set: &str, file: &str) -> PathBuf {
-    Path::new(FIXTURES).join(set).join(file)
+    fixture_dir(set).join(file)
 }
 
 fn fixture_bytes(set: &str) -> Vec<u8> {
@@ -145,7 +147,7 @@ fn record_label(l: &Layout, i: usize) -> String {
 
 #[test]
 fn both_fixtures_load_with_step_and_param_count() {
-    for set in ["nano-s11", "nano-s12"] {
+    for set in FIXTURE_NAMES {
         let expected: serde_json::Value =
             serde_json::from_slice(&std::fs::read(fixture(set, "expected.json")).unwrap()).unwrap();
         let step = expected["checkpoint_step"].as_u64().unwrap() as u32;
@@ -231,7 +233,7 @@ fn missing_file_is_an_io_error_naming_the_path() {
 
 #[test]
 fn truncation_at_every_record_boundary_and_inside_every_field() {
-    for set in ["nano-s11", "nano-s12"] {
+    for set in FIXTURE_NAMES {
         let bytes = fixture_bytes(set);
         let l = layout(&bytes);
 
@@ -464,13 +466,21 @@ fn a_wrong_length_vector_is_rejected() {
     let b = fixture_bytes("nano-s11");
     let l = layout(&b);
     let r = &l.records[1];
-    // router bias with 5 values (and its 4 extra bytes really there).
+    // The router bias (one value per expert) with one value more, and its 4
+    // extra bytes really there.
+    let experts = nano().experts;
     let mut x = b[..r.weight_at as usize].to_vec();
-    put_u32(&mut x, r.weight_len_at, 5);
-    x.extend_from_slice(&b[r.weight_at as usize..r.weight_at as usize + 16]);
+    put_u32(&mut x, r.weight_len_at, experts as u32 + 1);
+    x.extend_from_slice(&b[r.weight_at as usize..r.weight_at as usize + 4 * experts]);
     x.extend_from_slice(&1.0f32.to_le_bytes());
     x.extend_from_slice(&b[r.m_len_at as usize..]);
-    assert_contains(&err_of(&x), &[&record_label(&l, 1), "weight_len is 5 but expected 4"]);
+    assert_contains(
+        &err_of(&x),
+        &[
+            &record_label(&l, 1),
+            &format!("weight_len is {} but expected {experts}", experts + 1),
+        ],
+    );
 
     // An expert matrix one value short.
     let r = &l.records[6];
@@ -495,7 +505,7 @@ fn a_wrong_length_vector_is_rejected() {
 
 #[test]
 fn trailing_bytes_are_rejected() {
-    for set in ["nano-s11", "nano-s12"] {
+    for set in FIXTURE_NAMES {
         let b = fixture_bytes(set);
         for extra in [1usize, 4, 100] {
             let mut x = b.clone();
@@ -606,6 +616,9 @@ fn arch_err(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) 
 fn fixture_arch_parses() {
     let a = Arch::load(&fixture("nano-s11", "arch.json")).unwrap();
     assert_eq!(a.size, ModelSize::Nano);
+    // The released Nano shape, pinned here against the spec's numbers (and,
+    // below, against the library's `Dims`); every other test takes it from
+    // the library or the fixture.
     assert_eq!((a.input_dim, a.hidden_dim, a.output_dim), (96, 128, 20));
     assert_eq!((a.n_experts, a.top_k, a.expert_depth), (4, 2, 2));
     assert_eq!(a.seed, 0);
@@ -638,11 +651,12 @@ fn arch_dims_disagreeing_with_size_are_rejected() {
 
 #[test]
 fn arch_fixed_dims_other_than_released_are_rejected() {
+    let d = nano();
     for (field, bad, want) in [
-        ("input_dim", 95, 96),
-        ("output_dim", 21, 20),
-        ("n_experts", 8, 4),
-        ("top_k", 1, 2),
+        ("input_dim", d.input - 1, d.input),
+        ("output_dim", d.output + 1, d.output),
+        ("n_experts", 2 * d.experts, d.experts),
+        ("top_k", d.top_k - 1, d.top_k),
     ] {
         let msg = arch_err(|m| {
             m.insert(field.into(), bad.into());

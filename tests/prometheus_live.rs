@@ -9,16 +9,17 @@
 //!
 //! Owns: nothing but tests. Must not touch: the engine's behaviour.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{TestServer, agent, base_config, nano_dims};
 use serde_json::{Value, json};
-use tokitai_serve::config::Config;
 use tokitai_serve::metrics::Metrics;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -90,91 +91,24 @@ fn run_promtool(args: &[&str], stdin: Option<&[u8]>) -> String {
 
 // ---- the engine, in-process ------------------------------------------------
 
-/// The engine serving on a loopback port in its own thread and actix System;
-/// shut down (gracefully) and joined on drop.
-struct Engine {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// Limits the load below relies on.
 const MAX_REQUEST_ROWS: usize = 8;
-const INPUT_DIM: usize = 96;
 
-impl Engine {
-    fn start() -> Engine {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        let addr = listener.local_addr().unwrap();
-        let mut config = Config::default();
-        config.server.bind = addr.to_string();
-        config.server.http_workers = 2;
-        config.server.shutdown_timeout_secs = 5;
-        config.batching.max_request_rows = MAX_REQUEST_ROWS;
-        config.batching.max_queue_rows = 4096;
-        config.workers.count = 2;
-        config.workers.threads_per_worker = 1;
-        config.validate().expect("test config is valid");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            actix_rt::System::new()
-                .block_on(tokitai_serve::run(listener, config, async move {
-                    let _ = rx.await;
-                }))
-                .expect("engine runs and stops cleanly");
-        });
-        let engine = Engine {
-            addr,
-            shutdown: Some(tx),
-            thread: Some(thread),
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match agent().get(&engine.url("/readyz")).call() {
-                Ok(r) if r.status() == 200 => break,
-                _ if Instant::now() > deadline => {
-                    panic!("engine on {addr} not ready within {START_TIMEOUT:?}")
-                }
-                _ => {
-                    assert!(
-                        !engine.thread.as_ref().unwrap().is_finished(),
-                        "engine thread exited during start-up"
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-        engine
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let joined = thread.join();
-            if joined.is_err() && !std::thread::panicking() {
-                panic!("engine thread panicked");
-            }
-        }
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
-        .build()
+/// The engine on the demo model, serving on a loopback port in its own
+/// thread; shut down (gracefully) and checked to have stopped cleanly on drop.
+fn start_engine() -> TestServer {
+    let mut config = base_config();
+    config.server.http_workers = 2;
+    config.server.shutdown_timeout_secs = 5;
+    config.batching.max_request_rows = MAX_REQUEST_ROWS;
+    config.batching.max_queue_rows = 4096;
+    config.workers.count = 2;
+    config.workers.threads_per_worker = 1;
+    TestServer::start(config)
 }
 
 /// POSTs to /infer and returns the status (error statuses included).
-fn post_infer(engine: &Engine, content_type: &str, body: &str) -> u16 {
+fn post_infer(engine: &TestServer, content_type: &str, body: &str) -> u16 {
     match agent()
         .post(&engine.url("/infer"))
         .set("content-type", content_type)
@@ -212,8 +146,10 @@ impl Sent {
 /// Valid requests from a few threads (so batches coalesce), then invalid
 /// (400), too large (413) and wrong media type (415) ones; every answer's
 /// status is checked.
-fn drive_load(engine: &Engine) -> Sent {
+fn drive_load(engine: &TestServer) -> Sent {
     const THREADS: usize = 4;
+    // Features per row of the demo model.
+    let width = nano_dims().input;
     const VALID_PER_THREAD: usize = 10;
     let mut sent = Sent::default();
     std::thread::scope(|s| {
@@ -222,7 +158,7 @@ fn drive_load(engine: &Engine) -> Sent {
                 s.spawn(move || {
                     for i in 0..VALID_PER_THREAD {
                         let n_rows = 1 + (t + i) % 4;
-                        let status = post_infer(engine, "application/json", &rows_body(n_rows, INPUT_DIM, t * 100 + i));
+                        let status = post_infer(engine, "application/json", &rows_body(n_rows, width, t * 100 + i));
                         assert_eq!(status, 200, "valid request ({n_rows} rows) got {status}");
                     }
                 })
@@ -236,12 +172,12 @@ fn drive_load(engine: &Engine) -> Sent {
 
     let cases: [(&str, String, u16); 8] = [
         ("application/json", "{not json".to_string(), 400),
-        ("application/json", rows_body(1, INPUT_DIM - 1, 1), 400),
+        ("application/json", rows_body(1, width - 1, 1), 400),
         ("application/json", json!({ "features": "x" }).to_string(), 400),
         ("application/json", json!({ "rows": [] }).to_string(), 400),
-        ("application/json", rows_body(MAX_REQUEST_ROWS + 1, INPUT_DIM, 2), 413),
-        ("application/json", rows_body(MAX_REQUEST_ROWS * 4, INPUT_DIM, 3), 413),
-        ("text/plain", rows_body(1, INPUT_DIM, 4), 415),
+        ("application/json", rows_body(MAX_REQUEST_ROWS + 1, width, 2), 413),
+        ("application/json", rows_body(MAX_REQUEST_ROWS * 4, width, 3), 413),
+        ("text/plain", rows_body(1, width, 4), 415),
         ("application/x-www-form-urlencoded", "features=1".to_string(), 415),
     ];
     for (content_type, body, expected) in &cases {
@@ -716,7 +652,7 @@ fn grafana_provisioning_points_at_prometheus_and_the_dashboards_folder() {
 
 #[test]
 fn promtool_check_metrics_accepts_a_live_scrape() {
-    let engine = Engine::start();
+    let engine = start_engine();
     drive_load(&engine);
     let body = agent()
         .get(&engine.url("/metrics"))
@@ -736,9 +672,9 @@ fn promtool_check_metrics_accepts_a_live_scrape() {
 
 #[test]
 fn live_prometheus_scrapes_the_engine_and_every_dashboard_query_has_data() {
-    let engine = Engine::start();
-    let prom = Prometheus::start(engine.addr);
-    let instance = engine.addr.to_string();
+    let engine = start_engine();
+    let prom = Prometheus::start(engine.addr());
+    let instance = engine.addr().to_string();
     let up = format!("up{{job=\"tokitai-serve\",instance=\"{instance}\"}}");
     wait_for("the first successful scrape", SCRAPE_TIMEOUT, || {
         (prom.scalar(&up) == Some(1.0)).then_some(())

@@ -44,7 +44,7 @@ fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
     let out = Command::new(venv.join("bin/python"))
         .args([
             script,
-            &server.addr.to_string(),
+            &server.addr().to_string(),
             "tokitai-moe",
             &format!("{FIXTURES}/{fixture}"),
             logits_key,
@@ -102,7 +102,7 @@ fn perf_analyzer_completes_over_http_with_binary_data() {
             "-m",
             "tokitai-moe",
             "-u",
-            &server.addr.to_string(),
+            &server.addr().to_string(),
             "-i",
             "http",
             "--concurrency-range",

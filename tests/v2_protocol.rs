@@ -6,11 +6,13 @@
 
 mod common;
 
-use common::{Fixture, TestServer, agent, fixture_config, get, post};
+use common::{Fixture, Reply, TestServer, agent, base_config, finish, fixture_config, get, nano_dims, post};
 use serde_json::{Value, json};
 use tokitai_serve::model::LayerNormMode;
 
 const MODEL: &str = "tokitai-moe";
+/// Bytes per FP32 element in binary tensor data.
+const F32_BYTES: usize = size_of::<f32>();
 
 fn binary_request(header: &Value, payload: &[u8]) -> (Vec<u8>, String) {
     let head = serde_json::to_vec(header).unwrap();
@@ -19,17 +21,17 @@ fn binary_request(header: &Value, payload: &[u8]) -> (Vec<u8>, String) {
     (body, head.len().to_string())
 }
 
-fn post_binary(url: &str, body: &[u8], header_len: &str) -> common::Reply {
+fn post_binary(url: &str, body: &[u8], header_len: &str) -> Reply {
     let request = agent()
         .post(url)
         .set("Content-Type", "application/octet-stream")
         .set("Inference-Header-Content-Length", header_len);
-    common::finish(request.send_bytes(body)).unwrap_or_else(|e| panic!("POST {url}: {e}"))
+    finish(request.send_bytes(body)).unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes
-        .chunks_exact(4)
+        .chunks_exact(F32_BYTES)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect()
 }
@@ -39,10 +41,12 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
     let fixture = Fixture::load("nano-s11");
     let server = TestServer::start(fixture_config("nano-s11", LayerNormMode::Identity));
     let a = agent();
+    let d = fixture.dims;
+    const ROWS: usize = 5;
     let rows: Vec<Vec<f32>> = fixture
         .inputs
         .iter()
-        .take(5)
+        .take(ROWS)
         .map(|r| r.iter().map(|&v| v as f32).collect())
         .collect();
     let version = get(&a, &server.url(&format!("/v2/models/{MODEL}"))).json()["versions"][0]
@@ -64,7 +68,7 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
     // JSON, nested data, one requested output, id echoed.
     let request = json!({
         "id": "req-7",
-        "inputs": [{ "name": "features", "shape": [5, 96], "datatype": "FP32", "data": rows }],
+        "inputs": [{ "name": "features", "shape": [ROWS, d.input], "datatype": "FP32", "data": rows }],
         "outputs": [{ "name": "logits" }],
     });
     let reply = post(
@@ -81,7 +85,7 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
     let outputs = v["outputs"].as_array().unwrap();
     assert_eq!(outputs.len(), 1, "only the requested output");
     assert_eq!(outputs[0]["name"], "logits");
-    assert_eq!(outputs[0]["shape"], json!([5, 20]));
+    assert_eq!(outputs[0]["shape"], json!([ROWS, d.output]));
     let json_logits: Vec<f32> = outputs[0]["data"]
         .as_array()
         .unwrap()
@@ -93,7 +97,7 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
     // Binary in, binary out, through the versioned route.
     let payload: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
     let header = json!({
-        "inputs": [{ "name": "features", "shape": [5, 96], "datatype": "FP32",
+        "inputs": [{ "name": "features", "shape": [ROWS, d.input], "datatype": "FP32",
                      "parameters": { "binary_data_size": payload.len() } }],
         "parameters": { "binary_data_output": true },
     });
@@ -111,22 +115,26 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
         .unwrap();
     let head: Value = serde_json::from_slice(&reply.body[..head_len]).unwrap();
     let outs = head["outputs"].as_array().unwrap();
-    assert_eq!(outs[0]["parameters"]["binary_data_size"], 5 * 20 * 4);
-    assert_eq!(outs[1]["parameters"]["binary_data_size"], 5 * 4 * 4);
-    let binary_logits = f32s(&reply.body[head_len..head_len + 400]);
+    let logits_bytes = ROWS * d.output * F32_BYTES;
+    assert_eq!(outs[0]["parameters"]["binary_data_size"], logits_bytes);
+    assert_eq!(outs[1]["parameters"]["binary_data_size"], ROWS * d.experts * F32_BYTES);
+    let binary_logits = f32s(&reply.body[head_len..head_len + logits_bytes]);
     assert_eq!(binary_logits, legacy_logits, "v2 binary answer differs from /infer");
-    let router = f32s(&reply.body[head_len + 400..]);
-    assert_eq!(router.len(), 20);
+    let router = f32s(&reply.body[head_len + logits_bytes..]);
+    assert_eq!(router.len(), ROWS * d.experts);
     let as_rows = |v: &[f32], w: usize| -> Value { v.chunks(w).map(|r| json!(r)).collect() };
-    let answer = json!({ "logits": as_rows(&binary_logits, 20), "router_weights": as_rows(&router, 4) });
-    fixture.check(LayerNormMode::Identity, &answer, &[0, 1, 2, 3, 4], "v2 binary");
+    let answer = json!({ "logits": as_rows(&binary_logits, d.output), "router_weights": as_rows(&router, d.experts) });
+    let first_rows: Vec<usize> = (0..ROWS).collect();
+    fixture.check(LayerNormMode::Identity, &answer, &first_rows, "v2 binary");
     server.shutdown();
 }
 
 #[test]
 fn metadata_health_and_config_routes() {
-    let server = TestServer::start(common::base_config());
+    let server = TestServer::start(base_config());
     let a = agent();
+    // The demo model.
+    let d = nano_dims();
     let meta = get(&a, &server.url("/v2")).json();
     assert!(
         meta["extensions"]
@@ -140,15 +148,15 @@ fn metadata_health_and_config_routes() {
     let m = get(&a, &server.url(&format!("/v2/models/{MODEL}"))).json();
     assert_eq!(
         m["inputs"][0],
-        json!({ "name": "features", "datatype": "FP32", "shape": [-1, 96] })
+        json!({ "name": "features", "datatype": "FP32", "shape": [-1, d.input] })
     );
     assert_eq!(
         m["outputs"][1],
-        json!({ "name": "router_weights", "datatype": "FP32", "shape": [-1, 4] })
+        json!({ "name": "router_weights", "datatype": "FP32", "shape": [-1, d.experts] })
     );
     let c = get(&a, &server.url(&format!("/v2/models/{MODEL}/config"))).json();
     assert_eq!(c["max_batch_size"], 4096);
-    assert_eq!(c["input"][0]["dims"], json!([96]));
+    assert_eq!(c["input"][0]["dims"], json!([d.input]));
     let missing = get(&a, &server.url("/v2/models/other"));
     assert_eq!(missing.status, 404);
     assert!(missing.json()["error"].as_str().unwrap().contains("unknown model"));
@@ -161,28 +169,31 @@ fn metadata_health_and_config_routes() {
 
 #[test]
 fn malformed_v2_requests_get_the_protocol_error_and_triton_status() {
-    let mut config = common::base_config();
+    let mut config = base_config();
     config.batching.max_request_rows = 8;
     config.batching.max_queue_rows = 8;
     let server = TestServer::start(config);
     let a = agent();
     let url = server.url(&format!("/v2/models/{MODEL}/infer"));
-    let row = vec![0.25f32; 96];
+    // Features per row of the demo model.
+    let w = nano_dims().input;
+    let row = vec![0.25f32; w];
+    let needs_two_rows = format!("needs {}", 2 * w);
     let input = |shape: Value, datatype: &str, data: Value| {
         json!({ "inputs": [{ "name": "features", "shape": shape, "datatype": datatype, "data": data }] }).to_string()
     };
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("broken JSON", "{\"inputs\": [".into(), 400, "parse"),
         ("no inputs", json!({ "inputs": [] }).to_string(), 400, "expected 1 input"),
-        ("wrong input name", json!({ "inputs": [{ "name": "x", "shape": [1, 96], "datatype": "FP32", "data": row }] }).to_string(), 400, "unexpected inference input"),
-        ("FP16", input(json!([1, 96]), "FP16", json!(row)), 400, "only FP32"),
-        ("shape width 95", input(json!([1, 95]), "FP32", json!(row)), 400, "shape"),
-        ("shape rank 1", input(json!([96]), "FP32", json!(row)), 400, "shape"),
-        ("data shorter than shape", input(json!([2, 96]), "FP32", json!(row)), 400, "needs 192"),
-        ("non-number data", input(json!([1, 96]), "FP32", json!(vec!["a"; 96])), 400, "not a number"),
-        ("too many rows", input(json!([9, 96]), "FP32", json!(vec![row.clone(); 9])), 400, "limit"),
-        ("unknown output", json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32", "data": row }], "outputs": [{ "name": "probs" }] }).to_string(), 400, "unexpected inference output"),
-        ("no data", json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32" }] }).to_string(), 400, "neither data"),
+        ("wrong input name", json!({ "inputs": [{ "name": "x", "shape": [1, w], "datatype": "FP32", "data": row }] }).to_string(), 400, "unexpected inference input"),
+        ("FP16", input(json!([1, w]), "FP16", json!(row)), 400, "only FP32"),
+        ("shape one too narrow", input(json!([1, w - 1]), "FP32", json!(row)), 400, "shape"),
+        ("shape rank 1", input(json!([w]), "FP32", json!(row)), 400, "shape"),
+        ("data shorter than shape", input(json!([2, w]), "FP32", json!(row)), 400, &needs_two_rows),
+        ("non-number data", input(json!([1, w]), "FP32", json!(vec!["a"; w])), 400, "not a number"),
+        ("too many rows", input(json!([9, w]), "FP32", json!(vec![row.clone(); 9])), 400, "limit"),
+        ("unknown output", json!({ "inputs": [{ "name": "features", "shape": [1, w], "datatype": "FP32", "data": row }], "outputs": [{ "name": "probs" }] }).to_string(), 400, "unexpected inference output"),
+        ("no data", json!({ "inputs": [{ "name": "features", "shape": [1, w], "datatype": "FP32" }] }).to_string(), 400, "neither data"),
     ];
     for (name, body, status, needle) in cases {
         let reply = post(&a, &url, &body, &[]);
@@ -193,10 +204,14 @@ fn malformed_v2_requests_get_the_protocol_error_and_triton_status() {
             .to_string();
         assert!(msg.contains(needle), "{name}: {msg:?} lacks {needle:?}");
     }
+    // One row's worth of shape, with `payload` as its binary data.
+    let one_row_binary = |payload: &[u8]| {
+        let header = json!({ "inputs": [{ "name": "features", "shape": [1, w], "datatype": "FP32",
+                                          "parameters": { "binary_data_size": payload.len() } }] });
+        binary_request(&header, payload)
+    };
     // Binary size that disagrees with the shape.
-    let header = json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32",
-                                      "parameters": { "binary_data_size": 380 } }] });
-    let (body, len) = binary_request(&header, &[0u8; 380]);
+    let (body, len) = one_row_binary(&vec![0u8; (w - 1) * F32_BYTES]);
     let reply = post_binary(&url, &body, &len);
     assert_eq!(reply.status, 400);
     assert!(reply.json()["error"].as_str().unwrap().contains("binary_data_size"));
@@ -205,15 +220,13 @@ fn malformed_v2_requests_get_the_protocol_error_and_triton_status() {
     assert_eq!(reply.status, 400);
     // A non-finite value in binary data.
     let mut payload: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
-    payload[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    let header = json!({ "inputs": [{ "name": "features", "shape": [1, 96], "datatype": "FP32",
-                                      "parameters": { "binary_data_size": 384 } }] });
-    let (body, len) = binary_request(&header, &payload);
+    payload[0..F32_BYTES].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (body, len) = one_row_binary(&payload);
     let reply = post_binary(&url, &body, &len);
     assert_eq!(reply.status, 400);
     assert!(reply.json()["error"].as_str().unwrap().contains("not finite"));
     // Still healthy and correct afterwards.
-    let ok = post(&a, &url, &input(json!([1, 96]), "FP32", json!(row)), &[]);
+    let ok = post(&a, &url, &input(json!([1, w]), "FP32", json!(row)), &[]);
     assert_eq!(ok.status, 200);
     let failures = server.metrics();
     assert!(

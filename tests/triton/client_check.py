@@ -6,7 +6,7 @@ Usage: client_check.py URL MODEL FIXTURE_DIR LOGITS_KEY
 
 Server and model readiness, model metadata and config, then inference on the
 fixture's 64 input rows in JSON and in binary mode, compared with the
-fixture's expected outputs (`LOGITS_KEY` is `logits_ln_identity` or `logits`
+fixture's expected outputs (shapes from the fixture's arch.json) (`LOGITS_KEY` is `logits_ln_identity` or `logits`
 depending on the server's LayerNorm mode). Exits non-zero with a message on
 the first mismatch.
 """
@@ -26,6 +26,8 @@ def fail(msg):
 def main():
     url, model, fixture_dir, logits_key = sys.argv[1:5]
     expected = json.load(open(f"{fixture_dir}/expected.json"))
+    arch = json.load(open(f"{fixture_dir}/arch.json"))
+    in_dim, out_dim, n_experts = arch["input_dim"], arch["output_dim"], arch["n_experts"]
     inputs = np.asarray(expected["inputs"], dtype=np.float32)
     want_logits = np.asarray(expected[logits_key], dtype=np.float32)
     want_router = np.asarray(expected["router_weights"], dtype=np.float32)
@@ -61,7 +63,7 @@ def main():
             n = batch.shape[0]
             logits = result.as_numpy("logits")
             router = result.as_numpy("router_weights")
-            if logits.shape != (n, 20) or router.shape != (n, 4):
+            if logits.shape != (n, out_dim) or router.shape != (n, n_experts):
                 fail(f"shapes {logits.shape} {router.shape} for batch {n}")
             dl = float(np.max(np.abs(logits - want_logits[:n])))
             dr = float(np.max(np.abs(router - want_router[:n])))
@@ -72,11 +74,11 @@ def main():
             print(f"binary={binary} batch={n}: max |logit diff| {dl:.2e}, router {dr:.2e}: ok")
 
     # A malformed request gets the protocol's error body and a 400.
-    bad = httpclient.InferInput("features", [1, 95], "FP32")
-    bad.set_data_from_numpy(np.zeros((1, 95), dtype=np.float32), binary_data=True)
+    bad = httpclient.InferInput("features", [1, in_dim - 1], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, in_dim - 1), dtype=np.float32), binary_data=True)
     try:
         client.infer(model, [bad])
-        fail("95 features accepted")
+        fail(f"{in_dim - 1} features accepted")
     except InferenceServerException as e:
         if "shape" not in e.message():
             fail(f"unexpected error for a bad shape: {e.message()}")
