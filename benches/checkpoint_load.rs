@@ -1,10 +1,13 @@
-//! Checkpoint load speed against the page-cache read floor.
+//! Checkpoint load benchmark: `read_checkpoint` speed against the page-cache
+//! read floor.
 //!
-//! Owns: the load benchmark. Writes a Tiny checkpoint with AdamW state (~1 GB)
-//! once, into `TOKITAI_BENCH_DIR` if set (kept and reused across runs) or a
-//! temp dir, then measures in the same run (a) reading the whole file
-//! sequentially with a 1 MiB buffer once it is in the page cache and (b)
-//! `read_checkpoint` on it, and prints the ratio b/a (target: at most 1.5).
+//! Owns: the `checkpoint_load` bench target (this file; it was
+//! `benches/load.rs`, bench `load`). Writes a Tiny checkpoint with AdamW
+//! state (~1 GB) once, into `TOKITAI_BENCH_DIR` if set (kept and reused
+//! across runs) or a temp dir, then measures in the same run (a) reading the
+//! whole file sequentially with a 1 MiB buffer once it is in the page cache
+//! and (b) `read_checkpoint` on it, and prints the ratio b/a (target: at most
+//! 1.5).
 //! Must not touch: the forward benchmark (`benches/forward.rs`).
 //!
 //! Run: `cargo bench --bench checkpoint_load`

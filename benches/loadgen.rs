@@ -1,15 +1,17 @@
 //! Load generator for the serving engine, with its baselines and targets.
 //!
-//! Owns: `cargo bench --bench loadgen`. Starts the real engine in process
-//! (`tokitai_serve::run` on its own thread and actix `System`; `cargo bench`
-//! builds it, like this harness, with the release-derived `bench` profile)
-//! on a free port, loading the model from files (`model.arch` /
-//! `model.checkpoint`, written once under `--model-dir`), and drives it over
-//! keep-alive HTTP/1.1 in closed and open loops. Baselines run in the same
-//! invocation on the same kernels: the old sidecar's design (one mutex, one
-//! session, compute inline), the offline forward ceiling at the batch sizes
-//! the engine formed, and (Nano) the framework floor. Prints one line per
-//! scenario, the target ratios as CHECK lines, and writes a JSON file.
+//! Owns: `cargo bench --bench loadgen`: the suite's phases per model and its
+//! target checks. Starts the real engine in process (through
+//! `tokitai_serve::embed::ServerThread`: `tokitai_serve::run` on its own
+//! thread and actix `System`; `cargo bench` builds it, like this harness, with
+//! the release-derived `bench` profile) on a free port, loading the model from
+//! files (`model.arch` / `model.checkpoint`, written once under
+//! `--model-dir`), and drives it over keep-alive HTTP/1.1 in closed and open
+//! loops. Baselines run in the same invocation on the same kernels: the old
+//! sidecar's design (one mutex, one session, compute inline), the offline
+//! forward ceiling at the batch sizes the engine formed, and (Nano) the
+//! framework floor. Prints one line per scenario, the target ratios as CHECK
+//! lines, and writes a JSON file.
 //! Must not touch: the engine itself, the other benches.
 //!
 //! Run:
@@ -33,11 +35,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use tokitai_serve::backend::Backend;
 use tokitai_serve::config::{Config, Override};
 use tokitai_serve::model::{Arch, Dims, ModelSize, read_checkpoint, write_model_dir};
 
 use client::{LoadRun, Mix, Target, Workload};
 use report::{Check, Report, ScenarioResult};
+use servers::Ceiling;
 
 /// Seed of the synthetic models the harness writes.
 const SEED: u64 = 7;
@@ -230,75 +234,184 @@ fn open_conns(args: &Args) -> usize {
 }
 
 /// A server under test, as the scenarios see it.
-struct Srv<'a> {
-    name: &'a str,
+struct Srv {
+    name: &'static str,
     tgt: Target,
     /// Engine workers (for utilisation); 1 for the baselines.
     workers: usize,
     settings: serde_json::Value,
 }
 
+/// The record of a load run against `srv` with workload `wl`, before the
+/// mode's own fields are set.
+fn scenario(m: &ModelFiles, srv: &Srv, mode: &str, wl: &Workload, label: &str, run: &LoadRun) -> ScenarioResult {
+    ScenarioResult::from_run(m.name, srv.name, mode, &wl.mix.name(), label, run, srv.workers)
+        .with_settings(srv.settings.clone())
+}
+
+/// A closed loop of `clients` against `srv`, recorded and printed.
 fn closed(report: &mut Report, m: &ModelFiles, srv: &Srv, wl: &Arc<Workload>, clients: usize) -> ScenarioResult {
-    let run: LoadRun = client::closed_loop(&srv.tgt, Arc::clone(wl), clients);
-    let mix = wl.mix.name();
-    let mut r = ScenarioResult::from_run(
-        m.name,
-        srv.name,
-        "closed",
-        &mix,
-        &format!("c{clients}"),
-        &run,
-        srv.workers,
-    )
-    .with_settings(srv.settings.clone());
+    let run = client::closed_loop(&srv.tgt, Arc::clone(wl), clients);
+    let mut r = scenario(m, srv, "closed", wl, &format!("c{clients}"), &run);
     r.clients = Some(clients);
     report.push(r).clone()
+}
+
+/// An open loop at `factor` x `capacity` req/s over `conns` connections
+/// against `srv`, recorded and printed.
+fn open(
+    report: &mut Report,
+    m: &ModelFiles,
+    srv: &Srv,
+    wl: &Arc<Workload>,
+    capacity: f64,
+    factor: f64,
+    conns: usize,
+) -> ScenarioResult {
+    let rate = capacity * factor;
+    let run = client::open_loop(&srv.tgt, Arc::clone(wl), rate, conns);
+    let mut r = scenario(m, srv, "open", wl, &format!("{factor}x"), &run);
+    r.rate_per_s = Some(rate);
+    r.conns = Some(conns);
+    report.push(r).clone()
+}
+
+/// What every phase of one model's suite shares.
+struct ModelSuite<'a> {
+    args: &'a Args,
+    t: &'a Timing,
+    m: &'a ModelFiles,
+    config: Config,
+    dims: Dims,
+    single: Arc<Workload>,
+    multi: Arc<Workload>,
+    /// Closed-loop clients of the main runs.
+    clients: usize,
+    /// The baselines' backend: the engine's model on the same kernels.
+    backend: Arc<dyn Backend>,
+    /// The engine's pool shape, resolved as the engine resolves it.
+    workers: usize,
+    threads_per_worker: usize,
+}
+
+impl<'a> ModelSuite<'a> {
+    fn new(args: &'a Args, t: &'a Timing, m: &'a ModelFiles) -> ModelSuite<'a> {
+        let config = args.engine_config(m);
+        let dims = Dims::for_size(m.size);
+        let single = Arc::new(Workload::new(Mix::Single, dims.input, 64));
+        let multi = Arc::new(Workload::new(Mix::multi(), dims.input, 8));
+        // The baselines' backend, built first so the engine's pool shape (0 =
+        // the backend's choice) resolves exactly as the engine resolves it.
+        let backend = servers::baseline_backend(&config);
+        let shape = tokitai_serve::engine::pool_shape(backend.as_ref(), &config);
+        ModelSuite {
+            args,
+            t,
+            m,
+            config,
+            dims,
+            single,
+            multi,
+            clients: closed_clients(m.size),
+            backend,
+            workers: shape.workers,
+            threads_per_worker: shape.threads_per_worker,
+        }
+    }
+
+    fn print_header(&self) {
+        println!(
+            "== {}: engine {} workers x {} threads, max_batch_rows {}, max_queue_delay_us {}, max_queue_rows {}, http_workers {}",
+            self.m.name,
+            self.workers,
+            self.threads_per_worker,
+            self.config.batching.max_batch_rows,
+            self.config.batching.max_queue_delay_us,
+            self.config.batching.max_queue_rows,
+            self.config.server.http_workers
+        );
+    }
+
+    /// The engine at `base_url`: `/metrics` scraped, its config as settings.
+    fn engine_srv(&self, base_url: &str) -> Srv {
+        Srv {
+            name: "engine",
+            tgt: target(base_url, true, self.t, self.args),
+            workers: self.workers,
+            settings: engine_settings(&self.config),
+        }
+    }
+
+    /// A baseline at `base_url`: one worker, no `/metrics`.
+    fn baseline_srv(&self, name: &'static str, base_url: &str, settings: serde_json::Value) -> Srv {
+        Srv {
+            name,
+            tgt: target(base_url, false, self.t, self.args),
+            workers: 1,
+            settings,
+        }
+    }
 }
 
 /// The suite for one model: engine scenarios, then the baselines, then the
 /// target checks.
 fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
-    let config = args.engine_config(m);
-    let dims = Dims::for_size(m.size);
-    let single = Arc::new(Workload::new(Mix::Single, dims.input, 64));
-    let multi = Arc::new(Workload::new(Mix::multi(), dims.input, 8));
-    let c = closed_clients(m.size);
-    // The baselines' backend, built first so the engine's pool shape (0 =
-    // the backend's choice) resolves exactly as the engine resolves it.
-    let backend = servers::baseline_backend(&config);
-    let shape = tokitai_serve::engine::pool_shape(backend.as_ref(), &config);
-    let workers = shape.workers;
-    let settings = engine_settings(&config);
-    println!(
-        "== {}: engine {} workers x {} threads, max_batch_rows {}, max_queue_delay_us {}, max_queue_rows {}, http_workers {}",
-        m.name,
-        workers,
-        shape.threads_per_worker,
-        config.batching.max_batch_rows,
-        config.batching.max_queue_delay_us,
-        config.batching.max_queue_rows,
-        config.server.http_workers
-    );
+    let suite = ModelSuite::new(args, t, m);
+    suite.print_header();
+    let engine = run_engine_scenarios(&suite, report);
+    let baselines = run_baselines(&suite, &engine.closed, report);
+    let clients = suite.clients;
+    // The baselines' backend is not needed for the checks.
+    drop(suite);
+    check_throughput(report, m, clients, &engine, &baselines);
+    check_latency(report, m, &engine, &baselines);
+}
 
-    // ---- the engine ----
-    let engine = servers::start_engine(config.clone());
-    let srv = Srv {
-        name: "engine",
-        tgt: target(&engine.base_url, true, t, args),
-        workers,
-        settings: settings.clone(),
-    };
-    let e_closed = closed(report, m, &srv, &single, c);
+/// The engine scenarios the checks read.
+struct EngineRuns {
+    /// Single-row closed loop at the suite's clients.
+    closed: ScenarioResult,
+    /// The same on the binary Open Inference Protocol route (Nano only).
+    v2: Option<ScenarioResult>,
+    /// Single-row closed loop, one client.
+    sequential: ScenarioResult,
+    /// Open loops at 0.8x and 3x the closed loop's throughput.
+    open_08x: ScenarioResult,
+    open_3x: ScenarioResult,
+}
+
+/// The engine: closed loops (single-row, v2 binary on Nano, multi-row, one
+/// client), then the open loops.
+fn run_engine_scenarios(s: &ModelSuite, report: &mut Report) -> EngineRuns {
+    let m = s.m;
+    let engine = servers::start_engine(s.config.clone());
+    let srv = s.engine_srv(&engine.base_url);
+    let closed_single = closed(report, m, &srv, &s.single, s.clients);
     // The binary Open Inference Protocol path, same clients, same run (Nano).
     let v2 = (m.size == ModelSize::Nano).then(|| {
-        let binary = Arc::new(Workload::new(Mix::V2Binary, dims.input, 64));
-        closed(report, m, &srv, &binary, c)
+        let binary = Arc::new(Workload::new(Mix::V2Binary, s.dims.input, 64));
+        closed(report, m, &srv, &binary, s.clients)
     });
-    closed(report, m, &srv, &multi, multi_clients(m.size));
-    let e_seq = closed(report, m, &srv, &single, 1);
-    let capacity = e_closed.stats().requests_per_s;
-    let conns = open_conns(args);
-    // Requests the engine queues before it rejects.
+    closed(report, m, &srv, &s.multi, multi_clients(m.size));
+    let sequential = closed(report, m, &srv, &s.single, 1);
+    let capacity = closed_single.stats().requests_per_s;
+    let conns = open_conns(s.args);
+    note_if_queue_cannot_fill(&s.config, &s.single, conns);
+    let open_08x = open(report, m, &srv, &s.single, capacity, 0.8, conns);
+    let open_3x = open(report, m, &srv, &s.single, capacity, 3.0, conns);
+    engine.stop();
+    EngineRuns {
+        closed: closed_single,
+        v2,
+        sequential,
+        open_08x,
+        open_3x,
+    }
+}
+
+/// Says when `conns` open-loop connections are fewer than the requests the
+/// engine queues before it rejects (so the 3x run cannot draw a 429).
+fn note_if_queue_cannot_fill(config: &Config, single: &Workload, conns: usize) {
     let fill = config.batching.max_queue_rows as f64 / single.mean_rows();
     if (conns as f64) < fill {
         println!(
@@ -308,40 +421,63 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
             config.batching.max_queue_rows
         );
     }
-    let mut open = Vec::new();
-    for factor in [0.8, 3.0] {
-        let rate = capacity * factor;
-        let run = client::open_loop(&srv.tgt, Arc::clone(&single), rate, conns);
-        let mut r = ScenarioResult::from_run(m.name, "engine", "open", "single", &format!("{factor}x"), &run, workers);
-        r.rate_per_s = Some(rate);
-        r.conns = Some(conns);
-        open.push(report.push(r.with_settings(settings.clone())).clone());
-    }
-    engine.stop();
+}
 
-    // ---- baselines on the same kernels ----
-    let old = servers::start_old_design(
-        &backend,
-        args.old_threads,
-        config.server.http_workers,
-        config.batching.max_request_rows,
-    );
-    let srv = Srv {
-        name: "old-design",
-        tgt: target(&old.base_url, false, t, args),
-        workers: 1,
-        settings: serde_json::json!({
-            "session_threads": args.old_threads,
-            "http_workers": config.server.http_workers,
-        }),
-    };
-    let o_closed = closed(report, m, &srv, &single, c);
-    let o_seq = closed(report, m, &srv, &single, 1);
-    old.stop();
+/// The baseline scenarios the checks read.
+struct BaselineRuns {
+    /// The old design, single-row closed loop at the suite's clients.
+    old_closed: ScenarioResult,
+    /// The old design, one client.
+    old_sequential: ScenarioResult,
+    /// The offline forward at the engine's average batch (`batch` rows).
+    ceiling: Ceiling,
+    batch: usize,
+    /// The framework floor at the suite's clients (Nano only).
+    floor: Option<ScenarioResult>,
+}
 
-    let split = e_closed.server_split.unwrap_or_default();
+/// The baselines on the same kernels: the old design, the offline ceiling at
+/// the batch size the engine's closed loop formed, and (Nano) the floor.
+fn run_baselines(s: &ModelSuite, engine_closed: &ScenarioResult, report: &mut Report) -> BaselineRuns {
+    let (old_closed, old_sequential) = run_old_design(s, report);
+    let split = engine_closed.server_split.unwrap_or_default();
     let batch = split.avg_batch_rows.round().max(1.0) as usize;
-    let ceiling = servers::offline_ceiling(&backend, workers, shape.threads_per_worker, batch, t.ceiling);
+    let ceiling = run_ceiling(s, batch, report);
+    let floor = (s.m.size == ModelSize::Nano).then(|| run_floor(s, report));
+    BaselineRuns {
+        old_closed,
+        old_sequential,
+        ceiling,
+        batch,
+        floor,
+    }
+}
+
+/// The old sidecar's design: closed loop at the suite's clients, then one
+/// client.
+fn run_old_design(s: &ModelSuite, report: &mut Report) -> (ScenarioResult, ScenarioResult) {
+    let http_workers = s.config.server.http_workers;
+    let old = servers::start_old_design(
+        &s.backend,
+        s.args.old_threads,
+        http_workers,
+        s.config.batching.max_request_rows,
+    );
+    let settings = serde_json::json!({
+        "session_threads": s.args.old_threads,
+        "http_workers": http_workers,
+    });
+    let srv = s.baseline_srv("old-design", &old.base_url, settings);
+    let old_closed = closed(report, s.m, &srv, &s.single, s.clients);
+    let old_sequential = closed(report, s.m, &srv, &s.single, 1);
+    old.stop();
+    (old_closed, old_sequential)
+}
+
+/// The offline forward ceiling at `batch` rows, on the engine's pool shape.
+fn run_ceiling(s: &ModelSuite, batch: usize, report: &mut Report) -> Ceiling {
+    let m = s.m;
+    let ceiling = servers::offline_ceiling(&s.backend, s.workers, s.threads_per_worker, batch, s.t.ceiling);
     report.push(ScenarioResult {
         name: format!("{}/ceiling/offline/b{batch}", m.name),
         model: m.name.into(),
@@ -351,97 +487,108 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
         clients: None,
         rate_per_s: None,
         conns: None,
-        settings: serde_json::json!({ "sessions": workers, "threads_per_session": shape.threads_per_worker }),
+        settings: serde_json::json!({ "sessions": s.workers, "threads_per_session": s.threads_per_worker }),
         client: None,
         server_split: None,
         ceiling: Some(ceiling),
     });
+    ceiling
+}
 
-    let floor = (m.size == ModelSize::Nano).then(|| {
-        let mut counts = vec![1];
-        if let Mix::Rows(r) = &multi.mix {
-            counts.extend(r);
+/// The framework floor (parse, canned answer), closed loop at the suite's
+/// clients; it is canned for every row count of the suite's mixes.
+fn run_floor(s: &ModelSuite, report: &mut Report) -> ScenarioResult {
+    let mut counts = vec![1];
+    if let Mix::Rows(r) = &s.multi.mix {
+        counts.extend(r);
+    }
+    let http_workers = s.config.server.http_workers;
+    let fl = servers::start_floor(&s.backend, &counts, http_workers, s.config.batching.max_request_rows);
+    let srv = s.baseline_srv(
+        "floor",
+        &fl.base_url,
+        serde_json::json!({ "http_workers": http_workers }),
+    );
+    let r = closed(report, s.m, &srv, &s.single, s.clients);
+    fl.stop();
+    r
+}
+
+/// `a / b`, NaN when `b` is not positive.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+/// `check` as it stands on Tiny; on other models printed for information
+/// only (no target, no verdict).
+fn graded_on_tiny(size: ModelSize, check: Check) -> Check {
+    if size == ModelSize::Tiny {
+        check
+    } else {
+        Check {
+            target: "(info)".into(),
+            pass: None,
+            ..check
         }
-        let fl = servers::start_floor(
-            &backend,
-            &counts,
-            config.server.http_workers,
-            config.batching.max_request_rows,
-        );
-        let srv = Srv {
-            name: "floor",
-            tgt: target(&fl.base_url, false, t, args),
-            workers: 1,
-            settings: serde_json::json!({ "http_workers": config.server.http_workers }),
-        };
-        let r = closed(report, m, &srv, &single, c);
-        fl.stop();
-        r
-    });
-    drop(backend);
+    }
+}
 
-    // ---- targets ----
+/// Throughput targets: engine vs old design and vs the offline ceiling
+/// (graded on Tiny), the v2 binary route vs JSON, engine vs framework floor.
+fn check_throughput(report: &mut Report, m: &ModelFiles, c: usize, e: &EngineRuns, b: &BaselineRuns) {
     let n = m.name;
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    let e = e_closed.stats();
-    let tput_old = ratio(e.requests_per_s, o_closed.stats().requests_per_s);
+    let es = e.closed.stats();
+    let os = b.old_closed.stats();
+    let detail = format!("{:.1} vs {:.1} req/s, c={c}", es.requests_per_s, os.requests_per_s);
+    let tput_old = ratio(es.requests_per_s, os.requests_per_s);
+    let name = format!("{n}: engine/old-design throughput");
+    report.check(graded_on_tiny(m.size, Check::at_least(&name, tput_old, 10.0, detail)));
+    let ceiling = &b.ceiling;
     let detail = format!(
-        "{:.1} vs {:.1} req/s, c={c}",
-        e.requests_per_s,
-        o_closed.stats().requests_per_s
+        "{:.1} vs {:.1} rows/s offline at batch {} ({} x {} threads)",
+        es.rows_per_s, ceiling.rows_per_s, b.batch, ceiling.sessions, ceiling.threads_per_session
     );
-    report.check(if m.size == ModelSize::Tiny {
-        Check::at_least(&format!("{n}: engine/old-design throughput"), tput_old, 10.0, detail)
-    } else {
-        Check {
-            target: "(info)".into(),
-            pass: None,
-            ..Check::at_least(&format!("{n}: engine/old-design throughput"), tput_old, 10.0, detail)
-        }
-    });
-    let eff = ratio(e.rows_per_s, ceiling.rows_per_s);
-    let detail = format!(
-        "{:.1} vs {:.1} rows/s offline at batch {batch} ({} x {} threads)",
-        e.rows_per_s, ceiling.rows_per_s, ceiling.sessions, ceiling.threads_per_session
-    );
-    report.check(if m.size == ModelSize::Tiny {
-        Check::at_least(&format!("{n}: engine/offline-ceiling rows/s"), eff, 0.75, detail)
-    } else {
-        Check {
-            target: "(info)".into(),
-            pass: None,
-            ..Check::at_least(&format!("{n}: engine/offline-ceiling rows/s"), eff, 0.75, detail)
-        }
-    });
-    if let Some(v2) = &v2 {
-        let b = v2.stats();
+    let eff = ratio(es.rows_per_s, ceiling.rows_per_s);
+    let name = format!("{n}: engine/offline-ceiling rows/s");
+    report.check(graded_on_tiny(m.size, Check::at_least(&name, eff, 0.75, detail)));
+    if let Some(v2) = &e.v2 {
+        let bs = v2.stats();
         report.check(Check::at_least(
             &format!("{n}: v2 binary/JSON /infer throughput"),
-            ratio(b.requests_per_s, e.requests_per_s),
+            ratio(bs.requests_per_s, es.requests_per_s),
             2.0,
             format!(
                 "{:.1} vs {:.1} req/s, p99 {:.3} vs {:.3} ms, c={c}",
-                b.requests_per_s, e.requests_per_s, b.latency.p99_ms, e.latency.p99_ms
+                bs.requests_per_s, es.requests_per_s, bs.latency.p99_ms, es.latency.p99_ms
             ),
         ));
     }
-    if let Some(fl) = &floor {
+    if let Some(fl) = &b.floor {
         let f = fl.stats();
         report.check(Check::at_least(
             &format!("{n}: engine/framework-floor throughput"),
-            ratio(e.requests_per_s, f.requests_per_s),
+            ratio(es.requests_per_s, f.requests_per_s),
             0.6,
-            format!("{:.1} vs {:.1} req/s, c={c}", e.requests_per_s, f.requests_per_s),
+            format!("{:.1} vs {:.1} req/s, c={c}", es.requests_per_s, f.requests_per_s),
         ));
     }
-    let (ep50, op50) = (e_seq.stats().latency.p50_ms, o_seq.stats().latency.p50_ms);
+}
+
+/// Latency targets: sequential p50 vs the old design, and the open loop at
+/// 3x capacity (nothing lost, fast 429s, accepted p99 vs 0.8x).
+fn check_latency(report: &mut Report, m: &ModelFiles, e: &EngineRuns, b: &BaselineRuns) {
+    let n = m.name;
+    let (ep50, op50) = (
+        e.sequential.stats().latency.p50_ms,
+        b.old_sequential.stats().latency.p50_ms,
+    );
     report.check(Check::at_most(
         &format!("{n}: sequential p50 engine/old-design"),
         ratio(ep50, op50),
         1.1,
         format!("{ep50:.3} vs {op50:.3} ms, one client"),
     ));
-    let (o80, o3) = (open[0].stats(), open[1].stats());
+    let (o80, o3) = (e.open_08x.stats(), e.open_3x.stats());
     report.check(Check {
         pass: Some(o3.lost == 0 && o3.accounted()),
         ..Check::at_most(
@@ -454,40 +601,41 @@ fn run_model(args: &Args, t: &Timing, m: &ModelFiles, report: &mut Report) {
             ),
         )
     });
-    if o3.rejected > 0 {
-        report.check(Check::at_most(
-            &format!("{n}: open 3x 429 p99 latency (ms, from send)"),
+    let name = format!("{n}: open 3x 429 p99 latency (ms, from send)");
+    report.check(if o3.rejected > 0 {
+        Check::at_most(
+            &name,
             o3.rejected_service_latency.p99_ms,
             1.0,
             format!(
                 "{} rejections; from intended send time p99 {:.3} ms",
                 o3.rejected, o3.rejected_latency.p99_ms
             ),
-        ));
+        )
     } else {
-        report.check(Check::na(
-            &format!("{n}: open 3x 429 p99 latency (ms, from send)"),
+        Check::na(
+            &name,
             "<= 1",
             "no 429 at 3x capacity: the queue never filled (see send lateness / latency)".into(),
-        ));
-    }
+        )
+    });
+    let saturated = if lateness_p99(o3) > 10.0 {
+        " (client pool saturated: the engine did not shed the excess)"
+    } else {
+        ""
+    };
     report.check(Check::at_most(
         &format!("{n}: open p99 accepted 3x/0.8x"),
         ratio(o3.latency.p99_ms, o80.latency.p99_ms),
         2.0,
         format!(
-            "{:.3} vs {:.3} ms at {:.0} vs {:.0} req/s offered; client send lateness p99 {:.3} vs {:.3} ms{}",
+            "{:.3} vs {:.3} ms at {:.0} vs {:.0} req/s offered; client send lateness p99 {:.3} vs {:.3} ms{saturated}",
             o3.latency.p99_ms,
             o80.latency.p99_ms,
-            open[1].rate_per_s.unwrap_or(0.0),
-            open[0].rate_per_s.unwrap_or(0.0),
+            e.open_3x.rate_per_s.unwrap_or(0.0),
+            e.open_08x.rate_per_s.unwrap_or(0.0),
             lateness_p99(o3),
             lateness_p99(o80),
-            if lateness_p99(o3) > 10.0 {
-                " (client pool saturated: the engine did not shed the excess)"
-            } else {
-                ""
-            }
         ),
     ));
 }

@@ -1,4 +1,7 @@
-//! Result records, one-line summaries, target checks, and the JSON file.
+//! The load generator's results.
+//!
+//! Owns: the result record of each scenario and its one-line summary, the
+//! target checks and their CHECK lines, and the JSON result file.
 
 use std::path::Path;
 

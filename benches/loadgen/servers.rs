@@ -1,8 +1,14 @@
 //! What the load generator drives: the real engine (in process, through
-//! `tokitai_serve::run` on its own thread and actix `System`), and the
-//! baselines on the same kernels: the old sidecar's design (one global
-//! mutex around one session, compute inline in the handler), the framework
-//! floor (parse, then a canned answer), and the offline forward ceiling.
+//! `tokitai_serve::embed::ServerThread`: `tokitai_serve::run` on its own
+//! thread and actix `System`), and the baselines on the same kernels: the old
+//! sidecar's design (one global mutex around one session, compute inline in
+//! the handler), the framework floor (parse, then a canned answer), and the
+//! offline forward ceiling.
+//!
+//! Owns: starting, readiness and stopping of every server under test, and the
+//! bench-only actix servers' own thread (`BenchServer`, written once for the
+//! old design and the floor). Must not touch: the engine's internals (it is
+//! driven only through `tokitai_serve::embed`).
 //!
 //! When built by `cargo bench` all of this, engine included, is compiled with
 //! the release-derived `bench` profile.
@@ -21,19 +27,100 @@ use tokitai_serve::api::{parse_infer_request, write_infer_response};
 use tokitai_serve::backend::cpu::CpuBackend;
 use tokitai_serve::backend::{Backend, ForwardOutput, Session, SessionConfig};
 use tokitai_serve::config::Config;
+use tokitai_serve::embed::ServerThread;
 use tokitai_serve::model::Dims;
 
 /// Largest body the bench-only servers accept (the engine's default too).
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
-/// A server running on its own thread; `stop` shuts it down and joins.
-pub struct RunningServer {
+fn bind_free_port() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
+}
+
+/// Polls `url` until it answers 200: `true` then, `false` as soon as
+/// `ended()` says the server's thread is gone; panics after `limit`.
+fn wait_ready(url: &str, limit: Duration, ended: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(r) = ureq::get(url).timeout(Duration::from_secs(2)).call() {
+            if r.status() == 200 {
+                return true;
+            }
+        }
+        if ended() {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "{url} not ready after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The real engine on its own thread; `stop` drains it and joins.
+pub struct EngineServer {
+    pub base_url: String,
+    thread: ServerThread,
+}
+
+impl EngineServer {
+    /// Stops the engine and joins its thread; an engine that ended with an
+    /// error is reported on stderr (the run's results stand).
+    pub fn stop(self) {
+        if let Err(e) = self.thread.stop() {
+            eprintln!("engine at {} failed: {e}", self.base_url);
+        }
+    }
+}
+
+/// Starts the real engine with `config` on a free port and waits for
+/// `/readyz` (model loaded, every worker warmed up).
+pub fn start_engine(config: Config) -> EngineServer {
+    config.validate().expect("engine config is valid");
+    let thread = ServerThread::spawn("loadgen-engine", bind_free_port(), config).expect("spawn engine thread");
+    let base_url = thread.base_url();
+    let ready = wait_ready(&format!("{base_url}/readyz"), Duration::from_secs(300), || {
+        thread.is_finished()
+    });
+    if !ready {
+        let why = thread.stop().err().unwrap_or_else(|| "it stopped".into());
+        panic!("engine failed: {why}");
+    }
+    EngineServer { base_url, thread }
+}
+
+/// A bench-only actix-web server on its own thread and `System`; `stop`
+/// shuts it down and joins (dropping it does too).
+pub struct BenchServer {
     pub base_url: String,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl RunningServer {
+impl BenchServer {
+    /// Serves `configure`'s routes on a free port with `http_workers` threads
+    /// and waits for its `/readyz`.
+    fn start<F>(name: &str, http_workers: usize, configure: F) -> BenchServer
+    where
+        F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+    {
+        let listener = bind_free_port();
+        let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("loadgen-{name}"))
+            .spawn(move || actix_rt::System::new().block_on(serve_actix(listener, http_workers, configure, rx)))
+            .expect("spawn server thread");
+        // Built before the wait, so a panic in it still stops and joins.
+        let server = BenchServer {
+            base_url,
+            stop: Some(tx),
+            thread: Some(thread),
+        };
+        let ended = || server.thread.as_ref().is_none_or(|t| t.is_finished());
+        let ready = wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(60), ended);
+        assert!(ready, "the {name} server's thread ended before it was ready");
+        server
+    }
+
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -48,101 +135,53 @@ impl RunningServer {
     }
 }
 
-impl Drop for RunningServer {
+impl Drop for BenchServer {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
-fn bind_free_port() -> (TcpListener, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local addr");
-    (listener, format!("http://{addr}"))
-}
-
-/// Polls `url` until it answers 200 (or panics after `limit`).
-fn wait_ready(url: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(r) = ureq::get(url).timeout(Duration::from_secs(2)).call() {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url} not ready after {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts the real engine with `config` on a free port and waits for
-/// `/readyz` (model loaded, every worker warmed up).
-pub fn start_engine(config: Config) -> RunningServer {
-    config.validate().expect("engine config is valid");
-    let (listener, base_url) = bind_free_port();
-    let (tx, rx) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("loadgen-engine".into())
-        .spawn(move || {
-            let shutdown = async move {
-                let _ = rx.await;
-            };
-            actix_rt::System::new()
-                .block_on(tokitai_serve::run(listener, config, shutdown))
-                .expect("engine failed");
-        })
-        .expect("spawn engine thread");
-    let server = RunningServer {
-        base_url,
-        stop: Some(tx),
-        thread: Some(thread),
-    };
-    wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(300));
-    server
-}
-
-/// Serves `configure`'s routes with actix-web on a free port, `http_workers`
-/// threads, in its own `System` on its own thread.
-fn start_actix<F>(name: &str, http_workers: usize, configure: F) -> RunningServer
+/// Runs an actix-web server with `configure`'s routes on `listener` until
+/// `stop` fires (or its sender is dropped), then drains it.
+async fn serve_actix<F>(listener: TcpListener, http_workers: usize, configure: F, stop: oneshot::Receiver<()>)
 where
     F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
 {
-    let (listener, base_url) = bind_free_port();
-    let (tx, rx) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name(format!("loadgen-{name}"))
-        .spawn(move || {
-            actix_rt::System::new().block_on(async move {
-                let server = HttpServer::new(move || {
-                    App::new()
-                        .app_data(web::PayloadConfig::new(MAX_BODY))
-                        .configure(configure.clone())
-                })
-                .workers(http_workers.max(1))
-                .disable_signals()
-                .shutdown_timeout(5)
-                .listen(listener)
-                .expect("listen")
-                .run();
-                let handle = server.handle();
-                actix_rt::spawn(async move {
-                    let _ = rx.await;
-                    handle.stop(true).await;
-                });
-                server.await.expect("bench server failed");
-            })
-        })
-        .expect("spawn server thread");
-    let server = RunningServer {
-        base_url,
-        stop: Some(tx),
-        thread: Some(thread),
-    };
-    wait_ready(&format!("{}/readyz", server.base_url), Duration::from_secs(60));
-    server
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::PayloadConfig::new(MAX_BODY))
+            .configure(configure.clone())
+    })
+    .workers(http_workers.max(1))
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)
+    .expect("listen")
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(async move {
+        let _ = stop.await;
+        handle.stop(true).await;
+    });
+    server.await.expect("bench server failed");
 }
 
 async fn ready() -> HttpResponse {
     HttpResponse::Ok().body("ready")
+}
+
+/// A bench-only server's `/infer`: parses the body as the engine does (a 400
+/// if it is invalid), then answers with `answer(rows, n_rows)`.
+fn infer_with(
+    body: &[u8],
+    dims: Dims,
+    max_rows: usize,
+    answer: impl FnOnce(&[f32], usize) -> HttpResponse,
+) -> HttpResponse {
+    match parse_infer_request(body, dims.input, max_rows) {
+        Ok(f) => answer(&f.rows, f.n_rows),
+        Err(e) => HttpResponse::BadRequest().body(e.to_string()),
+    }
 }
 
 /// The old sidecar's design: one global `parking_lot::Mutex` around one
@@ -155,19 +194,17 @@ struct OldDesign {
 }
 
 async fn old_infer(body: web::Bytes, st: web::Data<OldDesign>) -> HttpResponse {
-    let f = match parse_infer_request(&body, st.dims.input, st.max_rows) {
-        Ok(f) => f,
-        Err(e) => return HttpResponse::BadRequest().body(e.to_string()),
-    };
-    let answer = {
-        let mut guard = st.session.lock();
-        let (session, out) = &mut *guard;
-        match session.forward(&f.rows, out) {
-            Ok(()) => write_infer_response(&out.logits, st.dims.output, &out.router_weights, st.dims.experts),
-            Err(e) => return HttpResponse::InternalServerError().body(e.to_string()),
-        }
-    };
-    HttpResponse::Ok().content_type("application/json").body(answer)
+    infer_with(&body, st.dims, st.max_rows, |rows, _| {
+        let answer = {
+            let mut guard = st.session.lock();
+            let (session, out) = &mut *guard;
+            match session.forward(rows, out) {
+                Ok(()) => write_infer_response(&out.logits, st.dims.output, &out.router_weights, st.dims.experts),
+                Err(e) => return HttpResponse::InternalServerError().body(e.to_string()),
+            }
+        };
+        HttpResponse::Ok().content_type("application/json").body(answer)
+    })
 }
 
 /// Starts the old design on `backend` with one session of `session_threads`.
@@ -176,7 +213,7 @@ pub fn start_old_design(
     session_threads: usize,
     http_workers: usize,
     max_rows: usize,
-) -> RunningServer {
+) -> BenchServer {
     let session = backend
         .create_session(SessionConfig {
             threads: session_threads,
@@ -187,7 +224,7 @@ pub fn start_old_design(
         dims: backend.dims(),
         max_rows,
     });
-    start_actix("old-design", http_workers, move |cfg| {
+    BenchServer::start("old-design", http_workers, move |cfg| {
         cfg.app_data(state.clone())
             .route("/infer", web::post().to(old_infer))
             .route("/readyz", web::get().to(ready));
@@ -203,14 +240,10 @@ struct Floor {
 }
 
 async fn floor_infer(body: web::Bytes, st: web::Data<Floor>) -> HttpResponse {
-    let f = match parse_infer_request(&body, st.dims.input, st.max_rows) {
-        Ok(f) => f,
-        Err(e) => return HttpResponse::BadRequest().body(e.to_string()),
-    };
-    match st.canned.get(&f.n_rows) {
+    infer_with(&body, st.dims, st.max_rows, |_, n_rows| match st.canned.get(&n_rows) {
         Some(b) => HttpResponse::Ok().content_type("application/json").body(b.clone()),
         None => HttpResponse::InternalServerError().body("no canned answer for this row count"),
-    }
+    })
 }
 
 /// Starts the framework floor; `row_counts` are the request sizes it will see.
@@ -220,7 +253,7 @@ pub fn start_floor(
     row_counts: &[usize],
     http_workers: usize,
     max_rows: usize,
-) -> RunningServer {
+) -> BenchServer {
     let dims = backend.dims();
     let mut session = backend.create_session(SessionConfig { threads: 1 }).expect("session");
     let row: Vec<f32> = (0..dims.input).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
@@ -238,7 +271,7 @@ pub fn start_floor(
         })
         .collect();
     let state = web::Data::new(Floor { canned, dims, max_rows });
-    start_actix("floor", http_workers, move |cfg| {
+    BenchServer::start("floor", http_workers, move |cfg| {
         cfg.app_data(state.clone())
             .route("/infer", web::post().to(floor_infer))
             .route("/readyz", web::get().to(ready));
