@@ -14,6 +14,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use tokitai_serve::labels::Route;
 use tokitai_serve::metrics::Metrics;
 
 fn recording(c: &mut Criterion) {
@@ -32,7 +33,9 @@ fn recording(c: &mut Criterion) {
             metrics.add_inflight(1);
             metrics.observe_queue_wait(black_box(Duration::from_micros(40)));
             metrics.add_inflight(-1);
-            metrics.observe_request(black_box("/infer"), black_box("200"), Duration::from_micros(90));
+            // The middleware resolves the matched template to its label.
+            let route = Route::from_template(black_box("/infer"));
+            metrics.observe_request(route, black_box("200"), Duration::from_micros(90));
         })
     });
     g.bench_function("per_batch_12_rows", |b| {

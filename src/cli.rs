@@ -13,8 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, ForwardOutput, SessionConfig};
 use crate::config::{Config, Override};
-use crate::model::{LayerNormMode, ModelSize};
 use crate::input::InputLimits;
+use crate::model::{LayerNormMode, ModelSize};
 use crate::sidecar_json;
 
 /// Exit status for usage and configuration errors (the sidecar's).

@@ -284,7 +284,12 @@ fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigEr
 }
 
 /// `Err` naming `setting` when `value` is outside `range`.
-fn in_range(setting: &'static str, value: usize, range: std::ops::RangeInclusive<usize>, hint: &str) -> Result<(), ConfigError> {
+fn in_range(
+    setting: &'static str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+    hint: &str,
+) -> Result<(), ConfigError> {
     if range.contains(&value) {
         Ok(())
     } else {
@@ -384,7 +389,12 @@ impl WorkersConfig {
         in_range("workers.streams_per_gpu", self.streams_per_gpu, 1..=64, "")?;
         let backend_choice = " (0: chosen by the backend)";
         in_range("workers.count", self.count, 0..=256, backend_choice)?;
-        in_range("workers.threads_per_worker", self.threads_per_worker, 0..=256, backend_choice)
+        in_range(
+            "workers.threads_per_worker",
+            self.threads_per_worker,
+            0..=256,
+            backend_choice,
+        )
     }
 }
 

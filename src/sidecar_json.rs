@@ -194,7 +194,8 @@ impl FeaturesSeed<'_> {
     }
 
     fn not_an_array<E: de::Error>(&self, what: &str) -> E {
-        self.slot.invalid(format_args!("`features` must be an array, not {what}"))
+        self.slot
+            .invalid(format_args!("`features` must be an array, not {what}"))
     }
 }
 
@@ -627,7 +628,10 @@ mod tests {
             RequestError::TooManyRows { rows: 11, limit: 10 }
         );
         let body = format!(r#"{{"features": [{}]}}"#, vec![row(4, 1.0); 10].join(","));
-        assert_eq!(parse_infer_request(body.as_bytes(), &LIMITS).unwrap().input.n_rows(), 10);
+        assert_eq!(
+            parse_infer_request(body.as_bytes(), &LIMITS).unwrap().input.n_rows(),
+            10
+        );
     }
 
     #[test]

@@ -11,14 +11,14 @@ use common::{FIXTURE_NAMES, Fixture};
 use tokitai_serve::backend::cpu::CpuBackend;
 use tokitai_serve::backend::hip::{self, HipOptions};
 use tokitai_serve::backend::{Backend, BackendError, ForwardOutput, SessionConfig};
-use tokitai_serve::config::Config;
+use tokitai_serve::config::{BackendChoice, Config};
 use tokitai_serve::engine;
 use tokitai_serve::model::synth::{demo_model, synth_weights};
 use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights};
 
-fn config(backend: &str) -> Config {
+fn config(backend: BackendChoice) -> Config {
     let mut c = Config::default();
-    c.workers.backend = backend.to_string();
+    c.workers.backend = backend;
     c.validate().expect("valid config");
     c
 }
@@ -51,7 +51,8 @@ fn auto_falls_back_to_the_cpu_without_a_device() {
         eprintln!("skipped: a HIP device is present, so auto does not fall back");
         return;
     }
-    let backend = engine::choose_backend(nano(), LayerNormMode::Identity, &config("auto")).expect("auto never fails");
+    let backend = engine::startup::choose_backend(nano(), LayerNormMode::Identity, &config(BackendChoice::Auto))
+        .expect("auto never fails");
     assert_eq!(backend.name(), "cpu");
     assert!(backend.describe().starts_with("cpu ("), "{}", backend.describe());
     assert!(
@@ -71,7 +72,7 @@ fn hip_without_a_device_is_a_clear_error() {
         eprintln!("skipped: a HIP device is present");
         return;
     };
-    let err = match engine::choose_backend(nano(), LayerNormMode::Identity, &config("hip")) {
+    let err = match engine::startup::choose_backend(nano(), LayerNormMode::Identity, &config(BackendChoice::Hip)) {
         Ok(b) => panic!("backend = hip with {reason} built {}", b.describe()),
         Err(e) => e.to_string(),
     };
@@ -90,13 +91,13 @@ fn hip_without_a_device_fails_start_up_with_the_reason() {
         return;
     }
     // Start-up stops with this error, naming the setting.
-    match engine::build_backend(demo_model(), &config("hip")) {
+    match engine::build_backend(demo_model(), &config(BackendChoice::Hip)) {
         Err(BackendError::Unavailable(msg)) => assert!(msg.contains("workers.backend = \"hip\""), "{msg}"),
         Err(e) => panic!("unexpected error kind: {e}"),
         Ok(_) => panic!("a hip backend was built without a device"),
     }
     let (backend, description) =
-        engine::build_backend(demo_model(), &config("auto")).expect("auto falls back to the CPU");
+        engine::build_backend(demo_model(), &config(BackendChoice::Auto)).expect("auto falls back to the CPU");
     assert_eq!((backend.name(), description.backend), ("cpu", "cpu"));
 }
 
@@ -112,7 +113,7 @@ fn a_build_without_the_feature_says_so() {
         .err()
         .unwrap();
     assert_eq!(e.to_string(), hip::NOT_COMPILED);
-    let e = engine::choose_backend(nano(), LayerNormMode::Stored, &config("hip"))
+    let e = engine::startup::choose_backend(nano(), LayerNormMode::Stored, &config(BackendChoice::Hip))
         .err()
         .unwrap()
         .to_string();

@@ -59,8 +59,12 @@ fn workloads_are_valid_requests() {
     for mix in [Mix::Single, Mix::multi()] {
         let wl = Workload::new(mix, dims.input, 3);
         for b in &wl.bodies {
-            let f = tokitai_serve::api::parse_infer_request(&b.bytes, dims.input, 4096).expect("valid body");
-            assert_eq!(f.n_rows, b.rows);
+            let limits = tokitai_serve::input::InputLimits {
+                row_len: dims.input,
+                max_rows: 4096,
+            };
+            let f = tokitai_serve::sidecar_json::parse_infer_request(&b.bytes, &limits).expect("valid body");
+            assert_eq!(f.input.n_rows(), b.rows);
         }
     }
 }

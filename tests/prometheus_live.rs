@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, agent, base_config, nano_dims};
 use serde_json::{Value, json};
+use tokitai_serve::labels::{DropReason, FailureReason, Route};
 use tokitai_serve::metrics::Metrics;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -411,8 +412,9 @@ fn exported_names() -> BTreeSet<String> {
     use prometheus::proto::MetricType;
     let metrics = Metrics::new();
     metrics.init_pool(1, 4, 100, 10);
-    metrics.observe_request("/infer", "200", Duration::from_micros(10));
-    metrics.observe_failure("/infer", "invalid");
+    metrics.observe_request(Route::Infer, "200", Duration::from_micros(10));
+    metrics.observe_failure(Route::Infer, FailureReason::Invalid);
+    metrics.drop_counters().add(DropReason::Timeout, 1);
     metrics.observe_queue_wait(Duration::from_micros(10));
     metrics
         .model_info

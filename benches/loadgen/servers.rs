@@ -23,12 +23,13 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use tokitai_serve::api::{parse_infer_request, write_infer_response};
 use tokitai_serve::backend::cpu::CpuBackend;
 use tokitai_serve::backend::{Backend, ForwardOutput, Session, SessionConfig};
 use tokitai_serve::config::Config;
 use tokitai_serve::embed::ServerThread;
+use tokitai_serve::input::InputLimits;
 use tokitai_serve::model::Dims;
+use tokitai_serve::sidecar_json::{parse_infer_request, write_infer_response};
 
 /// Largest body the bench-only servers accept (the engine's default too).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -178,8 +179,12 @@ fn infer_with(
     max_rows: usize,
     answer: impl FnOnce(&[f32], usize) -> HttpResponse,
 ) -> HttpResponse {
-    match parse_infer_request(body, dims.input, max_rows) {
-        Ok(f) => answer(&f.rows, f.n_rows),
+    let limits = InputLimits {
+        row_len: dims.input,
+        max_rows,
+    };
+    match parse_infer_request(body, &limits) {
+        Ok(r) => answer(r.input.values(), r.input.n_rows()),
         Err(e) => HttpResponse::BadRequest().body(e.to_string()),
     }
 }

@@ -17,8 +17,8 @@ use actix::Addr;
 use serde::Serialize;
 
 pub use self::startup::{build_backend, load_model, pool_shape, start, timed};
-pub use crate::batcher::job::InferOutput;
 use crate::backend::Backend;
+pub use crate::batcher::job::InferOutput;
 use crate::batcher::job::Job;
 use crate::batcher::{Batcher, Submit};
 use crate::error::ServeError;

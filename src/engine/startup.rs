@@ -192,9 +192,9 @@ fn warm_up(sessions: Vec<Box<dyn Session>>, backend: &dyn Backend) -> Result<Vec
         runs.into_iter()
             .enumerate()
             .map(|(worker, run)| {
-                let result = run.join().unwrap_or_else(|_| {
-                    Err(BackendError::Device("the warm-up forward panicked".into()))
-                });
+                let result = run
+                    .join()
+                    .unwrap_or_else(|_| Err(BackendError::Device("the warm-up forward panicked".into())));
                 result.map_err(|error| StartError::WarmUp { worker, error })
             })
             .collect()
@@ -213,7 +213,12 @@ fn batch_policy(config: &Config) -> BatchPolicy {
 
 /// The pool's series and the served model's description, as metrics.
 fn record_model(metrics: &Metrics, model: &ModelDescription, workers: usize, policy: &BatchPolicy) {
-    metrics.init_pool(workers, model.dims.experts, policy.max_queue_rows, policy.max_batch_rows);
+    metrics.init_pool(
+        workers,
+        model.dims.experts,
+        policy.max_queue_rows,
+        policy.max_batch_rows,
+    );
     metrics
         .model_info
         .with_label_values(&[
@@ -310,7 +315,10 @@ mod tests {
         let err = warm_up(sessions, &FakeBackend).err().expect("warm-up must fail");
         assert!(matches!(err, StartError::WarmUp { worker: 1, .. }), "{err:?}");
         let text = err.to_string();
-        assert!(text.contains("worker 1") && text.contains("no device memory left"), "{text}");
+        assert!(
+            text.contains("worker 1") && text.contains("no device memory left"),
+            "{text}"
+        );
 
         let sessions: Vec<Box<dyn Session>> = (0..3)
             .map(|_| Box::new(FakeSession { broken: false }) as Box<dyn Session>)

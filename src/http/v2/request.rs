@@ -253,7 +253,10 @@ fn requested_outputs(header: &InferHeader) -> Result<Vec<OutputRequest>, V2Error
             .map(|o| {
                 let output = OutputName::parse(&o.name).ok_or_else(|| {
                     let names = OutputName::ALL.map(OutputName::as_str);
-                    invalid(format!("unexpected inference output '{}': outputs are {names:?}", o.name))
+                    invalid(format!(
+                        "unexpected inference output '{}': outputs are {names:?}",
+                        o.name
+                    ))
                 })?;
                 Ok(OutputRequest {
                     output,
