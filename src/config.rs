@@ -64,6 +64,14 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     /// On SIGTERM/SIGINT, how long queued and running work may take to finish.
     pub shutdown_timeout_secs: u64,
+    /// Time a connection has to send its request head.
+    pub header_timeout_ms: u64,
+    /// Time the whole body has to arrive once the head is in (else 408).
+    pub body_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this.
+    pub keep_alive_secs: u64,
+    /// Most open client connections, all HTTP threads together.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +176,10 @@ impl Default for ServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
             shutdown_timeout_secs: 30,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
+            keep_alive_secs: 30,
+            max_connections: 8192,
         }
     }
 }
@@ -266,6 +278,14 @@ impl Config {
         self.server.bind.parse().expect("validated at load")
     }
 
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.body_timeout_ms)
+    }
+
     pub fn default_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
     }
@@ -315,7 +335,27 @@ impl ServerConfig {
         if self.request_timeout_ms == 0 {
             return bad("server.request_timeout_ms", "must be at least 1");
         }
-        Ok(())
+        let hour_ms = 3_600_000;
+        in_range(
+            "server.header_timeout_ms",
+            self.header_timeout_ms as usize,
+            1..=hour_ms,
+            "",
+        )?;
+        in_range("server.body_timeout_ms", self.body_timeout_ms as usize, 1..=hour_ms, "")?;
+        in_range(
+            "server.keep_alive_secs",
+            self.keep_alive_secs as usize,
+            0..=3600,
+            " (0: no keep-alive)",
+        )?;
+        let workers = self.http_workers;
+        in_range(
+            "server.max_connections",
+            self.max_connections,
+            workers.max(1)..=1_000_000,
+            " (at least one per HTTP thread)",
+        )
     }
 }
 

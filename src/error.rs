@@ -20,7 +20,11 @@ pub enum ServeError {
     Request(#[from] RequestError),
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("unsupported content type {found:?}: send `Content-Type: application/json`")]
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
+    #[error(
+        "unsupported content type {found:?}: send `Content-Type: application/json` (or, on /v2, `application/octet-stream` for binary tensors)"
+    )]
     UnsupportedMediaType { found: String },
     #[error("{0}")]
     BadRequest(String),
@@ -53,6 +57,7 @@ impl ServeError {
             }
             ServeError::Request(_) | ServeError::BadRequest(_) => FailureReason::Invalid,
             ServeError::UnsupportedMediaType { .. } => FailureReason::UnsupportedMediaType,
+            ServeError::BodyTimeout { .. } => FailureReason::BodyTimeout,
             ServeError::Overloaded { .. } => FailureReason::Overloaded,
             ServeError::NotReady(_) => FailureReason::NotReady,
             ServeError::DeadlineExceeded { .. } => FailureReason::Timeout,

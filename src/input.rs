@@ -9,6 +9,9 @@
 //! here, so the batcher and the workers never have to trust a length. Must
 //! not touch: wire formats, HTTP status codes (see `http/error.rs`).
 
+use std::cell::RefCell;
+use std::fmt;
+
 /// Why a request's input was rejected. Every variant is the client's fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RequestError {
@@ -98,6 +101,37 @@ impl InferInput {
     /// caller's bug, since slices of a job are cut from its own row count.
     pub fn rows(&self, first: usize, n: usize) -> &[f32] {
         &self.values[first * self.row_len..(first + n) * self.row_len]
+    }
+}
+
+/// Where a streaming serde visitor records the typed error it rejected a
+/// body for: serde only carries text, so the visitor stores the real error
+/// here and hands serde a placeholder to unwind with; the parser then
+/// answers the stored one. Shared by the `/infer` and the v2 parsers.
+pub(crate) struct ErrorSlot<E>(RefCell<Option<E>>);
+
+impl<E> Default for ErrorSlot<E> {
+    fn default() -> Self {
+        ErrorSlot(RefCell::new(None))
+    }
+}
+
+impl<E> ErrorSlot<E> {
+    /// Records `error` (the first one wins) and returns serde's placeholder.
+    pub(crate) fn reject<D: serde::de::Error>(&self, error: E) -> D {
+        self.0.borrow_mut().get_or_insert(error);
+        D::custom("rejected by the request visitor")
+    }
+
+    /// The recorded error, if a visitor rejected the body.
+    pub(crate) fn take(&self) -> Option<E> {
+        self.0.borrow_mut().take()
+    }
+}
+
+impl ErrorSlot<RequestError> {
+    pub(crate) fn invalid<D: serde::de::Error>(&self, msg: impl fmt::Display) -> D {
+        self.reject(RequestError::Invalid(msg.to_string()))
     }
 }
 

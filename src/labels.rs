@@ -73,12 +73,44 @@ impl Route {
     }
 }
 
+impl Route {
+    /// The route a request path matches, as actix's router matches it (a
+    /// `{name}` segment is one non-empty path segment), or [`Route::Other`].
+    /// Used for the metric label, before or without routing.
+    pub fn for_path(path: &str) -> Route {
+        Route::ALL
+            .iter()
+            .copied()
+            .find(|r| *r != Route::Other && template_matches(r.as_str(), path))
+            .unwrap_or(Route::Other)
+    }
+}
+
+fn template_matches(template: &str, path: &str) -> bool {
+    let mut want = template.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) if w.starts_with('{') => {
+                if g.is_empty() {
+                    return false;
+                }
+            }
+            (Some(w), Some(g)) if w == g => {}
+            _ => return false,
+        }
+    }
+}
+
 label_enum! {
     /// Why a request got no model answer.
     FailureReason {
         Invalid => "invalid",
         TooLarge => "too_large",
         UnsupportedMediaType => "unsupported_media_type",
+        /// The body did not arrive within `server.body_timeout_ms`.
+        BodyTimeout => "body_timeout",
         Overloaded => "overloaded",
         Timeout => "timeout",
         /// The client went away before its answer.

@@ -44,6 +44,7 @@ pub mod input;
 pub mod labels;
 pub mod metrics;
 pub mod model;
+pub mod os;
 pub mod readiness;
 pub mod sidecar_json;
 pub mod worker;
@@ -79,6 +80,10 @@ pub async fn run(
     metrics.model_load_seconds.set(load_time.as_secs_f64());
     log_model(&description, load_time);
     let engine = engine::start(backend, description, &config, Arc::clone(&metrics))?;
+    match os::raise_open_files_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     let readiness = Arc::clone(&engine.readiness);
     let server = http::server(listener, engine, &config)?;
     println!("listening on http://{addr}");

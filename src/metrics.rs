@@ -162,7 +162,7 @@ impl Metrics {
             worker_restarts: reg!(IntCounterVec::new(
                 Opts::new(
                     "tokitai_worker_restarts_total",
-                    "Sessions rebuilt after a fault inside a forward, by worker."
+                    "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by worker."
                 ),
                 &["worker"],
             )),
@@ -310,6 +310,11 @@ impl Metrics {
                 .map(|r| self.rows_dropped.with_label_values(&[r.as_str()]))
                 .collect(),
         }
+    }
+
+    /// Worker `id`'s actor was replaced after it ended.
+    pub fn worker_restarted(&self, id: usize) {
+        self.worker_restarts.with_label_values(&[&id.to_string()]).inc();
     }
 
     /// The handles worker `id` records into, resolved once so the per-batch

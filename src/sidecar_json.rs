@@ -11,11 +11,10 @@
 //! The request is parsed with a streaming serde visitor rather than through a
 //! `serde_json::Value`: it writes numbers straight into the flat buffer, stops
 //! at the first bad row, and can say exactly which row and feature is wrong.
-//! The visitors record that typed error in an [`ErrorSlot`] and hand serde
+//! The visitors record that typed error in an `ErrorSlot` and hand serde
 //! only a placeholder to unwind with, so no error is ever parsed back out of
 //! a message.
 
-use std::cell::RefCell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -23,7 +22,7 @@ use serde::ser::{SerializeSeq, SerializeStruct};
 use serde::{Deserializer, Serialize, Serializer};
 
 pub use crate::input::RequestError;
-use crate::input::{InferInput, InputLimits};
+use crate::input::{ErrorSlot, InferInput, InputLimits};
 
 /// A parsed `/infer` request.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +40,7 @@ pub struct SidecarRequest {
 /// the batch before its rows are stored (a request over it is rejected
 /// without buffering it).
 pub fn parse_infer_request(body: &[u8], limits: &InputLimits) -> Result<SidecarRequest, RequestError> {
-    let slot = ErrorSlot::default();
+    let slot = ErrorSlot::<RequestError>::default();
     let mut de = serde_json::Deserializer::from_slice(body);
     let seed = RequestSeed {
         limits: *limits,
@@ -53,27 +52,6 @@ pub fn parse_infer_request(body: &[u8], limits: &InputLimits) -> Result<SidecarR
         input: InferInput::new(values, limits)?,
         single_row,
     })
-}
-
-/// Where a visitor records the domain error it rejected the body for.
-#[derive(Default)]
-struct ErrorSlot(RefCell<Option<RequestError>>);
-
-impl ErrorSlot {
-    /// Records `error` (the first one wins) and returns the placeholder that
-    /// makes serde unwind; [`parse_infer_request`] answers the recorded one.
-    fn reject<E: de::Error>(&self, error: RequestError) -> E {
-        self.0.borrow_mut().get_or_insert(error);
-        E::custom("rejected by the /infer visitor")
-    }
-
-    fn invalid<E: de::Error>(&self, msg: impl fmt::Display) -> E {
-        self.reject(RequestError::Invalid(msg.to_string()))
-    }
-
-    fn take(&self) -> Option<RequestError> {
-        self.0.borrow_mut().take()
-    }
 }
 
 /// A serde error that no visitor recorded: JSON syntax, or a data error
@@ -90,7 +68,7 @@ type Parsed = (Vec<f32>, bool);
 
 struct RequestSeed<'s> {
     limits: InputLimits,
-    slot: &'s ErrorSlot,
+    slot: &'s ErrorSlot<RequestError>,
 }
 
 impl<'de> DeserializeSeed<'de> for RequestSeed<'_> {
@@ -129,7 +107,7 @@ impl<'de> Visitor<'de> for RequestSeed<'_> {
 
 struct FeaturesSeed<'s> {
     limits: InputLimits,
-    slot: &'s ErrorSlot,
+    slot: &'s ErrorSlot<RequestError>,
 }
 
 impl<'de> DeserializeSeed<'de> for FeaturesSeed<'_> {
@@ -255,7 +233,7 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
     }
 }
 
-fn check_len<E: de::Error>(slot: &ErrorSlot, row: usize, len: usize, row_len: usize) -> Result<(), E> {
+fn check_len<E: de::Error>(slot: &ErrorSlot<RequestError>, row: usize, len: usize, row_len: usize) -> Result<(), E> {
     if len == row_len {
         Ok(())
     } else {
@@ -264,7 +242,7 @@ fn check_len<E: de::Error>(slot: &ErrorSlot, row: usize, len: usize, row_len: us
 }
 
 /// Converts a JSON number to f32, rejecting values that are not finite as f32.
-fn to_f32<E: de::Error>(slot: &ErrorSlot, v: f64, row: usize, index: usize) -> Result<f32, E> {
+fn to_f32<E: de::Error>(slot: &ErrorSlot<RequestError>, v: f64, row: usize, index: usize) -> Result<f32, E> {
     let x = v as f32;
     if x.is_finite() {
         Ok(x)
@@ -284,7 +262,7 @@ enum First {
 struct FirstElement<'a> {
     values: &'a mut Vec<f32>,
     row_len: usize,
-    slot: &'a ErrorSlot,
+    slot: &'a ErrorSlot<RequestError>,
 }
 
 impl<'de> DeserializeSeed<'de> for FirstElement<'_> {
@@ -338,7 +316,7 @@ struct RowSeed<'a> {
     values: &'a mut Vec<f32>,
     row: usize,
     row_len: usize,
-    slot: &'a ErrorSlot,
+    slot: &'a ErrorSlot<RequestError>,
 }
 
 impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
@@ -417,7 +395,7 @@ struct Number<'a> {
     index: usize,
     /// Flat single-row form: an array here is a mix of forms, not a nested row.
     single: bool,
-    slot: &'a ErrorSlot,
+    slot: &'a ErrorSlot<RequestError>,
 }
 
 impl<'de> DeserializeSeed<'de> for Number<'_> {

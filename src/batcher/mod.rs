@@ -22,6 +22,7 @@ use actix::prelude::*;
 
 use self::job::{Job, RunBatch};
 use self::policy::{BatchPolicy, Decision, Queued};
+use crate::backend::BackendError;
 use crate::error::ServeError;
 use crate::metrics::{DropCounters, Metrics};
 use crate::readiness::Readiness;
@@ -43,12 +44,27 @@ pub struct BatchDone {
     pub compute: Duration,
 }
 
+/// A worker's actor ended although it catches every panic of its own
+/// (worker -> batcher): the batcher stops sending to it and starts a
+/// replacement in its place.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WorkerExited {
+    pub worker: usize,
+}
+
+/// Starts a replacement for worker `i` and returns where to send its batches.
+pub type Respawn = Arc<dyn Fn(usize) -> Result<Recipient<RunBatch>, BackendError> + Send + Sync>;
+
 /// The worker pool, registered once at start-up (the workers need the
 /// batcher's address first, so they are attached after it starts). Worker
 /// `i` is the `i`-th recipient and reports `BatchDone { worker: i, .. }`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AttachWorkers(pub Vec<Recipient<RunBatch>>);
+pub struct AttachWorkers {
+    pub workers: Vec<Recipient<RunBatch>>,
+    pub respawn: Respawn,
+}
 
 // ---- actor ----------------------------------------------------------------
 
@@ -60,6 +76,10 @@ pub struct Batcher {
     workers: Vec<Recipient<RunBatch>>,
     /// Batches sent to each worker and not yet reported done.
     in_flight: Vec<usize>,
+    /// Whether each worker can take batches (false once it exited, until a
+    /// replacement is attached).
+    alive: Vec<bool>,
+    respawn: Option<Respawn>,
     /// Wakes the batcher when a held partial batch may go (queue delay or
     /// regroup hold).
     delay_timer: Option<(Instant, SpawnHandle)>,
@@ -93,6 +113,8 @@ impl Batcher {
             queued_rows: 0,
             workers: Vec::new(),
             in_flight: Vec::new(),
+            alive: Vec::new(),
+            respawn: None,
             delay_timer: None,
             regroup: None,
             expiry_timer: None,
@@ -108,8 +130,7 @@ impl Batcher {
     fn pump(&mut self, ctx: &mut Context<Self>) {
         loop {
             self.drop_dead_front();
-            let Some(worker) = policy::pick_worker(&self.in_flight, self.queued_rows, self.policy.max_batch_rows)
-            else {
+            let Some(worker) = self.free_worker() else {
                 break;
             };
             let oldest = self.queue.front().map(|q| q.job.submitted_at);
@@ -129,6 +150,18 @@ impl Batcher {
             }
         }
         self.metrics.set_queue_depth(self.queued_rows);
+    }
+
+    /// The worker the policy picks for the next batch, among the live ones.
+    fn free_worker(&self) -> Option<usize> {
+        let loads: Vec<usize> = self
+            .in_flight
+            .iter()
+            .zip(&self.alive)
+            .map(|(&n, &alive)| if alive { n } else { usize::MAX })
+            .collect();
+        policy::pick_worker(&loads, self.queued_rows, self.policy.max_batch_rows)
+            .filter(|&w| self.alive.get(w).copied().unwrap_or(false))
     }
 
     /// Drops requests at the front whose client left or whose deadline passed,
@@ -252,9 +285,40 @@ impl Handler<BatchDone> for Batcher {
 impl Handler<AttachWorkers> for Batcher {
     type Result = ();
 
-    fn handle(&mut self, AttachWorkers(workers): AttachWorkers, ctx: &mut Context<Self>) {
-        self.in_flight = vec![0; workers.len()];
-        self.workers = workers;
+    fn handle(&mut self, attach: AttachWorkers, ctx: &mut Context<Self>) {
+        self.in_flight = vec![0; attach.workers.len()];
+        self.alive = vec![true; attach.workers.len()];
+        self.workers = attach.workers;
+        self.respawn = Some(attach.respawn);
+        self.pump(ctx);
+    }
+}
+
+impl Handler<WorkerExited> for Batcher {
+    type Result = ();
+
+    fn handle(&mut self, WorkerExited { worker }: WorkerExited, ctx: &mut Context<Self>) {
+        let (Some(alive), Some(in_flight)) = (self.alive.get_mut(worker), self.in_flight.get_mut(worker)) else {
+            return;
+        };
+        // Whatever it held was failed by the worker as it ended.
+        *alive = false;
+        *in_flight = 0;
+        if self.readiness.is_draining() {
+            return;
+        }
+        let Some(respawn) = self.respawn.clone() else {
+            return;
+        };
+        match respawn(worker) {
+            Ok(replacement) => {
+                tracing::warn!(worker, "worker ended; started a replacement");
+                self.metrics.worker_restarted(worker);
+                self.workers[worker] = replacement;
+                self.alive[worker] = true;
+            }
+            Err(e) => tracing::error!(worker, error = %e, "worker ended and its replacement failed to start"),
+        }
         self.pump(ctx);
     }
 }

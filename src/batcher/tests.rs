@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::job::{Batch, Job, JobReply, RunBatch};
 use super::policy::BatchPolicy;
-use super::{AttachWorkers, BatchDone, Batcher, Submit};
+use super::{AttachWorkers, BatchDone, Batcher, Respawn, Submit, WorkerExited};
 use crate::error::ServeError;
 use crate::input::{InferInput, InputLimits};
 use crate::metrics::Metrics;
@@ -50,7 +50,8 @@ impl Handler<Flush> for FakeWorker {
 
 struct Harness {
     batcher: Addr<Batcher>,
-    workers: Vec<Addr<FakeWorker>>,
+    /// Every fake started, replacements included.
+    workers: Arc<parking_lot::Mutex<Vec<Addr<FakeWorker>>>>,
     batches: mpsc::UnboundedReceiver<(usize, Batch)>,
     metrics: Arc<Metrics>,
 }
@@ -75,7 +76,24 @@ impl Harness {
                 .start()
             })
             .collect();
-        batcher.do_send(AttachWorkers(workers.iter().map(|w| w.clone().recipient()).collect()));
+        let recipients = workers.iter().map(|w| w.clone().recipient()).collect();
+        let workers = Arc::new(parking_lot::Mutex::new(workers));
+        let respawn: Respawn = {
+            let (tx, workers) = (tx.clone(), Arc::clone(&workers));
+            Arc::new(move |id| {
+                let replacement = FakeWorker {
+                    id,
+                    batches: tx.clone(),
+                }
+                .start();
+                workers.lock().push(replacement.clone());
+                Ok(replacement.recipient())
+            })
+        };
+        batcher.do_send(AttachWorkers {
+            workers: recipients,
+            respawn,
+        });
         Harness {
             batcher,
             workers,
@@ -107,7 +125,8 @@ impl Harness {
 
     /// Every batch dispatched so far, as (worker, [(job id, first row, rows)]).
     async fn dispatched(&mut self) -> Vec<(usize, Vec<(f32, usize, usize)>)> {
-        for w in &self.workers {
+        let workers = self.workers.lock().clone();
+        for w in workers {
             w.send(Flush).await.unwrap();
         }
         let mut out = Vec::new();
@@ -192,5 +211,25 @@ fn a_failed_batch_fails_its_requests_and_drops_their_remaining_rows() {
             text.contains("tokitai_rows_dropped_total{reason=\"failed\"} 2"),
             "{text}"
         );
+    });
+}
+
+#[test]
+fn an_exited_worker_gets_no_batches_until_it_is_replaced_and_is_counted() {
+    System::new().block_on(async {
+        let mut h = Harness::start(2);
+        let (_a, _ra) = h.submit(1.0, 1).await;
+        assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 1)])]);
+        // Worker 0 ends with its batch in hand; a replacement takes its place
+        // (the fakes report themselves as their id, so it shows up as 0).
+        h.batcher.send(WorkerExited { worker: 0 }).await.unwrap();
+        let (_b, _rb) = h.submit(2.0, 1).await;
+        let (_c, _rc) = h.submit(3.0, 1).await;
+        // Both are idle now: the replacement (0) first, then 1.
+        let mut got = h.dispatched().await;
+        got.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(got, vec![(0, vec![(2.0, 0, 1)]), (1, vec![(3.0, 0, 1)])]);
+        let text = String::from_utf8(h.metrics.render()).unwrap();
+        assert!(text.contains("tokitai_worker_restarts_total{worker=\"0\"} 1"), "{text}");
     });
 }

@@ -16,8 +16,9 @@ use super::{Engine, ModelDescription};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
+use crate::batcher::job::RunBatch;
 use crate::batcher::policy::BatchPolicy;
-use crate::batcher::{AttachWorkers, Batcher};
+use crate::batcher::{AttachWorkers, Batcher, Respawn};
 use crate::config::{BackendChoice, Config};
 use crate::error::{ModelError, StartError};
 use crate::input::InputLimits;
@@ -156,10 +157,22 @@ pub fn start(
         backend: Arc::clone(&backend),
         session_config,
         batcher: batcher.clone().recipient(),
+        exits: batcher.clone().recipient(),
         readiness: Arc::clone(&readiness),
     };
-    let workers = start_workers(sessions, &context, &metrics);
-    batcher.do_send(AttachWorkers(workers));
+    let workers = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(id, session)| start_worker(id, session, &context, &metrics))
+        .collect();
+    let respawn: Respawn = {
+        let metrics = Arc::clone(&metrics);
+        Arc::new(move |id| {
+            let session = context.backend.create_session(context.session_config)?;
+            Ok(start_worker(id, session, &context, &metrics))
+        })
+    };
+    batcher.do_send(AttachWorkers { workers, respawn });
     Ok(Engine {
         batcher,
         backend,
@@ -232,35 +245,31 @@ fn record_model(metrics: &Metrics, model: &ModelDescription, workers: usize, pol
         .set(1);
 }
 
-/// One `SyncArbiter` thread per session, each running a [`Worker`].
-fn start_workers(
-    sessions: Vec<Box<dyn Session>>,
+/// Worker `id` on a `SyncArbiter` thread of its own, computing with
+/// `session`.
+fn start_worker(
+    id: usize,
+    session: Box<dyn Session>,
     context: &WorkerContext,
     metrics: &Arc<Metrics>,
-) -> Vec<Recipient<crate::batcher::job::RunBatch>> {
+) -> Recipient<RunBatch> {
     let experts = context.backend.dims().experts;
-    sessions
-        .into_iter()
-        .enumerate()
-        .map(|(id, session)| {
-            // SyncArbiter's factory is `Fn`; the warmed-up session is handed
-            // over once, and a restart of the actor (never expected: panics
-            // are caught inside it) would build a fresh one.
-            let slot = parking_lot::Mutex::new(Some(session));
-            let context = context.clone();
-            let metrics = Arc::clone(metrics);
-            let addr = SyncArbiter::start(1, move || {
-                let session = slot.lock().take().unwrap_or_else(|| {
-                    context
-                        .backend
-                        .create_session(context.session_config)
-                        .expect("the backend created this session before")
-                });
-                Worker::new(id, session, context.clone(), metrics.worker(id, experts))
-            });
-            addr.recipient()
-        })
-        .collect()
+    // SyncArbiter's factory is `Fn`; the session is handed over once. The
+    // factory runs again only if the actor stops itself, which it never
+    // does (an actor that ends by a panic is replaced by the batcher).
+    let slot = parking_lot::Mutex::new(Some(session));
+    let context = context.clone();
+    let metrics = Arc::clone(metrics);
+    let addr = SyncArbiter::start(1, move || {
+        let session = slot.lock().take().unwrap_or_else(|| {
+            context
+                .backend
+                .create_session(context.session_config)
+                .expect("the backend created this session before")
+        });
+        Worker::new(id, session, context.clone(), metrics.worker(id, experts))
+    });
+    addr.recipient()
 }
 
 /// Times `f`, for the model-load metric and log.

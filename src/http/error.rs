@@ -22,6 +22,7 @@ impl ResponseError for ServeError {
             }
             ServeError::Request(_) | ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -40,6 +41,11 @@ impl ResponseError for ServeError {
             }
             ServeError::NotReady(_) => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
+            }
+            // The rest of a stalled body may still arrive: never read it as
+            // the next request.
+            ServeError::BodyTimeout { .. } => {
+                response.force_close();
             }
             _ => {}
         }
@@ -85,7 +91,9 @@ impl ResponseError for V2Error {
                 ServeError::Request(_) | ServeError::BadRequest(_) | ServeError::BodyTooLarge { .. } => {
                     StatusCode::BAD_REQUEST
                 }
-                ServeError::UnsupportedMediaType { .. } => StatusCode::BAD_REQUEST,
+                // Browser-form types are refused as on every route; 415 says why.
+                ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
                 ServeError::Overloaded { .. } | ServeError::NotReady(_) | ServeError::DeadlineExceeded { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
@@ -98,8 +106,14 @@ impl ResponseError for V2Error {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if let V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) = self {
-            response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
+        match self {
+            V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
+            }
+            V2Error::Serve(ServeError::BodyTimeout { .. }) => {
+                response.force_close();
+            }
+            _ => {}
         }
         let mut response = response.json(serde_json::json!({ "error": self.to_string() }));
         response.extensions_mut().insert(self.reason());

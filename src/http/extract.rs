@@ -1,14 +1,16 @@
 //! Request checks that come before parsing: content type, body size, and the
 //! per-request deadline header.
 //!
-//! Owns: reading a body under a byte limit (rejecting on `Content-Length`
-//! before reading anything) and the `X-Request-Timeout-Ms` rule. Must not
-//! touch: the body's meaning (see `api.rs`).
+//! Owns: reading a body under a byte limit and a time limit (rejecting on
+//! `Content-Length` before reading anything), the browser-form content-type
+//! rule, and the `X-Request-Timeout-Ms` rule. Must not touch: the body's
+//! meaning (see `sidecar_json.rs`, `v2/request.rs`).
 
 use std::time::Duration;
 
 use actix_web::HttpRequest;
-use actix_web::http::header;
+use actix_web::http::Method;
+use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::{self, BytesMut};
 use futures_util::StreamExt;
 
@@ -53,28 +55,85 @@ pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration,
         })
 }
 
-/// Reads the whole body, at most `limit` bytes. A declared `Content-Length`
-/// over the limit is rejected before a byte of the body is read.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<BytesMut, ServeError> {
-    let declared = match req.headers().get(header::CONTENT_LENGTH) {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok())
-                .ok_or_else(|| ServeError::BadRequest("Content-Length is not a number".into()))?,
-        ),
-        None => None,
-    };
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ServeError::BodyTooLarge { limit });
+/// Content types a browser page may POST cross-site without a CORS
+/// preflight. The engine listens on loopback, where any page the host's user
+/// opens could reach it, so a POST carrying one of them is refused on every
+/// route before its body is read.
+const BROWSER_FORM_TYPES: [&str; 3] = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"];
+
+/// `Err(415)` for a POST whose content type a browser form could send.
+pub fn reject_browser_forms(method: &Method, headers: &HeaderMap) -> Result<(), ServeError> {
+    if method != Method::POST {
+        return Ok(());
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ServeError::BadRequest(format!("could not read the request body: {e}")))?;
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = value.to_str().unwrap_or("");
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if BROWSER_FORM_TYPES.contains(&essence.as_str()) {
+        return Err(ServeError::UnsupportedMediaType {
+            found: text.chars().take(100).collect(),
+        });
+    }
+    Ok(())
+}
+
+/// The declared `Content-Length`, or `Err(400)` when it is not a number.
+pub fn declared_length(headers: &HeaderMap) -> Result<Option<usize>, ServeError> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| ServeError::BadRequest("Content-Length is not a number".into())),
+    }
+}
+
+/// `Err(413)` when the declared length is over `limit`.
+pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ServeError> {
+    match declared_length(headers)? {
+        Some(n) if n > limit => Err(ServeError::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+/// The first buffer reserved for a body: bodies grow as their bytes arrive,
+/// never to a size a client declared before sending it.
+const FIRST_BODY_BUFFER: usize = 64 * 1024;
+
+/// Reads the whole body, at most `limit` bytes, within `timeout` of the
+/// call. A declared `Content-Length` over the limit is rejected before a
+/// byte of the body is read; a body that has not arrived in time gets 408
+/// (and its connection is closed).
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    timeout: Duration,
+) -> Result<BytesMut, ServeError> {
+    check_declared_length(req.headers(), limit)?;
+    let declared = declared_length(req.headers())?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(FIRST_BODY_BUFFER).min(FIRST_BODY_BUFFER));
+    loop {
+        let next = tokio::time::timeout_at(deadline, payload.next()).await;
+        let chunk = match next {
+            Err(_elapsed) => {
+                return Err(ServeError::BodyTimeout {
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            Ok(None) => return Ok(body),
+            Ok(Some(chunk)) => {
+                chunk.map_err(|e| ServeError::BadRequest(format!("could not read the request body: {e}")))?
+            }
+        };
         if body.len() + chunk.len() > limit {
             return Err(ServeError::BodyTooLarge { limit });
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
 }

@@ -12,19 +12,22 @@
 pub mod error;
 pub mod extract;
 pub mod routes;
+pub mod server;
 pub mod v2;
 
-use std::net::TcpListener;
+pub use self::server::server;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::middleware::{Next, from_fn};
-use actix_web::{App, HttpResponseBuilder, HttpServer, web};
+use actix_web::middleware::Next;
+use actix_web::{HttpResponseBuilder, ResponseError, web};
 use tracing::Instrument;
 
+use self::extract::reject_browser_forms;
 use crate::config::Config;
 use crate::engine::{Engine, InferOutput};
 use crate::labels::{FailureReason, Route};
@@ -33,6 +36,8 @@ use crate::labels::{FailureReason, Route};
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     pub max_body_bytes: usize,
+    /// Time a body has to arrive (`server.body_timeout_ms`).
+    pub body_timeout: Duration,
     pub default_timeout: Duration,
 }
 
@@ -40,6 +45,7 @@ impl HttpSettings {
     pub fn from_config(config: &Config) -> HttpSettings {
         HttpSettings {
             max_body_bytes: config.server.max_body_bytes,
+            body_timeout: config.body_timeout(),
             default_timeout: config.default_timeout(),
         }
     }
@@ -85,33 +91,6 @@ pub fn timing_headers<'b>(response: &'b mut HttpResponseBuilder, output: &InferO
         .insert_header(("x-compute-time-us", output.compute.as_micros() as u64))
 }
 
-/// Builds the HTTP server on an already bound listener. Signals are not
-/// handled here: the caller's shutdown future drives a graceful stop.
-pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io::Result<Server> {
-    let settings = web::Data::new(HttpSettings::from_config(config));
-    let engine = web::Data::new(engine);
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(engine.clone())
-            .app_data(settings.clone())
-            .wrap(from_fn(observe))
-            .configure(configure)
-            .default_service(web::to(routes::not_found))
-    })
-    .workers(config.server.http_workers)
-    .shutdown_timeout(config.server.shutdown_timeout_secs)
-    // A client that closes its connection while its request waits must
-    // cancel the request (its rows are then dropped, not computed). actix
-    // allows HTTP/1 half-closure by default, which keeps the handler running
-    // after the client's EOF, so nothing was ever cancelled. hyper, under
-    // the old sidecar, does not allow half-closure either.
-    .h1_allow_half_closed(false)
-    .disable_signals()
-    .listen(listener)?
-    .run();
-    Ok(server)
-}
-
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// The client's `X-Request-Id` when it is short printable ASCII, else a new one.
@@ -130,27 +109,29 @@ fn request_id(req: &ServiceRequest) -> HeaderValue {
     }
 }
 
-/// Request id, tracing span, and request metrics for every route.
+/// Request id, tracing span, the browser-form refusal, and request metrics
+/// for every route.
 async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
+) -> Result<ServiceResponse<actix_web::body::EitherBody<impl MessageBody + 'static>>, actix_web::Error> {
     let start = Instant::now();
     let id = request_id(&req);
     let engine = req.app_data::<web::Data<Engine>>().cloned();
+    let route = Route::for_path(req.path());
     let span = tracing::info_span!(
         "request",
         id = id.to_str().unwrap_or(""),
         method = %req.method(),
         path = req.path()
     );
-    let mut res = next.call(req).instrument(span.clone()).await?;
+    let mut res = match reject_browser_forms(req.method(), req.headers()) {
+        // Refused before routing, so no handler (and no extractor) runs.
+        Err(refusal) => req.into_response(refusal.error_response()).map_into_right_body(),
+        Ok(()) => next.call(req).instrument(span.clone()).await?.map_into_left_body(),
+    };
     res.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
     let status = res.status();
-    let route = res
-        .request()
-        .match_pattern()
-        .map_or(Route::Other, |p| Route::from_template(&p));
     if let Some(engine) = engine {
         let metrics = &engine.metrics;
         metrics.observe_request(route, status.as_str(), start.elapsed());
@@ -194,6 +175,14 @@ mod tests {
             } else {
                 assert_eq!(matched.as_deref(), Some(route.as_str()), "{route:?}");
                 assert_eq!(Route::from_template(&matched.unwrap()), route);
+            }
+            // The label the middleware uses agrees with actix's routing.
+            assert_eq!(Route::for_path(&sample_path(route)), route, "{route:?}");
+            if route == Route::Other {
+                continue;
+            }
+            for near_miss in [format!("{}/", sample_path(route)), format!("/x{}", sample_path(route))] {
+                assert_ne!(Route::for_path(&near_miss), route, "{near_miss}");
             }
         }
     }

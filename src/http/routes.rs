@@ -28,7 +28,7 @@ pub async fn infer(
 ) -> Result<HttpResponse, ServeError> {
     require_json(&req)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
-    let body = read_body(&req, payload, settings.max_body_bytes).await?;
+    let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     let request = parse_infer_request(&body, &engine.limits)?;
     drop(body);
     let options = InferOptions {

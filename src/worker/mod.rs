@@ -5,10 +5,12 @@
 //! rows that must not be computed (deadline passed, client gone), gathers the
 //! rest into its session's input buffer, runs the forward, records the
 //! batch's metrics, hands each request its rows, and reports
-//! [`crate::batcher::BatchDone`]. A panic inside a
-//! forward is caught here: that batch's requests get 500, the session is
-//! rebuilt, and the worker goes on serving. Must not touch: queueing policy
-//! (the batcher's) or request parsing (the HTTP layer's).
+//! [`crate::batcher::BatchDone`]. A panic anywhere in handling a batch is
+//! caught here: that batch's requests get 500, the session is rebuilt, and
+//! the worker goes on serving. Should the actor end anyway, it fails the
+//! requests it held and reports [`WorkerExited`] as it unwinds, and the
+//! batcher starts a replacement. Must not touch: queueing policy (the
+//! batcher's) or request parsing (the protocol layers').
 //!
 //! Workers run in `SyncContext` (a dedicated thread each), so CPU-bound work
 //! never runs on the async HTTP runtime. The weights are shared through the
@@ -23,8 +25,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::backend::{Backend, ForwardOutput, Session, SessionConfig};
-use crate::batcher::BatchDone;
-use crate::batcher::job::{Batch, RunBatch, Slice};
+use crate::batcher::job::{Batch, Job, RunBatch, Slice};
+use crate::batcher::{BatchDone, WorkerExited};
 use crate::error::ServeError;
 use crate::metrics::WorkerMetrics;
 use crate::model::Dims;
@@ -35,12 +37,20 @@ use crate::readiness::Readiness;
 /// path). Release builds have no such hook.
 #[cfg(feature = "fault-injection")]
 pub const FAULT_INJECTION_PANIC_VALUE: f32 = -424_242.0;
+/// Like [`FAULT_INJECTION_PANIC_VALUE`], but the panic comes while the
+/// answers are handed out, after the forward.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_ANSWER_PANIC_VALUE: f32 = -434_343.0;
+/// A batch whose first row starts with this ends the worker's actor (a
+/// panic past its own guard), so the replacement path runs.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_INJECTION_EXIT_VALUE: f32 = -444_444.0;
 
 // ---- messages -------------------------------------------------------------
 //
 // [`RunBatch`] (batcher -> worker) is declared beside the job types it
-// carries, in `batcher/job.rs`; [`BatchDone`] (worker -> batcher) in the
-// batcher.
+// carries, in `batcher/job.rs`; [`BatchDone`] and [`WorkerExited`] (worker ->
+// batcher) in the batcher.
 
 // ---- actor ----------------------------------------------------------------
 
@@ -50,6 +60,7 @@ pub struct WorkerContext {
     pub backend: Arc<dyn Backend>,
     pub session_config: SessionConfig,
     pub batcher: Recipient<BatchDone>,
+    pub exits: Recipient<WorkerExited>,
     pub readiness: Arc<Readiness>,
 }
 
@@ -63,6 +74,8 @@ pub struct Worker {
     output: ForwardOutput,
     /// The slices of the batch being computed whose rows are in `input`.
     live: Vec<Slice>,
+    /// Every request of the batch being handled, so a panic can answer them.
+    in_hand: Vec<Arc<Job>>,
     metrics: WorkerMetrics,
 }
 
@@ -77,8 +90,40 @@ impl Worker {
             input: Vec::new(),
             output: ForwardOutput::default(),
             live: Vec::new(),
+            in_hand: Vec::new(),
             metrics,
         }
+    }
+
+    /// Gathers, computes and answers one batch; the rows it computed and the
+    /// time it took.
+    fn run_batch(&mut self, batch: Batch, start: Instant) -> (usize, Duration) {
+        self.gather(batch, start);
+        let n_rows = self.input.len() / self.dims.input;
+        if n_rows == 0 {
+            return (0, Duration::ZERO);
+        }
+        let result = self.forward();
+        let compute = start.elapsed();
+        // Metrics first: a client that reads /metrics right after its
+        // answer must see the batch that computed it.
+        self.metrics.observe_batch(n_rows, self.live.len(), compute);
+        match result {
+            Ok(()) => {
+                let e = self.dims.experts;
+                self.metrics
+                    .observe_routing(&self.output.top_k, &self.output.router_weights, e);
+                self.answer(compute);
+            }
+            Err(error) => {
+                tracing::error!(worker = self.id, error = %error, "forward failed");
+                let error = ServeError::Backend(error);
+                for slice in &self.live {
+                    slice.job.fail(error.clone());
+                }
+            }
+        }
+        (n_rows, compute)
     }
 
     /// Copies the rows of `batch` that must still be computed into `input`
@@ -99,6 +144,10 @@ impl Worker {
 
     /// Hands each live slice its rows of the output.
     fn answer(&self, compute: Duration) {
+        #[cfg(feature = "fault-injection")]
+        if self.input.first() == Some(&FAULT_INJECTION_ANSWER_PANIC_VALUE) {
+            panic!("fault injection: handing out the answers panicked");
+        }
         let (o, e) = (self.dims.output, self.dims.experts);
         let mut offset = 0;
         for slice in &self.live {
@@ -114,42 +163,49 @@ impl Worker {
         }
     }
 
-    /// Runs the forward, turning a panic into an error and rebuilding the
-    /// session after one (its scratch state can no longer be trusted).
-    fn guarded_forward(&mut self) -> Result<(), ServeError> {
-        let (session, input, output) = (&mut self.session, &self.input, &mut self.output);
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            #[cfg(feature = "fault-injection")]
-            if input.first() == Some(&FAULT_INJECTION_PANIC_VALUE) {
-                panic!("fault injection: forward panicked on request");
-            }
-            session.forward(input, output)
-        }));
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::error!(worker = self.id, error = %e, "forward failed");
-                Err(ServeError::Backend(e))
-            }
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(worker = self.id, panic = %msg, "forward panicked; rebuilding the session");
-                self.metrics.restart();
-                match self.context.backend.create_session(self.context.session_config) {
-                    Ok(session) => self.session = session,
-                    Err(e) => {
-                        tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one")
-                    }
-                }
-                Err(ServeError::Internal(
-                    "the forward failed on this batch; the worker recovered".into(),
-                ))
-            }
+    fn forward(&mut self) -> Result<(), crate::backend::BackendError> {
+        #[cfg(feature = "fault-injection")]
+        if self.input.first() == Some(&FAULT_INJECTION_PANIC_VALUE) {
+            panic!("fault injection: forward panicked on request");
         }
+        self.session.forward(&self.input, &mut self.output)
+    }
+
+    /// After a panic while handling a batch: answer its requests with 500,
+    /// count it, and rebuild the session (its scratch state can no longer be
+    /// trusted).
+    fn recover(&mut self, panic: Box<dyn std::any::Any + Send>) {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(worker = self.id, panic = %msg, "worker panicked on a batch; rebuilding the session");
+        let error = ServeError::Internal("the worker failed on this batch and recovered".into());
+        for job in &self.in_hand {
+            job.fail(error.clone());
+        }
+        self.metrics.restart();
+        match self.context.backend.create_session(self.context.session_config) {
+            Ok(session) => self.session = session,
+            Err(e) => tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one"),
+        }
+    }
+}
+
+/// Reports an abnormal end: the actor is dropped while a panic unwinds past
+/// its own guard (never on a normal stop).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let error = ServeError::Internal("the worker computing this request ended; it is being replaced".into());
+        for job in self.in_hand.drain(..) {
+            job.fail(error.clone());
+        }
+        self.context.readiness.worker_lost();
+        self.context.exits.do_send(WorkerExited { worker: self.id });
     }
 }
 
@@ -169,29 +225,20 @@ impl Handler<RunBatch> for Worker {
 
     fn handle(&mut self, RunBatch(batch): RunBatch, _ctx: &mut SyncContext<Self>) {
         let start = Instant::now();
-        self.gather(batch, start);
-        let n_rows = self.input.len() / self.dims.input;
-        let mut compute = Duration::ZERO;
-        if n_rows > 0 {
-            let result = self.guarded_forward();
-            compute = start.elapsed();
-            // Metrics first: a client that reads /metrics right after its
-            // answer must see the batch that computed it.
-            self.metrics.observe_batch(n_rows, self.live.len(), compute);
-            match result {
-                Ok(()) => {
-                    let e = self.dims.experts;
-                    self.metrics
-                        .observe_routing(&self.output.top_k, &self.output.router_weights, e);
-                    self.answer(compute);
-                }
-                Err(error) => {
-                    for slice in &self.live {
-                        slice.job.fail(error.clone());
-                    }
-                }
-            }
+        self.in_hand.clear();
+        self.in_hand.extend(batch.slices.iter().map(|s| Arc::clone(&s.job)));
+        #[cfg(feature = "fault-injection")]
+        let exit = batch.slices.first().map(|s| s.job.input.values()[0]) == Some(FAULT_INJECTION_EXIT_VALUE);
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.run_batch(batch, start)));
+        let (n_rows, compute) = outcome.unwrap_or_else(|panic| {
+            self.recover(panic);
+            (0, start.elapsed())
+        });
+        #[cfg(feature = "fault-injection")]
+        if exit {
+            std::panic::resume_unwind(Box::new("fault injection: the worker's actor ends"));
         }
+        self.in_hand.clear();
         self.live.clear();
         self.context.batcher.do_send(BatchDone {
             worker: self.id,

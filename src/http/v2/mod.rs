@@ -17,14 +17,14 @@
 //! `"binary_data": true` (or all, with `"binary_data_output": true`) are
 //! answered the same way.
 
-mod request;
+pub mod request;
+pub use self::request::{V2Request, parse_request};
 mod response;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
-use self::request::parse_request;
 use self::response::{Answerer, write_response};
 use super::HttpSettings;
 use super::error::V2Error;
@@ -156,7 +156,7 @@ pub async fn infer(
 ) -> Result<HttpResponse, V2Error> {
     check_model(&engine, &path)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
-    let body = read_body(&req, payload, settings.max_body_bytes).await?;
+    let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     let json_len = json_part_len(&req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
     let request = parse_request(json_part, binary_part, &engine.limits)?;
@@ -171,7 +171,7 @@ pub async fn infer(
     let who = Answerer {
         model: &engine.description.name,
         version: &version,
-        id: request.header.id.as_ref(),
+        id: request.id.as_deref(),
     };
     let mut response = HttpResponse::Ok();
     super::timing_headers(&mut response, &output);

@@ -4,60 +4,29 @@
 //! Owns: turning a request body into an [`InferInput`] (from JSON `data`, flat
 //! or nested, or from Triton's binary tensor extension) checked against the
 //! declared `shape` and the engine's limits, and the list of requested
-//! outputs ([`OutputRequest`]). Must not touch: status codes (errors are
-//! [`V2Error`]s mapped in `http/error.rs`), compute, the answer's format
-//! (`response.rs`).
+//! outputs ([`OutputRequest`], each output at most once). Must not touch:
+//! status codes (errors are [`V2Error`]s mapped in `http/error.rs`), compute,
+//! the answer's format (`response.rs`).
+//!
+//! The header is parsed as a stream, like `/infer`'s body: JSON `data`
+//! numbers go straight into the f32 buffer, which never holds more values
+//! than the declared shape (when it came first) or the row limit allows, and
+//! nothing is built as a `serde_json::Value` tree. So memory for a body stays
+//! a small multiple of the body, whatever it holds. A visitor that rejects
+//! the body records a typed error in an `ErrorSlot`.
 
-use serde::Deserialize;
-use serde_json::Value;
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserializer;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{FP32, INPUT, invalid};
 use crate::http::error::V2Error;
-use crate::input::{InferInput, InputLimits};
+use crate::input::{ErrorSlot, InferInput, InputLimits, RequestError};
 
-/// The JSON part of an infer request.
-#[derive(Deserialize)]
-pub struct InferHeader {
-    pub id: Option<Value>,
-    #[serde(default)]
-    parameters: RequestParameters,
-    #[serde(default)]
-    inputs: Vec<InputTensor>,
-    outputs: Option<Vec<RequestedOutput>>,
-}
-
-#[derive(Deserialize, Default)]
-struct RequestParameters {
-    #[serde(default)]
-    binary_data_output: bool,
-}
-
-#[derive(Deserialize)]
-struct InputTensor {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: TensorParameters,
-    data: Option<Value>,
-}
-
-#[derive(Deserialize, Default)]
-struct TensorParameters {
-    binary_data_size: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: OutputParameters,
-}
-
-#[derive(Deserialize, Default)]
-struct OutputParameters {
-    binary_data: Option<bool>,
-}
+/// Most dimensions a `shape` may list (the model's input has 2).
+const MAX_SHAPE_RANK: usize = 8;
 
 /// The model's outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,71 +58,128 @@ pub struct OutputRequest {
     pub binary: bool,
 }
 
-/// A parsed infer request: its header and its validated input.
+/// A parsed infer request.
+#[derive(Debug)]
 pub struct V2Request {
-    pub header: InferHeader,
+    /// The request's `id`, echoed in the answer.
+    pub id: Option<String>,
     pub input: InferInput,
+    /// In the order asked; every output once.
     pub outputs: Vec<OutputRequest>,
 }
 
 /// Parses `json` (the header) and `binary` (the bytes after it).
 pub fn parse_request(json: &[u8], binary: &[u8], limits: &InputLimits) -> Result<V2Request, V2Error> {
-    let header: InferHeader =
-        serde_json::from_slice(json).map_err(|e| invalid(format!("failed to parse the request JSON: {e}")))?;
-    let input = read_input(&header, binary, limits)?;
-    let outputs = requested_outputs(&header)?;
-    Ok(V2Request { header, input, outputs })
+    let slot = ErrorSlot::<V2Error>::default();
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let seed = HeaderSeed { limits, slot: &slot };
+    let parsed = seed.deserialize(&mut de).and_then(|h| de.end().map(|()| h));
+    let mut header = parsed.map_err(|e| {
+        slot.take()
+            .unwrap_or_else(|| invalid(format!("failed to parse the request JSON: {e}")))
+    })?;
+    let outputs = header.outputs();
+    let id = header.id.take();
+    let input = header.into_input(binary, limits)?;
+    Ok(V2Request { id, input, outputs })
 }
 
-/// The `features` input, checked against the model and the limits.
-fn read_input(header: &InferHeader, binary: &[u8], limits: &InputLimits) -> Result<InferInput, V2Error> {
-    let input = the_input(header)?;
-    let n_rows = declared_rows(input, limits)?;
-    let expected = n_rows * limits.row_len;
-    let values = match (input.parameters.binary_data_size, &input.data) {
-        (Some(_), Some(_)) => return Err(invalid(format!("input '{INPUT}' has both binary_data_size and data"))),
-        (Some(size), None) => binary_values(input, size, binary, expected)?,
-        (None, Some(data)) => json_values(input, data, binary, expected)?,
-        (None, None) => {
+// ---- the parsed header ---------------------------------------------------------
+
+/// The JSON header as parsed, before it is checked as a whole.
+#[derive(Default)]
+struct Header {
+    id: Option<String>,
+    binary_data_output: bool,
+    /// Inputs listed (only the first is kept: the model has one).
+    inputs_seen: usize,
+    input: Option<InputTensor>,
+    outputs: Option<Vec<(OutputName, Option<bool>)>>,
+}
+
+/// The one input tensor, as parsed.
+#[derive(Default)]
+struct InputTensor {
+    name: Option<String>,
+    shape: Option<Vec<i64>>,
+    datatype: Option<String>,
+    binary_data_size: Option<u64>,
+    data: Option<Vec<f32>>,
+}
+
+impl Header {
+    /// Which outputs to return, and whether each goes in binary form.
+    fn outputs(&self) -> Vec<OutputRequest> {
+        let default_binary = self.binary_data_output;
+        match &self.outputs {
+            None => OutputName::ALL
+                .into_iter()
+                .map(|output| OutputRequest {
+                    output,
+                    binary: default_binary,
+                })
+                .collect(),
+            Some(list) => list
+                .iter()
+                .map(|&(output, binary)| OutputRequest {
+                    output,
+                    binary: binary.unwrap_or(default_binary),
+                })
+                .collect(),
+        }
+    }
+
+    /// The `features` input, checked against the model and the limits.
+    fn into_input(self, binary: &[u8], limits: &InputLimits) -> Result<InferInput, V2Error> {
+        let input = match (self.inputs_seen, self.input) {
+            (1, Some(input)) => input,
+            (n, _) => return Err(invalid(format!("expected 1 input ('{INPUT}') but got {n}"))),
+        };
+        input.check_identity()?;
+        let shape = input.shape.clone().unwrap_or_default();
+        let n_rows = declared_rows(&shape, limits)?;
+        let expected = n_rows * limits.row_len;
+        let values = match (input.binary_data_size, input.data) {
+            (Some(_), Some(_)) => return Err(invalid(format!("input '{INPUT}' has both binary_data_size and data"))),
+            (Some(size), None) => binary_values(&shape, size, binary, expected)?,
+            (None, Some(values)) => json_values(&shape, values, binary, expected)?,
+            (None, None) => {
+                return Err(invalid(format!(
+                    "input '{INPUT}' has neither data nor binary_data_size"
+                )));
+            }
+        };
+        Ok(InferInput::new(values, limits)?)
+    }
+}
+
+impl InputTensor {
+    /// The input is the model's: named `features`, of type FP32.
+    fn check_identity(&self) -> Result<(), V2Error> {
+        let name = self.name.as_deref().unwrap_or("");
+        if name != INPUT {
             return Err(invalid(format!(
-                "input '{INPUT}' has neither data nor binary_data_size"
+                "unexpected inference input '{name}': the model's input is '{INPUT}'"
             )));
         }
-    };
-    Ok(InferInput::new(values, limits)?)
+        let datatype = self.datatype.as_deref().unwrap_or("");
+        if datatype != FP32 {
+            return Err(invalid(format!(
+                "input '{INPUT}' has datatype {datatype}, but only {FP32} is accepted"
+            )));
+        }
+        Ok(())
+    }
 }
 
-/// The request's one input, named and typed as the model's.
-fn the_input(header: &InferHeader) -> Result<&InputTensor, V2Error> {
-    let [input] = header.inputs.as_slice() else {
-        return Err(invalid(format!(
-            "expected 1 input ('{INPUT}') but got {}",
-            header.inputs.len()
-        )));
-    };
-    if input.name != INPUT {
-        return Err(invalid(format!(
-            "unexpected inference input '{}': the model's input is '{INPUT}'",
-            input.name
-        )));
-    }
-    if input.datatype != FP32 {
-        return Err(invalid(format!(
-            "input '{INPUT}' has datatype {}, but only {FP32} is accepted",
-            input.datatype
-        )));
-    }
-    Ok(input)
-}
-
-/// The batch size the input's `shape` declares, within the row limit.
-fn declared_rows(input: &InputTensor, limits: &InputLimits) -> Result<usize, V2Error> {
-    let n_rows = match input.shape.as_slice() {
+/// The batch size `shape` declares, within the row limit.
+fn declared_rows(shape: &[i64], limits: &InputLimits) -> Result<usize, V2Error> {
+    let n_rows = match shape {
         [n, d] if *n >= 1 && *d == limits.row_len as i64 => usize::try_from(*n).unwrap_or(usize::MAX),
         _ => {
             return Err(invalid(format!(
-                "input '{INPUT}' has shape {:?}, expected [batch, {}] with batch >= 1",
-                input.shape, limits.row_len
+                "input '{INPUT}' has shape {shape:?}, expected [batch, {}] with batch >= 1",
+                limits.row_len
             )));
         }
     };
@@ -162,12 +188,11 @@ fn declared_rows(input: &InputTensor, limits: &InputLimits) -> Result<usize, V2E
 }
 
 /// Values from the binary part: exactly the shape's bytes, little-endian.
-fn binary_values(input: &InputTensor, size: u64, binary: &[u8], expected: usize) -> Result<Vec<f32>, V2Error> {
+fn binary_values(shape: &[i64], size: u64, binary: &[u8], expected: usize) -> Result<Vec<f32>, V2Error> {
     if size != binary.len() as u64 || size != (expected * 4) as u64 {
         return Err(invalid(format!(
-            "input '{INPUT}' binary_data_size is {size}, the binary part is {} bytes, and shape {:?} needs {} bytes",
+            "input '{INPUT}' binary_data_size is {size}, the binary part is {} bytes, and shape {shape:?} needs {} bytes",
             binary.len(),
-            input.shape,
             expected * 4
         )));
     }
@@ -181,88 +206,418 @@ fn binary_values(input: &InputTensor, size: u64, binary: &[u8], expected: usize)
     Ok(values)
 }
 
-/// Values from JSON `data` (flat or nested): exactly the shape's count.
-fn json_values(input: &InputTensor, data: &Value, binary: &[u8], expected: usize) -> Result<Vec<f32>, V2Error> {
+/// Values from JSON `data`: exactly the shape's count, no binary part.
+fn json_values(shape: &[i64], values: Vec<f32>, binary: &[u8], expected: usize) -> Result<Vec<f32>, V2Error> {
     if !binary.is_empty() {
         return Err(invalid(format!(
             "{} unexpected binary bytes after the JSON header",
             binary.len()
         )));
     }
-    let mut values = Vec::with_capacity(expected);
-    flatten(data, &mut values, expected)?;
     if values.len() != expected {
         return Err(invalid(format!(
-            "input '{INPUT}' has {} values, but shape {:?} needs {expected}",
-            values.len(),
-            input.shape
+            "input '{INPUT}' has {} values, but shape {shape:?} needs {expected}",
+            values.len()
         )));
     }
     Ok(values)
 }
 
-/// Flattens (possibly nested) JSON `data` into `out`, stopping past `limit`.
-fn flatten(value: &Value, out: &mut Vec<f32>, limit: usize) -> Result<(), V2Error> {
-    match value {
-        Value::Array(items) => {
-            for item in items {
-                if out.len() > limit {
-                    break;
-                }
-                flatten(item, out, limit)?;
-            }
-            Ok(())
-        }
-        Value::Number(n) => {
-            let v = n.as_f64().unwrap_or(f64::NAN) as f32;
-            if !v.is_finite() {
-                return Err(invalid(format!(
-                    "input '{INPUT}' element {} ({n}) is not a finite FP32 value",
-                    out.len()
-                )));
-            }
-            out.push(v);
-            Ok(())
-        }
-        other => Err(invalid(format!(
-            "input '{INPUT}' element {} is not a number: {}",
-            out.len(),
-            match other {
-                Value::Null => "null",
-                Value::Bool(_) => "a boolean",
-                Value::String(_) => "a string",
-                _ => "an object",
-            }
-        ))),
+// ---- the streaming visitors -----------------------------------------------------
+
+type Slot = ErrorSlot<V2Error>;
+
+fn reject<E: de::Error>(slot: &Slot, msg: impl fmt::Display) -> E {
+    slot.reject(invalid(msg.to_string()))
+}
+
+/// Skips a value the engine does not read, without building it.
+fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
+    map.next_value::<IgnoredAny>().map(|_| ())
+}
+
+/// Errors on a key seen twice (serde's derive would too).
+fn once<T, E: de::Error>(slot: &Slot, field: &Option<T>, key: &str) -> Result<(), E> {
+    match field {
+        Some(_) => Err(reject(slot, format_args!("duplicate field `{key}`"))),
+        None => Ok(()),
     }
 }
 
-/// Which outputs to return, and whether each goes in binary form.
-fn requested_outputs(header: &InferHeader) -> Result<Vec<OutputRequest>, V2Error> {
-    let default_binary = header.parameters.binary_data_output;
-    match &header.outputs {
-        None => Ok(OutputName::ALL
-            .into_iter()
-            .map(|output| OutputRequest {
-                output,
-                binary: default_binary,
-            })
-            .collect()),
-        Some(list) => list
-            .iter()
-            .map(|o| {
-                let output = OutputName::parse(&o.name).ok_or_else(|| {
-                    let names = OutputName::ALL.map(OutputName::as_str);
-                    invalid(format!(
-                        "unexpected inference output '{}': outputs are {names:?}",
-                        o.name
-                    ))
-                })?;
-                Ok(OutputRequest {
-                    output,
-                    binary: o.parameters.binary_data.unwrap_or(default_binary),
-                })
-            })
-            .collect(),
+struct HeaderSeed<'a> {
+    limits: &'a InputLimits,
+    slot: &'a Slot,
+}
+
+impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
+    type Value = Header;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Header, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for HeaderSeed<'_> {
+    type Value = Header;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an inference request object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
+        let mut header = Header::default();
+        let mut seen_inputs = false;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "id" => {
+                    once(self.slot, &header.id, "id")?;
+                    header.id = Some(map.next_value::<String>()?);
+                }
+                "parameters" => {
+                    let params = map.next_value::<RequestParameters>()?;
+                    header.binary_data_output = params.binary_data_output;
+                }
+                "inputs" => {
+                    if seen_inputs {
+                        return Err(reject(self.slot, "duplicate field `inputs`"));
+                    }
+                    seen_inputs = true;
+                    let seed = InputsSeed {
+                        limits: self.limits,
+                        slot: self.slot,
+                    };
+                    (header.inputs_seen, header.input) = map.next_value_seed(seed)?;
+                }
+                "outputs" => {
+                    once(self.slot, &header.outputs, "outputs")?;
+                    header.outputs = Some(map.next_value_seed(OutputsSeed { slot: self.slot })?);
+                }
+                _ => skip(&mut map)?,
+            }
+        }
+        Ok(header)
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct RequestParameters {
+    #[serde(default)]
+    binary_data_output: bool,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct TensorParameters {
+    binary_data_size: Option<u64>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct OutputParameters {
+    binary_data: Option<bool>,
+}
+
+/// `inputs`: the first tensor is parsed, the rest only counted.
+struct InputsSeed<'a> {
+    limits: &'a InputLimits,
+    slot: &'a Slot,
+}
+
+impl<'de> DeserializeSeed<'de> for InputsSeed<'_> {
+    type Value = (usize, Option<InputTensor>);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for InputsSeed<'_> {
+    type Value = (usize, Option<InputTensor>);
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of input tensors")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let seed = TensorSeed {
+            limits: self.limits,
+            slot: self.slot,
+        };
+        let Some(first) = seq.next_element_seed(seed)? else {
+            return Ok((0, None));
+        };
+        let mut count = 1;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok((count, Some(first)))
+    }
+}
+
+/// One input tensor object.
+struct TensorSeed<'a> {
+    limits: &'a InputLimits,
+    slot: &'a Slot,
+}
+
+impl<'de> DeserializeSeed<'de> for TensorSeed<'_> {
+    type Value = InputTensor;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<InputTensor, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl TensorSeed<'_> {
+    /// Most values `data` may hold: the declared shape's count when the
+    /// shape came first and is the model's, else the row limit's.
+    fn data_cap(&self, shape: &Option<Vec<i64>>) -> (usize, DataCap) {
+        let row_len = self.limits.row_len;
+        let declared = shape
+            .as_deref()
+            .and_then(|s| declared_rows(s, self.limits).ok())
+            .map(|rows| rows * row_len);
+        match declared {
+            Some(n) => (n, DataCap::Shape),
+            None => (self.limits.max_rows.saturating_mul(row_len), DataCap::RowLimit),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for TensorSeed<'_> {
+    type Value = InputTensor;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an input tensor object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<InputTensor, A::Error> {
+        let mut t = InputTensor::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "name" => {
+                    once(self.slot, &t.name, "name")?;
+                    t.name = Some(map.next_value()?);
+                }
+                "datatype" => {
+                    once(self.slot, &t.datatype, "datatype")?;
+                    t.datatype = Some(map.next_value()?);
+                }
+                "shape" => {
+                    once(self.slot, &t.shape, "shape")?;
+                    t.shape = Some(map.next_value_seed(ShapeSeed { slot: self.slot })?);
+                }
+                "parameters" => {
+                    t.binary_data_size = map.next_value::<TensorParameters>()?.binary_data_size;
+                }
+                "data" => {
+                    once(self.slot, &t.data, "data")?;
+                    let (cap, why) = self.data_cap(&t.shape);
+                    let mut values = Vec::new();
+                    map.next_value_seed(DataSeed {
+                        out: &mut values,
+                        cap,
+                        why,
+                        limits: self.limits,
+                        slot: self.slot,
+                    })?;
+                    t.data = Some(values);
+                }
+                _ => skip(&mut map)?,
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// `shape`: at most [`MAX_SHAPE_RANK`] integers.
+struct ShapeSeed<'a> {
+    slot: &'a Slot,
+}
+
+impl<'de> DeserializeSeed<'de> for ShapeSeed<'_> {
+    type Value = Vec<i64>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<i64>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ShapeSeed<'_> {
+    type Value = Vec<i64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a shape as an array of integers")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<i64>, A::Error> {
+        let mut shape = Vec::new();
+        while let Some(d) = seq.next_element::<i64>()? {
+            if shape.len() == MAX_SHAPE_RANK {
+                return Err(reject(
+                    self.slot,
+                    format_args!("input shape has more than {MAX_SHAPE_RANK} dimensions"),
+                ));
+            }
+            shape.push(d);
+        }
+        Ok(shape)
+    }
+}
+
+/// What bounded the data buffer, for the message when it overflows.
+#[derive(Clone, Copy)]
+enum DataCap {
+    Shape,
+    RowLimit,
+}
+
+/// `data` (flat or nested arrays of numbers), appended to `out`.
+struct DataSeed<'a> {
+    out: &'a mut Vec<f32>,
+    cap: usize,
+    why: DataCap,
+    limits: &'a InputLimits,
+    slot: &'a Slot,
+}
+
+impl<'de> DeserializeSeed<'de> for DataSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl DataSeed<'_> {
+    fn push<E: de::Error>(self, v: f64) -> Result<(), E> {
+        let x = v as f32;
+        if !x.is_finite() {
+            return Err(reject(
+                self.slot,
+                format_args!(
+                    "input '{INPUT}' element {} ({v}) is not a finite FP32 value",
+                    self.out.len()
+                ),
+            ));
+        }
+        if self.out.len() == self.cap {
+            return Err(self.overflow());
+        }
+        self.out.push(x);
+        Ok(())
+    }
+
+    fn overflow<E: de::Error>(&self) -> E {
+        let l = self.limits;
+        match self.why {
+            DataCap::Shape => reject(
+                self.slot,
+                format_args!("input '{INPUT}' has more values than its shape needs ({})", self.cap),
+            ),
+            DataCap::RowLimit => self.slot.reject(V2Error::from(RequestError::Invalid(format!(
+                "input '{INPUT}' has more values than the limit of {} rows of {} allows",
+                l.max_rows, l.row_len
+            )))),
+        }
+    }
+
+    fn not_a_number<E: de::Error>(&self, what: &str) -> E {
+        reject(
+            self.slot,
+            format_args!("input '{INPUT}' element {} is not a number: {what}", self.out.len()),
+        )
+    }
+}
+
+impl<'de> Visitor<'de> for DataSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("tensor data as (nested) arrays of numbers")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let DataSeed {
+            out,
+            cap,
+            why,
+            limits,
+            slot,
+        } = self;
+        while seq
+            .next_element_seed(DataSeed {
+                out: &mut *out,
+                cap,
+                why,
+                limits,
+                slot,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(v as f64)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(self.not_a_number("null"))
+    }
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<(), E> {
+        Err(self.not_a_number("a boolean"))
+    }
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<(), E> {
+        Err(self.not_a_number("a string"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+        Err(self.not_a_number("an object"))
+    }
+}
+
+/// `outputs`: each a known output, at most once.
+struct OutputsSeed<'a> {
+    slot: &'a Slot,
+}
+
+#[derive(serde::Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: OutputParameters,
+}
+
+impl<'de> DeserializeSeed<'de> for OutputsSeed<'_> {
+    type Value = Vec<(OutputName, Option<bool>)>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OutputsSeed<'_> {
+    type Value = Vec<(OutputName, Option<bool>)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of requested outputs")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut outputs: Vec<(OutputName, Option<bool>)> = Vec::with_capacity(OutputName::ALL.len());
+        while let Some(o) = seq.next_element::<RequestedOutput>()? {
+            let Some(name) = OutputName::parse(&o.name) else {
+                let names = OutputName::ALL.map(OutputName::as_str);
+                let shown: String = o.name.chars().take(64).collect();
+                return Err(reject(
+                    self.slot,
+                    format_args!("unexpected inference output '{shown}': outputs are {names:?}"),
+                ));
+            };
+            if outputs.iter().any(|(n, _)| *n == name) {
+                return Err(reject(
+                    self.slot,
+                    format_args!("output '{}' is requested more than once", name.as_str()),
+                ));
+            }
+            outputs.push((name, o.parameters.binary_data));
+        }
+        Ok(outputs)
     }
 }

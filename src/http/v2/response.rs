@@ -7,7 +7,6 @@
 
 use actix_web::{HttpResponse, HttpResponseBuilder};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::request::{OutputName, OutputRequest};
 use super::{FP32, HEADER_LENGTH};
@@ -35,7 +34,7 @@ struct ResponseHead<'a> {
     model_name: &'a str,
     model_version: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a Value>,
+    id: Option<&'a str>,
     outputs: Vec<OutputTensor<'a>>,
 }
 
@@ -43,7 +42,7 @@ struct ResponseHead<'a> {
 pub struct Answerer<'a> {
     pub model: &'a str,
     pub version: &'a str,
-    pub id: Option<&'a Value>,
+    pub id: Option<&'a str>,
 }
 
 /// One requested output's values and row width.

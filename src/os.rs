@@ -1,0 +1,45 @@
+//! What the engine asks of the operating system at start-up.
+//!
+//! Owns: raising the soft open-files limit to the hard limit, so a burst of
+//! connections meets `server.max_connections` (a clear, configured bound)
+//! long before the process runs out of file descriptors (which would stop
+//! it accepting anyone, health probes included). All of the engine's
+//! `unsafe` for the OS is here. Must not touch: anything else.
+
+/// The soft and hard `RLIMIT_NOFILE`, after raising the soft limit to the
+/// hard one; `Err` with the OS error when it could not be read or raised.
+#[cfg(unix)]
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes one `rlimit` through a valid, exclusive
+    // pointer to a live local, and reads nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: `setrlimit` only reads the `rlimit` behind a valid pointer
+        // to a live local; raising the soft limit up to the hard one needs no
+        // privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+}
+
+/// No such limit to raise off Unix.
+#[cfg(not(unix))]
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "not a Unix system",
+    ))
+}
