@@ -81,7 +81,19 @@ pub async fn run(
     log_model(&description, load_time);
     let engine = engine::start(backend, description, &config, Arc::clone(&metrics))?;
     match os::raise_open_files_limit() {
-        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit"),
+        Ok((soft, hard)) => {
+            tracing::info!(soft, hard, "open-files limit (soft raised to hard)");
+            let wanted = config.server.max_connections as u64 + 64;
+            if soft < wanted {
+                tracing::warn!(
+                    open_files = soft,
+                    max_connections = config.server.max_connections,
+                    "server.max_connections is near or above the open-files limit: past it, new \
+                     connections (health probes too) fail instead of waiting; lower the setting \
+                     or raise the hard limit"
+                );
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
     }
     let readiness = Arc::clone(&engine.readiness);

@@ -32,6 +32,8 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
         }
         limit = raised;
     }
+    // rlim_t is u64 on Linux, but not on every Unix.
+    #[allow(clippy::unnecessary_cast)]
     Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
 }
 

@@ -227,7 +227,7 @@ fn an_exited_worker_gets_no_batches_until_it_is_replaced_and_is_counted() {
         let (_c, _rc) = h.submit(3.0, 1).await;
         // Both are idle now: the replacement (0) first, then 1.
         let mut got = h.dispatched().await;
-        got.sort_by(|x, y| x.0.cmp(&y.0));
+        got.sort_by_key(|x| x.0);
         assert_eq!(got, vec![(0, vec![(2.0, 0, 1)]), (1, vec![(3.0, 0, 1)])]);
         let text = String::from_utf8(h.metrics.render()).unwrap();
         assert!(text.contains("tokitai_worker_restarts_total{worker=\"0\"} 1"), "{text}");

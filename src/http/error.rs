@@ -42,9 +42,9 @@ impl ResponseError for ServeError {
             ServeError::NotReady(_) => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
             }
-            // The rest of a stalled body may still arrive: never read it as
-            // the next request.
-            ServeError::BodyTimeout { .. } => {
+            // The rest of a stalled or refused body may still arrive: never
+            // read it as the next request.
+            ServeError::BodyTimeout { .. } | ServeError::BodyTooLarge { .. } => {
                 response.force_close();
             }
             _ => {}
@@ -110,7 +110,7 @@ impl ResponseError for V2Error {
             V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
             }
-            V2Error::Serve(ServeError::BodyTimeout { .. }) => {
+            V2Error::Serve(ServeError::BodyTimeout { .. } | ServeError::BodyTooLarge { .. }) => {
                 response.force_close();
             }
             _ => {}

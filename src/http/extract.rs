@@ -37,22 +37,27 @@ pub fn require_json(req: &HttpRequest) -> Result<(), ServeError> {
     }
 }
 
+/// Header `name` as a whole number in `range`: `None` when absent,
+/// `Some(Err(()))` when present but not such a number.
+pub fn numeric_header(
+    headers: &HeaderMap,
+    name: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Option<Result<u64, ()>> {
+    let value = headers.get(name)?;
+    let number = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
+    Some(number.filter(|n| range.contains(n)).ok_or(()))
+}
+
 /// The request's timeout: `X-Request-Timeout-Ms`, or `default`.
 pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration, ServeError> {
-    let Some(value) = req.headers().get(TIMEOUT_HEADER) else {
-        return Ok(default);
-    };
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|ms| (1..=MAX_TIMEOUT_MS).contains(ms))
-        .map(Duration::from_millis)
-        .ok_or_else(|| {
-            ServeError::BadRequest(format!(
-                "X-Request-Timeout-Ms must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}"
-            ))
-        })
+    match numeric_header(req.headers(), TIMEOUT_HEADER, 1..=MAX_TIMEOUT_MS) {
+        None => Ok(default),
+        Some(Ok(ms)) => Ok(Duration::from_millis(ms)),
+        Some(Err(())) => Err(ServeError::BadRequest(format!(
+            "X-Request-Timeout-Ms must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}"
+        ))),
+    }
 }
 
 /// Content types a browser page may POST cross-site without a CORS
@@ -104,23 +109,31 @@ pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Se
 /// never to a size a client declared before sending it.
 const FIRST_BODY_BUFFER: usize = 64 * 1024;
 
+/// Most bytes of a refused body read and thrown away before the 413 is
+/// sent. A client such as Python's `http.client` sends its whole body before
+/// it reads an answer: closing on it mid-upload leaves it a broken pipe, not
+/// the 413. Past this (or past the body timeout) the connection is closed.
+const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
+
 /// Reads the whole body, at most `limit` bytes, within `timeout` of the
-/// call. A declared `Content-Length` over the limit is rejected before a
-/// byte of the body is read; a body that has not arrived in time gets 408
-/// (and its connection is closed).
+/// call. A declared `Content-Length` over the limit is refused before a byte
+/// of the body is stored; a body that has not arrived in time gets 408. Both
+/// close the connection (the rest of such a body is never read as a request).
 pub async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
     timeout: Duration,
 ) -> Result<BytesMut, ServeError> {
-    check_declared_length(req.headers(), limit)?;
-    let declared = declared_length(req.headers())?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let declared = declared_length(req.headers())?;
+    if declared.is_some_and(|n| n > limit) {
+        drain(&mut payload, deadline).await;
+        return Err(ServeError::BodyTooLarge { limit });
+    }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(FIRST_BODY_BUFFER).min(FIRST_BODY_BUFFER));
     loop {
-        let next = tokio::time::timeout_at(deadline, payload.next()).await;
-        let chunk = match next {
+        let chunk = match tokio::time::timeout_at(deadline, payload.next()).await {
             Err(_elapsed) => {
                 return Err(ServeError::BodyTimeout {
                     timeout_ms: timeout.as_millis() as u64,
@@ -132,8 +145,22 @@ pub async fn read_body(
             }
         };
         if body.len() + chunk.len() > limit {
+            drop(body);
+            drain(&mut payload, deadline).await;
             return Err(ServeError::BodyTooLarge { limit });
         }
         body.extend_from_slice(&chunk);
+    }
+}
+
+/// Reads and discards the rest of a refused body, up to [`MAX_DRAIN_BYTES`]
+/// or `deadline`, so the client gets to read the refusal.
+async fn drain(payload: &mut web::Payload, deadline: tokio::time::Instant) {
+    let mut drained = 0usize;
+    while drained <= MAX_DRAIN_BYTES {
+        match tokio::time::timeout_at(deadline, payload.next()).await {
+            Ok(Some(Ok(chunk))) => drained += chunk.len(),
+            _ => return,
+        }
     }
 }

@@ -28,7 +28,7 @@ use serde_json::json;
 use self::response::{Answerer, write_response};
 use super::HttpSettings;
 use super::error::V2Error;
-use super::extract::{read_body, request_timeout};
+use super::extract::{numeric_header, read_body, request_timeout};
 use crate::engine::{Engine, InferOptions};
 use crate::error::ServeError;
 use crate::labels::Route;
@@ -187,17 +187,11 @@ pub async fn infer(
 /// The length of the body's JSON part: `Inference-Header-Content-Length`
 /// when given (binary tensor data follows it), else the whole body.
 fn json_part_len(req: &HttpRequest, body_len: usize) -> Result<usize, V2Error> {
-    let Some(value) = req.headers().get(HEADER_LENGTH) else {
-        return Ok(body_len);
-    };
-    value
-        .to_str()
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok())
-        .filter(|&n| n <= body_len)
-        .ok_or_else(|| {
-            invalid(format!(
-                "{HEADER_LENGTH} must be a number no larger than the body ({body_len} bytes)"
-            ))
-        })
+    match numeric_header(req.headers(), HEADER_LENGTH, 0..=body_len as u64) {
+        None => Ok(body_len),
+        Some(Ok(n)) => Ok(n as usize),
+        Some(Err(())) => Err(invalid(format!(
+            "{HEADER_LENGTH} must be a number no larger than the body ({body_len} bytes)"
+        ))),
+    }
 }
