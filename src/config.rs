@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub keep_alive_secs: u64,
     /// Most open client connections, all HTTP threads together.
     pub max_connections: usize,
+    /// Largest request head (header names and values); larger gets 431.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +182,7 @@ impl Default for ServerConfig {
             body_timeout_ms: 10_000,
             keep_alive_secs: 30,
             max_connections: 8192,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -349,6 +352,7 @@ impl ServerConfig {
             0..=3600,
             " (0: no keep-alive)",
         )?;
+        in_range("server.max_header_bytes", self.max_header_bytes, 1024..=65_536, "")?;
         let workers = self.http_workers;
         in_range(
             "server.max_connections",

@@ -22,6 +22,12 @@ pub enum ServeError {
     BodyTooLarge { limit: usize },
     #[error("the request body did not arrive within {timeout_ms} ms")]
     BodyTimeout { timeout_ms: u64 },
+    #[error("the request's headers are larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("the request has both Content-Length and Transfer-Encoding: its body length is ambiguous")]
+    AmbiguousLength,
+    #[error("the request body ended after {received} of its declared {declared} bytes")]
+    BodyIncomplete { declared: usize, received: usize },
     #[error(
         "unsupported content type {found:?}: send `Content-Type: application/json` (or, on /v2, `application/octet-stream` for binary tensors)"
     )]
@@ -55,7 +61,11 @@ impl ServeError {
             ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => {
                 FailureReason::TooLarge
             }
-            ServeError::Request(_) | ServeError::BadRequest(_) => FailureReason::Invalid,
+            ServeError::HeadersTooLarge { .. } => FailureReason::TooLarge,
+            ServeError::Request(_)
+            | ServeError::BadRequest(_)
+            | ServeError::AmbiguousLength
+            | ServeError::BodyIncomplete { .. } => FailureReason::Invalid,
             ServeError::UnsupportedMediaType { .. } => FailureReason::UnsupportedMediaType,
             ServeError::BodyTimeout { .. } => FailureReason::BodyTimeout,
             ServeError::Overloaded { .. } => FailureReason::Overloaded,

@@ -74,6 +74,11 @@ impl Route {
 }
 
 impl Route {
+    /// An Open Inference Protocol route (Triton's status codes apply).
+    pub fn is_v2(self) -> bool {
+        self.as_str().starts_with("/v2")
+    }
+
     /// The route a request path matches, as actix's router matches it (a
     /// `{name}` segment is one non-empty path segment), or [`Route::Other`].
     /// Used for the metric label, before or without routing.

@@ -68,9 +68,9 @@ const MIB: u64 = 1024 * 1024;
 const MAX_BODY_DEFAULT: usize = 16 * 1024 * 1024;
 /// The small body limit of the in-process servers (refusals stay cheap).
 const SMALL_MAX_BODY: usize = 64 * 1024;
-/// A too-large body read by the v2 handler: Triton's invalid-argument
-/// status (`V2Error` in src/http/error.rs). Refused at the `Expect` gate,
-/// before any handler, it is 413 on every route.
+/// A too-large body on a v2 route: Triton's invalid-argument status
+/// (`V2Error` in src/http/error.rs), from the handler and from the `Expect`
+/// gate alike (`/infer` answers 413).
 const V2_TOO_LARGE: u16 = 400;
 /// How long any single read on a raw socket may block.
 const READ_LIMIT: Duration = Duration::from_secs(30);
@@ -1000,8 +1000,8 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
         ("/infer", "application/json", over, 413),
         ("/infer", "application/json", MAX_BODY_DEFAULT, 413),
         ("/infer", "application/json", usize::MAX, 413),
-        (V2_INFER, "application/json", over, 413),
-        (V2_INFER, "application/octet-stream", over, 413),
+        (V2_INFER, "application/json", over, V2_TOO_LARGE),
+        (V2_INFER, "application/octet-stream", over, V2_TOO_LARGE),
         ("/infer", "text/plain", 100, 415),
         (V2_INFER, "application/x-www-form-urlencoded", 100, 415),
         ("/no-such-path", "multipart/form-data; boundary=x", 100, 415),
@@ -1302,6 +1302,14 @@ enum Framing {
     /// Like `Broken`, and the client half-closes after sending (a body
     /// cut short by EOF): nothing computed from the partial body (no 200).
     CutShort,
+    /// A chunked body whose chunk is cut short by the client's own
+    /// half-close. actix-http's dispatcher ends the payload normally at a
+    /// read EOF (`payload.feed_eof()` in `h1/dispatcher.rs`) instead of
+    /// failing it, so the engine cannot tell the body was cut: the known
+    /// limitation (README, "Limits, timeouts and hostile input"). What is
+    /// asserted: a 4xx or a close, or else exactly one answer, computed from
+    /// exactly the bytes that arrived (here a whole valid body), then close.
+    ChunkCutShort,
     /// The framing is sound but the request is refused: a 4xx, and a
     /// request pipelined after it is either answered correctly or not at
     /// all (closed).
@@ -1401,7 +1409,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
         ),
         (
             "a whole JSON body in a chunk declared larger, then EOF",
-            CutShort,
+            ChunkCutShort,
             post(
                 "Transfer-Encoding: chunked\r\n",
                 &[format!("{:x}\r\n", len + 64).as_bytes(), b].concat(),
@@ -1443,7 +1451,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
         let mut stream = connect(addr);
         let mut write = stream.write_all(&request).err();
         match framing {
-            CutShort => {
+            CutShort | ChunkCutShort => {
                 let _ = stream.shutdown(Shutdown::Write);
             }
             Refused => write = write.or_else(|| stream.write_all(healthz).err()),
@@ -1464,7 +1472,16 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
         if used < bytes.len() {
             problem(format!("an incomplete response: {:?}", String::from_utf8_lossy(&bytes)));
         }
-        if let Some(first) = replies.first().filter(|r| !(400..500).contains(&r.status)) {
+        // The one 200 the chunk gap allows is the answer to the whole body sent.
+        let answer_to_body = |r: &&Reply| {
+            framing == ChunkCutShort
+                && r.status == 200
+                && serde_json::from_slice::<Value>(&r.body).ok().as_ref() == Some(&reference.infer)
+        };
+        if let Some(first) = replies
+            .first()
+            .filter(|r| !(400..500).contains(&r.status) && !answer_to_body(r))
+        {
             problem(format!(
                 "status {} (body {:?}), not a 4xx",
                 first.status,
@@ -1475,11 +1492,15 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
             ));
         }
         match framing {
-            Broken | CutShort if replies.len() > 1 => problem(format!(
-                "{} responses on one connection (statuses {statuses:?}): bytes after the malformed request were \
-                 answered as another request",
-                replies.len()
-            )),
+            // Bytes after a malformed request may be refused (the engine
+            // poisons a connection framed ambiguously), never served.
+            Broken | CutShort | ChunkCutShort if replies.iter().skip(1).any(|r| !(400..500).contains(&r.status)) => {
+                problem(format!(
+                    "{} responses on one connection (statuses {statuses:?}): bytes after the malformed request were \
+                     answered as another request",
+                    replies.len()
+                ))
+            }
             Refused if replies.len() > 2 || replies.get(1).is_some_and(|r| r.status != 200) => problem(format!(
                 "statuses {statuses:?}: the request pipelined after the refused one was not answered as itself"
             )),

@@ -14,6 +14,22 @@ use crate::labels::FailureReason;
 // An error response carries its `FailureReason` in its extensions, so the
 // metrics middleware counts the failure without parsing the body.
 
+impl ServeError {
+    /// The connection must not carry another request after this answer: the
+    /// rest of a stalled, refused or ambiguously framed body may still
+    /// arrive, and must never be read as the next request.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ServeError::BodyTimeout { .. }
+                | ServeError::BodyTooLarge { .. }
+                | ServeError::HeadersTooLarge { .. }
+                | ServeError::AmbiguousLength
+                | ServeError::BodyIncomplete { .. }
+        )
+    }
+}
+
 impl ResponseError for ServeError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -23,6 +39,8 @@ impl ResponseError for ServeError {
             ServeError::Request(_) | ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
             ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -44,7 +62,7 @@ impl ResponseError for ServeError {
             }
             // The rest of a stalled or refused body may still arrive: never
             // read it as the next request.
-            ServeError::BodyTimeout { .. } | ServeError::BodyTooLarge { .. } => {
+            _ if self.closes_connection() => {
                 response.force_close();
             }
             _ => {}
@@ -94,6 +112,8 @@ impl ResponseError for V2Error {
                 // Browser-form types are refused as on every route; 415 says why.
                 ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+                ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
                 ServeError::Overloaded { .. } | ServeError::NotReady(_) | ServeError::DeadlineExceeded { .. } => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
@@ -110,7 +130,7 @@ impl ResponseError for V2Error {
             V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
             }
-            V2Error::Serve(ServeError::BodyTimeout { .. } | ServeError::BodyTooLarge { .. }) => {
+            V2Error::Serve(e) if e.closes_connection() => {
                 response.force_close();
             }
             _ => {}

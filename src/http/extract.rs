@@ -84,6 +84,26 @@ pub fn reject_browser_forms(method: &Method, headers: &HeaderMap) -> Result<(), 
     Ok(())
 }
 
+/// `Err` for a request whose head is larger than `max_header_bytes` (431),
+/// or whose body length is ambiguous: both `Content-Length` and
+/// `Transfer-Encoding` (RFC 9112 6.1: a request could be smuggled in the
+/// part of the body one reading ignores). Both close the connection.
+pub fn check_head(headers: &HeaderMap, max_header_bytes: usize) -> Result<(), ServeError> {
+    if headers.contains_key(header::CONTENT_LENGTH) && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(ServeError::AmbiguousLength);
+    }
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > max_header_bytes {
+        return Err(ServeError::HeadersTooLarge {
+            limit: max_header_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// The declared `Content-Length`, or `Err(400)` when it is not a number.
 pub fn declared_length(headers: &HeaderMap) -> Result<Option<usize>, ServeError> {
     match headers.get(header::CONTENT_LENGTH) {
@@ -137,6 +157,14 @@ pub async fn read_body(
             Err(_elapsed) => {
                 return Err(ServeError::BodyTimeout {
                     timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            Ok(None) if declared.is_some_and(|n| n != body.len()) => {
+                // The client closed its side before the declared length
+                // arrived: a cut-short body is never computed.
+                return Err(ServeError::BodyIncomplete {
+                    declared: declared.unwrap_or(0),
+                    received: body.len(),
                 });
             }
             Ok(None) => return Ok(body),

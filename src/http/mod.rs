@@ -27,9 +27,11 @@ use actix_web::middleware::Next;
 use actix_web::{HttpResponseBuilder, ResponseError, web};
 use tracing::Instrument;
 
-use self::extract::reject_browser_forms;
+use self::extract::{check_head, reject_browser_forms};
+use self::server::ConnectionGuard;
 use crate::config::Config;
 use crate::engine::{Engine, InferOutput};
+use crate::error::ServeError;
 use crate::labels::{FailureReason, Route};
 
 /// Per-request limits the handlers read (the row limit is the engine's).
@@ -38,6 +40,7 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     /// Time a body has to arrive (`server.body_timeout_ms`).
     pub body_timeout: Duration,
+    pub max_header_bytes: usize,
     pub default_timeout: Duration,
 }
 
@@ -46,6 +49,7 @@ impl HttpSettings {
         HttpSettings {
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.body_timeout(),
+            max_header_bytes: config.server.max_header_bytes,
             default_timeout: config.default_timeout(),
         }
     }
@@ -109,7 +113,24 @@ fn request_id(req: &ServiceRequest) -> HeaderValue {
     }
 }
 
-/// Request id, tracing span, the browser-form refusal, and request metrics
+/// The refusal due on the request's head alone, if any. A request framed
+/// ambiguously poisons its connection: actix-http may already have parsed
+/// the bytes after it as another request, and that one must not be served.
+fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), ServeError> {
+    let guard = req.conn_data::<ConnectionGuard>();
+    if guard.is_some_and(ConnectionGuard::is_poisoned) {
+        return Err(ServeError::AmbiguousLength);
+    }
+    let verdict =
+        check_head(req.headers(), max_header_bytes).and_then(|()| reject_browser_forms(req.method(), req.headers()));
+    if let (Err(ServeError::AmbiguousLength), Some(guard)) = (&verdict, guard) {
+        guard.poison();
+    }
+    verdict
+}
+
+/// Request id, tracing span, the refusals made on the head alone (too large,
+/// ambiguous body length, browser-form content type), and request metrics
 /// for every route.
 async fn observe(
     req: ServiceRequest,
@@ -125,7 +146,11 @@ async fn observe(
         method = %req.method(),
         path = req.path()
     );
-    let mut res = match reject_browser_forms(req.method(), req.headers()) {
+    let max_header_bytes = req
+        .app_data::<web::Data<HttpSettings>>()
+        .map_or(usize::MAX, |s| s.max_header_bytes);
+    let refusal = refuse_on_head(&req, max_header_bytes);
+    let mut res = match refusal {
         // Refused before routing, so no handler (and no extractor) runs.
         Err(refusal) => req.into_response(refusal.error_response()).map_into_right_body(),
         Ok(()) => next.call(req).instrument(span.clone()).await?.map_into_left_body(),

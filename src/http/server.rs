@@ -4,8 +4,9 @@
 //! Owns: building the actix server on a bound listener (worker threads, the
 //! connection cap, header / keep-alive timeouts, graceful stop) and the
 //! `Expect: 100-continue` gate: a request that will be refused for its
-//! declared size (413) or a browser-form content type (415) is refused
-//! before `100 Continue`, so the client never uploads a body that would be
+//! declared size (413; 400 on v2 routes, as their handlers answer it), its
+//! head (431, ambiguous length) or a browser-form content type (415) is
+//! refused before `100 Continue`, so the client never uploads a body that would be
 //! thrown away. Such a refusal closes the connection (an unread body must
 //! never be parsed as the next request). Must not touch: routes and their
 //! handlers (`http/mod.rs`), what a body means.
@@ -20,7 +21,8 @@ use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service,
 use actix_web::dev::AppConfig;
 use actix_web::{App, ResponseError, web};
 
-use super::extract::{check_declared_length, reject_browser_forms};
+use super::error::V2Error;
+use super::extract::{check_declared_length, check_head, reject_browser_forms};
 use super::{HttpSettings, configure, observe, routes};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -34,6 +36,7 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
     let settings = web::Data::new(HttpSettings::from_config(config));
     let gate = ExpectGate {
         max_body_bytes: config.server.max_body_bytes,
+        max_header_bytes: config.server.max_header_bytes,
         metrics: Arc::clone(&engine.metrics),
     };
     let engine = web::Data::new(engine);
@@ -72,6 +75,9 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
                 // does not allow half-closure either.
                 .h1_allow_half_closed(false)
                 .local_addr(local_addr)
+                .on_connect_ext(|_io: &_, ext: &mut actix_http::Extensions| {
+                    ext.insert(ConnectionGuard::default());
+                })
                 .expect(fn_service(move |req: Request| {
                     let gate = gate.clone();
                     async move { gate.check(req) }
@@ -83,10 +89,28 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
     Ok(server)
 }
 
+/// Per-connection state: set once a request on the connection was framed
+/// ambiguously. actix-http may already have parsed bytes after such a
+/// request as the next pipelined request; every later request on the
+/// connection is then refused instead of served (no request is smuggled).
+#[derive(Clone, Default)]
+pub struct ConnectionGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl ConnectionGuard {
+    pub fn poison(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The checks answered before `100 Continue`.
 #[derive(Clone)]
 struct ExpectGate {
     max_body_bytes: usize,
+    max_header_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -95,13 +119,20 @@ impl ExpectGate {
     /// `100 Continue`, with the connection closed after it.
     fn check(&self, req: Request) -> Result<Request, actix_web::Error> {
         let start = Instant::now();
-        let verdict = reject_browser_forms(req.method(), req.headers())
-            .and_then(|()| check_declared_length(req.headers(), self.max_body_bytes));
+        let headers = req.headers();
+        let verdict = check_head(headers, self.max_header_bytes)
+            .and_then(|()| reject_browser_forms(req.method(), headers))
+            .and_then(|()| check_declared_length(headers, self.max_body_bytes));
         let Err(error) = verdict else {
             return Ok(req);
         };
         let route = Route::for_path(req.path());
-        let mut response = ResponseError::error_response(&error);
+        // The same answer the route's own protocol gives for it.
+        let mut response = if route.is_v2() {
+            ResponseError::error_response(&V2Error::Serve(error.clone()))
+        } else {
+            ResponseError::error_response(&error)
+        };
         response.head_mut().set_connection_type(ConnectionType::Close);
         self.metrics
             .observe_request(route, response.status().as_str(), start.elapsed());

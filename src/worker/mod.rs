@@ -228,16 +228,16 @@ impl Handler<RunBatch> for Worker {
         self.in_hand.clear();
         self.in_hand.extend(batch.slices.iter().map(|s| Arc::clone(&s.job)));
         #[cfg(feature = "fault-injection")]
-        let exit = batch.slices.first().map(|s| s.job.input.values()[0]) == Some(FAULT_INJECTION_EXIT_VALUE);
+        if batch.slices.first().map(|s| s.job.input.values()[0]) == Some(FAULT_INJECTION_EXIT_VALUE) {
+            // A panic past the guard below, with the batch in hand: `Drop`
+            // must answer it and report the exit.
+            std::panic::resume_unwind(Box::new("fault injection: the worker's actor ends"));
+        }
         let outcome = catch_unwind(AssertUnwindSafe(|| self.run_batch(batch, start)));
         let (n_rows, compute) = outcome.unwrap_or_else(|panic| {
             self.recover(panic);
             (0, start.elapsed())
         });
-        #[cfg(feature = "fault-injection")]
-        if exit {
-            std::panic::resume_unwind(Box::new("fault injection: the worker's actor ends"));
-        }
         self.in_hand.clear();
         self.live.clear();
         self.context.batcher.do_send(BatchDone {
