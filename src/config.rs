@@ -243,10 +243,17 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut doc = toml::Table::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            // A regular file of at most 1 MiB, checked before it is opened
+            // (a FIFO would block, a device never end): real configs are a few KiB.
+            const MAX_CONFIG_FILE: u64 = 1 << 20;
+            let file_error = |message: String| ConfigError::File {
                 path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+                message,
+            };
+            let bytes =
+                crate::model::files::read_regular_file(path, MAX_CONFIG_FILE).map_err(|e| file_error(e.to_string()))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|e| file_error(format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to())))?;
             doc = toml::from_str(&text).map_err(|e| ConfigError::File {
                 path: path.to_path_buf(),
                 message: e.to_string(),
@@ -546,6 +553,35 @@ mod tests {
         assert!(err(&[("TOKITAI_WORKERS_BACKEND", "cuda")]).contains("workers.backend"));
         assert!(err(&[("TOKITAI_WORKERS_GPUS", "[0, 0]")]).contains("workers.gpus"));
         assert!(err(&[("TOKITAI_WORKERS_STREAMS_PER_GPU", "0")]).contains("workers.streams_per_gpu"));
+    }
+
+    #[test]
+    fn config_file_must_be_a_small_regular_file() {
+        let err = |p: &std::path::Path| Config::load(Some(p), Vec::new(), &[]).unwrap_err().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let dir_path = dir.path();
+        assert!(err(dir_path).contains("is a directory, not a regular file"));
+        #[cfg(unix)]
+        {
+            let msg = err(std::path::Path::new("/dev/zero"));
+            assert_eq!(msg, "config file /dev/zero: is a character device, not a regular file");
+        }
+        let big = dir_path.join("big.toml");
+        std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).unwrap();
+        let msg = err(&big);
+        assert!(
+            msg.contains("big.toml") && msg.contains("larger than the 1 MiB limit"),
+            "{msg}"
+        );
+        let bad = dir_path.join("bad.toml");
+        std::fs::write(&bad, b"# \xff\n").unwrap();
+        assert!(err(&bad).contains("not valid UTF-8"), "{}", err(&bad));
+        let missing = dir_path.join("missing.toml");
+        assert!(err(&missing).contains("missing.toml"));
+        // Exactly at the cap is fine.
+        let full = dir_path.join("full.toml");
+        std::fs::write(&full, vec![b'#'; 1 << 20]).unwrap();
+        assert_eq!(Config::load(Some(&full), Vec::new(), &[]).unwrap(), Config::default());
     }
 
     #[test]

@@ -6,17 +6,22 @@
 //! strict); that usage errors exit 2 with the usage, a missing or corrupt
 //! checkpoint and a malformed body exit 1 with the reason on stderr, and
 //! nothing ever panics; and that a model written by `synth` can be run by
-//! `infer`.
+//! `infer`. Also that `serve` and `infer` refuse at once, exit 1, an
+//! `--arch`/`--checkpoint` that is a FIFO or a device and a checkpoint with a
+//! NaN weight, and `serve --config` on one exits 2 (those runs are bounded:
+//! a server that starts anyway, or blocks, is killed and fails the test).
 
 mod common;
 
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row, nano_dims, single_body};
 use serde_json::Value;
-use tokitai_serve::model::LayerNormMode;
+use tokitai_serve::model::{Arch, LayerNormMode, ModelSize, synth_weights, write_checkpoint};
 
 /// Runs the binary with `args`, feeding `stdin`.
 fn run(args: &[&str], stdin: &[u8]) -> Output {
@@ -273,4 +278,143 @@ fn synth_then_infer() {
     assert!(synth_nano(4, &other_dir).status.success());
     let other = infer_model_dir(&other_dir, body.as_bytes());
     assert_ne!(first.stdout, other.stdout);
+}
+
+/// How long a refused start-up may take. It is immediate (a load of the
+/// Nano model is milliseconds); past this the process is killed and the test
+/// fails, so a server that starts serving or blocks cannot hang the run.
+const START_UP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs the binary with `args` (stdin empty) and waits for it to exit, at
+/// most [`START_UP_DEADLINE`]; past that it is killed and the test fails.
+fn run_bounded(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tokitai-serve");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(START_UP_DEADLINE) {
+        Ok(out) => out.expect("wait for tokitai-serve"),
+        Err(_) => {
+            // SAFETY: kill(2) on the child this test spawned and has not reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("tokitai-serve {args:?} did not exit within {START_UP_DEADLINE:?}");
+        }
+    };
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "tokitai-serve {args:?} panicked: {err}");
+    out
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(path(p)).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}: {}", p.display(), std::io::Error::last_os_error());
+}
+
+/// A Nano model in `dir` written by the library's writer, with a NaN at
+/// value 1234 of `expert_1.param_4` (its first hidden Linear weight).
+fn nan_model(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut w = synth_weights(nano_dims(), 21);
+    w.experts[1].blocks[1].linear.weight[1234] = f32::NAN;
+    let (arch, ckpt) = (dir.join("arch.json"), dir.join("checkpoint.tkp1"));
+    std::fs::write(&arch, Arch::for_size(ModelSize::Nano, 21).to_json_pretty()).unwrap();
+    write_checkpoint(&ckpt, &w, 1, "{}", true).unwrap();
+    (arch, ckpt)
+}
+
+#[test]
+fn serve_and_infer_refuse_fifos_devices_and_nan_weights_with_exit_1() {
+    let f = Fixture::load("nano-s11");
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("arch.fifo");
+    mkfifo(&fifo);
+    let (nan_arch, nan_ckpt) = nan_model(dir.path());
+    let nan_reason = format!(
+        "checkpoint {}: tensor 'expert_1.param_4' value 1234 is NaN",
+        nan_ckpt.display()
+    );
+    let zero = Path::new("/dev/zero");
+    let cases = [
+        (
+            fifo.as_path(),
+            f.checkpoint.as_path(),
+            format!("arch.json {}: is a FIFO, not a regular file", fifo.display()),
+        ),
+        (
+            zero,
+            f.checkpoint.as_path(),
+            "arch.json /dev/zero: is a character device, not a regular file".into(),
+        ),
+        (
+            f.arch.as_path(),
+            fifo.as_path(),
+            format!("checkpoint {}: is a FIFO, not a regular file", fifo.display()),
+        ),
+        (
+            f.arch.as_path(),
+            zero,
+            "checkpoint /dev/zero: is a character device, not a regular file".into(),
+        ),
+        (nan_arch.as_path(), nan_ckpt.as_path(), nan_reason),
+    ];
+    for (arch, ckpt, reason) in &cases {
+        let serve = [
+            "serve",
+            "--arch",
+            path(arch),
+            "--checkpoint",
+            path(ckpt),
+            "--bind",
+            "127.0.0.1:0",
+        ];
+        let infer = infer_args(arch, ckpt, &[]);
+        for args in [&serve[..], &infer[..]] {
+            let out = run_bounded(args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {:?}: {err}", out.status);
+            assert!(
+                err.contains(reason.as_str()),
+                "{args:?}: stderr does not contain {reason:?}: {err}"
+            );
+            assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+        }
+    }
+}
+
+#[test]
+fn serve_config_that_is_not_a_regular_file_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.fifo");
+    mkfifo(&fifo);
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).unwrap();
+    let cases = [
+        (Path::new("/dev/zero"), "is a character device, not a regular file"),
+        (fifo.as_path(), "is a FIFO, not a regular file"),
+        (dir.path(), "is a directory, not a regular file"),
+        (big.as_path(), "is 1048577 bytes, larger than the 1 MiB limit"),
+    ];
+    for (config, why) in cases {
+        let out = run_bounded(&["serve", "--config", path(config), "--bind", "127.0.0.1:0"]);
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--config {}: {:?}: {err}",
+            config.display(),
+            out.status
+        );
+        let want = format!("config file {}: {why}", config.display());
+        assert!(err.contains(&want), "stderr does not contain {want:?}: {err}");
+    }
 }

@@ -5,16 +5,23 @@
 //! Owns: tests of `model::{arch, checkpoint, load_model}` on real and broken
 //! files. Must not touch: forward/kernel checks (see the backend tests). The
 //! broken files are made from the fixture bytes in a tempdir; the shared
-//! fixtures are never written.
+//! fixtures are never written. Also: a NaN or infinite weight fails the load
+//! naming the tensor and index, and a path that is not a regular file (a
+//! FIFO, `/dev/zero`, a directory) or an over-cap arch.json is refused at
+//! once; those loads run on a thread with a deadline, so a regression that
+//! blocks or reads forever fails instead of hanging.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use common::{FIXTURE_NAMES, fixture_dir};
 use proptest::prelude::*;
 use tokitai_serve::model::{
-    Arch, Checkpoint, Dims, ModelError, ModelKind, ModelSize, ModelSource, RouterKind, load_model, read_checkpoint,
+    Arch, Checkpoint, Dims, FileRefusal, ModelError, ModelKind, ModelSize, ModelSource, RouterKind, load_model,
+    read_checkpoint, synth_weights, write_checkpoint,
 };
 
 const NANO_PARAMS: u64 = 195_540;
@@ -587,6 +594,256 @@ proptest! {
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }
     }
+}
+
+// ------------------------------------------------------ non-finite weights
+
+/// The fixture with the f32 at value `index` of record `record` set to `bits`.
+fn with_weight_bits(bytes: &[u8], l: &Layout, record: usize, index: usize, bits: u32) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    let rec = &l.records[record];
+    assert!(index < rec.weight_len as usize);
+    put_u32(&mut b, rec.weight_at + 4 * index as u64, bits);
+    b
+}
+
+const NAN: u32 = 0x7fc0_0000;
+const POS_INF: u32 = 0x7f80_0000;
+const NEG_INF: u32 = 0xff80_0000;
+
+/// `(tensor, index, byte offset, value)` of a `NonFiniteWeight` error.
+fn non_finite(e: &ModelError) -> (String, usize, u64, f32) {
+    match e {
+        ModelError::NonFiniteWeight {
+            tensor,
+            index,
+            offset,
+            value,
+            ..
+        } => (tensor.clone(), *index, *offset, *value),
+        other => panic!("expected a NonFiniteWeight error, got {other:?}"),
+    }
+}
+
+#[test]
+fn nan_and_infinite_weights_are_rejected_naming_the_tensor_and_index() {
+    let bytes = fixture_bytes("nano-s11");
+    let l = layout(&bytes);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.tkp1");
+    // (record, value index, bits, word). Record 0 is the router weight,
+    // 6 is expert_0's first hidden Linear weight (16384 values), the last
+    // record is expert_3's output bias.
+    let last = l.records.len() - 1;
+    let cases = [
+        (0, 17, NAN, "NaN"),
+        (6, 1234, POS_INF, "+inf"),
+        (last, 19, NEG_INF, "-inf"),
+        // Every NaN is a NaN: quiet, signalling, negative, any payload.
+        (6, 0, 0x7f80_0001, "NaN"),
+        (6, 16383, 0xffc0_0000, "NaN"),
+        (1, 3, 0x7fff_ffff, "NaN"),
+    ];
+    for (record, index, bits, word) in cases {
+        let b = with_weight_bits(&bytes, &l, record, index, bits);
+        std::fs::write(&path, &b).unwrap();
+        let e = read_checkpoint(&path, &nano()).unwrap_err();
+        let (tensor, at, offset, value) = non_finite(&e);
+        let name = &l.records[record].name;
+        assert_eq!((&tensor, at), (name, index), "{e}");
+        assert_eq!(offset, l.records[record].weight_at + 4 * index as u64);
+        assert_eq!(value.to_bits(), bits, "the value is reported as found");
+        let msg = e.to_string();
+        assert_contains(
+            &msg,
+            &[
+                &format!("checkpoint {}", path.display()),
+                &format!("tensor '{name}' value {index} is {word}"),
+            ],
+        );
+        // Through the model loader too: it is a load failure.
+        let e = load_model(&fixture("nano-s11", "arch.json"), &path).unwrap_err();
+        assert_eq!(non_finite(&e).0, *name);
+    }
+
+    // Several bad values: the first in the file is the one reported.
+    let mut b = with_weight_bits(&bytes, &l, last, 0, NAN);
+    for (record, index, bits) in [(9, 40, POS_INF), (6, 900, NEG_INF), (6, 901, NAN)] {
+        put_u32(&mut b, l.records[record].weight_at + 4 * index as u64, bits);
+    }
+    std::fs::write(&path, &b).unwrap();
+    let e = read_checkpoint(&path, &nano()).unwrap_err();
+    assert_eq!(non_finite(&e).0, l.records[6].name);
+    assert_eq!(non_finite(&e).1, 900);
+    assert_contains(&e.to_string(), &["value 900 is -inf"]);
+}
+
+#[test]
+fn extreme_finite_weights_and_non_finite_optimizer_state_load() {
+    // The largest finite values, the smallest subnormal and -0 are weights.
+    let bytes = fixture_bytes("nano-s12");
+    let l = layout(&bytes);
+    let mut b = bytes.clone();
+    for (i, bits) in [f32::MAX.to_bits(), f32::MIN.to_bits(), 1, 0x8000_0000]
+        .into_iter()
+        .enumerate()
+    {
+        put_u32(&mut b, l.records[6].weight_at + 4 * i as u64, bits);
+    }
+    // NaN and inf in m, v and a gradient are not weights: they are skipped, never read.
+    let rec = &l.records[6];
+    assert!(u32_at(&b, rec.m_len_at) > 0 && u32_at(&b, rec.v_len_at) > 0);
+    put_u32(&mut b, rec.m_len_at + 4, NAN);
+    put_u32(&mut b, rec.v_len_at + 4 + 8, POS_INF);
+    let with_grad = l.records.iter().find(|r| r.grad_len_at.is_some()).unwrap();
+    put_u32(&mut b, with_grad.grad_len_at.unwrap() + 4, NEG_INF);
+    let c = read_bytes(&b).unwrap();
+    let t = c.weights.tensors()[6];
+    assert_eq!(&t[..4], &[f32::MAX, f32::MIN, f32::from_bits(1), -0.0]);
+}
+
+#[test]
+fn weights_written_with_a_nan_fail_the_model_load() {
+    // A checkpoint the writer produced (with AdamW state), the arch beside it.
+    let dims = nano();
+    let mut w = synth_weights(dims, 9);
+    w.experts[2].blocks[0].norm.gamma[77] = f32::NAN;
+    let dir = tempfile::tempdir().unwrap();
+    let arch = dir.path().join("arch.json");
+    let ckpt = dir.path().join("checkpoint.tkp1");
+    std::fs::write(&arch, Arch::for_size(ModelSize::Nano, 9).to_json_pretty()).unwrap();
+    write_checkpoint(&ckpt, &w, 3, "{}", true).unwrap();
+    let e = load_model(&arch, &ckpt).unwrap_err();
+    // expert_2.param_2 is the gamma of its input block's LayerNorm: the
+    // check covers every loaded tensor, whichever LayerNorm mode serves.
+    assert_contains(&e.to_string(), &["tensor 'expert_2.param_2' value 77 is NaN"]);
+    w.experts[2].blocks[0].norm.gamma[77] = 1.0;
+    write_checkpoint(&ckpt, &w, 3, "{}", true).unwrap();
+    assert_eq!(load_model(&arch, &ckpt).unwrap().weights, w);
+}
+
+// --------------------------------------------------------- file types, caps
+
+/// How long a refusal may take. It is immediate; the deadline only turns a
+/// regression (an open that blocks on a FIFO, a read of `/dev/zero`) into a
+/// failure, not a hang, and is kept short so such a read cannot grow far.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs `f` on its own thread and returns its result, failing the test if it
+/// takes past [`REFUSAL_DEADLINE`]. (A stuck thread is left behind; the test
+/// process ends with the test run.)
+fn within_deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(REFUSAL_DEADLINE).unwrap_or_else(|_| {
+        panic!("{what}: no answer within {REFUSAL_DEADLINE:?}: blocked on a FIFO or reading a device?")
+    })
+}
+
+#[cfg(unix)]
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// `load_model(arch, checkpoint)` under the deadline; it must fail, refusing
+/// `bad` (`what`: "arch.json" or "checkpoint") as `kind`.
+#[cfg(unix)]
+fn assert_refused(arch: &Path, checkpoint: &Path, what: &str, bad: &Path, kind: &str) {
+    let (a, c) = (arch.to_path_buf(), checkpoint.to_path_buf());
+    let label = format!("{what} {}", bad.display());
+    let e = within_deadline(&label, move || load_model(&a, &c)).expect_err(&label);
+    match &e {
+        ModelError::Refused {
+            path,
+            what: w,
+            refusal: FileRefusal::NotRegular { .. },
+        } => assert_eq!((path.as_path(), *w), (bad, what), "{e}"),
+        other => panic!("{label}: expected a Refused error, got {other:?}"),
+    }
+    assert_contains(
+        &e.to_string(),
+        &[&format!("{what} {}: is {kind}, not a regular file", bad.display())],
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_a_device_or_a_directory_is_refused_at_once_as_arch_or_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.fifo");
+    mkfifo(&fifo);
+    let fifo_link = dir.path().join("fifo-link.json");
+    std::os::unix::fs::symlink(&fifo, &fifo_link).unwrap();
+    let sub = dir.path().join("a-directory");
+    std::fs::create_dir(&sub).unwrap();
+    let zero = Path::new("/dev/zero");
+    let (arch, ckpt) = (fixture("nano-s11", "arch.json"), fixture("nano-s11", "checkpoint.tkp1"));
+
+    for (bad, kind) in [
+        (fifo.as_path(), "a FIFO"),
+        (fifo_link.as_path(), "a FIFO"),
+        (zero, "a character device"),
+        (sub.as_path(), "a directory"),
+    ] {
+        assert_refused(bad, &ckpt, "arch.json", bad, kind);
+        assert_refused(&arch, bad, "checkpoint", bad, kind);
+        // The checkpoint reader on its own, too.
+        let b = bad.to_path_buf();
+        let e = within_deadline("read_checkpoint", move || read_checkpoint(&b, &nano())).unwrap_err();
+        assert!(matches!(e, ModelError::Refused { what: "checkpoint", .. }), "{e:?}");
+        let b = bad.to_path_buf();
+        let e = within_deadline("Arch::load", move || Arch::load(&b)).unwrap_err();
+        assert!(matches!(e, ModelError::Refused { what: "arch.json", .. }), "{e:?}");
+    }
+
+    // A symlink to a regular file is followed and loads.
+    let arch_link = dir.path().join("arch-link.json");
+    let ckpt_link = dir.path().join("checkpoint-link.tkp1");
+    std::os::unix::fs::symlink(&arch, &arch_link).unwrap();
+    std::os::unix::fs::symlink(&ckpt, &ckpt_link).unwrap();
+    let linked = load_model(&arch_link, &ckpt_link).unwrap();
+    assert_eq!(linked.weights, load_model(&arch, &ckpt).unwrap().weights);
+}
+
+#[test]
+fn arch_json_over_the_cap_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("arch.json");
+    // The fixture's text padded with whitespace to exactly 1 MiB loads ...
+    let mut text = std::fs::read(fixture("nano-s11", "arch.json")).unwrap();
+    text.resize(1 << 20, b' ');
+    std::fs::write(&p, &text).unwrap();
+    assert_eq!(Arch::load(&p).unwrap().dims(), nano());
+    // ... one byte more is refused, naming the path, its size and the cap.
+    text.push(b' ');
+    std::fs::write(&p, &text).unwrap();
+    let e = Arch::load(&p).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ModelError::Refused {
+                what: "arch.json",
+                refusal: FileRefusal::TooLarge {
+                    cap: 1048576,
+                    len: Some(1048577)
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_contains(
+        &e.to_string(),
+        &[&format!(
+            "arch.json {}: is 1048577 bytes, larger than the 1 MiB limit",
+            p.display()
+        )],
+    );
 }
 
 // ---------------------------------------------------------------- arch.json

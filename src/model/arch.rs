@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::ModelError;
+use super::files::read_regular_file;
 
 /// The released size variants; each fixes `(hidden_dim, expert_depth)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -308,17 +309,11 @@ impl Arch {
     }
 }
 
-/// The text of the arch.json at `path` (errors name it `label`): at most
-/// [`MAX_ARCH_JSON`] bytes, checked before reading, and valid UTF-8.
+/// The text of the arch.json at `path` (errors name it `label`): a regular
+/// file (checked before it is opened), at most [`MAX_ARCH_JSON`] bytes (read
+/// no further), and valid UTF-8.
 fn read_arch_text(path: &Path, label: &str) -> Result<String, ModelError> {
-    let len = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?.len();
-    if len > MAX_ARCH_JSON {
-        return Err(ModelError::ArchSyntax {
-            file: label.to_owned(),
-            message: format!("file is {len} bytes, over the {MAX_ARCH_JSON}-byte limit for an arch.json"),
-        });
-    }
-    let text = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let text = read_regular_file(path, MAX_ARCH_JSON).map_err(|e| ModelError::file(path, "arch.json", e))?;
     String::from_utf8(text).map_err(|e| ModelError::ArchSyntax {
         file: label.to_owned(),
         message: format!("not valid UTF-8 (at byte {})", e.utf8_error().valid_up_to()),

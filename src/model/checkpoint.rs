@@ -9,27 +9,35 @@
 //! length the arch expects) *before* allocating or seeking, so no input can
 //! make it panic, abort or allocate more than the arch's own weights. The
 //! AdamW `m`/`v` buffers and gradients are skipped with a seek, never read.
+//! The path must be a regular file, checked before it is opened (see
+//! `files.rs`): a FIFO or a device is refused, never waited on or read.
 //!
 //! Two passes. The first walks the file's structure sequentially (small
 //! reads through an 8 KiB buffer, a seek past every payload) and validates
 //! all of it before a single weight is allocated. The second reads the weight
 //! payloads with positional reads, in 4 MiB chunks spread over the rayon
-//! pool, converting each chunk from little-endian straight into its final
-//! `Vec<f32>`. On a cold-memory load the cost is dominated by first-touch
-//! page faults on the new weight memory, not by the read itself; spreading
-//! the chunks over cores spreads those faults too.
+//! pool, each read straight into its place in the final `Vec<f32>` (the file
+//! is little-endian, as is every target served; a big-endian one swaps in
+//! place), then checked while still in cache that every weight is finite: a
+//! NaN or an infinity fails the load, naming the tensor and the index of its
+//! first bad value (the lowest in the file when several are). On a
+//! cold-memory load the cost is dominated by first-touch page faults on the
+//! new weight memory, not by the read itself; spreading the chunks over cores
+//! spreads those faults too.
 //!
-//! Memory beyond the weights: the 8 KiB buffer and one 4 MiB scratch buffer
-//! per rayon thread that takes part.
+//! Memory beyond the weights: the 8 KiB buffer (no scratch: payloads are
+//! read into the weights themselves).
 
 use std::fs::File;
 use std::io::{BufReader, ErrorKind, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
 use super::arch::Dims;
 use super::error::{CheckpointPart, ModelError};
+use super::files::open_regular_file;
 use super::weights::{MoeWeights, ParamSpec};
 
 /// The four magic bytes every TKP1 file starts with.
@@ -62,6 +70,11 @@ pub struct Checkpoint {
 /// record index + expected name), the byte offset, and what was found vs
 /// expected.
 pub fn read_checkpoint(path: &Path, dims: &Dims) -> Result<Checkpoint, ModelError> {
+    read_checkpoint_in_chunks(path, dims, CHUNK_F32)
+}
+
+/// [`read_checkpoint`] with payload chunks of `chunk_f32` values.
+fn read_checkpoint_in_chunks(path: &Path, dims: &Dims, chunk_f32: usize) -> Result<Checkpoint, ModelError> {
     let mut r = Reader::open(path)?;
     let specs = dims.param_specs();
 
@@ -80,7 +93,7 @@ pub fn read_checkpoint(path: &Path, dims: &Dims) -> Result<Checkpoint, ModelErro
 
     let len = r.len;
     let file = r.inner.into_inner();
-    let tensors = read_payloads(&file, path, len, &specs, &payloads)?;
+    let tensors = read_payloads(&file, path, len, &specs, &payloads, chunk_f32)?;
     Ok(Checkpoint {
         step,
         config,
@@ -215,51 +228,125 @@ fn check_trailer(r: &mut Reader) -> Result<(), ModelError> {
 }
 
 /// Second pass: reads every weight payload (at the offsets the structure pass
-/// validated) into its final Vec, in parallel chunks.
+/// validated) into its final Vec, in parallel chunks of `chunk_f32` values,
+/// checking every value of a chunk is finite once it is read.
+///
+/// On failure the error is the one at the lowest file offset, whichever
+/// thread found what first: every chunk before it is always read, chunks
+/// after the lowest failure found so far are skipped.
 fn read_payloads(
     file: &File,
     path: &Path,
     len: u64,
     specs: &[ParamSpec],
     offsets: &[u64],
+    chunk_f32: usize,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
     // Lazily zeroed (calloc): pages are first touched by the thread that
     // fills them.
     let mut tensors: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.0f32; s.len]).collect();
-    let jobs: Vec<(usize, u64, &mut [f32])> = tensors
+    // (record index, index in the tensor of the chunk's first value, file offset, destination)
+    let jobs: Vec<(usize, usize, u64, &mut [f32])> = tensors
         .iter_mut()
         .zip(offsets)
         .enumerate()
         .flat_map(|(index, (t, &at))| {
-            t.chunks_mut(CHUNK_F32)
-                .enumerate()
-                .map(move |(c, dst)| (index, at + (c * CHUNK_F32 * 4) as u64, dst))
+            t.chunks_mut(chunk_f32).enumerate().map(move |(c, dst)| {
+                let first = c * chunk_f32;
+                (index, first, at + 4 * first as u64, dst)
+            })
         })
         .collect();
-    jobs.into_par_iter().try_for_each_init(
-        || vec![0u8; CHUNK_F32 * 4],
-        |scratch, (index, at, dst)| {
-            let bytes = &mut scratch[..dst.len() * 4];
-            read_exact_at(file, bytes, at).map_err(|e| match e.kind() {
-                // The file shrank after the structure pass.
-                ErrorKind::UnexpectedEof => ModelError::Checkpoint {
-                    path: path.to_path_buf(),
-                    part: CheckpointPart::Record {
-                        index,
-                        expected_name: specs[index].name.clone(),
-                    },
-                    offset: at,
-                    message: format!("file ends inside `weight` (it was {len} bytes when opened)"),
-                },
-                _ => ModelError::io(path, e),
-            })?;
-            for (d, s) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    // The lowest file offset of a failure found so far.
+    let first_failure = AtomicU64::new(u64::MAX);
+    let result = jobs
+        .into_par_iter()
+        .map(|(index, first, at, dst)| {
+            if at > first_failure.load(Ordering::Relaxed) {
+                return Ok(());
             }
-            Ok(())
-        },
-    )?;
+            read_chunk(file, path, len, specs, (index, first, at, dst)).inspect_err(|(offset, _)| {
+                first_failure.fetch_min(*offset, Ordering::Relaxed);
+            })
+        })
+        .reduce(
+            || Ok(()),
+            |a, b| match (a, b) {
+                (Err(a), Err(b)) => Err(if a.0 <= b.0 { a } else { b }),
+                (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+                (Ok(()), Ok(())) => Ok(()),
+            },
+        );
+    result.map_err(|(_, e)| e)?;
     Ok(tensors)
+}
+
+/// Reads one chunk of record `index` (its values from `first` on, at file
+/// offset `at`) straight into `dst`, then fails on its first non-finite
+/// value. An error comes with the file offset it is about.
+fn read_chunk(
+    file: &File,
+    path: &Path,
+    len: u64,
+    specs: &[ParamSpec],
+    (index, first, at, dst): (usize, usize, u64, &mut [f32]),
+) -> Result<(), (u64, ModelError)> {
+    read_exact_at(file, f32s_as_bytes_mut(dst), at).map_err(|e| {
+        let err = match e.kind() {
+            // The file shrank after the structure pass.
+            ErrorKind::UnexpectedEof => ModelError::Checkpoint {
+                path: path.to_path_buf(),
+                part: CheckpointPart::Record {
+                    index,
+                    expected_name: specs[index].name.clone(),
+                },
+                offset: at,
+                message: format!("file ends inside `weight` (it was {len} bytes when opened)"),
+            },
+            _ => ModelError::io(path, e),
+        };
+        (at, err)
+    })?;
+    // The file is little-endian, as are the targets this serves (there the
+    // bytes read are already the values).
+    #[cfg(target_endian = "big")]
+    for v in dst.iter_mut() {
+        *v = f32::from_bits(u32::from_le(v.to_bits()));
+    }
+    // NaN and +/-inf are the values whose exponent bits are all ones. A
+    // branch-free OR over the chunk (which the compiler vectorises) while it
+    // is still in cache; the search for the index runs only on a bad chunk.
+    const EXPONENT: u32 = 0x7f80_0000;
+    let bad = dst
+        .iter()
+        .fold(0u32, |bad, v| bad | u32::from(v.to_bits() & EXPONENT == EXPONENT));
+    if bad == 0 {
+        return Ok(());
+    }
+    let i = dst
+        .iter()
+        .position(|v| !v.is_finite())
+        .expect("a non-finite value was seen");
+    let offset = at + 4 * i as u64;
+    Err((
+        offset,
+        ModelError::NonFiniteWeight {
+            path: path.to_path_buf(),
+            tensor: specs[index].name.clone(),
+            index: first + i,
+            value: dst[i],
+            offset,
+        },
+    ))
+}
+
+/// The bytes of `values`, to read a payload straight into its final memory.
+fn f32s_as_bytes_mut(values: &mut [f32]) -> &mut [u8] {
+    // SAFETY: the byte slice covers exactly the memory of `values` (same
+    // pointer, `size_of_val` bytes), which it borrows mutably for its whole
+    // life; u8 has alignment 1, and every bit pattern is a valid f32, so any
+    // bytes written through it leave valid f32s.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 /// A position-tracking reader over the file, with the part being read for errors.
@@ -274,8 +361,8 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// Opens `path` for the structure pass, at offset 0 in the header.
     fn open(path: &'a Path) -> Result<Self, ModelError> {
-        let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        // A FIFO or a device is refused before it is read (or even opened).
+        let (file, len) = open_regular_file(path).map_err(|e| ModelError::file(path, "checkpoint", e))?;
         Ok(Reader {
             inner: BufReader::with_capacity(READ_BUF, file),
             path,
@@ -421,4 +508,50 @@ fn hex(bytes: &[u8]) -> String {
     let shown: Vec<String> = bytes.iter().take(16).map(|b| format!("{b:02x}")).collect();
     let more = if bytes.len() > 16 { " ..." } else { "" };
     format!("{}{more}", shown.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModelSize, synth_weights, write_checkpoint};
+
+    /// Non-finite values in several chunks of several tensors: whatever the
+    /// chunking and the thread timing, the error is the first in the file.
+    #[test]
+    fn the_first_non_finite_value_in_the_file_is_reported() {
+        let dims = Dims::for_size(ModelSize::Nano);
+        let mut w = synth_weights(dims, 5);
+        // expert_0.param_4 is the first hidden Linear weight, [128, 128].
+        w.experts[0].blocks[1].linear.weight[9000] = f32::NEG_INFINITY;
+        w.experts[0].blocks[1].linear.weight[5000] = f32::NAN;
+        w.experts[0].blocks[1].linear.weight[12000] = f32::INFINITY;
+        w.experts[2].output.bias[3] = f32::NAN;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.tkp1");
+        write_checkpoint(&path, &w, 1, "{}", true).unwrap();
+        for chunk in [1000, 4096, 5000, 5001, CHUNK_F32] {
+            for _ in 0..4 {
+                let e = read_checkpoint_in_chunks(&path, &dims, chunk).unwrap_err();
+                match &e {
+                    ModelError::NonFiniteWeight {
+                        tensor, index, value, ..
+                    } => {
+                        assert_eq!(
+                            (tensor.as_str(), *index),
+                            ("expert_0.param_4", 5000),
+                            "chunk {chunk}: {e}"
+                        );
+                        assert!(value.is_nan());
+                    }
+                    other => panic!("chunk {chunk}: {other}"),
+                }
+            }
+        }
+        // With those fixed, the next one along is reported.
+        w.experts[0].blocks[1].linear.weight[5000] = 0.5;
+        w.experts[0].blocks[1].linear.weight[9000] = 0.5;
+        write_checkpoint(&path, &w, 1, "{}", false).unwrap();
+        let msg = read_checkpoint_in_chunks(&path, &dims, 1000).unwrap_err().to_string();
+        assert!(msg.contains("tensor 'expert_0.param_4' value 12000 is +inf"), "{msg}");
+    }
 }

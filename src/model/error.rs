@@ -8,6 +8,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use super::files::{FileError, FileRefusal};
+
 /// Where in a TKP1 file a failure happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckpointPart {
@@ -75,6 +77,35 @@ pub enum ModelError {
         message: String,
     },
 
+    /// A model file refused for what it is, before it is read: not a regular
+    /// file (a FIFO, a device, a directory), or over its size cap.
+    #[error("{what} {}: {refusal}", path.display())]
+    Refused {
+        path: PathBuf,
+        /// `arch.json` or `checkpoint`.
+        what: &'static str,
+        refusal: FileRefusal,
+    },
+
+    /// A weight in the checkpoint is NaN or infinite. `index` is the first
+    /// such value of the first such tensor in file order.
+    #[error(
+        "checkpoint {}: tensor '{tensor}' value {index} is {} (at byte offset {offset})",
+        path.display(),
+        non_finite_name(*value)
+    )]
+    NonFiniteWeight {
+        path: PathBuf,
+        /// The parameter name (`expert_0.param_4`).
+        tensor: String,
+        /// Index of the value inside the tensor.
+        index: usize,
+        /// The value: NaN, +inf or -inf.
+        value: f32,
+        /// Byte offset of the value in the file.
+        offset: u64,
+    },
+
     /// The in-memory weights cannot be written: a tensor's length disagrees
     /// with the dims, or a length does not fit the format's u32.
     #[error("{}: cannot write checkpoint: {message}", path.display())]
@@ -87,5 +118,29 @@ impl ModelError {
             path: path.into(),
             source,
         }
+    }
+
+    /// A [`FileError`] on `path`: I/O failures are [`ModelError::Io`],
+    /// refusals [`ModelError::Refused`] naming `what` the file is.
+    pub(crate) fn file(path: impl Into<PathBuf>, what: &'static str, e: FileError) -> Self {
+        match e {
+            FileError::Io(source) => ModelError::io(path, source),
+            FileError::Refused(refusal) => ModelError::Refused {
+                path: path.into(),
+                what,
+                refusal,
+            },
+        }
+    }
+}
+
+/// "NaN", "+inf" or "-inf" (a finite value is never reported).
+fn non_finite_name(v: f32) -> &'static str {
+    if v.is_nan() {
+        "NaN"
+    } else if v > 0.0 {
+        "+inf"
+    } else {
+        "-inf"
     }
 }

@@ -1,7 +1,8 @@
 //! The model half of the engine: what a trained model is, and how it is read.
 //!
 //! Owns: `arch.json` parsing ([`arch`]), the TKP1 checkpoint reader and writer
-//! ([`checkpoint`], [`writer`]), deterministic synthetic and demo weights
+//! ([`checkpoint`], [`writer`]), opening given paths as capped regular files
+//! ([`files`], which the `--config` file uses too), deterministic synthetic and demo weights
 //! ([`synth`], drawn from the private `generator` streams that the writer's
 //! optimizer state also uses), and the in-memory weight structs ([`weights`]).
 //! Must not touch: kernels (see `backend/`) or anything about serving.
@@ -9,6 +10,7 @@
 pub mod arch;
 pub mod checkpoint;
 pub mod error;
+pub mod files;
 mod generator;
 pub mod synth;
 pub mod weights;
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use arch::{Arch, Dims, ModelKind, ModelSize, RouterKind};
 pub use checkpoint::{Checkpoint, read_checkpoint};
 pub use error::{CheckpointPart, ModelError};
+pub use files::{FileError, FileRefusal};
 pub use synth::{demo_model, synth_weights, write_model_dir};
 pub use weights::{Block, Expert, LayerNorm, Linear, MoeWeights, ParamSpec};
 pub use writer::write_checkpoint;
