@@ -172,6 +172,9 @@ impl ServeArgs {
     }
 }
 
+/// Largest `tokitai-serve infer --input` file.
+const CLI_MAX_INPUT_BYTES: u64 = 1 << 30;
+
 /// `tokitai-serve infer`: one request body in, one answer out. Returns the
 /// process exit status; every failure is a message on stderr, never a panic.
 pub fn infer(args: &InferArgs) -> i32 {
@@ -188,7 +191,11 @@ pub fn infer(args: &InferArgs) -> i32 {
     };
     let mut body = Vec::new();
     let read = match &args.input {
-        Some(path) => std::fs::read(path).map(|b| body = b),
+        // A regular file only (a FIFO or a device is refused, not read), of
+        // at most CLI_MAX_INPUT_BYTES.
+        Some(path) => crate::model::files::read_regular_file(path, CLI_MAX_INPUT_BYTES)
+            .map(|b| body = b)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))),
         None => std::io::stdin().read_to_end(&mut body).map(|_| ()),
     };
     if let Err(e) = read {
