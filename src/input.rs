@@ -104,6 +104,19 @@ impl InferInput {
     }
 }
 
+/// Most characters of client text (a serde message quoting the body, a
+/// name) repeated back in an error message.
+pub const MAX_QUOTED_CHARS: usize = 200;
+
+/// `text` cut to [`MAX_QUOTED_CHARS`] characters (marked when cut), so an
+/// error never echoes a megabyte the client sent.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}...", &text[..end]),
+    }
+}
+
 /// Where a streaming serde visitor records the typed error it rejected a
 /// body for: serde only carries text, so the visitor stores the real error
 /// here and hands serde a placeholder to unwind with; the parser then
@@ -143,6 +156,15 @@ mod tests {
         row_len: 3,
         max_rows: 2,
     };
+
+    #[test]
+    fn clipped_text_is_bounded_and_marked() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(MAX_QUOTED_CHARS + 50);
+        let cut = clip(&long);
+        assert_eq!(cut.chars().count(), MAX_QUOTED_CHARS + 3);
+        assert!(cut.ends_with("..."));
+    }
 
     #[test]
     fn accepts_whole_finite_rows_within_the_limit() {

@@ -22,7 +22,7 @@ use serde::ser::{SerializeSeq, SerializeStruct};
 use serde::{Deserializer, Serialize, Serializer};
 
 pub use crate::input::RequestError;
-use crate::input::{ErrorSlot, InferInput, InputLimits};
+use crate::input::{ErrorSlot, InferInput, InputLimits, clip};
 
 /// A parsed `/infer` request.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,8 +58,8 @@ pub fn parse_infer_request(body: &[u8], limits: &InputLimits) -> Result<SidecarR
 /// serde found itself (a value of the wrong type for a map key, say).
 fn json_error(e: serde_json::Error) -> RequestError {
     match e.classify() {
-        serde_json::error::Category::Data => RequestError::Invalid(e.to_string()),
-        _ => RequestError::Json(e.to_string()),
+        serde_json::error::Category::Data => RequestError::Invalid(clip(&e.to_string())),
+        _ => RequestError::Json(clip(&e.to_string())),
     }
 }
 

@@ -5,17 +5,15 @@
 //!
 //! Rules modelled, beyond the formats' documented shape:
 //! - a known field given twice is an error (both parsers say "duplicate
-//!   field"); unknown fields are ignored whatever they hold;
+//!   field"), `parameters` included; unknown fields are ignored whatever
+//!   they hold;
 //! - numbers are the f64 serde_json denotes, converted with `as f32`, and
 //!   must be finite as f32;
 //! - the v2 header's small parameter objects (`parameters`,
 //!   `inputs[0].parameters`, `outputs[i]` and `outputs[i].parameters`) are
 //!   read by serde's derived `Deserialize`, which also takes a struct as a
 //!   positional array (`[true]`, `["logits"]`); that leniency is modelled
-//!   here rather than flagged;
-//! - a v2 `parameters` key given twice (top level or in the tensor) is
-//!   answered "last wins" by the engine, unlike every other known field:
-//!   that case is [`Verdict::Ambiguous`] and not compared.
+//!   here rather than flagged.
 
 use tokitai_serve::input::InputLimits;
 
@@ -188,10 +186,7 @@ pub fn v2(doc: &J, binary: &[u8], limits: &InputLimits) -> Verdict<V2Expect> {
     let J::Obj(top) = doc else {
         return reject("header is not an object");
     };
-    tri!(unique(top, &["id", "inputs", "outputs"]));
-    if J::all(top, "parameters").len() > 1 {
-        return Verdict::Ambiguous; // request parameters given twice
-    }
+    tri!(unique(top, &["id", "inputs", "outputs", "parameters"]));
     let id = match one(top, "id") {
         None => None,
         Some(J::Str(s)) => Some(s.clone()),
@@ -255,7 +250,7 @@ pub fn v2(doc: &J, binary: &[u8], limits: &InputLimits) -> Verdict<V2Expect> {
     };
     tri!(unique(tensor, &["name", "datatype", "shape", "data"]));
     if J::all(tensor, "parameters").len() > 1 {
-        return Verdict::Ambiguous; // tensor parameters given twice
+        return reject("duplicate field parameters");
     }
     match one(tensor, "name") {
         Some(J::Str(s)) if s == "features" => {}

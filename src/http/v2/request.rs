@@ -23,7 +23,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 
 use super::{FP32, INPUT, invalid};
 use crate::http::error::V2Error;
-use crate::input::{ErrorSlot, InferInput, InputLimits, RequestError};
+use crate::input::{ErrorSlot, InferInput, InputLimits, RequestError, clip};
 
 /// Most dimensions a `shape` may list (the model's input has 2).
 const MAX_SHAPE_RANK: usize = 8;
@@ -76,7 +76,7 @@ pub fn parse_request(json: &[u8], binary: &[u8], limits: &InputLimits) -> Result
     let parsed = seed.deserialize(&mut de).and_then(|h| de.end().map(|()| h));
     let mut header = parsed.map_err(|e| {
         slot.take()
-            .unwrap_or_else(|| invalid(format!("failed to parse the request JSON: {e}")))
+            .unwrap_or_else(|| invalid(format!("failed to parse the request JSON: {}", clip(&e.to_string()))))
     })?;
     let outputs = header.outputs();
     let id = header.id.take();
@@ -156,13 +156,13 @@ impl Header {
 impl InputTensor {
     /// The input is the model's: named `features`, of type FP32.
     fn check_identity(&self) -> Result<(), V2Error> {
-        let name = self.name.as_deref().unwrap_or("");
+        let name = clip(self.name.as_deref().unwrap_or(""));
         if name != INPUT {
             return Err(invalid(format!(
                 "unexpected inference input '{name}': the model's input is '{INPUT}'"
             )));
         }
-        let datatype = self.datatype.as_deref().unwrap_or("");
+        let datatype = clip(self.datatype.as_deref().unwrap_or(""));
         if datatype != FP32 {
             return Err(invalid(format!(
                 "input '{INPUT}' has datatype {datatype}, but only {FP32} is accepted"
@@ -265,7 +265,7 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
         let mut header = Header::default();
-        let mut seen_inputs = false;
+        let (mut seen_inputs, mut seen_parameters) = (false, false);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match key.as_ref() {
                 "id" => {
@@ -273,6 +273,10 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
                     header.id = Some(map.next_value::<String>()?);
                 }
                 "parameters" => {
+                    if seen_parameters {
+                        return Err(reject(self.slot, "duplicate field `parameters`"));
+                    }
+                    seen_parameters = true;
                     let params = map.next_value::<RequestParameters>()?;
                     header.binary_data_output = params.binary_data_output;
                 }
@@ -388,6 +392,7 @@ impl<'de> Visitor<'de> for TensorSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<InputTensor, A::Error> {
         let mut t = InputTensor::default();
+        let mut seen_parameters = false;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match key.as_ref() {
                 "name" => {
@@ -403,6 +408,10 @@ impl<'de> Visitor<'de> for TensorSeed<'_> {
                     t.shape = Some(map.next_value_seed(ShapeSeed { slot: self.slot })?);
                 }
                 "parameters" => {
+                    if seen_parameters {
+                        return Err(reject(self.slot, "duplicate field `parameters`"));
+                    }
+                    seen_parameters = true;
                     t.binary_data_size = map.next_value::<TensorParameters>()?.binary_data_size;
                 }
                 "data" => {
