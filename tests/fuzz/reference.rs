@@ -24,8 +24,6 @@ use super::json::J;
 pub enum Verdict<T> {
     Accept(T),
     Reject(String),
-    /// The reference does not decide this document (see the module docs).
-    Ambiguous,
 }
 
 fn reject<T>(why: impl Into<String>) -> Verdict<T> {
