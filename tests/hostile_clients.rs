@@ -43,7 +43,7 @@
 mod common;
 
 use std::cell::Cell;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -142,36 +142,12 @@ impl Binary {
             .arg(dir.join("arch.json"))
             .arg("--checkpoint")
             .arg(dir.join("checkpoint.tkp1"))
-            .env("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(stderr.reopen().expect("reopen the stderr file"));
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn tokitai-serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            client_thread();
-            let mut lines = BufReader::new(stdout).lines();
-            for line in lines.by_ref() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.trim().to_string());
-                    break;
-                }
-            }
-            for _ in lines {}
-        });
-        let Ok(addr) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = child.kill();
-            panic!("the binary never printed `listening on http://ADDR`");
-        };
-        let addr: SocketAddr = addr.parse().expect("an address after `listening on http://`");
         let binary = Binary {
-            server: ProcessServer { child, addr },
+            server: ProcessServer::start_with(cmd),
             stderr,
         };
         binary.wait_ready();

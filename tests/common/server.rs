@@ -146,15 +146,22 @@ impl ProcessServer {
     /// and reads stdout until it says where it listens.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> ProcessServer {
         let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args).stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
+        ProcessServer::start_with(cmd)
+    }
+
+    /// Spawns `cmd` (the binary, with its arguments, environment and
+    /// stderr as the caller wants them; stdin, stdout, the bind address and
+    /// the log level are set here) and reads stdout until it says where it
+    /// listens.
+    pub fn start_with(mut cmd: Command) -> ProcessServer {
+        cmd.env("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn tokitai-serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
