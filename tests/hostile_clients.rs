@@ -1398,7 +1398,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
         ),
         (
             "a whole JSON body in chunks, no last chunk, then EOF",
-            CutShort,
+            ChunkCutShort,
             post("Transfer-Encoding: chunked\r\n", &chunked_body),
         ),
         (
