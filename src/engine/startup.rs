@@ -258,6 +258,7 @@ fn start_worker(
     // factory runs again only if the actor stops itself, which it never
     // does (an actor that ends by a panic is replaced by the batcher).
     let slot = parking_lot::Mutex::new(Some(session));
+    let context_readiness = Arc::clone(&context.readiness);
     let context = context.clone();
     let metrics = Arc::clone(metrics);
     let addr = SyncArbiter::start(1, move || {
@@ -269,6 +270,9 @@ fn start_worker(
         });
         Worker::new(id, session, context.clone(), metrics.worker(id, experts))
     });
+    // Ready now, not when the thread first runs: a server that says it is
+    // listening is ready, whatever the scheduler does next.
+    context_readiness.worker_ready();
     addr.recipient()
 }
 

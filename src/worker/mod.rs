@@ -212,8 +212,10 @@ impl Drop for Worker {
 impl Actor for Worker {
     type Context = SyncContext<Self>;
 
+    // Readiness counts the worker from the moment it is started (see
+    // `engine::startup::start_worker`): its session is warmed up by then and
+    // its mailbox takes batches before this thread first runs.
     fn started(&mut self, _ctx: &mut SyncContext<Self>) {
-        self.context.readiness.worker_ready();
         tracing::debug!(worker = self.id, "worker serving");
     }
 }
