@@ -35,7 +35,7 @@ pub(crate) fn gemm_panels(isa: Isa, w: &PackedLinear, a: &[f32], m: usize, p0: u
         let a_blk = &a[(kb / NR) * pstride..];
         for (pi, cp) in c.chunks_exact_mut(pstride).enumerate() {
             let p = p0 + pi;
-            let b = &w.panel_data(p)[kb * NR..(kb + kl) * NR];
+            let b = w.panel_data(p).slice(kb * NR..(kb + kl) * NR);
             let bias = (kb == 0).then(|| &w.bias[p * NR..(p + 1) * NR]);
             // Balanced tile heights (e.g. 8 rows = 4 + 4, not 6 + 2): a short
             // tile has too few independent FMA chains to hide latency. Tile

@@ -1,4 +1,5 @@
-//! Every `unsafe` of the CPU backend lives here: the AVX2+FMA micro-kernel,
+//! Every `unsafe` of the CPU backend lives here: the AVX2+FMA micro-kernel
+//! (f32 weights, or f16 weights expanded with F16C),
 //! the LayerNorm statistics and the LayerNorm-apply+GELU pass (with a
 //! vectorised `exp`/`tanh`), plus their portable scalar twins.
 //!
@@ -25,33 +26,41 @@ pub(crate) const NR: usize = 16;
 pub(crate) const MR: usize = 6;
 
 const LN_EPS: f32 = 1e-5;
+
+use crate::model::precision::f16_bits_to_f32;
 const GELU_C: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044715;
 
-/// Proof that AVX2 and FMA were detected at run time. The private field means
-/// only [`Isa::detect`] can make one, which is what makes the safe wrappers
-/// below sound.
+/// Proof that AVX2, FMA and F16C were detected at run time. The private
+/// field means only [`Isa::detect`] can make one, which is what makes the
+/// safe wrappers below sound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Avx2Fma(());
 
 /// The instruction set the kernels use, chosen once at backend construction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// Portable code (plain mul + add, no fusing): other CPUs, and tests.
+    /// Portable code (plain mul + add, no fusing, software f16 expansion):
+    /// other CPUs, and tests.
     Scalar,
-    /// AVX2 + FMA intrinsics.
+    /// AVX2 + FMA intrinsics, F16C for f16 weights.
     Avx2(Avx2Fma),
 }
 
 impl Isa {
     /// The best available instruction set, or [`Isa::Scalar`] when forced.
+    /// Every x86 CPU with AVX2 also has F16C; one without it gets the
+    /// portable kernels rather than a half-supported path.
     pub(crate) fn detect(force_scalar: bool) -> Isa {
         if force_scalar {
             return Isa::Scalar;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 return Isa::Avx2(Avx2Fma(()));
             }
         }
@@ -61,7 +70,32 @@ impl Isa {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
-            Isa::Avx2(_) => "avx2+fma",
+            Isa::Avx2(_) => "avx2+fma+f16c",
+        }
+    }
+}
+
+/// Packed weights as the micro-kernel reads them: f32, or IEEE binary16 bits
+/// expanded to f32 (exactly) on load.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WeightsRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> WeightsRef<'a> {
+    pub(crate) fn len(self) -> usize {
+        match self {
+            WeightsRef::F32(s) => s.len(),
+            WeightsRef::F16(s) => s.len(),
+        }
+    }
+
+    /// Elements `r`.
+    pub(crate) fn slice(self, r: std::ops::Range<usize>) -> WeightsRef<'a> {
+        match self {
+            WeightsRef::F32(s) => WeightsRef::F32(&s[r]),
+            WeightsRef::F16(s) => WeightsRef::F16(&s[r]),
         }
     }
 }
@@ -72,7 +106,9 @@ impl Isa {
 /// `C[r][j] = (bias[j] if bias given, else C[r][j]) + sum_{k < kc} A(r, k) * B[k][j]`
 /// accumulated in ascending `k`, where `A(r, k) = a[(k / NR) * a_pstride + r * NR + k % NR]`
 /// (panel-major activations starting at the tile's first row and `k`) and
-/// `B[k][j] = b[k * NR + j]`. `c` holds the tile's rows, `NR` floats each.
+/// `B[k][j] = b[k * NR + j]` (f16 weights are expanded to f32 exactly, so
+/// the arithmetic is the f32 kernel's on the rounded weights). `c` holds the
+/// tile's rows, `NR` floats each.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tile(
     isa: Isa,
@@ -80,7 +116,7 @@ pub(crate) fn tile(
     kc: usize,
     a: &[f32],
     a_pstride: usize,
-    b: &[f32],
+    b: WeightsRef<'_>,
     c: &mut [f32],
     bias: Option<&[f32]>,
 ) {
@@ -92,10 +128,11 @@ pub(crate) fn tile(
     if let Some(bias) = bias {
         assert!(bias.len() >= NR);
     }
-    match isa {
-        Isa::Scalar => tile_scalar(mr, kc, a, a_pstride, b, c, bias),
+    match (isa, b) {
+        (Isa::Scalar, WeightsRef::F32(b)) => tile_scalar(mr, kc, a, a_pstride, b, |w| w, c, bias),
+        (Isa::Scalar, WeightsRef::F16(b)) => tile_scalar(mr, kc, a, a_pstride, b, f16_bits_to_f32, c, bias),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2(_) => {
+        (Isa::Avx2(_), WeightsRef::F32(b)) => {
             let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
             // SAFETY: the `Avx2Fma` token proves AVX2+FMA are available; the
@@ -113,22 +150,53 @@ pub(crate) fn tile(
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2(_), WeightsRef::F16(b)) => {
+            let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
+            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            // SAFETY: the `Avx2Fma` token proves AVX2+FMA+F16C are available;
+            // the asserts above bound every A read, every B read (kc rows of
+            // NR halves), every C read/write and the bias read, as for f32.
+            unsafe {
+                match mr {
+                    1 => tile_avx2_f16::<1>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    2 => tile_avx2_f16::<2>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    3 => tile_avx2_f16::<3>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    4 => tile_avx2_f16::<4>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    5 => tile_avx2_f16::<5>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    _ => tile_avx2_f16::<6>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                }
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2(_) => unreachable!(),
+        (Isa::Avx2(_), _) => unreachable!(),
     }
 }
 
-fn tile_scalar(mr: usize, kc: usize, a: &[f32], ps: usize, b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
+#[allow(clippy::too_many_arguments)]
+fn tile_scalar<T: Copy>(
+    mr: usize,
+    kc: usize,
+    a: &[f32],
+    ps: usize,
+    b: &[T],
+    expand: impl Fn(T) -> f32,
+    c: &mut [f32],
+    bias: Option<&[f32]>,
+) {
     let mut acc = [[0.0f32; NR]; MR];
     for (r, row) in acc.iter_mut().enumerate().take(mr) {
         row.copy_from_slice(&bias.unwrap_or(&c[r * NR..(r + 1) * NR])[..NR]);
     }
+    let mut brow = [0.0f32; NR];
     for k in 0..kc {
-        let brow = &b[k * NR..(k + 1) * NR];
+        for (dst, w) in brow.iter_mut().zip(&b[k * NR..(k + 1) * NR]) {
+            *dst = expand(*w);
+        }
         let base = (k / NR) * ps + k % NR;
         for (r, row) in acc.iter_mut().enumerate().take(mr) {
             let av = a[base + r * NR];
-            for (acc_j, b_j) in row.iter_mut().zip(brow) {
+            for (acc_j, b_j) in row.iter_mut().zip(&brow) {
                 // Deliberately unfused: the portable path must not depend on
                 // a slow software fma.
                 *acc_j += av * *b_j;
@@ -140,56 +208,83 @@ fn tile_scalar(mr: usize, kc: usize, a: &[f32], ps: usize, b: &[f32], c: &mut [f
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const M: usize>(kc: usize, a: *const f32, ps: usize, b: *const f32, c: *mut f32, bias: *const f32) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller (`tile`) checked that every offset used below is in
-    // bounds of the slices these pointers came from; AVX2+FMA are enabled.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        for (r, row) in acc.iter_mut().enumerate() {
-            let src = if bias.is_null() {
-                c.add(r * NR) as *const f32
-            } else {
-                bias
-            };
-            row[0] = _mm256_loadu_ps(src);
-            row[1] = _mm256_loadu_ps(src.add(8));
-        }
-        macro_rules! step {
-            ($ap:expr, $bp:expr, $j:expr) => {{
-                let b0 = _mm256_loadu_ps($bp.add($j * NR));
-                let b1 = _mm256_loadu_ps($bp.add($j * NR + 8));
+/// The AVX2 micro-kernel, once per weight type: `$ty` is the packed element
+/// and `$load(ptr)` turns the `NR / 2` elements at `ptr` into one f32 vector.
+/// Both kernels run the same FMA chains in the same order.
+macro_rules! avx2_tile_kernel {
+    ($name:ident, $ty:ty, $features:literal, |$p:ident| $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize>(
+            kc: usize,
+            a: *const f32,
+            ps: usize,
+            b: *const $ty,
+            c: *mut f32,
+            bias: *const f32,
+        ) {
+            use std::arch::x86_64::*;
+            // SAFETY: the caller (`tile`) checked that every offset used below
+            // is in bounds of the slices these pointers came from; the target
+            // features are enabled.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_set1_ps(*$ap.add(r * NR + $j));
-                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                    let src = if bias.is_null() {
+                        c.add(r * NR) as *const f32
+                    } else {
+                        bias
+                    };
+                    row[0] = _mm256_loadu_ps(src);
+                    row[1] = _mm256_loadu_ps(src.add(8));
                 }
-            }};
-        }
-        let mut k = 0;
-        while k < kc {
-            let ap = a.add((k / NR) * ps);
-            let bp = b.add(k * NR);
-            let len = (kc - k).min(NR);
-            if len == NR {
-                for j in 0..NR {
-                    step!(ap, bp, j);
+                macro_rules! step {
+                    ($ap:expr, $bp:expr, $j:expr) => {{
+                        let b0 = {
+                            let $p = $bp.add($j * NR);
+                            $load
+                        };
+                        let b1 = {
+                            let $p = $bp.add($j * NR + 8);
+                            $load
+                        };
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let av = _mm256_set1_ps(*$ap.add(r * NR + $j));
+                            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                        }
+                    }};
                 }
-            } else {
-                for j in 0..len {
-                    step!(ap, bp, j);
+                let mut k = 0;
+                while k < kc {
+                    let ap = a.add((k / NR) * ps);
+                    let bp = b.add(k * NR);
+                    let len = (kc - k).min(NR);
+                    if len == NR {
+                        for j in 0..NR {
+                            step!(ap, bp, j);
+                        }
+                    } else {
+                        for j in 0..len {
+                            step!(ap, bp, j);
+                        }
+                    }
+                    k += NR;
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(c.add(r * NR), row[0]);
+                    _mm256_storeu_ps(c.add(r * NR + 8), row[1]);
                 }
             }
-            k += NR;
         }
-        for (r, row) in acc.iter().enumerate() {
-            _mm256_storeu_ps(c.add(r * NR), row[0]);
-            _mm256_storeu_ps(c.add(r * NR + 8), row[1]);
-        }
-    }
+    };
 }
+
+avx2_tile_kernel!(tile_avx2, f32, "avx2,fma", |p| _mm256_loadu_ps(p));
+// `vcvtph2ps` is exact: every f16 is an f32.
+avx2_tile_kernel!(tile_avx2_f16, u16, "avx2,fma,f16c", |p| _mm256_cvtph_ps(
+    _mm_loadu_si128(p as *const __m128i)
+));
 
 // ------------------------------------------------------------------ LayerNorm statistics
 
@@ -597,6 +692,50 @@ mod tests {
         }
     }
 
+    /// The software conversions agree with F16C bit for bit: every half
+    /// expands as `vcvtph2ps` does, and `f32_to_f16_bits` rounds as
+    /// `vcvtps2ph` with round-to-nearest-even.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn software_f16_matches_f16c() {
+        use crate::model::precision::f32_to_f16_bits;
+        if Isa::detect(false) == Isa::Scalar {
+            return;
+        }
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn hw(xs: &[f32; 8], hs: &[u16; 8]) -> ([u16; 8], [f32; 8]) {
+            use std::arch::x86_64::*;
+            let (mut h, mut f) = ([0u16; 8], [0.0f32; 8]);
+            // SAFETY: each pointer covers exactly one 8-lane vector.
+            unsafe {
+                let v = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(xs.as_ptr()));
+                _mm_storeu_si128(h.as_mut_ptr() as *mut __m128i, v);
+                let w = _mm256_cvtph_ps(_mm_loadu_si128(hs.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(f.as_mut_ptr(), w);
+            }
+            (h, f)
+        }
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for chunk in 0..8192u32 {
+            let hs: [u16; 8] = std::array::from_fn(|i| (chunk * 8 + i as u32) as u16);
+            let xs: [f32; 8] = std::array::from_fn(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                // Exponents over the f16 range and a little past it.
+                f32::from_bits((s as u32 & 0x807f_ffff) | (((s >> 32) as u32 % 48 + 96) << 23))
+            });
+            // SAFETY: the detected ISA includes AVX2 and F16C.
+            let (h, f) = unsafe { hw(&xs, &hs) };
+            for i in 0..8 {
+                assert_eq!(f16_bits_to_f32(hs[i]).to_bits(), f[i].to_bits(), "half {:#06x}", hs[i]);
+                if !xs[i].is_nan() {
+                    assert_eq!(f32_to_f16_bits(xs[i]), h[i], "{:e}", xs[i]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn tile_matches_naive_for_every_height() {
         let kc: usize = 37;
@@ -610,7 +749,7 @@ mod tests {
         for isa in isas() {
             for mr in 1..=MR {
                 let mut c = vec![0.0f32; mr * NR];
-                tile(isa, mr, kc, &a, ps, &b, &mut c, Some(&bias));
+                tile(isa, mr, kc, &a, ps, WeightsRef::F32(&b), &mut c, Some(&bias));
                 for r in 0..mr {
                     for j in 0..NR {
                         let mut want = bias[j] as f64;
