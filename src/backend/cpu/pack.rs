@@ -112,6 +112,15 @@ impl PackedLinear {
         }
     }
 
+    /// Panels `p .. p + count`, contiguous (`count * k * NR` values).
+    pub(crate) fn panels_data(&self, p: usize, count: usize) -> WeightsRef<'_> {
+        let r = p * self.k * NR..(p + count) * self.k * NR;
+        match &self.data {
+            PanelStore::F32(d) => WeightsRef::F32(&d[r]),
+            PanelStore::F16(d) => WeightsRef::F16(&d[r]),
+        }
+    }
+
     pub(crate) fn bytes(&self) -> usize {
         let data = match &self.data {
             PanelStore::F32(d) => d.len() * 4,

@@ -173,6 +173,99 @@ pub(crate) fn tile(
     }
 }
 
+/// Rows per tile up to which [`tile_wide`] pays: below 4 rows one panel
+/// has too few independent FMA chains (2 per row) to hide the FMA latency.
+pub(crate) const WIDE_MAX_ROWS: usize = 3;
+
+/// Panels [`tile_wide`] computes together for an `mr`-row tile: enough
+/// chains (`2 * mr * panels`) in flight to cover the FMA latency, within the
+/// 16 ymm registers.
+pub(crate) fn wide_panels(mr: usize) -> usize {
+    match mr {
+        1 => 6,
+        2 => 3,
+        _ => 2,
+    }
+}
+
+/// [`tile`] for `panels` consecutive column panels at once (small `mr`):
+/// panel `q` reads weights `b[q * b_pstride..]` and writes
+/// `c[q * c_pstride..]`, bias `bias[q * NR..]`. Every element is the same
+/// ascending FMA chain [`tile`] computes, so results are bit-identical to
+/// calling [`tile`] once per panel; only the interleaving of independent
+/// chains differs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile_wide(
+    isa: Isa,
+    mr: usize,
+    panels: usize,
+    kc: usize,
+    a: &[f32],
+    a_pstride: usize,
+    b: WeightsRef<'_>,
+    b_pstride: usize,
+    c: &mut [f32],
+    c_pstride: usize,
+    bias: Option<&[f32]>,
+) {
+    assert!((1..=WIDE_MAX_ROWS).contains(&mr) && panels == wide_panels(mr) && kc > 0);
+    assert!(a_pstride >= mr * NR && c_pstride >= mr * NR && b_pstride >= kc * NR);
+    assert!(a.len() >= ((kc - 1) / NR) * a_pstride + mr * NR, "A slice too short");
+    assert!(b.len() >= (panels - 1) * b_pstride + kc * NR, "B slice too short");
+    assert!(c.len() >= (panels - 1) * c_pstride + mr * NR, "C slice too short");
+    if let Some(bias) = bias {
+        assert!(bias.len() >= panels * NR);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Isa::Avx2(_) = isa {
+        let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
+        let (ap, cp) = (a.as_ptr(), c.as_mut_ptr());
+        // SAFETY: the `Avx2Fma` token proves AVX2+FMA+F16C are available; the
+        // asserts above bound every A read (as in `tile`), every B read
+        // (`panels` panels `b_pstride` apart, kc rows of NR each), every C
+        // read/write (`panels` panels `c_pstride` apart, mr rows of NR) and
+        // the bias read (panels * NR floats).
+        unsafe {
+            match (b, mr) {
+                (WeightsRef::F32(b), 1) => {
+                    wide_avx2::<1, 6>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F32(b), 2) => {
+                    wide_avx2::<2, 3>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F32(b), _) => {
+                    wide_avx2::<3, 2>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F16(b), 1) => {
+                    wide_avx2_f16::<1, 6>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F16(b), 2) => {
+                    wide_avx2_f16::<2, 3>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F16(b), _) => {
+                    wide_avx2_f16::<3, 2>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+            }
+        }
+        return;
+    }
+    // Portable: one panel at a time, the same chains.
+    for q in 0..panels {
+        let bq = b.slice(q * b_pstride..q * b_pstride + kc * NR);
+        let cq = &mut c[q * c_pstride..q * c_pstride + mr * NR];
+        tile(
+            isa,
+            mr,
+            kc,
+            a,
+            a_pstride,
+            bq,
+            cq,
+            bias.map(|s| &s[q * NR..(q + 1) * NR]),
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn tile_scalar<T: Copy>(
     mr: usize,
@@ -283,6 +376,79 @@ macro_rules! avx2_tile_kernel {
 avx2_tile_kernel!(tile_avx2, f32, "avx2,fma", |p| _mm256_loadu_ps(p));
 // `vcvtph2ps` is exact: every f16 is an f32.
 avx2_tile_kernel!(tile_avx2_f16, u16, "avx2,fma,f16c", |p| _mm256_cvtph_ps(
+    _mm_loadu_si128(p as *const __m128i)
+));
+
+/// The multi-panel AVX2 micro-kernel ([`tile_wide`]), once per weight type
+/// like [`avx2_tile_kernel`]: `M` rows by `P` panels, `2 * M * P`
+/// accumulators, each the same ascending chain as the one-panel kernel's.
+macro_rules! avx2_wide_kernel {
+    ($name:ident, $ty:ty, $features:literal, |$p:ident| $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const M: usize, const P: usize>(
+            kc: usize,
+            a: *const f32,
+            ps: usize,
+            b: *const $ty,
+            b_ps: usize,
+            c: *mut f32,
+            c_ps: usize,
+            bias: *const f32,
+        ) {
+            use std::arch::x86_64::*;
+            // SAFETY: the caller (`tile_wide`) checked that every offset used
+            // below is in bounds of the slices these pointers came from; the
+            // target features are enabled.
+            unsafe {
+                let mut acc = [[[_mm256_setzero_ps(); 2]; M]; P];
+                for (q, panel) in acc.iter_mut().enumerate() {
+                    for (r, row) in panel.iter_mut().enumerate() {
+                        let src = if bias.is_null() {
+                            c.add(q * c_ps + r * NR) as *const f32
+                        } else {
+                            bias.add(q * NR)
+                        };
+                        row[0] = _mm256_loadu_ps(src);
+                        row[1] = _mm256_loadu_ps(src.add(8));
+                    }
+                }
+                for k in 0..kc {
+                    let ak = a.add((k / NR) * ps + k % NR);
+                    let mut av = [_mm256_setzero_ps(); M];
+                    for (r, v) in av.iter_mut().enumerate() {
+                        *v = _mm256_set1_ps(*ak.add(r * NR));
+                    }
+                    for (q, panel) in acc.iter_mut().enumerate() {
+                        let bq = b.add(q * b_ps + k * NR);
+                        let b0 = {
+                            let $p = bq;
+                            $load
+                        };
+                        let b1 = {
+                            let $p = bq.add(8);
+                            $load
+                        };
+                        for (r, row) in panel.iter_mut().enumerate() {
+                            row[0] = _mm256_fmadd_ps(av[r], b0, row[0]);
+                            row[1] = _mm256_fmadd_ps(av[r], b1, row[1]);
+                        }
+                    }
+                }
+                for (q, panel) in acc.iter().enumerate() {
+                    for (r, row) in panel.iter().enumerate() {
+                        _mm256_storeu_ps(c.add(q * c_ps + r * NR), row[0]);
+                        _mm256_storeu_ps(c.add(q * c_ps + r * NR + 8), row[1]);
+                    }
+                }
+            }
+        }
+    };
+}
+
+avx2_wide_kernel!(wide_avx2, f32, "avx2,fma", |p| _mm256_loadu_ps(p));
+avx2_wide_kernel!(wide_avx2_f16, u16, "avx2,fma,f16c", |p| _mm256_cvtph_ps(
     _mm_loadu_si128(p as *const __m128i)
 ));
 
@@ -731,6 +897,47 @@ mod tests {
                 assert_eq!(f16_bits_to_f32(hs[i]).to_bits(), f[i].to_bits(), "half {:#06x}", hs[i]);
                 if !xs[i].is_nan() {
                     assert_eq!(f32_to_f16_bits(xs[i]), h[i], "{:e}", xs[i]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile_wide_is_bit_identical_to_tile() {
+        let kc: usize = 41;
+        let m: usize = 3;
+        let ps = m * NR;
+        let a: Vec<f32> = (0..kc.div_ceil(NR) * ps)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let b_ps = kc * NR + 5;
+        let b32: Vec<f32> = (0..6 * b_ps)
+            .map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5)
+            .collect();
+        let b16: Vec<u16> = b32
+            .iter()
+            .map(|w| crate::model::precision::f32_to_f16_bits(*w))
+            .collect();
+        let bias: Vec<f32> = (0..6 * NR).map(|j| j as f32 * 0.01).collect();
+        for isa in isas() {
+            for mr in 1..=WIDE_MAX_ROWS {
+                let panels = wide_panels(mr);
+                let c_ps = mr * NR + 3;
+                for b in [WeightsRef::F32(&b32), WeightsRef::F16(&b16)] {
+                    for with_bias in [true, false] {
+                        let init: Vec<f32> = (0..panels * c_ps).map(|i| i as f32 * 0.001).collect();
+                        let mut wide = init.clone();
+                        let bias = with_bias.then_some(&bias[..]);
+                        tile_wide(isa, mr, panels, kc, &a, ps, b, b_ps, &mut wide, c_ps, bias);
+                        let mut one = init.clone();
+                        for q in 0..panels {
+                            let bq = b.slice(q * b_ps..q * b_ps + kc * NR);
+                            let bias_q = bias.map(|s| &s[q * NR..(q + 1) * NR]);
+                            tile(isa, mr, kc, &a, ps, bq, &mut one[q * c_ps..q * c_ps + mr * NR], bias_q);
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&wide), bits(&one), "{isa:?} mr={mr}");
+                    }
                 }
             }
         }
