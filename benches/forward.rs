@@ -1,25 +1,34 @@
-//! Forward throughput of the CPU backend (Nano and Tiny, batch 1/16/64/256,
-//! threads 1/2), with achieved GFLOP/s beside a reference sgemm (the `gemm`
-//! crate) at the same shapes.
+//! Forward throughput of the CPU backend with f32 and f16 weights: Nano and
+//! Tiny (batch 1/16/64/256, threads 1/2) and Full (batch 1/16/64, 2 threads,
+//! fewer samples), with achieved GFLOP/s and weight GB/s, and for f32 Nano and
+//! Tiny a reference sgemm (the `gemm` crate) at the same shapes.
 //!
-//! Owns: nothing but measurement. Filter with criterion's argument, e.g.
-//! `cargo bench --bench forward -- nano` or `-- tiny/b1/`.
+//! Owns: nothing but measurement. Groups are `{size}-{precision}`; filter with
+//! criterion's argument, e.g. `cargo bench --bench forward -- nano` or
+//! `-- tiny-f16/b1/`. Full runs only with `TOKITAI_BENCH_DIR` set: its
+//! synthetic files (~3.2 GB) are written there once (`DIR/full/`) and reused,
+//! and each precision's load time (read + pack) and resident memory are
+//! printed.
 //!
 //! GFLOP/s count only the experts actually computed (2 flops per MAC of each
-//! selected expert's layers, router excluded); rows/s is criterion's
-//! throughput line and also printed in the summary.
+//! selected expert's layers, router excluded); GB/s is the packed weight
+//! bytes of the experts a batch uses (each read once per forward) over the
+//! time; rows/s is criterion's throughput line and also printed in the
+//! summary.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use tokitai_serve::backend::cpu::CpuBackend;
+use tokitai_serve::backend::cpu::{CpuBackend, CpuOptions};
 use tokitai_serve::backend::{Backend, ForwardOutput, SessionConfig};
 use tokitai_serve::model::synth::synth_weights;
-use tokitai_serve::model::{Dims, LayerNormMode, ModelSize};
+use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights, WeightPrecision};
 
 const BATCHES: [usize; 4] = [1, 16, 64, 256];
 const THREADS: [usize; 2] = [1, 2];
+const FULL_BATCHES: [usize; 3] = [1, 16, 64];
+const FULL_THREADS: [usize; 1] = [2];
 
 fn inputs(rows: usize, width: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -129,30 +138,95 @@ fn reference_gemm_gflops(d: &Dims, rows: &[usize], threads: usize) -> f64 {
     flops / best / 1e9
 }
 
-fn bench_size(c: &mut Criterion, size: ModelSize, summary: &mut Vec<String>) {
-    let name = size.as_str().to_lowercase();
-    // Criterion's filter is applied per benchmark id; skip building the Tiny
-    // weights (340 MB) when no id of this size can match.
+/// Expert weight bytes one forward streams: every expert with rows, once.
+fn weight_bytes_read(backend: &CpuBackend, rows: &[usize]) -> f64 {
+    let per_expert = backend.weight_bytes() as f64 / rows.len() as f64;
+    rows.iter().filter(|&&m| m > 0).count() as f64 * per_expert
+}
+
+/// `VmRSS` of this process, bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The weights for `size`: in memory from [`synth_weights`], or for Full
+/// read from `TOKITAI_BENCH_DIR/full/` (written there first if missing);
+/// `None` for Full without `TOKITAI_BENCH_DIR`.
+fn weights_for(size: ModelSize) -> Option<MoeWeights> {
+    if size != ModelSize::Full {
+        return Some(synth_weights(Dims::for_size(size), 42));
+    }
+    let Some(dir) = std::env::var_os("TOKITAI_BENCH_DIR") else {
+        println!("full: skipped (set TOKITAI_BENCH_DIR to a folder with ~3.3 GB free)");
+        return None;
+    };
+    let dir = std::path::Path::new(&dir).join("full");
+    let (arch, ckpt) = (dir.join("arch.json"), dir.join("checkpoint.tkp1"));
+    if !ckpt.exists() {
+        let t = Instant::now();
+        tokitai_serve::model::write_model_dir(&dir, size, 42, false).expect("write the Full model files");
+        println!("full: wrote {} in {:.1} s", dir.display(), t.elapsed().as_secs_f64());
+    }
+    let model = tokitai_serve::model::load_model(&arch, &ckpt).expect("load the Full model files");
+    Some(model.weights)
+}
+
+fn bench_size(c: &mut Criterion, size: ModelSize, precision: WeightPrecision, summary: &mut Vec<String>) {
+    let name = format!("{}-{precision}", size.as_str().to_lowercase());
+    // Criterion's filter is applied per benchmark id; skip building the
+    // weights (340 MB for Tiny, 3.2 GB for Full) when no id of this group can match.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str()) || f.contains(&name)) {
+    let group_of = |f: &str| f.split('/').next().unwrap_or("").to_string();
+    if !filter.is_empty() && !filter.iter().any(|f| name.contains(&group_of(f)) || f.contains(&name)) {
         return;
     }
     let dims = Dims::for_size(size);
-    let backend = CpuBackend::new(synth_weights(dims, 42), LayerNormMode::Identity);
+    let rss0 = rss_bytes();
+    let t0 = Instant::now();
+    let Some(weights) = weights_for(size) else { return };
+    let options = CpuOptions {
+        precision,
+        ..CpuOptions::default()
+    };
+    let backend = CpuBackend::with_options(weights, LayerNormMode::Identity, options).unwrap();
+    let load = t0.elapsed();
+    let line = format!(
+        "{name}: load (read/synth + pack) {:.1} s, packed expert weights {:.1} MB, RSS +{:.0} MB",
+        load.as_secs_f64(),
+        backend.weight_bytes() as f64 / 1e6,
+        (rss_bytes().saturating_sub(rss0)) as f64 / 1e6
+    );
+    println!("{line}");
+    summary.push(format!("<!-- {line} -->"));
     let mut group = c.benchmark_group(&name);
     match size {
         ModelSize::Nano => group
             .sample_size(20)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(1)),
+        ModelSize::Full => group
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(2)),
         _ => group
             .sample_size(10)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3)),
     };
-    for &batch in &BATCHES {
+    let (batches, threads_list): (&[usize], &[usize]) = match size {
+        ModelSize::Full => (&FULL_BATCHES, &FULL_THREADS),
+        _ => (&BATCHES, &THREADS),
+    };
+    for &batch in batches {
         let x = inputs(batch, dims.input, 9);
-        for &threads in &THREADS {
+        for &threads in threads_list {
             let mut session = backend.create_session(SessionConfig { threads }).unwrap();
             let mut out = ForwardOutput::default();
             session.forward(&x, &mut out).unwrap();
@@ -177,9 +251,16 @@ fn bench_size(c: &mut Criterion, size: ModelSize, summary: &mut Vec<String>) {
             s.sort_by(f64::total_cmp);
             let med = s[s.len() / 2];
             let gf = expert_flops(&dims, &rows) / med / 1e9;
-            let rgf = reference_gemm_gflops(&dims, &rows, threads);
+            let gbs = weight_bytes_read(&backend, &rows) / med / 1e9;
+            // The reference sgemm is the same for both precisions, and at
+            // Full's shapes would need another 3.2 GB: f32 Nano/Tiny only.
+            let rgf = if precision == WeightPrecision::F32 && size != ModelSize::Full {
+                format!("{:.1}", reference_gemm_gflops(&dims, &rows, threads))
+            } else {
+                "-".to_string()
+            };
             let line = format!(
-                "| {name} | {batch} | {threads} | {:.0} | {gf:.1} | {rgf:.1} | {rows:?} |",
+                "| {name} | {batch} | {threads} | {:.1} | {gf:.1} | {gbs:.1} | {rgf} | {rows:?} |",
                 batch as f64 / med
             );
             println!("{line}");
@@ -192,11 +273,16 @@ fn bench_size(c: &mut Criterion, size: ModelSize, summary: &mut Vec<String>) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let mut summary = Vec::new();
-    bench_size(&mut c, ModelSize::Nano, &mut summary);
-    bench_size(&mut c, ModelSize::Tiny, &mut summary);
+    for size in [ModelSize::Nano, ModelSize::Tiny, ModelSize::Full] {
+        for precision in [WeightPrecision::F32, WeightPrecision::F16] {
+            bench_size(&mut c, size, precision, &mut summary);
+        }
+    }
     c.final_summary();
-    println!("\n| model | batch | threads | rows/s (median) | GFLOP/s | ref gemm GFLOP/s | rows per expert |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "\n| model | batch | threads | rows/s (median) | GFLOP/s | weight GB/s | ref gemm GFLOP/s | rows per expert |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for l in summary {
         println!("{l}");
     }

@@ -10,11 +10,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::{Backend, ForwardOutput, SessionConfig};
 use crate::config::{Config, Override};
 use crate::input::InputLimits;
-use crate::model::{LayerNormMode, ModelSize};
+use crate::model::{LayerNormMode, ModelSize, WeightPrecision};
 use crate::sidecar_json;
 
 /// Exit status for usage and configuration errors (the sidecar's).
@@ -57,6 +57,9 @@ pub struct ModelArgs {
     /// LayerNorm parameters: identity (gamma=1, beta=0, as the old sidecar; default) or stored.
     #[arg(long, value_name = "identity|stored")]
     pub layernorm: Option<LayerNormMode>,
+    /// Expert weight storage: f32 (default) or f16 (half the memory, CPU backend only).
+    #[arg(long, value_name = "f32|f16")]
+    pub weight_precision: Option<WeightPrecision>,
 }
 
 #[derive(Debug, Clone, Args, Default)]
@@ -148,6 +151,10 @@ impl ServeArgs {
         push("model.arch", self.model.arch.as_ref().map(path));
         push("model.checkpoint", self.model.checkpoint.as_ref().map(path));
         push("model.layernorm", self.model.layernorm.map(|m| Str(m.as_str().into())));
+        push(
+            "model.weight_precision",
+            self.model.weight_precision.map(|p| Str(p.as_str().into())),
+        );
         push("server.bind", self.bind.clone().map(Str));
         push("workers.count", self.workers.map(|n| int(n as u64)));
         push(
@@ -215,7 +222,17 @@ pub fn infer(args: &InferArgs) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    let backend = CpuBackend::new(model.weights, args.model.layernorm.unwrap_or_default());
+    let options = CpuOptions {
+        precision: args.model.weight_precision.unwrap_or_default(),
+        ..CpuOptions::default()
+    };
+    let backend = match CpuBackend::with_options(model.weights, args.model.layernorm.unwrap_or_default(), options) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: failed to prepare the model: {e}");
+            return EXIT_FAILURE;
+        }
+    };
     let mut out = ForwardOutput::default();
     let result = backend
         .create_session(SessionConfig {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::LayerNormMode;
+use crate::model::{LayerNormMode, WeightPrecision};
 
 /// The old sidecar's bind variable, kept for drop-in compatibility.
 pub const LEGACY_BIND_ENV: &str = "TOKITAI_MODEL_BIND_ADDR";
@@ -87,6 +87,9 @@ pub struct ModelConfig {
     /// `identity` (gamma=1, beta=0: what the old sidecar served and the model
     /// was trained with) or `stored` (the checkpoint's gamma/beta).
     pub layernorm: LayerNormMode,
+    /// `f32` (the checkpoint's weights) or `f16` (expert weights rounded to
+    /// IEEE half precision at load: half the memory; CPU backend only).
+    pub weight_precision: WeightPrecision,
     /// The model's name on the Open Inference Protocol routes (`/v2/models/{name}`).
     pub name: String,
 }
@@ -193,6 +196,7 @@ impl Default for ModelConfig {
             arch: None,
             checkpoint: None,
             layernorm: LayerNormMode::Identity,
+            weight_precision: WeightPrecision::F32,
             name: DEFAULT_MODEL_NAME.to_string(),
         }
     }
@@ -514,6 +518,9 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.server.bind, "127.0.0.1:9100");
         assert_eq!(c.model.layernorm, LayerNormMode::Identity);
+        assert_eq!(c.model.weight_precision, WeightPrecision::F32);
+        let c = Config::load(None, env(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "f16")]), &[]).unwrap();
+        assert_eq!(c.model.weight_precision, WeightPrecision::F16);
     }
 
     #[test]
@@ -547,6 +554,7 @@ mod tests {
         assert!(err(&[("TOKITAI_SERVER_BIND", "nowhere")]).contains("server.bind"));
         assert!(err(&[("TOKITAI_WORKERS_COUNT", "300")]).contains("workers.count"));
         assert!(err(&[("TOKITAI_MODEL_LAYERNORM", "both")]).contains("layernorm"));
+        assert!(err(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf16")]).contains("weight_precision"));
         assert!(err(&[("TOKITAI_MODEL_ARCH", "/a.json")]).contains("model.checkpoint"));
         assert!(err(&[("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "10")]).contains("batching.max_queue_rows"));
         assert!(err(&[("TOKITAI_LOGGING_FORMAT", "xml")]).contains("logging.format"));

@@ -118,6 +118,7 @@ fn log_model(description: &ModelDescription, load_time: std::time::Duration) {
     tracing::info!(
         size = description.size,
         layernorm = %description.layernorm,
+        weight_precision = %description.weight_precision,
         param_count = description.param_count,
         arch = %description.arch,
         checkpoint = %description.checkpoint,
@@ -136,6 +137,15 @@ fn log_model(description: &ModelDescription, load_time: std::time::Duration) {
             model::LayerNormMode::Identity =>
                 "gamma=1, beta=0: what the old sidecar served and the model was trained with",
             model::LayerNormMode::Stored => "the checkpoint's stored gamma/beta: upstream's fp32 reference",
+        }
+    );
+    tracing::info!(
+        "Weight precision: {} ({})",
+        description.weight_precision,
+        match description.weight_precision {
+            model::WeightPrecision::F32 => "expert weights as the checkpoint stores them",
+            model::WeightPrecision::F16 =>
+                "expert weights rounded to IEEE half precision at load; router, biases, activations and sums in f32",
         }
     );
 }

@@ -182,7 +182,15 @@ impl Metrics {
             )),
             model_info: reg!(IntGaugeVec::new(
                 Opts::new("tokitai_model_info", "The served model (value 1)."),
-                &["size", "layernorm", "param_count", "checkpoint", "backend", "devices"],
+                &[
+                    "size",
+                    "layernorm",
+                    "weight_precision",
+                    "param_count",
+                    "checkpoint",
+                    "backend",
+                    "devices"
+                ],
             )),
             model_load_seconds: reg!(Gauge::new(
                 "tokitai_model_load_seconds",

@@ -418,7 +418,7 @@ fn exported_names() -> BTreeSet<String> {
     metrics.observe_queue_wait(Duration::from_micros(10));
     metrics
         .model_info
-        .with_label_values(&["Nano", "identity", "1", "x", "cpu", "cpu"])
+        .with_label_values(&["Nano", "identity", "f32", "1", "x", "cpu", "cpu"])
         .set(1);
     metrics.device_memory_bytes.with_label_values(&["0"]).set(0.0);
     let worker = metrics.worker(0, 4);

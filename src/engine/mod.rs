@@ -25,7 +25,7 @@ use crate::error::ServeError;
 use crate::input::{InferInput, InputLimits};
 use crate::labels::{FailureReason, Route};
 use crate::metrics::Metrics;
-use crate::model::{Dims, LayerNormMode};
+use crate::model::{Dims, LayerNormMode, WeightPrecision};
 use crate::readiness::Readiness;
 
 /// What is being served, as `/healthz`, the start-up log and the
@@ -36,6 +36,8 @@ pub struct ModelDescription {
     pub name: String,
     pub size: &'static str,
     pub layernorm: LayerNormMode,
+    /// How the expert weights are held (`model.weight_precision`).
+    pub weight_precision: WeightPrecision,
     pub param_count: u64,
     /// `arch.json` path, or `"builtin:demo"` for the demo model.
     pub arch: String,

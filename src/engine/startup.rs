@@ -13,7 +13,7 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use super::{Engine, ModelDescription};
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
 use crate::batcher::job::RunBatch;
@@ -23,7 +23,7 @@ use crate::config::{BackendChoice, Config};
 use crate::error::{ModelError, StartError};
 use crate::input::InputLimits;
 use crate::metrics::Metrics;
-use crate::model::{LayerNormMode, LoadedModel, ModelSource, MoeWeights};
+use crate::model::{LayerNormMode, LoadedModel, ModelSource, MoeWeights, WeightPrecision};
 use crate::readiness::Readiness;
 use crate::worker::{Worker, WorkerContext};
 
@@ -54,11 +54,13 @@ pub fn build_backend(
     let size = model.arch.size.as_str();
     let fingerprint = model.arch.fingerprint.clone();
     let step = model.step;
+    let weight_precision = config.model.weight_precision;
     let backend = choose_backend(model.weights, layernorm, config)?;
     let description = ModelDescription {
         name: config.model.name.clone(),
         size,
         layernorm,
+        weight_precision,
         param_count: dims.param_count(),
         arch,
         checkpoint,
@@ -74,7 +76,10 @@ pub fn build_backend(
 
 /// Builds the backend `workers.backend` names: `cpu`; `hip` (an error when
 /// this build has no HIP support or no device is usable); `auto` (HIP when a
-/// device is usable, else the CPU; the log says which and why).
+/// device is usable, else the CPU; the log says which and why). With
+/// `model.weight_precision = "f16"`, `hip` is an error (the HIP kernels are
+/// f32 only) and `auto` serves on the CPU; an f16 weight that is not finite
+/// is an error naming its tensor.
 pub fn choose_backend(
     weights: MoeWeights,
     layernorm: LayerNormMode,
@@ -85,8 +90,33 @@ pub fn choose_backend(
         gpus: w.gpus.clone(),
         streams_per_gpu: w.streams_per_gpu,
     };
+    let precision = config.model.weight_precision;
+    let cpu = |weights: MoeWeights| -> Result<Arc<dyn Backend>, BackendError> {
+        let options = CpuOptions {
+            precision,
+            ..CpuOptions::default()
+        };
+        Ok(Arc::new(CpuBackend::with_options(weights, layernorm, options)?))
+    };
+    if precision == WeightPrecision::F16 {
+        return match w.backend {
+            BackendChoice::Cpu => cpu(weights),
+            BackendChoice::Hip => Err(BackendError::Unavailable(
+                "model.weight_precision = \"f16\" is not supported by the hip backend \
+                 (use weight_precision = \"f32\", or workers.backend = \"cpu\")"
+                    .into(),
+            )),
+            BackendChoice::Auto => {
+                tracing::info!(
+                    "workers.backend = auto with model.weight_precision = f16: using the CPU backend \
+                     (f16 weights are not supported by the hip backend)"
+                );
+                cpu(weights)
+            }
+        };
+    }
     match w.backend {
-        BackendChoice::Cpu => Ok(Arc::new(CpuBackend::new(weights, layernorm))),
+        BackendChoice::Cpu => cpu(weights),
         BackendChoice::Hip => match hip::new_backend(&weights, layernorm, &options) {
             Ok(b) => Ok(Arc::new(b)),
             Err(e) => Err(BackendError::Unavailable(format!(
@@ -105,7 +135,7 @@ pub fn choose_backend(
                 } else {
                     tracing::info!(reason = %e, "workers.backend = auto: no usable HIP device, using the CPU backend");
                 }
-                Ok(Arc::new(CpuBackend::new(weights, layernorm)))
+                cpu(weights)
             }
         },
     }
@@ -237,6 +267,7 @@ fn record_model(metrics: &Metrics, model: &ModelDescription, workers: usize, pol
         .with_label_values(&[
             model.size,
             model.layernorm.as_str(),
+            model.weight_precision.as_str(),
             &model.param_count.to_string(),
             &model.checkpoint,
             model.backend,

@@ -54,6 +54,7 @@ pub async fn healthz(engine: web::Data<Engine>) -> HttpResponse {
         "top_k": m.dims.top_k,
         "size": m.size,
         "layernorm": m.layernorm,
+        "weight_precision": m.weight_precision,
         "param_count": m.param_count,
         "checkpoint_step": m.checkpoint_step,
         "demo_model": m.demo,

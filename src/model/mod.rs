@@ -2,7 +2,8 @@
 //!
 //! Owns: `arch.json` parsing ([`arch`]), the TKP1 checkpoint reader and writer
 //! ([`checkpoint`], [`writer`]), opening given paths as capped regular files
-//! ([`files`], which the `--config` file uses too), deterministic synthetic and demo weights
+//! ([`files`], which the `--config` file uses too), the weight precision
+//! setting and f16 conversions ([`precision`]), deterministic synthetic and demo weights
 //! ([`synth`], drawn from the private `generator` streams that the writer's
 //! optimizer state also uses), and the in-memory weight structs ([`weights`]).
 //! Must not touch: kernels (see `backend/`) or anything about serving.
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod files;
 mod generator;
+pub mod precision;
 pub mod synth;
 pub mod weights;
 pub mod writer;
@@ -22,6 +24,7 @@ pub use arch::{Arch, Dims, ModelKind, ModelSize, RouterKind};
 pub use checkpoint::{Checkpoint, read_checkpoint};
 pub use error::{CheckpointPart, ModelError};
 pub use files::{FileError, FileRefusal};
+pub use precision::WeightPrecision;
 pub use synth::{demo_model, synth_weights, write_model_dir};
 pub use weights::{Block, Expert, LayerNorm, Linear, MoeWeights, ParamSpec};
 pub use writer::write_checkpoint;

@@ -33,9 +33,39 @@ pub(crate) fn gemm_panels(isa: Isa, w: &PackedLinear, a: &[f32], m: usize, p0: u
     while kb < w.k {
         let kl = kc.min(w.k - kb);
         let a_blk = &a[(kb / NR) * pstride..];
-        for (pi, cp) in c.chunks_exact_mut(pstride).enumerate() {
+        // A short batch (one tile of at most WIDE_MAX_ROWS rows): several
+        // panels per kernel call, so enough independent FMA chains are in
+        // flight. Same chains, same bits as one panel at a time.
+        let mut done = 0;
+        if m <= simd::WIDE_MAX_ROWS {
+            let group = simd::wide_panels(m);
+            let b_pstride = w.k * NR;
+            while done + group <= np {
+                let p = p0 + done;
+                let b = w
+                    .panels_data(p, group)
+                    .slice(kb * NR..(group - 1) * b_pstride + (kb + kl) * NR);
+                let bias = (kb == 0).then(|| &w.bias[p * NR..(p + group) * NR]);
+                let a_blk = &a[(kb / NR) * pstride..];
+                simd::tile_wide(
+                    isa,
+                    m,
+                    group,
+                    kl,
+                    a_blk,
+                    pstride,
+                    b,
+                    b_pstride,
+                    &mut c[done * pstride..(done + group) * pstride],
+                    pstride,
+                    bias,
+                );
+                done += group;
+            }
+        }
+        for (pi, cp) in c.chunks_exact_mut(pstride).enumerate().skip(done) {
             let p = p0 + pi;
-            let b = &w.panel_data(p)[kb * NR..(kb + kl) * NR];
+            let b = w.panel_data(p).slice(kb * NR..(kb + kl) * NR);
             let bias = (kb == 0).then(|| &w.bias[p * NR..(p + 1) * NR]);
             // Balanced tile heights (e.g. 8 rows = 4 + 4, not 6 + 2): a short
             // tile has too few independent FMA chains to hide latency. Tile

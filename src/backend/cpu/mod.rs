@@ -24,7 +24,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
-use crate::model::{Dims, LayerNormMode, MoeWeights};
+use crate::model::{Dims, LayerNormMode, MoeWeights, WeightPrecision};
 use pack::{PackedLinear, PackedModel};
 use simd::{Isa, NR};
 
@@ -42,12 +42,15 @@ pub enum SplitPolicy {
     Panels,
 }
 
-/// Construction options (defaults: best instruction set, automatic split).
+/// Construction options (defaults: best instruction set, automatic split,
+/// f32 weights).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuOptions {
     /// Use the portable scalar kernels even where AVX2+FMA exist (tests).
     pub force_scalar: bool,
     pub split: SplitPolicy,
+    /// How the expert weights are stored (`model.weight_precision`).
+    pub precision: WeightPrecision,
 }
 
 /// Expert size (packed bytes) up to which [`SplitPolicy::Auto`] splits rows:
@@ -65,24 +68,42 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Packs `weights` (consumed tensor by tensor) for the fastest kernels this
-    /// CPU supports.
+    /// Packs `weights` (consumed tensor by tensor, f32) for the fastest
+    /// kernels this CPU supports.
     pub fn new(weights: MoeWeights, mode: LayerNormMode) -> CpuBackend {
-        CpuBackend::with_options(weights, mode, CpuOptions::default())
+        CpuBackend::with_options(weights, mode, CpuOptions::default()).expect("f32 packing cannot fail")
     }
 
-    pub fn with_options(weights: MoeWeights, mode: LayerNormMode, options: CpuOptions) -> CpuBackend {
+    /// Packs `weights` with `options`. Fails only in f16, when a weight is
+    /// not finite after rounding to f16 (the error names the tensor).
+    pub fn with_options(
+        weights: MoeWeights,
+        mode: LayerNormMode,
+        options: CpuOptions,
+    ) -> Result<CpuBackend, BackendError> {
         let isa = Isa::detect(options.force_scalar);
-        CpuBackend {
-            model: Arc::new(PackedModel::pack(weights, mode)),
+        let model = PackedModel::pack(weights, mode, options.precision)
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        Ok(CpuBackend {
+            model: Arc::new(model),
             isa,
             split: options.split,
-        }
+        })
     }
 
-    /// The instruction set in use: `"avx2+fma"` or `"scalar"`.
+    /// The instruction set in use: `"avx2+fma+f16c"` or `"scalar"`.
     pub fn isa_name(&self) -> &'static str {
         self.isa.name()
+    }
+
+    pub fn weight_precision(&self) -> WeightPrecision {
+        self.model.precision
+    }
+
+    /// Resident bytes of the packed expert weights (biases and LayerNorm
+    /// parameters included, router excluded).
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
     }
 
     pub fn layer_norm_mode(&self) -> LayerNormMode {
@@ -96,7 +117,7 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({})", self.isa.name())
+        format!("cpu ({}, {} weights)", self.isa.name(), self.model.precision)
     }
 
     fn dims(&self) -> Dims {

@@ -4,10 +4,22 @@
 //! Owns: [`PackedLinear`] / [`PackedModel`] and the conversion from
 //! [`MoeWeights`], which consumes the raw tensors one at a time (each raw
 //! tensor is dropped as soon as its packed copy exists, so loading never holds
-//! two full copies of the weights). Must not touch: arithmetic (see `simd`).
+//! two full copies of the weights). In f16 mode each weight is rounded to
+//! nearest-even binary16 here, once, and a weight that is not finite in f16
+//! is refused with the tensor's checkpoint name. Must not touch: arithmetic
+//! (see `simd`).
 
-use super::simd::NR;
-use crate::model::{Dims, LayerNormMode, Linear, MoeWeights};
+use super::simd::{NR, WeightsRef};
+use crate::model::precision::{F16_MAX, f16_bits_to_f32, f32_to_f16_bits};
+use crate::model::{Dims, LayerNormMode, Linear, MoeWeights, WeightPrecision};
+
+/// Packed weight storage, in the precision the backend was built with.
+#[derive(Debug)]
+pub(crate) enum PanelStore {
+    F32(Vec<f32>),
+    /// IEEE binary16 bits.
+    F16(Vec<u16>),
+}
 
 /// `W^T` split into column panels of [`NR`] columns: panel `p` holds
 /// `data[p * k * NR + kk * NR + j] = W[p * NR + j][kk]`, zero past `n`.
@@ -16,40 +28,105 @@ pub(crate) struct PackedLinear {
     pub n: usize,
     pub k: usize,
     pub panels: usize,
-    pub data: Vec<f32>,
-    /// `[panels * NR]`, zero-padded.
+    pub data: PanelStore,
+    /// `[panels * NR]`, zero-padded. Always f32.
     pub bias: Vec<f32>,
 }
 
+/// A weight that f16 cannot hold: the tensor's checkpoint name, the index
+/// inside it and the value.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NotFiniteInF16 {
+    pub tensor: String,
+    pub index: usize,
+    pub value: f32,
+}
+
+impl std::fmt::Display for NotFiniteInF16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "model.weight_precision = \"f16\": weight tensor {} holds {:e} at index {}, which is not finite in f16 \
+             (|w| rounds past {F16_MAX}); serve this model with weight_precision = \"f32\"",
+            self.tensor, self.value, self.index
+        )
+    }
+}
+
+/// Where `W[o][kk]` of a `k`-column tensor goes in the packed layout.
+fn packed_index(o: usize, kk: usize, k: usize) -> usize {
+    let (p, j) = (o / NR, o % NR);
+    p * k * NR + kk * NR + j
+}
+
 impl PackedLinear {
-    pub(crate) fn pack(l: Linear) -> PackedLinear {
+    /// Packs `l` (named `name` in the checkpoint, for errors) in `precision`.
+    pub(crate) fn pack(l: Linear, precision: WeightPrecision, name: &str) -> Result<PackedLinear, NotFiniteInF16> {
         let (n, k) = (l.out_dim, l.in_dim);
         let panels = n.div_ceil(NR);
-        let mut data = vec![0.0f32; panels * k * NR];
-        for (o, w_row) in l.weight.chunks_exact(k).enumerate().take(n) {
-            let (p, j) = (o / NR, o % NR);
-            let panel = &mut data[p * k * NR..(p + 1) * k * NR];
-            for (kk, w) in w_row.iter().enumerate() {
-                panel[kk * NR + j] = *w;
+        let rows = l.weight.chunks_exact(k).enumerate().take(n);
+        let data = match precision {
+            WeightPrecision::F32 => {
+                let mut data = vec![0.0f32; panels * k * NR];
+                for (o, w_row) in rows {
+                    for (kk, w) in w_row.iter().enumerate() {
+                        data[packed_index(o, kk, k)] = *w;
+                    }
+                }
+                PanelStore::F32(data)
             }
-        }
+            WeightPrecision::F16 => {
+                let mut data = vec![0u16; panels * k * NR];
+                for (o, w_row) in rows {
+                    for (kk, w) in w_row.iter().enumerate() {
+                        let h = f32_to_f16_bits(*w);
+                        if !f16_bits_to_f32(h).is_finite() {
+                            return Err(NotFiniteInF16 {
+                                tensor: name.to_string(),
+                                index: o * k + kk,
+                                value: *w,
+                            });
+                        }
+                        data[packed_index(o, kk, k)] = h;
+                    }
+                }
+                PanelStore::F16(data)
+            }
+        };
         drop(l.weight);
-        PackedLinear {
+        Ok(PackedLinear {
             n,
             k,
             panels,
             data,
             bias: pad(l.bias, panels * NR, 0.0),
+        })
+    }
+
+    /// Panel `p`'s weights (`k * NR` values).
+    pub(crate) fn panel_data(&self, p: usize) -> WeightsRef<'_> {
+        let r = p * self.k * NR..(p + 1) * self.k * NR;
+        match &self.data {
+            PanelStore::F32(d) => WeightsRef::F32(&d[r]),
+            PanelStore::F16(d) => WeightsRef::F16(&d[r]),
         }
     }
 
-    /// The panels' slice for panels `p0..p1`.
-    pub(crate) fn panel_data(&self, p: usize) -> &[f32] {
-        &self.data[p * self.k * NR..(p + 1) * self.k * NR]
+    /// Panels `p .. p + count`, contiguous (`count * k * NR` values).
+    pub(crate) fn panels_data(&self, p: usize, count: usize) -> WeightsRef<'_> {
+        let r = p * self.k * NR..(p + count) * self.k * NR;
+        match &self.data {
+            PanelStore::F32(d) => WeightsRef::F32(&d[r]),
+            PanelStore::F16(d) => WeightsRef::F16(&d[r]),
+        }
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        (self.data.len() + self.bias.len()) * 4
+        let data = match &self.data {
+            PanelStore::F32(d) => d.len() * 4,
+            PanelStore::F16(d) => d.len() * 2,
+        };
+        data + self.bias.len() * 4
     }
 }
 
@@ -77,6 +154,7 @@ pub(crate) struct PackedExpert {
 pub(crate) struct PackedModel {
     pub dims: Dims,
     pub mode: LayerNormMode,
+    pub precision: WeightPrecision,
     /// Kept as stored: routing is a tiny scalar step (see `router`).
     pub router: Linear,
     pub experts: Vec<PackedExpert>,
@@ -84,39 +162,50 @@ pub(crate) struct PackedModel {
 
 impl PackedModel {
     /// Consumes `weights`, packing tensor by tensor. In `Identity` mode the
-    /// LayerNorm parameters are dropped unread.
-    pub(crate) fn pack(weights: MoeWeights, mode: LayerNormMode) -> PackedModel {
+    /// LayerNorm parameters are dropped unread. Expert weights are stored in
+    /// `precision` (the router stays f32); in f16 a weight that is not finite
+    /// after rounding is an error naming its checkpoint tensor
+    /// (`expert_{e}.param_{p}`).
+    pub(crate) fn pack(
+        weights: MoeWeights,
+        mode: LayerNormMode,
+        precision: WeightPrecision,
+    ) -> Result<PackedModel, NotFiniteInF16> {
         let MoeWeights { dims, router, experts } = weights;
-        let experts = experts
-            .into_iter()
-            .map(|expert| {
-                let blocks = expert
-                    .blocks
-                    .into_iter()
-                    .map(|block| {
-                        let linear = PackedLinear::pack(block.linear);
-                        let width = linear.panels * NR;
-                        let affine = match mode {
-                            LayerNormMode::Identity => None,
-                            LayerNormMode::Stored => {
-                                Some((pad(block.norm.gamma, width, 0.0), pad(block.norm.beta, width, 0.0)))
-                            }
-                        };
-                        PackedBlock { linear, affine }
-                    })
-                    .collect();
-                PackedExpert {
-                    blocks,
-                    output: PackedLinear::pack(expert.output),
-                }
-            })
-            .collect();
-        PackedModel {
+        let mut packed = Vec::with_capacity(experts.len());
+        for (e, expert) in experts.into_iter().enumerate() {
+            // Checkpoint record order: 4 records per block, then the output's.
+            let n_blocks = expert.blocks.len();
+            let mut blocks = Vec::with_capacity(n_blocks);
+            for (b, block) in expert.blocks.into_iter().enumerate() {
+                let linear = PackedLinear::pack(block.linear, precision, &format!("expert_{e}.param_{}", 4 * b))?;
+                let width = linear.panels * NR;
+                let affine = match mode {
+                    LayerNormMode::Identity => None,
+                    LayerNormMode::Stored => {
+                        Some((pad(block.norm.gamma, width, 0.0), pad(block.norm.beta, width, 0.0)))
+                    }
+                };
+                blocks.push(PackedBlock { linear, affine });
+            }
+            let output = PackedLinear::pack(expert.output, precision, &format!("expert_{e}.param_{}", 4 * n_blocks))?;
+            packed.push(PackedExpert { blocks, output });
+        }
+        Ok(PackedModel {
             dims,
             mode,
+            precision,
             router,
-            experts,
-        }
+            experts: packed,
+        })
+    }
+
+    /// Packed bytes of every expert (the resident weight memory, router aside).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        self.experts
+            .iter()
+            .map(|e| e.blocks.iter().map(|b| b.linear.bytes()).sum::<usize>() + e.output.bytes())
+            .sum()
     }
 
     /// Packed bytes of one expert (decides the threading policy).

@@ -1,4 +1,5 @@
-//! Every `unsafe` of the CPU backend lives here: the AVX2+FMA micro-kernel,
+//! Every `unsafe` of the CPU backend lives here: the AVX2+FMA micro-kernel
+//! (f32 weights, or f16 weights expanded with F16C),
 //! the LayerNorm statistics and the LayerNorm-apply+GELU pass (with a
 //! vectorised `exp`/`tanh`), plus their portable scalar twins.
 //!
@@ -25,33 +26,41 @@ pub(crate) const NR: usize = 16;
 pub(crate) const MR: usize = 6;
 
 const LN_EPS: f32 = 1e-5;
+
+use crate::model::precision::f16_bits_to_f32;
 const GELU_C: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044715;
 
-/// Proof that AVX2 and FMA were detected at run time. The private field means
-/// only [`Isa::detect`] can make one, which is what makes the safe wrappers
-/// below sound.
+/// Proof that AVX2, FMA and F16C were detected at run time. The private
+/// field means only [`Isa::detect`] can make one, which is what makes the
+/// safe wrappers below sound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Avx2Fma(());
 
 /// The instruction set the kernels use, chosen once at backend construction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// Portable code (plain mul + add, no fusing): other CPUs, and tests.
+    /// Portable code (plain mul + add, no fusing, software f16 expansion):
+    /// other CPUs, and tests.
     Scalar,
-    /// AVX2 + FMA intrinsics.
+    /// AVX2 + FMA intrinsics, F16C for f16 weights.
     Avx2(Avx2Fma),
 }
 
 impl Isa {
     /// The best available instruction set, or [`Isa::Scalar`] when forced.
+    /// Every x86 CPU with AVX2 also has F16C; one without it gets the
+    /// portable kernels rather than a half-supported path.
     pub(crate) fn detect(force_scalar: bool) -> Isa {
         if force_scalar {
             return Isa::Scalar;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 return Isa::Avx2(Avx2Fma(()));
             }
         }
@@ -61,7 +70,32 @@ impl Isa {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
-            Isa::Avx2(_) => "avx2+fma",
+            Isa::Avx2(_) => "avx2+fma+f16c",
+        }
+    }
+}
+
+/// Packed weights as the micro-kernel reads them: f32, or IEEE binary16 bits
+/// expanded to f32 (exactly) on load.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WeightsRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> WeightsRef<'a> {
+    pub(crate) fn len(self) -> usize {
+        match self {
+            WeightsRef::F32(s) => s.len(),
+            WeightsRef::F16(s) => s.len(),
+        }
+    }
+
+    /// Elements `r`.
+    pub(crate) fn slice(self, r: std::ops::Range<usize>) -> WeightsRef<'a> {
+        match self {
+            WeightsRef::F32(s) => WeightsRef::F32(&s[r]),
+            WeightsRef::F16(s) => WeightsRef::F16(&s[r]),
         }
     }
 }
@@ -72,7 +106,9 @@ impl Isa {
 /// `C[r][j] = (bias[j] if bias given, else C[r][j]) + sum_{k < kc} A(r, k) * B[k][j]`
 /// accumulated in ascending `k`, where `A(r, k) = a[(k / NR) * a_pstride + r * NR + k % NR]`
 /// (panel-major activations starting at the tile's first row and `k`) and
-/// `B[k][j] = b[k * NR + j]`. `c` holds the tile's rows, `NR` floats each.
+/// `B[k][j] = b[k * NR + j]` (f16 weights are expanded to f32 exactly, so
+/// the arithmetic is the f32 kernel's on the rounded weights). `c` holds the
+/// tile's rows, `NR` floats each.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tile(
     isa: Isa,
@@ -80,7 +116,7 @@ pub(crate) fn tile(
     kc: usize,
     a: &[f32],
     a_pstride: usize,
-    b: &[f32],
+    b: WeightsRef<'_>,
     c: &mut [f32],
     bias: Option<&[f32]>,
 ) {
@@ -92,10 +128,11 @@ pub(crate) fn tile(
     if let Some(bias) = bias {
         assert!(bias.len() >= NR);
     }
-    match isa {
-        Isa::Scalar => tile_scalar(mr, kc, a, a_pstride, b, c, bias),
+    match (isa, b) {
+        (Isa::Scalar, WeightsRef::F32(b)) => tile_scalar(mr, kc, a, a_pstride, b, |w| w, c, bias),
+        (Isa::Scalar, WeightsRef::F16(b)) => tile_scalar(mr, kc, a, a_pstride, b, f16_bits_to_f32, c, bias),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2(_) => {
+        (Isa::Avx2(_), WeightsRef::F32(b)) => {
             let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
             // SAFETY: the `Avx2Fma` token proves AVX2+FMA are available; the
@@ -113,22 +150,146 @@ pub(crate) fn tile(
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2(_), WeightsRef::F16(b)) => {
+            let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
+            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            // SAFETY: the `Avx2Fma` token proves AVX2+FMA+F16C are available;
+            // the asserts above bound every A read, every B read (kc rows of
+            // NR halves), every C read/write and the bias read, as for f32.
+            unsafe {
+                match mr {
+                    1 => tile_avx2_f16::<1>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    2 => tile_avx2_f16::<2>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    3 => tile_avx2_f16::<3>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    4 => tile_avx2_f16::<4>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    5 => tile_avx2_f16::<5>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                    _ => tile_avx2_f16::<6>(kc, ap, a_pstride, bp, cp, bias_ptr),
+                }
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2(_) => unreachable!(),
+        (Isa::Avx2(_), _) => unreachable!(),
     }
 }
 
-fn tile_scalar(mr: usize, kc: usize, a: &[f32], ps: usize, b: &[f32], c: &mut [f32], bias: Option<&[f32]>) {
+/// Rows per tile up to which [`tile_wide`] pays: below 4 rows one panel
+/// has too few independent FMA chains (2 per row) to hide the FMA latency.
+pub(crate) const WIDE_MAX_ROWS: usize = 3;
+
+/// Panels [`tile_wide`] computes together for an `mr`-row tile: enough
+/// chains (`2 * mr * panels`) in flight to cover the FMA latency, within the
+/// 16 ymm registers.
+pub(crate) fn wide_panels(mr: usize) -> usize {
+    match mr {
+        1 => 6,
+        2 => 3,
+        _ => 2,
+    }
+}
+
+/// [`tile`] for `panels` consecutive column panels at once (small `mr`):
+/// panel `q` reads weights `b[q * b_pstride..]` and writes
+/// `c[q * c_pstride..]`, bias `bias[q * NR..]`. Every element is the same
+/// ascending FMA chain [`tile`] computes, so results are bit-identical to
+/// calling [`tile`] once per panel; only the interleaving of independent
+/// chains differs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile_wide(
+    isa: Isa,
+    mr: usize,
+    panels: usize,
+    kc: usize,
+    a: &[f32],
+    a_pstride: usize,
+    b: WeightsRef<'_>,
+    b_pstride: usize,
+    c: &mut [f32],
+    c_pstride: usize,
+    bias: Option<&[f32]>,
+) {
+    assert!((1..=WIDE_MAX_ROWS).contains(&mr) && panels == wide_panels(mr) && kc > 0);
+    assert!(a_pstride >= mr * NR && c_pstride >= mr * NR && b_pstride >= kc * NR);
+    assert!(a.len() >= ((kc - 1) / NR) * a_pstride + mr * NR, "A slice too short");
+    assert!(b.len() >= (panels - 1) * b_pstride + kc * NR, "B slice too short");
+    assert!(c.len() >= (panels - 1) * c_pstride + mr * NR, "C slice too short");
+    if let Some(bias) = bias {
+        assert!(bias.len() >= panels * NR);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Isa::Avx2(_) = isa {
+        let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
+        let (ap, cp) = (a.as_ptr(), c.as_mut_ptr());
+        // SAFETY: the `Avx2Fma` token proves AVX2+FMA+F16C are available; the
+        // asserts above bound every A read (as in `tile`), every B read
+        // (`panels` panels `b_pstride` apart, kc rows of NR each), every C
+        // read/write (`panels` panels `c_pstride` apart, mr rows of NR) and
+        // the bias read (panels * NR floats).
+        unsafe {
+            match (b, mr) {
+                (WeightsRef::F32(b), 1) => {
+                    wide_avx2::<1, 6>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F32(b), 2) => {
+                    wide_avx2::<2, 3>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F32(b), _) => {
+                    wide_avx2::<3, 2>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F16(b), 1) => {
+                    wide_avx2_f16::<1, 6>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F16(b), 2) => {
+                    wide_avx2_f16::<2, 3>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+                (WeightsRef::F16(b), _) => {
+                    wide_avx2_f16::<3, 2>(kc, ap, a_pstride, b.as_ptr(), b_pstride, cp, c_pstride, bias_ptr)
+                }
+            }
+        }
+        return;
+    }
+    // Portable: one panel at a time, the same chains.
+    for q in 0..panels {
+        let bq = b.slice(q * b_pstride..q * b_pstride + kc * NR);
+        let cq = &mut c[q * c_pstride..q * c_pstride + mr * NR];
+        tile(
+            isa,
+            mr,
+            kc,
+            a,
+            a_pstride,
+            bq,
+            cq,
+            bias.map(|s| &s[q * NR..(q + 1) * NR]),
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tile_scalar<T: Copy>(
+    mr: usize,
+    kc: usize,
+    a: &[f32],
+    ps: usize,
+    b: &[T],
+    expand: impl Fn(T) -> f32,
+    c: &mut [f32],
+    bias: Option<&[f32]>,
+) {
     let mut acc = [[0.0f32; NR]; MR];
     for (r, row) in acc.iter_mut().enumerate().take(mr) {
         row.copy_from_slice(&bias.unwrap_or(&c[r * NR..(r + 1) * NR])[..NR]);
     }
+    let mut brow = [0.0f32; NR];
     for k in 0..kc {
-        let brow = &b[k * NR..(k + 1) * NR];
+        for (dst, w) in brow.iter_mut().zip(&b[k * NR..(k + 1) * NR]) {
+            *dst = expand(*w);
+        }
         let base = (k / NR) * ps + k % NR;
         for (r, row) in acc.iter_mut().enumerate().take(mr) {
             let av = a[base + r * NR];
-            for (acc_j, b_j) in row.iter_mut().zip(brow) {
+            for (acc_j, b_j) in row.iter_mut().zip(&brow) {
                 // Deliberately unfused: the portable path must not depend on
                 // a slow software fma.
                 *acc_j += av * *b_j;
@@ -140,56 +301,156 @@ fn tile_scalar(mr: usize, kc: usize, a: &[f32], ps: usize, b: &[f32], c: &mut [f
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const M: usize>(kc: usize, a: *const f32, ps: usize, b: *const f32, c: *mut f32, bias: *const f32) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller (`tile`) checked that every offset used below is in
-    // bounds of the slices these pointers came from; AVX2+FMA are enabled.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        for (r, row) in acc.iter_mut().enumerate() {
-            let src = if bias.is_null() {
-                c.add(r * NR) as *const f32
-            } else {
-                bias
-            };
-            row[0] = _mm256_loadu_ps(src);
-            row[1] = _mm256_loadu_ps(src.add(8));
-        }
-        macro_rules! step {
-            ($ap:expr, $bp:expr, $j:expr) => {{
-                let b0 = _mm256_loadu_ps($bp.add($j * NR));
-                let b1 = _mm256_loadu_ps($bp.add($j * NR + 8));
+/// The AVX2 micro-kernel, once per weight type: `$ty` is the packed element
+/// and `$load(ptr)` turns the `NR / 2` elements at `ptr` into one f32 vector.
+/// Both kernels run the same FMA chains in the same order.
+macro_rules! avx2_tile_kernel {
+    ($name:ident, $ty:ty, $features:literal, |$p:ident| $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize>(
+            kc: usize,
+            a: *const f32,
+            ps: usize,
+            b: *const $ty,
+            c: *mut f32,
+            bias: *const f32,
+        ) {
+            use std::arch::x86_64::*;
+            // SAFETY: the caller (`tile`) checked that every offset used below
+            // is in bounds of the slices these pointers came from; the target
+            // features are enabled.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; M];
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_set1_ps(*$ap.add(r * NR + $j));
-                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                    let src = if bias.is_null() {
+                        c.add(r * NR) as *const f32
+                    } else {
+                        bias
+                    };
+                    row[0] = _mm256_loadu_ps(src);
+                    row[1] = _mm256_loadu_ps(src.add(8));
                 }
-            }};
-        }
-        let mut k = 0;
-        while k < kc {
-            let ap = a.add((k / NR) * ps);
-            let bp = b.add(k * NR);
-            let len = (kc - k).min(NR);
-            if len == NR {
-                for j in 0..NR {
-                    step!(ap, bp, j);
+                macro_rules! step {
+                    ($ap:expr, $bp:expr, $j:expr) => {{
+                        let b0 = {
+                            let $p = $bp.add($j * NR);
+                            $load
+                        };
+                        let b1 = {
+                            let $p = $bp.add($j * NR + 8);
+                            $load
+                        };
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let av = _mm256_set1_ps(*$ap.add(r * NR + $j));
+                            row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                            row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                        }
+                    }};
                 }
-            } else {
-                for j in 0..len {
-                    step!(ap, bp, j);
+                let mut k = 0;
+                while k < kc {
+                    let ap = a.add((k / NR) * ps);
+                    let bp = b.add(k * NR);
+                    let len = (kc - k).min(NR);
+                    if len == NR {
+                        for j in 0..NR {
+                            step!(ap, bp, j);
+                        }
+                    } else {
+                        for j in 0..len {
+                            step!(ap, bp, j);
+                        }
+                    }
+                    k += NR;
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(c.add(r * NR), row[0]);
+                    _mm256_storeu_ps(c.add(r * NR + 8), row[1]);
                 }
             }
-            k += NR;
         }
-        for (r, row) in acc.iter().enumerate() {
-            _mm256_storeu_ps(c.add(r * NR), row[0]);
-            _mm256_storeu_ps(c.add(r * NR + 8), row[1]);
-        }
-    }
+    };
 }
+
+avx2_tile_kernel!(tile_avx2, f32, "avx2,fma", |p| _mm256_loadu_ps(p));
+// `vcvtph2ps` is exact: every f16 is an f32.
+avx2_tile_kernel!(tile_avx2_f16, u16, "avx2,fma,f16c", |p| _mm256_cvtph_ps(
+    _mm_loadu_si128(p as *const __m128i)
+));
+
+/// The multi-panel AVX2 micro-kernel ([`tile_wide`]), once per weight type
+/// like [`avx2_tile_kernel`]: `M` rows by `P` panels, `2 * M * P`
+/// accumulators, each the same ascending chain as the one-panel kernel's.
+macro_rules! avx2_wide_kernel {
+    ($name:ident, $ty:ty, $features:literal, |$p:ident| $load:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const M: usize, const P: usize>(
+            kc: usize,
+            a: *const f32,
+            ps: usize,
+            b: *const $ty,
+            b_ps: usize,
+            c: *mut f32,
+            c_ps: usize,
+            bias: *const f32,
+        ) {
+            use std::arch::x86_64::*;
+            // SAFETY: the caller (`tile_wide`) checked that every offset used
+            // below is in bounds of the slices these pointers came from; the
+            // target features are enabled.
+            unsafe {
+                let mut acc = [[[_mm256_setzero_ps(); 2]; M]; P];
+                for (q, panel) in acc.iter_mut().enumerate() {
+                    for (r, row) in panel.iter_mut().enumerate() {
+                        let src = if bias.is_null() {
+                            c.add(q * c_ps + r * NR) as *const f32
+                        } else {
+                            bias.add(q * NR)
+                        };
+                        row[0] = _mm256_loadu_ps(src);
+                        row[1] = _mm256_loadu_ps(src.add(8));
+                    }
+                }
+                for k in 0..kc {
+                    let ak = a.add((k / NR) * ps + k % NR);
+                    let mut av = [_mm256_setzero_ps(); M];
+                    for (r, v) in av.iter_mut().enumerate() {
+                        *v = _mm256_set1_ps(*ak.add(r * NR));
+                    }
+                    for (q, panel) in acc.iter_mut().enumerate() {
+                        let bq = b.add(q * b_ps + k * NR);
+                        let b0 = {
+                            let $p = bq;
+                            $load
+                        };
+                        let b1 = {
+                            let $p = bq.add(8);
+                            $load
+                        };
+                        for (r, row) in panel.iter_mut().enumerate() {
+                            row[0] = _mm256_fmadd_ps(av[r], b0, row[0]);
+                            row[1] = _mm256_fmadd_ps(av[r], b1, row[1]);
+                        }
+                    }
+                }
+                for (q, panel) in acc.iter().enumerate() {
+                    for (r, row) in panel.iter().enumerate() {
+                        _mm256_storeu_ps(c.add(q * c_ps + r * NR), row[0]);
+                        _mm256_storeu_ps(c.add(q * c_ps + r * NR + 8), row[1]);
+                    }
+                }
+            }
+        }
+    };
+}
+
+avx2_wide_kernel!(wide_avx2, f32, "avx2,fma", |p| _mm256_loadu_ps(p));
+avx2_wide_kernel!(wide_avx2_f16, u16, "avx2,fma,f16c", |p| _mm256_cvtph_ps(
+    _mm_loadu_si128(p as *const __m128i)
+));
 
 // ------------------------------------------------------------------ LayerNorm statistics
 
@@ -597,6 +858,91 @@ mod tests {
         }
     }
 
+    /// The software conversions agree with F16C bit for bit: every half
+    /// expands as `vcvtph2ps` does, and `f32_to_f16_bits` rounds as
+    /// `vcvtps2ph` with round-to-nearest-even.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn software_f16_matches_f16c() {
+        use crate::model::precision::f32_to_f16_bits;
+        if Isa::detect(false) == Isa::Scalar {
+            return;
+        }
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn hw(xs: &[f32; 8], hs: &[u16; 8]) -> ([u16; 8], [f32; 8]) {
+            use std::arch::x86_64::*;
+            let (mut h, mut f) = ([0u16; 8], [0.0f32; 8]);
+            // SAFETY: each pointer covers exactly one 8-lane vector.
+            unsafe {
+                let v = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(xs.as_ptr()));
+                _mm_storeu_si128(h.as_mut_ptr() as *mut __m128i, v);
+                let w = _mm256_cvtph_ps(_mm_loadu_si128(hs.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(f.as_mut_ptr(), w);
+            }
+            (h, f)
+        }
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for chunk in 0..8192u32 {
+            let hs: [u16; 8] = std::array::from_fn(|i| (chunk * 8 + i as u32) as u16);
+            let xs: [f32; 8] = std::array::from_fn(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                // Exponents over the f16 range and a little past it.
+                f32::from_bits((s as u32 & 0x807f_ffff) | (((s >> 32) as u32 % 48 + 96) << 23))
+            });
+            // SAFETY: the detected ISA includes AVX2 and F16C.
+            let (h, f) = unsafe { hw(&xs, &hs) };
+            for i in 0..8 {
+                assert_eq!(f16_bits_to_f32(hs[i]).to_bits(), f[i].to_bits(), "half {:#06x}", hs[i]);
+                if !xs[i].is_nan() {
+                    assert_eq!(f32_to_f16_bits(xs[i]), h[i], "{:e}", xs[i]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tile_wide_is_bit_identical_to_tile() {
+        let kc: usize = 41;
+        let m: usize = 3;
+        let ps = m * NR;
+        let a: Vec<f32> = (0..kc.div_ceil(NR) * ps)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let b_ps = kc * NR + 5;
+        let b32: Vec<f32> = (0..6 * b_ps)
+            .map(|i| ((i * 104_729) % 89) as f32 / 89.0 - 0.5)
+            .collect();
+        let b16: Vec<u16> = b32
+            .iter()
+            .map(|w| crate::model::precision::f32_to_f16_bits(*w))
+            .collect();
+        let bias: Vec<f32> = (0..6 * NR).map(|j| j as f32 * 0.01).collect();
+        for isa in isas() {
+            for mr in 1..=WIDE_MAX_ROWS {
+                let panels = wide_panels(mr);
+                let c_ps = mr * NR + 3;
+                for b in [WeightsRef::F32(&b32), WeightsRef::F16(&b16)] {
+                    for with_bias in [true, false] {
+                        let init: Vec<f32> = (0..panels * c_ps).map(|i| i as f32 * 0.001).collect();
+                        let mut wide = init.clone();
+                        let bias = with_bias.then_some(&bias[..]);
+                        tile_wide(isa, mr, panels, kc, &a, ps, b, b_ps, &mut wide, c_ps, bias);
+                        let mut one = init.clone();
+                        for q in 0..panels {
+                            let bq = b.slice(q * b_ps..q * b_ps + kc * NR);
+                            let bias_q = bias.map(|s| &s[q * NR..(q + 1) * NR]);
+                            tile(isa, mr, kc, &a, ps, bq, &mut one[q * c_ps..q * c_ps + mr * NR], bias_q);
+                        }
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&wide), bits(&one), "{isa:?} mr={mr}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn tile_matches_naive_for_every_height() {
         let kc: usize = 37;
@@ -610,7 +956,7 @@ mod tests {
         for isa in isas() {
             for mr in 1..=MR {
                 let mut c = vec![0.0f32; mr * NR];
-                tile(isa, mr, kc, &a, ps, &b, &mut c, Some(&bias));
+                tile(isa, mr, kc, &a, ps, WeightsRef::F32(&b), &mut c, Some(&bias));
                 for r in 0..mr {
                     for j in 0..NR {
                         let mut want = bias[j] as f64;

@@ -120,6 +120,7 @@ pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath
         "parameters": {
             "accepted_datatypes": [FP32],
             "layernorm": m.layernorm,
+            "weight_precision": m.weight_precision,
             "size": m.size,
         },
     })))
