@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Server CPU per request, from outside (issue 13's standing benchmark).
+#
+# Starts BINARY (a release tokitai-serve; the demo Nano model unless ARGS
+# name a model) on a free loopback port, then for each scenario reads the
+# server's own utime+stime from /proc/PID/stat before and after the run and
+# divides by the requests answered. Client and server share the machine's
+# cores, so throughput alone hides where the time goes; the server's CPU per
+# request does not. Every figure is also given as a ratio to the /healthz
+# floor (the framework's own cost) measured in the same run, so it survives
+# the machine's noise.
+#
+#   bash benches/server_cpu.sh target/release/tokitai-serve [SECONDS] [-- ARGS...]
+#
+# Needs wrk (Debian package) and python3. Scenarios: GET /healthz with 64
+# connections (the floor); POST /infer single-row with 64 connections and
+# with 1; one connection paced at 200 req/s (python3 client); binary v2 infer
+# with 64 connections. The wrk scripts are ../shared/peers/wrk/*.lua.
+set -euo pipefail
+binary=${1:?usage: server_cpu.sh BINARY [SECONDS] [-- ARGS...]}
+seconds=${2:-10}
+shift $(( $# >= 2 ? 2 : 1 ))
+[ "${1:-}" = "--" ] && shift
+here=$(cd "$(dirname "$0")" && pwd)
+peers=$(cd "$here/../../shared/peers/wrk" 2>/dev/null && pwd || true)
+[ -n "$peers" ] || { echo "missing ../shared/peers/wrk (the wrk scripts)" >&2; exit 2; }
+command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+url="http://127.0.0.1:$port"
+"$binary" --bind "127.0.0.1:$port" "$@" >/dev/null 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+    curl -sf "$url/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+curl -sf "$url/readyz" >/dev/null || { echo "server not ready" >&2; exit 1; }
+ticks=$(getconf CLK_TCK)
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+
+# run NAME COMMAND...: the command prints a JSON line with "requests".
+run() {
+    local name=$1; shift
+    local before after out requests
+    before=$(cpu_ticks)
+    out=$("$@" | tail -n 1)
+    after=$(cpu_ticks)
+    requests=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$out")
+    python3 - "$name" "$requests" "$((after - before))" "$ticks" "$out" <<'EOF'
+import json, sys
+name, requests, dticks, hz, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+us = dticks / hz * 1e6 / max(requests, 1)
+print(json.dumps({"scenario": name, "requests": requests, "rps": round(out.get("rps", 0), 1),
+                  "p50_us": out.get("p50_us"), "p99_us": out.get("p99_us"), "server_cpu_us_per_request": round(us, 1)}))
+EOF
+}
+
+paced() {
+    python3 - "$port" "$seconds" <<'EOF'
+import http.client, json, random, sys, time
+port, seconds, rate = int(sys.argv[1]), float(sys.argv[2]), 200.0
+random.seed(3)
+bodies = [json.dumps({"features": [round(random.gauss(0, 1), 6) for _ in range(96)]}) for _ in range(256)]
+c = http.client.HTTPConnection("127.0.0.1", port)
+n, lat, start = 0, [], time.perf_counter()
+while time.perf_counter() - start < seconds:
+    due = start + n / rate
+    now = time.perf_counter()
+    if due > now:
+        time.sleep(due - now)
+    t = time.perf_counter()
+    c.request("POST", "/infer", body=bodies[n % 256], headers={"Content-Type": "application/json"})
+    r = c.getresponse(); r.read()
+    lat.append((time.perf_counter() - t) * 1e6)
+    n += 1
+lat.sort()
+print(json.dumps({"requests": n, "rps": n / (time.perf_counter() - start), "p50_us": int(lat[len(lat) // 2]), "p99_us": int(lat[int(len(lat) * 0.99)])}))
+EOF
+}
+
+healthz_lua=$(mktemp --suffix=.lua)
+cat > "$healthz_lua" <<'EOF'
+function done(summary, latency, requests)
+  io.write(string.format('{"requests": %d, "rps": %.2f, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(99)))
+end
+EOF
+d="${seconds}s"
+{
+    run healthz_c64 wrk -t2 -c64 -d"$d" -s "$healthz_lua" "$url/healthz"
+    run infer_c64 wrk -t2 -c64 -d"$d" -s "$peers/infer_json.lua" "$url"
+    run infer_c1 wrk -t1 -c1 -d"$d" -s "$peers/infer_json.lua" "$url"
+    run infer_paced_200 paced
+    run v2_binary_c64 wrk -t2 -c64 -d"$d" -s "$peers/v2_binary.lua" "$url"
+} | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+floor = next(r for r in rows if r["scenario"] == "healthz_c64")["server_cpu_us_per_request"]
+by = {r["scenario"]: r["server_cpu_us_per_request"] for r in rows}
+for r in rows:
+    r["x_healthz_floor"] = round(r["server_cpu_us_per_request"] / floor, 2)
+    print(json.dumps(r))
+print(json.dumps({"checks": {
+    "infer_c64 / healthz_c64 (target <= 1.5)": round(by["infer_c64"] / floor, 2),
+    "infer_c1 / infer_c64 (target <= 2)": round(by["infer_c1"] / by["infer_c64"], 2),
+    "infer_paced_200 / infer_c64 (target <= 3)": round(by["infer_paced_200"] / by["infer_c64"], 2),
+    "v2_binary_c64 / infer_c64 (target <= 0.8)": round(by["v2_binary_c64"] / by["infer_c64"], 2),
+}}))'
+rm -f "$healthz_lua"
