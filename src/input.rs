@@ -72,7 +72,7 @@ impl InferInput {
         limits.check_rows(n_rows)?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(RequestError::Invalid(format!(
-                "row {}, feature {}: the value is not a finite f32",
+                "row {}, feature {}: the value is not finite (NaN or infinity)",
                 i / row_len,
                 i % row_len
             )));

@@ -181,11 +181,12 @@ impl Worker {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
         tracing::error!(worker = self.id, panic = %msg, "worker panicked on a batch; rebuilding the session");
+        // Counted before the answers go out, like every batch metric.
+        self.metrics.restart();
         let error = ServeError::Internal("the worker failed on this batch and recovered".into());
         for job in &self.in_hand {
             job.fail(error.clone());
         }
-        self.metrics.restart();
         match self.context.backend.create_session(self.context.session_config) {
             Ok(session) => self.session = session,
             Err(e) => tracing::error!(worker = self.id, error = %e, "session rebuild failed; keeping the old one"),

@@ -196,14 +196,11 @@ fn binary_values(shape: &[i64], size: u64, binary: &[u8], expected: usize) -> Re
             expected * 4
         )));
     }
-    let values: Vec<f32> = binary
+    // Finiteness is checked once, by `InferInput::new`.
+    Ok(binary
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(invalid(format!("input '{INPUT}' element {i} is not finite")));
-    }
-    Ok(values)
+        .collect())
 }
 
 /// Values from JSON `data`: exactly the shape's count, no binary part.
