@@ -42,6 +42,7 @@ pub mod error;
 pub mod http;
 pub mod input;
 pub mod labels;
+pub mod mailbox;
 pub mod metrics;
 pub mod model;
 pub mod os;

@@ -13,7 +13,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Message;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -24,8 +23,6 @@ use crate::metrics::DropCounters;
 use crate::model::Dims;
 
 /// A batch for a worker to compute (batcher -> worker).
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct RunBatch(pub Batch);
 
 /// A computed answer for a whole request.

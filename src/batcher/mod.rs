@@ -1,16 +1,26 @@
 //! The dynamic batcher actor: one queue, one batching policy, for the whole
 //! engine.
 //!
-//! Role: receives typed requests from the engine ([`Submit`]), admits or
-//! rejects them at once (bounded queue), forms batches across requests and
-//! hands them to the worker pool, one message per batch; a worker reports back
-//! with [`BatchDone`]. Deadlines of queued requests are enforced here by one
-//! timer armed at the earliest deadline. The rules themselves are plain
-//! functions in [`policy`]; this file only wires them to messages and timers.
-//! Workers are held as `Recipient<RunBatch>`, so the batcher knows nothing
-//! of what computes (its tests attach fake workers).
-//! Must not touch: request parsing (HTTP layer) or compute (workers).
+//! Role: receives typed requests from the engine ([`Message::Submit`]),
+//! admits or rejects them at once (bounded queue), forms batches across
+//! requests and hands them to the worker pool, one message per batch; a
+//! worker reports back with [`BatchDone`]. Deadlines of requests still
+//! queued are enforced here by one timer armed at the earliest deadline. The
+//! rules themselves are plain functions in [`policy`]; this file only wires
+//! them to messages and timers. Workers are held as `Sender<RunBatch>`, so
+//! the batcher knows nothing of what computes (its tests attach fake workers).
+//!
+//! It runs in a [`Mailbox`]: no thread of its own. A request submitted to an
+//! idle batcher is dispatched by the HTTP thread that submitted it, and a
+//! worker reporting a batch done takes the next one itself, so a hand-off
+//! wakes a thread only where work has to move to another one (the batch to
+//! an idle worker's thread, the answer to the client's HTTP thread). Its two
+//! timers live in [`clock::Clock`], an actix actor, and are armed only when a
+//! timer can matter (a request is left queued; a batch is held back), since
+//! arming one is a message to another thread.
+//! Must not touch: request parsing (protocol layers) or compute (workers).
 
+pub mod clock;
 pub mod job;
 pub mod policy;
 
@@ -20,24 +30,30 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use self::clock::{Clock, TimerKind};
 use self::job::{Job, RunBatch};
 use self::policy::{BatchPolicy, Decision, Queued};
 use crate::backend::BackendError;
 use crate::error::ServeError;
+use crate::mailbox::{self, Mailbox, Sender};
 use crate::metrics::{DropCounters, Metrics};
 use crate::readiness::Readiness;
 
 // ---- messages -------------------------------------------------------------
 
-/// A new request from the engine. Admitted and queued, or rejected at once
-/// through the job's own reply channel (nothing queued then).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Submit(pub Arc<Job>);
+/// Everything the batcher is sent.
+pub enum Message {
+    /// A new request from the engine. Admitted and queued, or rejected at
+    /// once through the job's own reply channel (nothing queued then).
+    Submit(Arc<Job>),
+    BatchDone(BatchDone),
+    WorkerExited(WorkerExited),
+    AttachWorkers(AttachWorkers),
+    /// One of the batcher's timers fired (clock -> batcher).
+    Timer(TimerKind),
+}
 
 /// A worker finished a batch of `n_rows` rows in `compute` (worker -> batcher).
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct BatchDone {
     pub worker: usize,
     pub n_rows: usize,
@@ -47,23 +63,51 @@ pub struct BatchDone {
 /// A worker's actor ended although it catches every panic of its own
 /// (worker -> batcher): the batcher stops sending to it and starts a
 /// replacement in its place.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct WorkerExited {
     pub worker: usize,
 }
 
 /// Starts a replacement for worker `i` and returns where to send its batches.
-pub type Respawn = Arc<dyn Fn(usize) -> Result<Recipient<RunBatch>, BackendError> + Send + Sync>;
+pub type Respawn = Arc<dyn Fn(usize) -> Result<Sender<RunBatch>, BackendError> + Send + Sync>;
 
 /// The worker pool, registered once at start-up (the workers need the
 /// batcher's address first, so they are attached after it starts). Worker
-/// `i` is the `i`-th recipient and reports `BatchDone { worker: i, .. }`.
-#[derive(Message)]
-#[rtype(result = "()")]
+/// `i` is the `i`-th sender and reports `BatchDone { worker: i, .. }`.
 pub struct AttachWorkers {
-    pub workers: Vec<Recipient<RunBatch>>,
+    pub workers: Vec<Sender<RunBatch>>,
     pub respawn: Respawn,
+}
+
+/// The running batcher, as the engine and the workers hold it.
+#[derive(Clone)]
+pub struct BatcherHandle {
+    mailbox: Mailbox<Batcher>,
+}
+
+impl BatcherHandle {
+    pub fn submit(&self, job: Arc<Job>) {
+        self.mailbox.send(Message::Submit(job));
+    }
+
+    pub fn send(&self, message: Message) {
+        self.mailbox.send(message);
+    }
+
+    /// Where workers report finished batches.
+    pub fn batch_done(&self) -> Sender<BatchDone> {
+        self.mailbox.sender().map(Message::BatchDone)
+    }
+
+    /// When the delay and expiry timers are armed for (tests).
+    #[cfg(test)]
+    pub fn armed_timers(&self) -> (Option<Instant>, Option<Instant>) {
+        self.mailbox.with(|b| (b.delay_at, b.expiry_at))
+    }
+
+    /// Where workers report that they ended.
+    pub fn worker_exited(&self) -> Sender<WorkerExited> {
+        self.mailbox.sender().map(Message::WorkerExited)
+    }
 }
 
 // ---- actor ----------------------------------------------------------------
@@ -73,21 +117,22 @@ pub struct Batcher {
     queue: VecDeque<Queued>,
     /// Rows in `queue` not yet handed to a worker.
     queued_rows: usize,
-    workers: Vec<Recipient<RunBatch>>,
+    workers: Vec<Sender<RunBatch>>,
     /// Batches sent to each worker and not yet reported done.
     in_flight: Vec<usize>,
     /// Whether each worker can take batches (false once it exited, until a
     /// replacement is attached).
     alive: Vec<bool>,
+    /// Scratch for [`Batcher::free_worker`].
+    loads: Vec<usize>,
     respawn: Option<Respawn>,
-    /// Wakes the batcher when a held partial batch may go (queue delay or
-    /// regroup hold).
-    delay_timer: Option<(Instant, SpawnHandle)>,
+    clock: Addr<Clock>,
+    /// When each timer is armed for (`None`: not armed, or it fired).
+    delay_at: Option<Instant>,
+    expiry_at: Option<Instant>,
     /// Set when a worker frees up: how long, and for how many rows, the next
     /// partial batch may wait for the clients just answered to come back.
     regroup: Option<policy::Regroup>,
-    /// Wakes the batcher at the earliest deadline of a queued request.
-    expiry_timer: Option<(Instant, SpawnHandle)>,
     /// Recent throughput in rows/s, for `Retry-After`.
     rows_per_sec: f64,
     last_done: Option<Instant>,
@@ -96,38 +141,51 @@ pub struct Batcher {
     readiness: Arc<Readiness>,
 }
 
-/// The batcher's two timers.
-#[derive(Debug, Clone, Copy)]
-enum TimerKind {
-    /// Fires [`Batcher::pump`].
-    Delay,
-    /// Fires [`Batcher::expire`].
-    Expiry,
-}
-
 impl Batcher {
-    pub fn new(policy: BatchPolicy, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Batcher {
-        Batcher {
+    /// Starts a batcher (and its clock, on the current actix arbiter: call
+    /// inside a `System`). Workers are attached with
+    /// [`Message::AttachWorkers`].
+    pub fn start(policy: BatchPolicy, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> BatcherHandle {
+        // The clock needs the batcher's sender and the batcher the clock's
+        // address: the clock starts first, pointed at a mailbox filled in
+        // right after.
+        let slot: Arc<parking_lot::Mutex<Option<Sender<Message>>>> = Arc::default();
+        let clock_target = {
+            let slot = Arc::clone(&slot);
+            Sender::from_fn(move |m| {
+                let target = slot.lock().clone();
+                if let Some(batcher) = target {
+                    batcher.send(m);
+                }
+            })
+        };
+        let clock = Clock::new(clock_target).start();
+        let batcher = Batcher {
             policy,
             queue: VecDeque::new(),
             queued_rows: 0,
             workers: Vec::new(),
             in_flight: Vec::new(),
             alive: Vec::new(),
+            loads: Vec::new(),
             respawn: None,
-            delay_timer: None,
+            clock,
+            delay_at: None,
+            expiry_at: None,
             regroup: None,
-            expiry_timer: None,
             rows_per_sec: 0.0,
             last_done: None,
             dropped: metrics.drop_counters(),
             metrics,
             readiness,
-        }
+        };
+        let mailbox = Mailbox::new(batcher);
+        *slot.lock() = Some(mailbox.sender());
+        BatcherHandle { mailbox }
     }
 
     /// Hands out batches while a worker can take one and the policy says go.
-    fn pump(&mut self, ctx: &mut Context<Self>) {
+    fn pump(&mut self) {
         loop {
             self.drop_dead_front();
             let Some(worker) = self.free_worker() else {
@@ -137,7 +195,7 @@ impl Batcher {
             match policy::decide(self.queued_rows, oldest, self.regroup, Instant::now(), &self.policy) {
                 Decision::Idle => break,
                 Decision::WaitUntil(at) => {
-                    self.arm(ctx, TimerKind::Delay, at);
+                    self.arm(TimerKind::Delay, at);
                     break;
                 }
                 Decision::Dispatch => {
@@ -145,7 +203,7 @@ impl Batcher {
                     let batch = policy::take_batch(&mut self.queue, self.policy.max_batch_rows);
                     self.queued_rows -= batch.n_rows;
                     self.in_flight[worker] += 1;
-                    self.workers[worker].do_send(RunBatch(batch));
+                    self.workers[worker].send(RunBatch(batch));
                 }
             }
         }
@@ -153,14 +211,13 @@ impl Batcher {
     }
 
     /// The worker the policy picks for the next batch, among the live ones.
-    fn free_worker(&self) -> Option<usize> {
-        let loads: Vec<usize> = self
-            .in_flight
-            .iter()
-            .zip(&self.alive)
-            .map(|(&n, &alive)| if alive { n } else { usize::MAX })
-            .collect();
-        policy::pick_worker(&loads, self.queued_rows, self.policy.max_batch_rows)
+    fn free_worker(&mut self) -> Option<usize> {
+        // Reused: this runs on every submission.
+        self.loads.clear();
+        let loads = self.in_flight.iter().zip(&self.alive);
+        self.loads
+            .extend(loads.map(|(&n, &alive)| if alive { n } else { usize::MAX }));
+        policy::pick_worker(&self.loads, self.queued_rows, self.policy.max_batch_rows)
             .filter(|&w| self.alive.get(w).copied().unwrap_or(false))
     }
 
@@ -178,34 +235,35 @@ impl Batcher {
         }
     }
 
-    fn timer(&mut self, kind: TimerKind) -> &mut Option<(Instant, SpawnHandle)> {
+    fn armed_at(&mut self, kind: TimerKind) -> &mut Option<Instant> {
         match kind {
-            TimerKind::Delay => &mut self.delay_timer,
-            TimerKind::Expiry => &mut self.expiry_timer,
+            TimerKind::Delay => &mut self.delay_at,
+            TimerKind::Expiry => &mut self.expiry_at,
         }
     }
 
-    /// Arms timer `kind` for `at`, unless it is already armed no later.
-    fn arm(&mut self, ctx: &mut Context<Self>, kind: TimerKind, at: Instant) {
-        if matches!(*self.timer(kind), Some((armed, _)) if armed <= at) {
+    /// Arms timer `kind` for `at`, unless it is already armed no later (a
+    /// timer that fires early finds nothing to do and is re-armed if needed).
+    fn arm(&mut self, kind: TimerKind, at: Instant) {
+        if matches!(*self.armed_at(kind), Some(armed) if armed <= at) {
             return;
         }
-        if let Some((_, handle)) = self.timer(kind).take() {
-            ctx.cancel_future(handle);
+        *self.armed_at(kind) = Some(at);
+        self.clock.do_send(clock::Arm { kind, at });
+    }
+
+    /// Arms the expiry timer for the earliest deadline still queued. Only
+    /// requests left in the queue need it: rows handed to a worker are
+    /// checked against their deadline there, before compute.
+    fn arm_expiry_for_queue(&mut self) {
+        if let Some(next) = self.queue.iter().map(|q| q.job.deadline).min() {
+            self.arm(TimerKind::Expiry, next);
         }
-        let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), move |act, ctx| {
-            *act.timer(kind) = None;
-            match kind {
-                TimerKind::Delay => act.pump(ctx),
-                TimerKind::Expiry => act.expire(ctx),
-            }
-        });
-        *self.timer(kind) = Some((at, handle));
     }
 
     /// Fails queued requests whose deadline passed (504, rows not computed),
     /// drops those whose client left, and re-arms for the next deadline.
-    fn expire(&mut self, ctx: &mut Context<Self>) {
+    fn expire(&mut self) {
         let now = Instant::now();
         let queue = std::mem::take(&mut self.queue);
         for queued in queue {
@@ -216,34 +274,29 @@ impl Batcher {
                 self.queue.push_back(queued);
             }
         }
-        if let Some(next) = self.queue.iter().map(|q| q.job.deadline).min() {
-            self.arm(ctx, TimerKind::Expiry, next);
-        }
-        self.pump(ctx);
+        self.pump();
+        self.arm_expiry_for_queue();
     }
 }
 
-impl Actor for Batcher {
-    type Context = Context<Self>;
+impl mailbox::Actor for Batcher {
+    type Message = Message;
 
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        // Requests arrive in bursts; never let the mailbox apply back-pressure
-        // to HTTP threads: admission control is the queue bound, not this.
-        // In actix a capacity of 0 means unbounded. (`usize::MAX` is not: the
-        // channel computes `MAX_CAPACITY - capacity` whenever an address is
-        // cloned, which overflows; debug builds panicked there, in a worker
-        // thread's factory cloning this address, whenever this ran first:
-        // that worker never started and the server never became ready.)
-        ctx.set_mailbox_capacity(0);
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Submit(job) => self.submit(job),
+            Message::BatchDone(done) => self.batch_done(done),
+            Message::WorkerExited(exited) => self.worker_exited(exited),
+            Message::AttachWorkers(attach) => self.attach_workers(attach),
+            Message::Timer(kind) => self.timer_fired(kind),
+        }
     }
 }
 
 // ---- handlers -------------------------------------------------------------
 
-impl Handler<Submit> for Batcher {
-    type Result = ();
-
-    fn handle(&mut self, Submit(job): Submit, ctx: &mut Context<Self>) {
+impl Batcher {
+    fn submit(&mut self, job: Arc<Job>) {
         if self.readiness.is_draining() {
             job.fail(ServeError::NotReady("draining"));
             return;
@@ -257,17 +310,21 @@ impl Handler<Submit> for Batcher {
             return;
         }
         self.queued_rows += job.n_rows;
-        let deadline = job.deadline;
-        self.queue.push_back(Queued { job, next_row: 0 });
-        self.arm(ctx, TimerKind::Expiry, deadline);
-        self.pump(ctx);
+        self.queue.push_back(Queued {
+            job: Arc::clone(&job),
+            next_row: 0,
+        });
+        self.pump();
+        // Every request left queued after its own submission has the expiry
+        // timer armed no later than its deadline (the pump takes from the
+        // front, so a request still queued is still at the back); one
+        // dispatched at once, the common case below saturation, arms nothing.
+        if self.queue.back().is_some_and(|q| Arc::ptr_eq(&q.job, &job)) {
+            self.arm(TimerKind::Expiry, job.deadline);
+        }
     }
-}
 
-impl Handler<BatchDone> for Batcher {
-    type Result = ();
-
-    fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self>) {
+    fn batch_done(&mut self, done: BatchDone) {
         if let Some(n) = self.in_flight.get_mut(done.worker) {
             *n = n.saturating_sub(1);
         }
@@ -278,26 +335,18 @@ impl Handler<BatchDone> for Batcher {
             self.rows_per_sec = 0.9 * self.rows_per_sec + 0.1 * (done.n_rows as f64 / dt);
         }
         self.regroup = policy::regroup(self.queued_rows, done.n_rows, done.compute, now, &self.policy);
-        self.pump(ctx);
+        self.pump();
     }
-}
 
-impl Handler<AttachWorkers> for Batcher {
-    type Result = ();
-
-    fn handle(&mut self, attach: AttachWorkers, ctx: &mut Context<Self>) {
+    fn attach_workers(&mut self, attach: AttachWorkers) {
         self.in_flight = vec![0; attach.workers.len()];
         self.alive = vec![true; attach.workers.len()];
         self.workers = attach.workers;
         self.respawn = Some(attach.respawn);
-        self.pump(ctx);
+        self.pump();
     }
-}
 
-impl Handler<WorkerExited> for Batcher {
-    type Result = ();
-
-    fn handle(&mut self, WorkerExited { worker }: WorkerExited, ctx: &mut Context<Self>) {
+    fn worker_exited(&mut self, WorkerExited { worker }: WorkerExited) {
         let (Some(alive), Some(in_flight)) = (self.alive.get_mut(worker), self.in_flight.get_mut(worker)) else {
             return;
         };
@@ -319,7 +368,15 @@ impl Handler<WorkerExited> for Batcher {
             }
             Err(e) => tracing::error!(worker, error = %e, "worker ended and its replacement failed to start"),
         }
-        self.pump(ctx);
+        self.pump();
+    }
+
+    fn timer_fired(&mut self, kind: TimerKind) {
+        *self.armed_at(kind) = None;
+        match kind {
+            TimerKind::Delay => self.pump(),
+            TimerKind::Expiry => self.expire(),
+        }
     }
 }
 

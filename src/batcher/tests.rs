@@ -4,16 +4,19 @@
 //! driven by messages, never by time (regrouping and queue delay are off).
 
 use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::job::{Batch, Job, JobReply, RunBatch};
 use super::policy::BatchPolicy;
-use super::{AttachWorkers, BatchDone, Batcher, Respawn, Submit, WorkerExited};
+use super::{AttachWorkers, BatchDone, Batcher, BatcherHandle, Message, Respawn, WorkerExited};
 use crate::error::ServeError;
 use crate::input::{InferInput, InputLimits};
+use crate::mailbox::Sender;
 use crate::metrics::Metrics;
 use crate::model::Dims;
 use crate::readiness::Readiness;
@@ -21,38 +24,21 @@ use crate::readiness::Readiness;
 const ROW_LEN: usize = 2;
 const MAX_BATCH_ROWS: usize = 4;
 
+/// What a fake worker records of each batch it is sent: its id, the batch,
+/// and the thread that handed it over.
+type Sent = (usize, Batch, ThreadId);
+
 /// A worker that records each batch it is sent.
-struct FakeWorker {
-    id: usize,
-    batches: mpsc::UnboundedSender<(usize, Batch)>,
-}
-
-/// Answered once every message sent to the fake before it is handled.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Flush;
-
-impl Actor for FakeWorker {
-    type Context = Context<Self>;
-}
-
-impl Handler<RunBatch> for FakeWorker {
-    type Result = ();
-    fn handle(&mut self, RunBatch(batch): RunBatch, _ctx: &mut Context<Self>) {
-        let _ = self.batches.send((self.id, batch));
-    }
-}
-
-impl Handler<Flush> for FakeWorker {
-    type Result = ();
-    fn handle(&mut self, _: Flush, _ctx: &mut Context<Self>) {}
+fn fake_worker(id: usize, batches: &mpsc::Sender<Sent>) -> Sender<RunBatch> {
+    let batches = parking_lot::Mutex::new(batches.clone());
+    Sender::from_fn(move |RunBatch(batch)| {
+        let _ = batches.lock().send((id, batch, std::thread::current().id()));
+    })
 }
 
 struct Harness {
-    batcher: Addr<Batcher>,
-    /// Every fake started, replacements included.
-    workers: Arc<parking_lot::Mutex<Vec<Addr<FakeWorker>>>>,
-    batches: mpsc::UnboundedReceiver<(usize, Batch)>,
+    batcher: BatcherHandle,
+    batches: mpsc::Receiver<Sent>,
     metrics: Arc<Metrics>,
 }
 
@@ -65,44 +51,23 @@ impl Harness {
             regroup_fraction: 0.0,
         };
         let metrics = Arc::new(Metrics::new());
-        let batcher = Batcher::new(policy, Arc::clone(&metrics), Arc::new(Readiness::new(n_workers))).start();
-        let (tx, batches) = mpsc::unbounded_channel();
-        let workers: Vec<Addr<FakeWorker>> = (0..n_workers)
-            .map(|id| {
-                FakeWorker {
-                    id,
-                    batches: tx.clone(),
-                }
-                .start()
-            })
-            .collect();
-        let recipients = workers.iter().map(|w| w.clone().recipient()).collect();
-        let workers = Arc::new(parking_lot::Mutex::new(workers));
+        let batcher = Batcher::start(policy, Arc::clone(&metrics), Arc::new(Readiness::new(n_workers)));
+        let (tx, batches) = mpsc::channel();
+        let workers = (0..n_workers).map(|id| fake_worker(id, &tx)).collect();
         let respawn: Respawn = {
-            let (tx, workers) = (tx.clone(), Arc::clone(&workers));
-            Arc::new(move |id| {
-                let replacement = FakeWorker {
-                    id,
-                    batches: tx.clone(),
-                }
-                .start();
-                workers.lock().push(replacement.clone());
-                Ok(replacement.recipient())
-            })
+            let tx = parking_lot::Mutex::new(tx);
+            Arc::new(move |id| Ok(fake_worker(id, &tx.lock())))
         };
-        batcher.do_send(AttachWorkers {
-            workers: recipients,
-            respawn,
-        });
+        batcher.send(Message::AttachWorkers(AttachWorkers { workers, respawn }));
         Harness {
             batcher,
-            workers,
             batches,
             metrics,
         }
     }
 
-    /// Submits a job of `n_rows` rows whose every value is `id`.
+    /// Submits a job of `n_rows` rows whose every value is `id`. The batcher
+    /// handles it before this returns (nothing else runs it meanwhile).
     async fn submit(&self, id: f32, n_rows: usize) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
         let limits = InputLimits {
             row_len: ROW_LEN,
@@ -110,36 +75,39 @@ impl Harness {
         };
         let input = InferInput::new(vec![id; n_rows * ROW_LEN], &limits).unwrap();
         let (job, reply) = Job::new(input, Duration::from_secs(600));
-        self.batcher.send(Submit(Arc::clone(&job))).await.unwrap();
+        self.batcher.submit(Arc::clone(&job));
         (job, reply)
     }
 
     async fn done(&self, worker: usize, n_rows: usize) {
-        let done = BatchDone {
-            worker,
-            n_rows,
-            compute: Duration::from_micros(10),
-        };
-        self.batcher.send(done).await.unwrap();
+        self.batcher.batch_done().send(done(worker, n_rows));
     }
 
     /// Every batch dispatched so far, as (worker, [(job id, first row, rows)]).
     async fn dispatched(&mut self) -> Vec<(usize, Vec<(f32, usize, usize)>)> {
-        let workers = self.workers.lock().clone();
-        for w in workers {
-            w.send(Flush).await.unwrap();
-        }
         let mut out = Vec::new();
-        while let Ok((worker, batch)) = self.batches.try_recv() {
-            let slices = batch
-                .slices
-                .iter()
-                .map(|s| (s.job.input.values()[0], s.first_row, s.n_rows))
-                .collect();
-            out.push((worker, slices));
+        while let Ok((worker, batch, _)) = self.batches.try_recv() {
+            out.push((worker, slices(&batch)));
         }
         out
     }
+}
+
+fn done(worker: usize, n_rows: usize) -> BatchDone {
+    BatchDone {
+        worker,
+        n_rows,
+        compute: Duration::from_micros(10),
+    }
+}
+
+/// A batch as [(job id, first row, rows)].
+fn slices(batch: &Batch) -> Vec<(f32, usize, usize)> {
+    batch
+        .slices
+        .iter()
+        .map(|s| (s.job.input.values()[0], s.first_row, s.n_rows))
+        .collect()
 }
 
 fn answer(job: &Job, first_row: usize, n_rows: usize) {
@@ -222,7 +190,7 @@ fn an_exited_worker_gets_no_batches_until_it_is_replaced_and_is_counted() {
         assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 1)])]);
         // Worker 0 ends with its batch in hand; a replacement takes its place
         // (the fakes report themselves as their id, so it shows up as 0).
-        h.batcher.send(WorkerExited { worker: 0 }).await.unwrap();
+        h.batcher.worker_exited().send(WorkerExited { worker: 0 });
         let (_b, _rb) = h.submit(2.0, 1).await;
         let (_c, _rc) = h.submit(3.0, 1).await;
         // Both are idle now: the replacement (0) first, then 1.
@@ -231,5 +199,54 @@ fn an_exited_worker_gets_no_batches_until_it_is_replaced_and_is_counted() {
         assert_eq!(got, vec![(0, vec![(2.0, 0, 1)]), (1, vec![(3.0, 0, 1)])]);
         let text = String::from_utf8(h.metrics.render()).unwrap();
         assert!(text.contains("tokitai_worker_restarts_total{worker=\"0\"} 1"), "{text}");
+    });
+}
+
+#[test]
+fn a_worker_reporting_done_takes_the_next_batch_on_its_own_thread_and_a_submit_dispatches_on_its() {
+    System::new().block_on(async {
+        let h = Harness::start(1);
+        let (_a, _ra) = h.submit(1.0, 1).await;
+        let (_, _, submitter) = h.batches.try_recv().expect("dispatched at once");
+        assert_eq!(
+            submitter,
+            std::thread::current().id(),
+            "the submitting thread dispatched it"
+        );
+        let (_b, _rb) = h.submit(2.0, 1).await;
+        assert!(h.batches.try_recv().is_err(), "the only worker is busy");
+        // The worker reports from its own thread: the next batch is handed
+        // over right there, not by another thread woken for it.
+        let report = h.batcher.batch_done();
+        let worker_thread = std::thread::spawn(move || {
+            report.send(done(0, 1));
+            std::thread::current().id()
+        })
+        .join()
+        .unwrap();
+        let (worker, batch, handed_over_on) = h.batches.try_recv().expect("the next batch");
+        assert_eq!((worker, slices(&batch)), (0, vec![(2.0, 0, 1)]));
+        assert_eq!(handed_over_on, worker_thread);
+    });
+}
+
+#[test]
+fn only_a_request_left_queued_arms_the_expiry_timer() {
+    System::new().block_on(async {
+        let h = Harness::start(1);
+        let (_a, _ra) = h.submit(1.0, 1).await;
+        assert_eq!(h.batcher.armed_timers(), (None, None), "dispatched at once: no timer");
+        let (b, _rb) = h.submit(2.0, 1).await;
+        assert_eq!(
+            h.batcher.armed_timers(),
+            (None, Some(b.deadline)),
+            "left queued: its deadline"
+        );
+        let (_c, _rc) = h.submit(3.0, 1).await;
+        assert_eq!(
+            h.batcher.armed_timers(),
+            (None, Some(b.deadline)),
+            "a later deadline re-arms nothing"
+        );
     });
 }

@@ -13,14 +13,13 @@ pub mod startup;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use serde::Serialize;
 
 pub use self::startup::{build_backend, load_model, pool_shape, start, timed};
 use crate::backend::Backend;
+use crate::batcher::BatcherHandle;
 pub use crate::batcher::job::InferOutput;
 use crate::batcher::job::Job;
-use crate::batcher::{Batcher, Submit};
 use crate::error::ServeError;
 use crate::input::{InferInput, InputLimits};
 use crate::labels::{FailureReason, Route};
@@ -64,7 +63,7 @@ pub struct InferOptions {
 /// The running engine, as the protocol layers see it.
 #[derive(Clone)]
 pub struct Engine {
-    pub batcher: Addr<Batcher>,
+    pub batcher: BatcherHandle,
     /// For device metrics at scrape time; compute goes through the workers.
     pub backend: Arc<dyn Backend>,
     pub readiness: Arc<Readiness>,
@@ -83,7 +82,7 @@ impl Engine {
         self.readiness.check()?;
         let (job, reply) = Job::new(input, options.timeout);
         let inflight = InflightGuard::new(&self.metrics, options.route);
-        self.batcher.do_send(Submit(job));
+        self.batcher.submit(job);
         let outcome = reply
             .await
             .map_err(|_| ServeError::Internal("the request was dropped before it was answered".into()))

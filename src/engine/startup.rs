@@ -10,18 +10,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix::prelude::*;
-
 use super::{Engine, ModelDescription};
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
 use crate::batcher::job::RunBatch;
 use crate::batcher::policy::BatchPolicy;
-use crate::batcher::{AttachWorkers, Batcher, Respawn};
+use crate::batcher::{AttachWorkers, Batcher, Message as BatcherMessage, Respawn};
 use crate::config::{BackendChoice, Config};
 use crate::error::{ModelError, StartError};
 use crate::input::InputLimits;
+use crate::mailbox::{self, Sender};
 use crate::metrics::Metrics;
 use crate::model::{LayerNormMode, LoadedModel, ModelSource, MoeWeights, WeightPrecision};
 use crate::readiness::Readiness;
@@ -182,27 +181,28 @@ pub fn start(
     let policy = batch_policy(config);
     record_model(&metrics, &description, shape.workers, &policy);
 
-    let batcher = Batcher::new(policy, Arc::clone(&metrics), Arc::clone(&readiness)).start();
+    let batcher = Batcher::start(policy, Arc::clone(&metrics), Arc::clone(&readiness));
     let context = WorkerContext {
         backend: Arc::clone(&backend),
         session_config,
-        batcher: batcher.clone().recipient(),
-        exits: batcher.clone().recipient(),
+        batcher: batcher.batch_done(),
+        exits: batcher.worker_exited(),
         readiness: Arc::clone(&readiness),
     };
     let workers = sessions
         .into_iter()
         .enumerate()
         .map(|(id, session)| start_worker(id, session, &context, &metrics))
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     let respawn: Respawn = {
         let metrics = Arc::clone(&metrics);
         Arc::new(move |id| {
             let session = context.backend.create_session(context.session_config)?;
-            Ok(start_worker(id, session, &context, &metrics))
+            start_worker(id, session, &context, &metrics)
+                .map_err(|e| BackendError::Unavailable(format!("could not start a worker thread: {e}")))
         })
     };
-    batcher.do_send(AttachWorkers { workers, respawn });
+    batcher.send(BatcherMessage::AttachWorkers(AttachWorkers { workers, respawn }));
     Ok(Engine {
         batcher,
         backend,
@@ -276,35 +276,20 @@ fn record_model(metrics: &Metrics, model: &ModelDescription, workers: usize, pol
         .set(1);
 }
 
-/// Worker `id` on a `SyncArbiter` thread of its own, computing with
-/// `session`.
+/// Worker `id` on a thread of its own, computing with `session`.
 fn start_worker(
     id: usize,
     session: Box<dyn Session>,
     context: &WorkerContext,
     metrics: &Arc<Metrics>,
-) -> Recipient<RunBatch> {
+) -> std::io::Result<Sender<RunBatch>> {
     let experts = context.backend.dims().experts;
-    // SyncArbiter's factory is `Fn`; the session is handed over once. The
-    // factory runs again only if the actor stops itself, which it never
-    // does (an actor that ends by a panic is replaced by the batcher).
-    let slot = parking_lot::Mutex::new(Some(session));
-    let context_readiness = Arc::clone(&context.readiness);
-    let context = context.clone();
-    let metrics = Arc::clone(metrics);
-    let addr = SyncArbiter::start(1, move || {
-        let session = slot.lock().take().unwrap_or_else(|| {
-            context
-                .backend
-                .create_session(context.session_config)
-                .expect("the backend created this session before")
-        });
-        Worker::new(id, session, context.clone(), metrics.worker(id, experts))
-    });
+    let worker = Worker::new(id, session, context.clone(), metrics.worker(id, experts));
+    let sender = mailbox::spawn_thread(format!("worker-{id}"), worker)?;
     // Ready now, not when the thread first runs: a server that says it is
     // listening is ready, whatever the scheduler does next.
-    context_readiness.worker_ready();
-    addr.recipient()
+    context.readiness.worker_ready();
+    Ok(sender)
 }
 
 /// Times `f`, for the model-load metric and log.

@@ -57,7 +57,13 @@ impl HttpSettings {
 
 /// Registers every route: one resource per [`Route`] template.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    for &route in Route::ALL {
+    // actix tries resources in registration order, and each route with a
+    // `{name}` segment is a regex match: the inference routes go first, so
+    // the hot path is not matched against every metadata route before its
+    // own (the templates do not overlap, so the order changes no answer).
+    let hot = [Route::Infer, Route::V2Infer, Route::V2VersionInfer];
+    let rest = Route::ALL.iter().copied().filter(|r| !hot.contains(r));
+    for route in hot.into_iter().chain(rest) {
         if let Some(resource) = resource(route) {
             cfg.service(resource);
         }

@@ -12,8 +12,11 @@
 //! batcher starts a replacement. Must not touch: queueing policy (the
 //! batcher's) or request parsing (the protocol layers').
 //!
-//! Workers run in `SyncContext` (a dedicated thread each), so CPU-bound work
-//! never runs on the async HTTP runtime. The weights are shared through the
+//! Workers run on a dedicated thread each ([`crate::mailbox::spawn_thread`]),
+//! so CPU-bound work never runs on the async HTTP runtime. A worker reports a
+//! batch done to the batcher on its own thread, and when more rows are
+//! queued the batcher hands it the next batch right there: a busy worker is
+//! never put to sleep and woken for its next batch. The weights are shared through the
 //! backend's `Arc`; a session holds only scratch buffers and its thread budget.
 //! The session arrives warmed up (the engine ran its first forward at start-up,
 //! so a backend that cannot compute stops start-up with its reason).
@@ -22,12 +25,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
-
 use crate::backend::{Backend, ForwardOutput, Session, SessionConfig};
 use crate::batcher::job::{Batch, Job, RunBatch, Slice};
 use crate::batcher::{BatchDone, WorkerExited};
 use crate::error::ServeError;
+use crate::mailbox::{self, Sender};
 use crate::metrics::WorkerMetrics;
 use crate::model::Dims;
 use crate::readiness::Readiness;
@@ -59,8 +61,8 @@ pub const FAULT_INJECTION_EXIT_VALUE: f32 = -444_444.0;
 pub struct WorkerContext {
     pub backend: Arc<dyn Backend>,
     pub session_config: SessionConfig,
-    pub batcher: Recipient<BatchDone>,
-    pub exits: Recipient<WorkerExited>,
+    pub batcher: Sender<BatchDone>,
+    pub exits: Sender<WorkerExited>,
     pub readiness: Arc<Readiness>,
 }
 
@@ -206,27 +208,25 @@ impl Drop for Worker {
             job.fail(error.clone());
         }
         self.context.readiness.worker_lost();
-        self.context.exits.do_send(WorkerExited { worker: self.id });
-    }
-}
-
-impl Actor for Worker {
-    type Context = SyncContext<Self>;
-
-    // Readiness counts the worker from the moment it is started (see
-    // `engine::startup::start_worker`): its session is warmed up by then and
-    // its mailbox takes batches before this thread first runs.
-    fn started(&mut self, _ctx: &mut SyncContext<Self>) {
-        tracing::debug!(worker = self.id, "worker serving");
+        // Reported from another thread: the batcher handles the report where
+        // it is sent, and starting a replacement must not run on a thread
+        // that is unwinding (a second panic there would abort the process).
+        let (exits, worker) = (self.context.exits.clone(), self.id);
+        let report = std::thread::Builder::new()
+            .name(format!("worker-{worker}-exit"))
+            .spawn(move || exits.send(WorkerExited { worker }));
+        if let Err(e) = report {
+            tracing::error!(worker, error = %e, "could not report the worker's end");
+        }
     }
 }
 
 // ---- handlers -------------------------------------------------------------
 
-impl Handler<RunBatch> for Worker {
-    type Result = ();
+impl mailbox::Actor for Worker {
+    type Message = RunBatch;
 
-    fn handle(&mut self, RunBatch(batch): RunBatch, _ctx: &mut SyncContext<Self>) {
+    fn handle(&mut self, RunBatch(batch): RunBatch) {
         let start = Instant::now();
         self.in_hand.clear();
         self.in_hand.extend(batch.slices.iter().map(|s| Arc::clone(&s.job)));
@@ -243,7 +243,7 @@ impl Handler<RunBatch> for Worker {
         });
         self.in_hand.clear();
         self.live.clear();
-        self.context.batcher.do_send(BatchDone {
+        self.context.batcher.send(BatchDone {
             worker: self.id,
             n_rows,
             compute,
