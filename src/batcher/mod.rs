@@ -66,6 +66,15 @@ pub struct AttachWorkers {
     pub respawn: Respawn,
 }
 
+/// The model version this batcher serves was taken out of service and its
+/// last request answered (engine -> batcher): fail whatever is still queued
+/// (only requests whose client already left can be), then stop. Dropping the
+/// batcher drops the workers' addresses, so each worker finishes the batch
+/// it holds and ends, and the version's weights are freed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
 // ---- actor ----------------------------------------------------------------
 
 pub struct Batcher {
@@ -291,6 +300,18 @@ impl Handler<AttachWorkers> for Batcher {
         self.workers = attach.workers;
         self.respawn = Some(attach.respawn);
         self.pump(ctx);
+    }
+}
+
+impl Handler<Retire> for Batcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        for queued in self.queue.drain(..) {
+            queued.job.fail(ServeError::NotReady("unloaded"));
+        }
+        self.queued_rows = 0;
+        ctx.stop();
     }
 }
 
