@@ -284,7 +284,10 @@ impl Controller {
                 let served_stamp = slot.record_of(Some(s.version())).map(|r| r.stamp);
                 let same_version = candidate.version.is_none_or(|v| v == s.version());
                 if same_version && served_stamp.as_ref() == Some(&candidate.stamp) {
-                    return Outcome::Unchanged;
+                    return match failure {
+                        Some(reason) => Outcome::Failed(format!("{reason} (version {} keeps serving)", s.version())),
+                        None => Outcome::Unchanged,
+                    };
                 }
             }
             let known_failure = slot

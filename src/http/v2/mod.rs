@@ -158,10 +158,12 @@ pub async fn infer(
     settings: web::Data<HttpSettings>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, V2Error> {
+    let timeout = request_timeout(&req, settings.default_timeout)?;
+    // The body is read first: an answer that leaves it unread closes the
+    // connection, and a keep-alive client would see that as a failure.
+    let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     let target = path.target()?;
     let limits = engine.input_limits(&target)?;
-    let timeout = request_timeout(&req, settings.default_timeout)?;
-    let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     let json_len = json_part_len(&req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
     let request = parse_request(json_part, binary_part, &limits)?;
