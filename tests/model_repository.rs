@@ -93,7 +93,7 @@ fn index(agent: &ureq::Agent, base: &str, ready_only: bool) -> Vec<Value> {
 
 fn entry(rows: &[Value], name: &str, version: u64) -> Option<Value> {
     rows.iter()
-        .find(|e| e["name"] == name && e["version"] == version.to_string())
+        .find(|e| e["name"] == name && e["version"].as_str() == Some(version.to_string().as_str()))
         .cloned()
 }
 
