@@ -215,7 +215,12 @@ fn main() {
     let bad = samples.iter().filter(|s| s.status != 200).count();
     let trace = rss_trace.into_inner().unwrap();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let before = trace.iter().filter(|(t, _)| *t < t0).map(|x| x.1).next_back().unwrap_or(0);
+    let before = trace
+        .iter()
+        .filter(|(t, _)| *t < t0)
+        .map(|x| x.1)
+        .next_back()
+        .unwrap_or(0);
     let peak = trace.iter().filter(|(t, _)| *t >= t0).map(|x| x.1).max().unwrap_or(0);
     let after = trace.last().map(|x| x.1).unwrap_or(0);
     println!(

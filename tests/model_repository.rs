@@ -558,3 +558,48 @@ fn after_a_swap_and_drain_memory_returns_to_about_one_model() {
     assert!(before > model_bytes, "one model is resident: {before} vs {model_bytes}");
     assert_eq!(answer(&a).header("x-model-version"), Some("2"));
 }
+
+#[test]
+fn sighup_re_reads_the_arch_and_checkpoint_files_and_unchanged_files_are_a_no_op() {
+    use tokitai_serve::model::{synth_weights, write_checkpoint};
+    let dir = tempfile::tempdir().unwrap();
+    let (arch, _, ckpt) = write_model_dir(dir.path(), ModelSize::Nano, 1, false).unwrap();
+    let rows = rows();
+    let server = ProcessServer::start(
+        &[
+            "--arch",
+            dir.path().join("arch.json").to_str().unwrap(),
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--workers",
+            "1",
+        ],
+        &[],
+    );
+    let a = agent();
+    let infer = || post(&a, &server.url("/infer"), &single_body(&rows[0]), &[]);
+    let r = infer();
+    // One model (`model.name`), one version: the checkpoint's step.
+    assert_eq!(
+        (r.header("x-model-name"), r.header("x-model-version")),
+        (Some("tokitai-moe"), Some("1000"))
+    );
+    let loads = || Metrics::parse(&get(&a, &server.url("/metrics")).text()).sum("tokitai_model_loads_total", &[]);
+    assert_eq!(loads(), 1.0);
+    // Unchanged files: SIGHUP loads nothing.
+    server.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(loads(), 1.0);
+    // A new checkpoint (another step) renamed over the old one: SIGHUP serves it.
+    let next = dir.path().join("next.tkp1");
+    write_checkpoint(&next, &synth_weights(arch.dims(), 2), 2000, "{}", false).unwrap();
+    std::fs::rename(&next, &ckpt).unwrap();
+    let want = offline_bits(dir.path(), &rows);
+    server.signal("HUP");
+    let r = wait_until("the new checkpoint after SIGHUP", Duration::from_secs(60), || {
+        let r = infer();
+        (r.header("x-model-version") == Some("2000")).then_some(r)
+    });
+    assert_eq!(answer_bits(&r.json()), want[0]);
+    assert_eq!(loads(), 2.0);
+}
