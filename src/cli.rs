@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::{Backend, ForwardOutput, SessionConfig};
-use crate::config::{Config, Override};
+use crate::config::{Config, ControlMode, Override};
 use crate::input::InputLimits;
 use crate::model::{LayerNormMode, ModelSize, WeightPrecision};
 use crate::sidecar_json;
@@ -96,6 +96,15 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, value_name = "text|json")]
     pub log_format: Option<String>,
+    /// Model repository: DIR/<model>/<version>/{arch.json,checkpoint.tkp1} (excludes --arch/--checkpoint).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["arch", "checkpoint"])]
+    pub model_repository: Option<PathBuf>,
+    /// When served models change: none (start-up and SIGHUP), explicit (+ load/unload API), poll.
+    #[arg(long, value_name = "none|explicit|poll")]
+    pub model_control_mode: Option<ControlMode>,
+    /// Seconds between repository reads in poll mode (fractions allowed).
+    #[arg(long, value_name = "N")]
+    pub repository_poll_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -170,6 +179,15 @@ impl ServeArgs {
             self.max_request_rows.map(|n| int(n as u64)),
         );
         push("logging.format", self.log_format.clone().map(Str));
+        push("model.repository", self.model_repository.as_ref().map(path));
+        push(
+            "model.control_mode",
+            self.model_control_mode.map(|m| Str(m.as_str().into())),
+        );
+        push(
+            "model.repository_poll_secs",
+            self.repository_poll_secs.map(toml::Value::Float),
+        );
         o
     }
 

@@ -90,8 +90,54 @@ pub struct ModelConfig {
     /// `f32` (the checkpoint's weights) or `f16` (expert weights rounded to
     /// IEEE half precision at load: half the memory; CPU backend only).
     pub weight_precision: WeightPrecision,
-    /// The model's name on the Open Inference Protocol routes (`/v2/models/{name}`).
+    /// The model's name on the Open Inference Protocol routes (`/v2/models/{name}`),
+    /// and, with a repository, the model `/infer` goes to (else the only model).
     pub name: String,
+    /// A model repository, Triton's layout: `DIR/<model>/<version>/{arch.json,
+    /// checkpoint.tkp1}` and an optional `DIR/<model>/config.toml`. Excludes
+    /// `arch` / `checkpoint`.
+    pub repository: Option<PathBuf>,
+    /// When the served models change: `none` (at start-up and on SIGHUP),
+    /// `explicit` (also through the repository API), `poll` (also every
+    /// `repository_poll_secs`).
+    pub control_mode: ControlMode,
+    /// How often `poll` mode re-reads the repository, in seconds (fractions allowed).
+    pub repository_poll_secs: f64,
+}
+
+/// `model.control_mode`: Triton's model control modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlMode {
+    /// Models are read at start-up and re-read on SIGHUP only.
+    #[default]
+    None,
+    /// As `none`, plus `POST /v2/repository/models/{name}/load|unload`.
+    Explicit,
+    /// As `none`, plus a re-read every `model.repository_poll_secs`.
+    Poll,
+}
+
+impl ControlMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlMode::None => "none",
+            ControlMode::Explicit => "explicit",
+            ControlMode::Poll => "poll",
+        }
+    }
+}
+
+impl std::str::FromStr for ControlMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(ControlMode::None),
+            "explicit" => Ok(ControlMode::Explicit),
+            "poll" => Ok(ControlMode::Poll),
+            other => Err(format!("expected \"none\", \"explicit\" or \"poll\", got {other:?}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +244,9 @@ impl Default for ModelConfig {
             layernorm: LayerNormMode::Identity,
             weight_precision: WeightPrecision::F32,
             name: DEFAULT_MODEL_NAME.to_string(),
+            repository: None,
+            control_mode: ControlMode::None,
+            repository_poll_secs: 5.0,
         }
     }
 }
@@ -307,6 +356,27 @@ impl Config {
     pub fn max_queue_delay(&self) -> Duration {
         Duration::from_micros(self.batching.max_queue_delay_us)
     }
+
+    pub fn repository_poll(&self) -> Duration {
+        Duration::from_secs_f64(self.model.repository_poll_secs)
+    }
+
+    /// This configuration with a model's own `config.toml` (already parsed)
+    /// layered on top, validated as a whole; errors name the setting.
+    pub fn layered(&self, overlay: &toml::Table) -> Result<Config, ConfigError> {
+        let mut doc = toml::Table::try_from(self).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for (section, table) in overlay {
+            if let toml::Value::Table(table) = table {
+                for (key, value) in table {
+                    set(&mut doc, section, key, value.clone());
+                }
+            }
+        }
+        let text = toml::to_string(&doc).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| parse_error(&text, &e))?;
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 /// An invalid setting.
@@ -387,10 +457,20 @@ impl ModelConfig {
                 format!("is required when {other} is given (give both, or neither for the demo model)"),
             );
         }
-        let name_ok = |n: &str| {
-            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        if !name_ok(&self.name) {
+        if self.repository.is_some() && self.arch.is_some() {
+            return bad(
+                "model.repository",
+                "cannot be combined with model.arch / model.checkpoint (a repository holds its models' files)",
+            );
+        }
+        let poll = self.repository_poll_secs;
+        if !(poll.is_finite() && (0.01..=86_400.0).contains(&poll)) {
+            return bad(
+                "model.repository_poll_secs",
+                format!("{poll} is not in 0.01..=86400 seconds"),
+            );
+        }
+        if !model_name_ok(&self.name) {
             return bad(
                 "model.name",
                 format!("{:?} must be 1-64 characters of [A-Za-z0-9._-]", self.name),
@@ -398,6 +478,15 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+/// A model name: 1-64 characters of `[A-Za-z0-9._-]`, not starting with a
+/// dot (so `.` and `..` are never names). Repository folder names obey it too.
+pub fn model_name_ok(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && !n.starts_with('.')
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl BatchingConfig {

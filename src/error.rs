@@ -46,6 +46,13 @@ pub enum ServeError {
     DeadlineExceeded { timeout_ms: u64 },
     #[error("no route for {0}")]
     NotFound(String),
+    /// The model (or that version of it) is not in the repository.
+    #[error("Request for unknown model: '{model}'{} is not found", version_text(*version))]
+    UnknownModel { model: String, version: Option<u64> },
+    /// The model is known but serves no version now (unloaded, or every
+    /// load failed), or the version asked for is not the one served.
+    #[error("model '{model}' is not ready: {reason}")]
+    ModelNotReady { model: String, reason: String },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("internal error: forward failed: {0}")]
@@ -71,11 +78,16 @@ impl ServeError {
             ServeError::Overloaded { .. } => FailureReason::Overloaded,
             ServeError::NotReady(_) => FailureReason::NotReady,
             ServeError::DeadlineExceeded { .. } => FailureReason::Timeout,
-            ServeError::NotFound(_) => FailureReason::NotFound,
+            ServeError::NotFound(_) | ServeError::UnknownModel { .. } => FailureReason::NotFound,
+            ServeError::ModelNotReady { .. } => FailureReason::NotReady,
             ServeError::MethodNotAllowed { .. } => FailureReason::MethodNotAllowed,
             ServeError::Backend(_) | ServeError::Internal(_) => FailureReason::Internal,
         }
     }
+}
+
+fn version_text(version: Option<u64>) -> String {
+    version.map(|v| format!(" version {v}")).unwrap_or_default()
 }
 
 /// Why the server could not start.
@@ -89,4 +101,6 @@ pub enum StartError {
     WarmUp { worker: usize, error: BackendError },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("model repository: {0}")]
+    Repository(String),
 }

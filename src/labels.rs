@@ -5,7 +5,8 @@
 //! from them and the metrics label requests with them), [`FailureReason`]
 //! (why a request got no model answer: the JSON error's `type` and the
 //! failure metric's `reason`) and [`DropReason`] (why queued rows were not
-//! computed). `metrics.rs` builds its label vocabularies from the `ALL`
+//! computed) and [`ModelState`] (a model version's state in the repository
+//! index). `metrics.rs` builds its label vocabularies from the `ALL`
 //! lists here, so a new variant appears everywhere at once. Must not touch:
 //! anything that runs (this is a leaf module: it depends on nothing).
 
@@ -57,6 +58,9 @@ label_enum! {
         V2ModelVersionConfig => "/v2/models/{model}/versions/{version}/config",
         V2Infer => "/v2/models/{model}/infer",
         V2VersionInfer => "/v2/models/{model}/versions/{version}/infer",
+        V2RepositoryIndex => "/v2/repository/index",
+        V2RepositoryLoad => "/v2/repository/models/{model}/load",
+        V2RepositoryUnload => "/v2/repository/models/{model}/unload",
         Other => "other",
     }
 }
@@ -128,6 +132,20 @@ label_enum! {
 }
 
 label_enum! {
+    /// A model version's state in the repository index (Triton's names).
+    ModelState {
+        /// Serving: new requests go to it.
+        Ready => "READY",
+        /// Being read, packed and warmed up (the previous version serves).
+        Loading => "LOADING",
+        /// Taken out of service, finishing the requests it accepted.
+        Unloading => "UNLOADING",
+        /// Not serving: its load failed (see the reason) or it was unloaded.
+        Unavailable => "UNAVAILABLE",
+    }
+}
+
+label_enum! {
     /// Why queued rows were dropped without being computed.
     DropReason {
         /// The request's deadline passed.
@@ -149,6 +167,7 @@ mod tests {
             Route::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
             FailureReason::ALL.iter().map(|r| r.as_str()).collect(),
             DropReason::ALL.iter().map(|r| r.as_str()).collect(),
+            ModelState::ALL.iter().map(|r| r.as_str()).collect(),
         ] {
             let mut sorted = all.clone();
             sorted.sort_unstable();

@@ -23,11 +23,16 @@
 //!    └──── each request's own reply channel (Job) ◀── its rows of the output
 //! ```
 //!
+//! `Engine::infer` first resolves which model version serves the request
+//! (`repository/`: the repository on disk, the served version of each model,
+//! loads and swaps off the request path), then submits to that version's own
+//! batcher and workers; a request finishes on the version that accepted it.
+//!
 //! Around it: `input.rs` is the one validated input type; `labels.rs` the
 //! fixed vocabularies (routes, failure and drop reasons); `readiness.rs` the
 //! starting / ready / draining state everyone reads; `model/` reads the
 //! training runner's `arch.json` and `checkpoint.tkp1`; `engine/startup.rs`
-//! assembles model, backend, batcher and workers; `metrics.rs` owns the
+//! assembles one version's model, backend, batcher and workers; `metrics.rs` owns the
 //! Prometheus registry; `config.rs` the layered settings; `embed.rs` runs
 //! the engine on a thread of its own. [`run`] takes a bound listener, a
 //! config and a shutdown future, so tests serve on port 0.
@@ -47,6 +52,7 @@ pub mod metrics;
 pub mod model;
 pub mod os;
 pub mod readiness;
+pub mod repository;
 pub mod sidecar_json;
 pub mod worker;
 
@@ -54,8 +60,10 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
 
+use futures_util::{Stream, StreamExt};
+
 use crate::config::Config;
-use crate::engine::ModelDescription;
+use crate::engine::Engine;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
@@ -68,19 +76,55 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), StartError> {
+    run_with_reloads(listener, config, shutdown, futures_util::stream::pending()).await
+}
+
+/// [`run`], re-reading the models (the repository, or the `--arch /
+/// --checkpoint` files) each time `reloads` yields: the binary feeds it
+/// SIGHUP.
+pub async fn run_with_reloads(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + 'static,
+    reloads: impl Stream<Item = ()> + Unpin + 'static,
+) -> Result<(), StartError> {
     let addr = listener.local_addr()?;
     let mut metrics = Metrics::new();
     metrics.set_recording(config.metrics.record);
     let metrics = Arc::new(metrics);
-    // Load and prepare (pack weights / upload to devices): both count as load time.
-    let (prepared, load_time) = engine::timed(|| -> Result<_, StartError> {
-        let model = engine::load_model(&config)?;
-        Ok(engine::build_backend(model, &config)?)
+    tracing::info!(
+        control_mode = config.model.control_mode.as_str(),
+        repository = ?config.model.repository,
+        "loading models"
+    );
+    let engine = Engine::start(&config, Arc::clone(&metrics)).await?;
+    raise_open_files_limit(&config);
+    let server = http::server(listener, engine.clone(), &config)?;
+    println!("listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+
+    let reloader = engine.clone();
+    actix_rt::spawn(async move {
+        let mut reloads = reloads;
+        while reloads.next().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the models");
+            reloader.reload().await;
+        }
     });
-    let (backend, description) = prepared?;
-    metrics.model_load_seconds.set(load_time.as_secs_f64());
-    log_model(&description, load_time);
-    let engine = engine::start(backend, description, &config, Arc::clone(&metrics))?;
+    let handle = server.handle();
+    actix_rt::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining");
+        engine.start_draining();
+        handle.stop(true).await;
+    });
+    server.await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Raises the open-files limit and warns when it is near `server.max_connections`.
+fn raise_open_files_limit(config: &Config) {
     match os::raise_open_files_limit() {
         Ok((soft, hard)) => {
             tracing::info!(soft, hard, "open-files limit (soft raised to hard)");
@@ -97,56 +141,4 @@ pub async fn run(
         }
         Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
     }
-    let readiness = Arc::clone(&engine.readiness);
-    let server = http::server(listener, engine, &config)?;
-    println!("listening on http://{addr}");
-    tracing::info!(%addr, "listening");
-
-    let handle = server.handle();
-    actix_rt::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: draining");
-        readiness.start_draining();
-        handle.stop(true).await;
-    });
-    server.await?;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// The start-up log lines that say what is served.
-fn log_model(description: &ModelDescription, load_time: std::time::Duration) {
-    tracing::info!(
-        size = description.size,
-        layernorm = %description.layernorm,
-        weight_precision = %description.weight_precision,
-        param_count = description.param_count,
-        arch = %description.arch,
-        checkpoint = %description.checkpoint,
-        backend = description.backend,
-        devices = %description.devices,
-        load_ms = load_time.as_millis() as u64,
-        "model loaded"
-    );
-    if description.demo {
-        tracing::warn!("no --arch/--checkpoint given: serving the built-in demo model (Nano, deterministic weights)");
-    }
-    tracing::info!(
-        "LayerNorm mode: {} ({})",
-        description.layernorm,
-        match description.layernorm {
-            model::LayerNormMode::Identity =>
-                "gamma=1, beta=0: what the old sidecar served and the model was trained with",
-            model::LayerNormMode::Stored => "the checkpoint's stored gamma/beta: upstream's fp32 reference",
-        }
-    );
-    tracing::info!(
-        "Weight precision: {} ({})",
-        description.weight_precision,
-        match description.weight_precision {
-            model::WeightPrecision::F32 => "expert weights as the checkpoint stores them",
-            model::WeightPrecision::F16 =>
-                "expert weights rounded to IEEE half precision at load; router, biases, activations and sums in f32",
-        }
-    );
 }

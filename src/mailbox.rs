@@ -119,6 +119,17 @@ impl<A: Actor> Mailbox<A> {
         Sender::from_fn(move |m| mailbox.send(m))
     }
 
+    /// A sender that does not keep the actor alive: once every other holder
+    /// let go, its messages are dropped.
+    pub fn weak_sender(&self) -> Sender<A::Message> {
+        let weak = Arc::downgrade(&self.shared);
+        Sender::from_fn(move |m| {
+            if let Some(shared) = weak.upgrade() {
+                Mailbox { shared }.send(m);
+            }
+        })
+    }
+
     /// Handles queued messages until the inbox is empty, unless another
     /// thread holds the actor. The check after letting go closes the window
     /// where a message arrives just as the running thread finds the inbox

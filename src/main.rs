@@ -35,7 +35,8 @@ fn serve(args: &cli::ServeArgs) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    let result = actix_rt::System::new().block_on(tokitai_serve::run(listener, config, shutdown_signal()));
+    let result = actix_rt::System::new()
+        .block_on(async move { tokitai_serve::run_with_reloads(listener, config, shutdown_signal(), hangups()).await });
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -54,6 +55,13 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Yields once per SIGHUP: re-read the models.
+fn hangups() -> impl futures_util::Stream<Item = ()> + Unpin {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+    futures_util::stream::poll_fn(move |cx| hup.poll_recv(cx))
 }
 
 fn init_logging(config: &Config) {

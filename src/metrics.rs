@@ -59,6 +59,10 @@ pub struct Metrics {
     pub router_top1_weight: Histogram,
     pub model_info: IntGaugeVec,
     pub model_load_seconds: Gauge,
+    pub model_version: IntGaugeVec,
+    pub model_loads: IntCounterVec,
+    pub model_load_failures: IntCounterVec,
+    pub model_answers: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
     pub config_max_queue_rows: IntGauge,
@@ -181,8 +185,10 @@ impl Metrics {
                 .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
             )),
             model_info: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_model_info", "The served model (value 1)."),
+                Opts::new("tokitai_model_info", "Each served model version (value 1)."),
                 &[
+                    "model",
+                    "model_version",
                     "size",
                     "layernorm",
                     "weight_precision",
@@ -194,7 +200,35 @@ impl Metrics {
             )),
             model_load_seconds: reg!(Gauge::new(
                 "tokitai_model_load_seconds",
-                "Time taken to load and prepare the model."
+                "Time taken to load and prepare the most recently loaded model version."
+            )),
+            model_version: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "tokitai_model_version",
+                    "The version each loaded model serves (its repository folder, or the checkpoint's step)."
+                ),
+                &["model"],
+            )),
+            model_loads: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tokitai_model_loads_total",
+                    "Model versions loaded and put in service, by model."
+                ),
+                &["model"],
+            )),
+            model_load_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tokitai_model_load_failures_total",
+                    "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving."
+                ),
+                &["model"],
+            )),
+            model_answers: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tokitai_model_answers_total",
+                    "Inference requests answered, by the model and version that computed them."
+                ),
+                &["model", "version"],
             )),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
@@ -259,6 +293,57 @@ impl Metrics {
         }
         self.config_max_queue_rows.set(max_queue_rows as i64);
         self.config_max_batch_rows.set(max_batch_rows as i64);
+    }
+
+    /// Whether request metrics are recorded (`metrics.record`).
+    pub fn is_recording(&self) -> bool {
+        self.recording
+    }
+
+    /// The answer counter of one model version, resolved once per version.
+    pub fn model_answers(&self, model: &str, version: u64) -> IntCounter {
+        self.model_answers.with_label_values(&[model, &version.to_string()])
+    }
+
+    /// A model's load-failure series, created at zero so dashboards and
+    /// alerts see it before the first failure.
+    pub fn model_known(&self, model: &str) {
+        self.model_load_failures.with_label_values(&[model]);
+        self.model_loads.with_label_values(&[model]);
+    }
+
+    /// A version of `model` failed to load.
+    pub fn model_load_failed(&self, model: &str) {
+        self.model_load_failures.with_label_values(&[model]).inc();
+    }
+
+    /// `description` is now the version `model` serves, in place of
+    /// `previous` (whose series are removed: only loaded versions have them).
+    pub fn model_served(
+        &self,
+        d: &crate::engine::ModelDescription,
+        previous: Option<&crate::engine::ModelDescription>,
+    ) {
+        if let Some(p) = previous {
+            self.model_retired(p);
+        }
+        self.model_loads.with_label_values(&[&d.name]).inc();
+        self.model_version.with_label_values(&[&d.name]).set(d.version as i64);
+        self.model_info.with_label_values(&model_info_labels(d)).set(1);
+    }
+
+    /// Version `d` no longer serves: its series go.
+    pub fn model_retired(&self, d: &crate::engine::ModelDescription) {
+        let _ = self.model_info.remove_label_values(&model_info_labels(d));
+        let _ = self
+            .model_answers
+            .remove_label_values(&[&d.name, &d.version.to_string()]);
+    }
+
+    /// `model` was unloaded (serves no version): its version gauge goes.
+    pub fn model_unloaded(&self, d: &crate::engine::ModelDescription) {
+        self.model_retired(d);
+        let _ = self.model_version.remove_label_values(&[&d.name]);
     }
 
     /// Turns recording on or off. Off exists only to measure what recording
@@ -364,6 +449,21 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// The `tokitai_model_info` label values of a served version.
+fn model_info_labels(d: &crate::engine::ModelDescription) -> [String; 9] {
+    [
+        d.name.clone(),
+        d.version.to_string(),
+        d.size.to_string(),
+        d.layernorm.as_str().to_string(),
+        d.weight_precision.as_str().to_string(),
+        d.param_count.to_string(),
+        d.checkpoint.clone(),
+        d.backend.to_string(),
+        d.devices.clone(),
+    ]
 }
 
 /// `tokitai_rows_dropped_total`, one handle per [`DropReason`].

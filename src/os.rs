@@ -3,7 +3,8 @@
 //! Owns: raising the soft open-files limit to the hard limit, so a burst of
 //! connections meets `server.max_connections` (a clear, configured bound)
 //! long before the process runs out of file descriptors (which would stop
-//! it accepting anyone, health probes included). All of the engine's
+//! it accepting anyone, health probes included); and handing memory freed
+//! by a retired model version back to the OS ([`release_freed_memory`]). All of the engine's
 //! `unsafe` for the OS is here. Must not touch: anything else.
 
 /// The soft and hard `RLIMIT_NOFILE`, after raising the soft limit to the
@@ -45,3 +46,21 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
         "not a Unix system",
     ))
 }
+
+/// Returns freed heap memory to the OS, after a model version's weights were
+/// dropped. glibc serves large allocations with `mmap` and unmaps them on
+/// free, but it raises that threshold as large blocks are freed (up to 32
+/// MiB), so a version's medium-sized tensors can end up on the heap, where
+/// free memory stays in the process until trimmed: `malloc_trim(0)` gives
+/// it back. Elsewhere (other allocators or systems) this does nothing.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn release_freed_memory() {
+    // SAFETY: `malloc_trim` only walks glibc's own arenas; it takes no
+    // pointers and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn release_freed_memory() {}

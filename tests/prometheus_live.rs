@@ -418,8 +418,11 @@ fn exported_names() -> BTreeSet<String> {
     metrics.observe_queue_wait(Duration::from_micros(10));
     metrics
         .model_info
-        .with_label_values(&["Nano", "identity", "f32", "1", "x", "cpu", "cpu"])
+        .with_label_values(&["m", "1", "Nano", "identity", "f32", "1", "x", "cpu", "cpu"])
         .set(1);
+    metrics.model_known("m");
+    metrics.model_version.with_label_values(&["m"]).set(1);
+    metrics.model_answers("m", 1).inc();
     metrics.device_memory_bytes.with_label_values(&["0"]).set(0.0);
     let worker = metrics.worker(0, 4);
     worker.observe_batch(1, 1, Duration::from_micros(10));
@@ -518,6 +521,7 @@ fn alert_rules_use_exported_metrics_and_carry_severity_and_annotations() {
         "tokitai_expert_rows_total",
         "tokitai_request_duration_seconds_bucket",
         "status=~\"5..\"",
+        "tokitai_model_load_failures_total",
     ] {
         assert!(rules.contains(needed), "alerts.yml has no rule on {needed}");
     }

@@ -51,6 +51,12 @@ pub enum Message {
     AttachWorkers(AttachWorkers),
     /// One of the batcher's timers fired (clock -> batcher).
     Timer(TimerKind),
+    /// The model version this batcher serves was taken out of service and
+    /// its last request answered (engine -> batcher): fail whatever is still
+    /// queued (only requests whose client already left can be), then let go
+    /// of the workers, so each finishes the batch it holds and ends, and the
+    /// version's weights are freed.
+    Retire,
 }
 
 /// A worker finished a batch of `n_rows` rows in `compute` (worker -> batcher).
@@ -139,6 +145,8 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     dropped: DropCounters,
     readiness: Arc<Readiness>,
+    /// Set by [`Message::Retire`]: nothing is accepted any more.
+    retired: bool,
 }
 
 impl Batcher {
@@ -178,9 +186,11 @@ impl Batcher {
             dropped: metrics.drop_counters(),
             metrics,
             readiness,
+            retired: false,
         };
         let mailbox = Mailbox::new(batcher);
-        *slot.lock() = Some(mailbox.sender());
+        // Weak: a pending timer must not keep a retired batcher alive.
+        *slot.lock() = Some(mailbox.weak_sender());
         BatcherHandle { mailbox }
     }
 
@@ -289,6 +299,7 @@ impl mailbox::Actor for Batcher {
             Message::WorkerExited(exited) => self.worker_exited(exited),
             Message::AttachWorkers(attach) => self.attach_workers(attach),
             Message::Timer(kind) => self.timer_fired(kind),
+            Message::Retire => self.retire(),
         }
     }
 }
@@ -297,6 +308,10 @@ impl mailbox::Actor for Batcher {
 
 impl Batcher {
     fn submit(&mut self, job: Arc<Job>) {
+        if self.retired {
+            job.fail(ServeError::NotReady("unloaded"));
+            return;
+        }
         if self.readiness.is_draining() {
             job.fail(ServeError::NotReady("draining"));
             return;
@@ -339,6 +354,9 @@ impl Batcher {
     }
 
     fn attach_workers(&mut self, attach: AttachWorkers) {
+        if self.retired {
+            return;
+        }
         self.in_flight = vec![0; attach.workers.len()];
         self.alive = vec![true; attach.workers.len()];
         self.workers = attach.workers;
@@ -369,6 +387,22 @@ impl Batcher {
             Err(e) => tracing::error!(worker, error = %e, "worker ended and its replacement failed to start"),
         }
         self.pump();
+    }
+
+    fn retire(&mut self) {
+        for queued in self.queue.drain(..) {
+            queued.job.fail(ServeError::NotReady("unloaded"));
+        }
+        self.queued_rows = 0;
+        self.retired = true;
+        // The workers' inboxes close when their last sender goes (here); the
+        // respawn closure holds this batcher's own mailbox, a cycle that
+        // would keep the version alive.
+        self.workers.clear();
+        self.alive.clear();
+        self.in_flight.clear();
+        self.respawn = None;
+        self.metrics.set_queue_depth(0);
     }
 
     fn timer_fired(&mut self, kind: TimerKind) {

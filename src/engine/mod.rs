@@ -1,38 +1,46 @@
 //! The engine: the one entry point every protocol calls, and what is served.
 //!
 //! Owns: [`Engine`] (the running engine as the protocol layers see it) and
-//! [`Engine::infer`], the single submit path: readiness, the in-flight
-//! count, handing the job to the batcher and waiting for its answer;
-//! [`ModelDescription`]; start-up in [`startup`]. Must not touch: wire
-//! formats (the protocol layers parse and validate into an
-//! [`InferInput`], then call `infer`), batching rules (batcher) or kernels
-//! (backends).
+//! [`Engine::infer`], the single submit path: resolve the target model
+//! version ([`ModelTarget`]), readiness, the in-flight count, handing the
+//! job to that version's batcher and waiting for its answer, which says who
+//! computed it ([`InferAnswer`]); the repository operations other protocols
+//! call ([`Engine::repository_index`], [`Engine::load_model`],
+//! [`Engine::unload_model`], [`Engine::reload`]); [`ModelDescription`]; one
+//! version's bring-up in [`startup`] and its life in [`version`]. Must not
+//! touch: wire formats (the protocol layers parse and validate into an
+//! [`InferInput`], then call `infer`), batching rules (batcher), kernels
+//! (backends), which version serves (the repository).
 
 pub mod startup;
+pub mod version;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-pub use self::startup::{build_backend, load_model, pool_shape, start, timed};
-use crate::backend::Backend;
-use crate::batcher::BatcherHandle;
+pub use self::startup::{build_backend, load_model, pool_shape, prepare, start_pool, timed};
+use self::version::ServedVersion;
 pub use crate::batcher::job::InferOutput;
 use crate::batcher::job::Job;
-use crate::error::ServeError;
+use crate::config::Config;
+use crate::error::{RequestError, ServeError, StartError};
 use crate::input::{InferInput, InputLimits};
 use crate::labels::{FailureReason, Route};
 use crate::metrics::Metrics;
 use crate::model::{Dims, LayerNormMode, WeightPrecision};
-use crate::readiness::Readiness;
+pub use crate::repository::controller::Outcome as LoadOutcome;
+use crate::repository::{Controller, IndexEntry, Registry, RepositoryError};
 
-/// What is being served, as `/healthz`, the start-up log and the
-/// `tokitai_model_info` metric describe it.
+/// What one served model version is, as `/healthz`, `/v2` metadata, the
+/// log and the `tokitai_model_info` metric describe it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelDescription {
-    /// Name on the `/v2` routes (`model.name`).
+    /// Its name: the repository folder, or `model.name`.
     pub name: String,
+    /// Its version: the repository folder's number, or the checkpoint's step.
+    pub version: u64,
     pub size: &'static str,
     pub layernorm: LayerNormMode,
     /// How the expert weights are held (`model.weight_precision`).
@@ -51,6 +59,31 @@ pub struct ModelDescription {
     pub dims: Dims,
 }
 
+/// Which model (and version) a request is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelTarget<'a> {
+    /// `None`: the default model (`model.name`, or the only model).
+    pub name: Option<&'a str>,
+    /// `None`: whichever version serves.
+    pub version: Option<u64>,
+}
+
+impl<'a> ModelTarget<'a> {
+    /// The default model, its served version.
+    pub const DEFAULT: ModelTarget<'static> = ModelTarget {
+        name: None,
+        version: None,
+    };
+
+    /// Model `name`, whichever version serves (or exactly `version`).
+    pub fn named(name: &'a str, version: Option<u64>) -> ModelTarget<'a> {
+        ModelTarget {
+            name: Some(name),
+            version,
+        }
+    }
+}
+
 /// How one inference request is to be served.
 #[derive(Debug, Clone, Copy)]
 pub struct InferOptions {
@@ -60,29 +93,77 @@ pub struct InferOptions {
     pub route: Route,
 }
 
-/// The running engine, as the protocol layers see it.
+/// An answer, and the model version that computed it.
+#[derive(Debug)]
+pub struct InferAnswer {
+    pub output: InferOutput,
+    /// Name, version and shapes of the version that computed `output`.
+    pub model: Arc<ModelDescription>,
+}
+
+/// The running engine, as the protocol layers see it. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    pub batcher: BatcherHandle,
-    /// For device metrics at scrape time; compute goes through the workers.
-    pub backend: Arc<dyn Backend>,
-    pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
-    pub description: Arc<ModelDescription>,
-    /// What a valid input looks like (`batching.max_request_rows`).
-    pub limits: InputLimits,
+    /// The served version of each model.
+    pub registry: Arc<Registry>,
+    /// Loads, swaps and unloads versions.
+    pub controller: Arc<Controller>,
 }
 
 impl Engine {
-    /// Computes `input`: the one submit path of every protocol. Fails at once
-    /// when the engine is not ready; otherwise the batcher admits the job or
-    /// rejects it (queue full, draining) through the job's own channel, so
-    /// the caller waits on one channel and is woken once.
-    pub async fn infer(&self, input: InferInput, options: InferOptions) -> Result<InferOutput, ServeError> {
-        self.readiness.check()?;
+    /// Loads the configured models and starts their pools (and, in `poll`
+    /// mode, the repository poller). Must run inside an actix `System`.
+    pub async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Engine, StartError> {
+        let registry = Arc::new(Registry::new(&config.model.name));
+        let controller = Arc::new(Controller::new(config, Arc::clone(&registry), Arc::clone(&metrics)));
+        controller.start_up().await?;
+        if config.model.control_mode == crate::config::ControlMode::Poll {
+            crate::repository::controller::spawn_poller(
+                Arc::clone(&controller),
+                Arc::clone(&registry),
+                config.repository_poll(),
+            );
+        }
+        Ok(Engine {
+            metrics,
+            registry,
+            controller,
+        })
+    }
+
+    /// The version that would serve `target` now.
+    pub fn resolve(&self, target: &ModelTarget) -> Result<Arc<ServedVersion>, ServeError> {
+        self.registry.resolve(target)
+    }
+
+    /// What a valid input for `target` looks like (to parse a request).
+    pub fn input_limits(&self, target: &ModelTarget) -> Result<InputLimits, ServeError> {
+        Ok(self.resolve(target)?.limits)
+    }
+
+    /// What serves `target` (its metadata).
+    pub fn describe(&self, target: &ModelTarget) -> Result<Arc<ModelDescription>, ServeError> {
+        Ok(Arc::clone(&self.resolve(target)?.description))
+    }
+
+    /// Computes `input` on the version serving `target`: the one submit path
+    /// of every protocol. Fails at once when the target is unknown or not
+    /// ready; otherwise that version's batcher admits the job or rejects it
+    /// (queue full, draining) through the job's own channel, so the caller
+    /// waits on one channel and is woken once. The version is held until
+    /// the answer arrives: a swap meanwhile does not touch this request.
+    pub async fn infer(
+        &self,
+        target: &ModelTarget<'_>,
+        input: InferInput,
+        options: InferOptions,
+    ) -> Result<InferAnswer, ServeError> {
+        let version = self.resolve(target)?;
+        check_fits(&input, &version.limits)?;
         let (job, reply) = Job::new(input, options.timeout);
         let inflight = InflightGuard::new(&self.metrics, options.route);
-        self.batcher.submit(job);
+        version.batcher.submit(job);
         let outcome = reply
             .await
             .map_err(|_| ServeError::Internal("the request was dropped before it was answered".into()))
@@ -90,8 +171,61 @@ impl Engine {
         inflight.finish();
         let output = outcome?;
         self.metrics.observe_queue_wait(output.queue_wait);
-        Ok(output)
+        version.count_answer();
+        Ok(InferAnswer {
+            output,
+            model: Arc::clone(&version.description),
+        })
     }
+
+    /// Triton's repository index (with `ready_only`, the `READY` rows).
+    pub fn repository_index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        self.registry.index(ready_only)
+    }
+
+    /// Loads (or re-reads) model `name`: `explicit` mode only.
+    pub async fn load_model(&self, name: &str) -> Result<LoadOutcome, RepositoryError> {
+        self.controller.load(name).await
+    }
+
+    /// Unloads model `name` once its accepted requests are answered:
+    /// `explicit` mode only.
+    pub async fn unload_model(&self, name: &str) -> Result<(), RepositoryError> {
+        self.controller.unload(name).await
+    }
+
+    /// Re-reads the repository (or the `--arch/--checkpoint` files): SIGHUP.
+    pub async fn reload(&self) {
+        self.controller.refresh("SIGHUP").await;
+    }
+
+    /// Every served version.
+    pub fn served(&self) -> Vec<Arc<ServedVersion>> {
+        self.registry.served()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.registry.is_ready()
+    }
+
+    /// Shutting down: every version stops taking work; nothing loads.
+    pub fn start_draining(&self) {
+        self.registry.start_draining();
+    }
+}
+
+/// An input parsed for one version must fit the version that computes it
+/// (a model unloaded and loaded again may have changed shape in between).
+fn check_fits(input: &InferInput, limits: &InputLimits) -> Result<(), ServeError> {
+    if input.row_len() != limits.row_len {
+        return Err(ServeError::Request(RequestError::Invalid(format!(
+            "rows have {} values, the model's input has {}",
+            input.row_len(),
+            limits.row_len
+        ))));
+    }
+    limits.check_rows(input.n_rows())?;
+    Ok(())
 }
 
 /// Tracks an accepted inference request: the in-flight gauge, and a

@@ -1,16 +1,18 @@
-//! Start-up: load the model, build the backend, warm up one session per
-//! worker, start the batcher and the worker pool.
+//! Bringing up one model version: load the model, build the backend, warm
+//! up one session per worker ([`prepare`], off the request path), then start
+//! its batcher and worker pool ([`start_pool`]).
 //!
-//! Owns: the start-up order (model -> backend -> sessions, each warmed up ->
-//! batcher -> workers) and the choices made once here (backend, pool shape,
-//! batching policy). A model, backend or warm-up that fails stops start-up
-//! with its reason. Must not touch: request handling (protocol layers and
+//! Owns: that order (model -> backend -> sessions, each warmed up ->
+//! batcher -> workers) and the choices made once per version (backend, pool
+//! shape, batching policy). A model, backend or warm-up that fails stops
+//! the version's load with its reason (at start-up: start-up). Must not touch: request handling (protocol layers and
 //! `Engine::infer`), batching rules (batcher) or kernels (backends).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Engine, ModelDescription};
+use super::ModelDescription;
+use super::version::ServedVersion;
 use crate::backend::cpu::{CpuBackend, CpuOptions};
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
@@ -57,6 +59,7 @@ pub fn build_backend(
     let backend = choose_backend(model.weights, layernorm, config)?;
     let description = ModelDescription {
         name: config.model.name.clone(),
+        version: u64::from(step),
         size,
         layernorm,
         weight_precision,
@@ -152,36 +155,76 @@ pub fn pool_shape(backend: &dyn Backend, config: &Config) -> PoolShape {
     }
 }
 
-/// Starts the batcher and one worker actor per configured worker, each on
-/// its own thread with its own warmed-up session. Must run inside an actix
-/// `System`.
-pub fn start(
-    backend: Arc<dyn Backend>,
-    description: ModelDescription,
-    config: &Config,
-    metrics: Arc<Metrics>,
-) -> Result<Engine, StartError> {
+/// A model version read, packed and warmed up: everything a pool needs
+/// before it serves. Built off the request path ([`prepare`] blocks).
+pub struct Prepared {
+    pub backend: Arc<dyn Backend>,
+    pub description: ModelDescription,
+    /// One warmed-up session per worker.
+    pub sessions: Vec<Box<dyn Session>>,
+    pub session_config: SessionConfig,
+    pub policy: BatchPolicy,
+    pub limits: InputLimits,
+}
+
+/// Builds the backend for `model` under `config` (the model's effective
+/// settings), names it `name` version `version`, and creates and warms up
+/// one session per worker. Blocking (reads nothing, but packs weights and
+/// runs forwards): call it on a blocking thread. A backend that cannot serve
+/// fails here with its own error, never as a pool that is not ready.
+pub fn prepare(model: LoadedModel, config: &Config, name: &str, version: u64) -> Result<Prepared, StartError> {
+    let (backend, mut description) = build_backend(model, config)?;
+    description.name = name.to_string();
+    description.version = version;
     let shape = pool_shape(backend.as_ref(), config);
     let session_config = SessionConfig {
         threads: shape.threads_per_worker,
     };
     tracing::info!(
+        model = name,
+        version,
         workers = shape.workers,
         threads_per_worker = shape.threads_per_worker,
         "worker pool (workers.count / threads_per_worker 0 = the backend's choice)"
     );
-    // Sessions are created and warmed up here, before any actor starts, so a
-    // backend that cannot serve fails start-up with its own error instead of
-    // a pool that never becomes ready.
     let sessions = (0..shape.workers)
         .map(|_| backend.create_session(session_config))
         .collect::<Result<Vec<_>, _>>()?;
     let sessions = warm_up(sessions, backend.as_ref())?;
-    let readiness = Arc::new(Readiness::new(shape.workers));
-    let policy = batch_policy(config);
-    record_model(&metrics, &description, shape.workers, &policy);
+    let limits = InputLimits {
+        row_len: description.dims.input,
+        max_rows: config.batching.max_request_rows,
+    };
+    Ok(Prepared {
+        backend,
+        description,
+        sessions,
+        session_config,
+        policy: batch_policy(config),
+        limits,
+    })
+}
 
-    let batcher = Batcher::start(policy, Arc::clone(&metrics), Arc::clone(&readiness));
+/// Starts the batcher and one worker actor per prepared session, each worker
+/// on its own thread: the version is serving when this returns. Cheap (no
+/// compute). Must run on an actix arbiter (the batcher's clock lives there).
+pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVersion, StartError> {
+    let Prepared {
+        backend,
+        description,
+        sessions,
+        session_config,
+        policy,
+        limits,
+    } = prepared;
+    let readiness = Arc::new(Readiness::new(sessions.len()));
+    metrics.init_pool(
+        sessions.len(),
+        description.dims.experts,
+        policy.max_queue_rows,
+        policy.max_batch_rows,
+    );
+    let batcher = Batcher::start(policy, Arc::clone(metrics), Arc::clone(&readiness));
     let context = WorkerContext {
         backend: Arc::clone(&backend),
         session_config,
@@ -192,10 +235,10 @@ pub fn start(
     let workers = sessions
         .into_iter()
         .enumerate()
-        .map(|(id, session)| start_worker(id, session, &context, &metrics))
+        .map(|(id, session)| start_worker(id, session, &context, metrics))
         .collect::<Result<Vec<_>, _>>()?;
     let respawn: Respawn = {
-        let metrics = Arc::clone(&metrics);
+        let metrics = Arc::clone(metrics);
         Arc::new(move |id| {
             let session = context.backend.create_session(context.session_config)?;
             start_worker(id, session, &context, &metrics)
@@ -203,17 +246,7 @@ pub fn start(
         })
     };
     batcher.send(BatcherMessage::AttachWorkers(AttachWorkers { workers, respawn }));
-    Ok(Engine {
-        batcher,
-        backend,
-        readiness,
-        metrics,
-        limits: InputLimits {
-            row_len: description.dims.input,
-            max_rows: config.batching.max_request_rows,
-        },
-        description: Arc::new(description),
-    })
+    Ok(ServedVersion::new(batcher, backend, readiness, Arc::new(description), limits, metrics))
 }
 
 /// One forward of a single zero row on each session, in parallel: sizes the
@@ -252,28 +285,6 @@ fn batch_policy(config: &Config) -> BatchPolicy {
         max_queue_rows: config.batching.max_queue_rows,
         regroup_fraction: f64::from(config.batching.regroup_delay_pct) / 100.0,
     }
-}
-
-/// The pool's series and the served model's description, as metrics.
-fn record_model(metrics: &Metrics, model: &ModelDescription, workers: usize, policy: &BatchPolicy) {
-    metrics.init_pool(
-        workers,
-        model.dims.experts,
-        policy.max_queue_rows,
-        policy.max_batch_rows,
-    );
-    metrics
-        .model_info
-        .with_label_values(&[
-            model.size,
-            model.layernorm.as_str(),
-            model.weight_precision.as_str(),
-            &model.param_count.to_string(),
-            &model.checkpoint,
-            model.backend,
-            &model.devices,
-        ])
-        .set(1);
 }
 
 /// Worker `id` on a thread of its own, computing with `session`.

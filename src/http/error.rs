@@ -10,6 +10,7 @@ use actix_web::{HttpResponse, ResponseError};
 
 use crate::error::{RequestError, ServeError};
 use crate::labels::FailureReason;
+use crate::repository::RepositoryError;
 
 // An error response carries its `FailureReason` in its extensions, so the
 // metrics middleware counts the failure without parsing the body.
@@ -42,9 +43,9 @@ impl ResponseError for ServeError {
             ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
             ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -57,7 +58,7 @@ impl ResponseError for ServeError {
             ServeError::Overloaded { retry_after_secs, .. } => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
             }
-            ServeError::NotReady(_) => {
+            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
             }
             // The rest of a stalled or refused body may still arrive: never
@@ -84,6 +85,8 @@ pub enum V2Error {
     Serve(#[from] ServeError),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Repository(#[from] RepositoryError),
 }
 
 impl From<RequestError> for V2Error {
@@ -97,6 +100,12 @@ impl V2Error {
         match self {
             V2Error::Serve(e) => e.reason(),
             V2Error::NotFound(_) => FailureReason::NotFound,
+            V2Error::Repository(e) => match e {
+                RepositoryError::UnknownModel(_) => FailureReason::NotFound,
+                RepositoryError::NotAllowed(_) | RepositoryError::Draining => FailureReason::NotReady,
+                RepositoryError::LoadFailed { .. } => FailureReason::Invalid,
+                RepositoryError::Unreadable(_) => FailureReason::Internal,
+            },
         }
     }
 }
@@ -105,6 +114,13 @@ impl ResponseError for V2Error {
     fn status_code(&self) -> StatusCode {
         match self {
             V2Error::NotFound(_) => StatusCode::NOT_FOUND,
+            // Triton's codes: NOT_FOUND, UNAVAILABLE, INVALID_ARG, INTERNAL.
+            V2Error::Repository(e) => match e {
+                RepositoryError::UnknownModel(_) => StatusCode::NOT_FOUND,
+                RepositoryError::NotAllowed(_) | RepositoryError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+                RepositoryError::LoadFailed { .. } => StatusCode::BAD_REQUEST,
+                RepositoryError::Unreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             V2Error::Serve(e) => match e {
                 ServeError::Request(_) | ServeError::BadRequest(_) | ServeError::BodyTooLarge { .. } => {
                     StatusCode::BAD_REQUEST
@@ -114,10 +130,11 @@ impl ResponseError for V2Error {
                 ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
                 ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
-                ServeError::Overloaded { .. } | ServeError::NotReady(_) | ServeError::DeadlineExceeded { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+                ServeError::Overloaded { .. }
+                | ServeError::NotReady(_)
+                | ServeError::ModelNotReady { .. }
+                | ServeError::DeadlineExceeded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
                 ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
                 ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },

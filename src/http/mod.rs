@@ -30,7 +30,7 @@ use tracing::Instrument;
 use self::extract::{check_head, reject_browser_forms};
 use self::server::ConnectionGuard;
 use crate::config::Config;
-use crate::engine::{Engine, InferOutput};
+use crate::engine::{Engine, InferOutput, ModelDescription};
 use crate::error::ServeError;
 use crate::labels::{FailureReason, Route};
 
@@ -89,6 +89,9 @@ fn resource(route: Route) -> Option<actix_web::Resource> {
         Route::V2ModelReady | Route::V2ModelVersionReady => r.route(web::get().to(v2::model_ready)),
         Route::V2ModelConfig | Route::V2ModelVersionConfig => r.route(web::get().to(v2::model_config)),
         Route::V2Infer | Route::V2VersionInfer => r.route(web::post().to(v2::infer)),
+        Route::V2RepositoryIndex => r.route(web::post().to(v2::repository::index)),
+        Route::V2RepositoryLoad => r.route(web::post().to(v2::repository::load)),
+        Route::V2RepositoryUnload => r.route(web::post().to(v2::repository::unload)),
         Route::Other => return None,
     })
 }
@@ -99,6 +102,17 @@ pub fn timing_headers<'b>(response: &'b mut HttpResponseBuilder, output: &InferO
     response
         .insert_header(("x-queue-time-us", output.queue_wait.as_micros() as u64))
         .insert_header(("x-compute-time-us", output.compute.as_micros() as u64))
+}
+
+/// Who computed an inference answer: `x-model-name` and `x-model-version`.
+pub fn model_headers<'b>(
+    response: &'b mut HttpResponseBuilder,
+    model: &ModelDescription,
+) -> &'b mut HttpResponseBuilder {
+    let name = HeaderValue::from_str(&model.name).unwrap_or_else(|_| HeaderValue::from_static("?"));
+    response
+        .insert_header(("x-model-name", name))
+        .insert_header(("x-model-version", model.version))
 }
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);

@@ -2,8 +2,8 @@
 //! goes to [`Engine::infer`] as a validated input; nothing here computes or
 //! locks a model.
 //!
-//! Owns: `/infer` (the old sidecar's contract plus `x-queue-time-us` and
-//! `x-compute-time-us`), `/healthz`, `/readyz` and `/metrics`. Must not touch:
+//! Owns: `/infer` (the old sidecar's contract plus `x-queue-time-us`,
+//! `x-compute-time-us`, `x-model-name` and `x-model-version`), `/healthz`, `/readyz` and `/metrics`. Must not touch:
 //! status mapping (`http/error.rs`), batching (the batcher), the wire format
 //! (`sidecar_json.rs`).
 
@@ -12,14 +12,16 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
 use super::extract::{read_body, request_timeout, require_json};
-use super::{HttpSettings, timing_headers};
-use crate::engine::{Engine, InferOptions};
+use super::{HttpSettings, model_headers, timing_headers};
+use crate::engine::version::ServedVersion;
+use crate::engine::{Engine, InferOptions, ModelTarget};
 use crate::error::ServeError;
 use crate::labels::Route;
 use crate::readiness::State;
 use crate::sidecar_json::{parse_infer_request, write_infer_response};
 
-/// `POST /infer`: `{"features": [row]}` or `{"features": [[row], ...]}`.
+/// `POST /infer`: `{"features": [row]}` or `{"features": [[row], ...]}`, to
+/// the default model (`model.name`, or the only model).
 pub async fn infer(
     req: HttpRequest,
     payload: web::Payload,
@@ -29,23 +31,55 @@ pub async fn infer(
     require_json(&req)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
-    let request = parse_infer_request(&body, &engine.limits)?;
+    let target = ModelTarget::DEFAULT;
+    let request = parse_infer_request(&body, &engine.input_limits(&target)?)?;
     drop(body);
     let options = InferOptions {
         timeout,
         route: Route::Infer,
     };
-    let output = engine.infer(request.input, options).await?;
-    let dims = engine.description.dims;
+    let answer = engine.infer(&target, request.input, options).await?;
+    let (output, dims) = (&answer.output, answer.model.dims);
     let body = write_infer_response(&output.logits, dims.output, &output.router_weights, dims.experts);
-    Ok(timing_headers(HttpResponse::Ok().content_type(ContentType::json()), &output).body(body))
+    let mut response = HttpResponse::Ok();
+    response.content_type(ContentType::json());
+    timing_headers(&mut response, output);
+    model_headers(&mut response, &answer.model);
+    Ok(response.body(body))
 }
 
-/// `GET /healthz`: the old sidecar's fields, plus what is being served.
+/// `GET /healthz`: the old sidecar's fields for the default model, plus
+/// every loaded model and version.
 pub async fn healthz(engine: web::Data<Engine>) -> HttpResponse {
-    let m = &engine.description;
-    HttpResponse::Ok().json(json!({
-        "status": "ok",
+    let served = engine.served();
+    let default = engine.registry.default_model();
+    let mut body = serde_json::Map::new();
+    body.insert("status".into(), json!("ok"));
+    if let Some(v) = served.iter().find(|v| Some(v.name()) == default.as_deref()) {
+        if let serde_json::Value::Object(fields) = sidecar_fields(v) {
+            body.extend(fields);
+        }
+    }
+    let models: Vec<serde_json::Value> = served
+        .iter()
+        .map(|v| {
+            let mut m = sidecar_fields(v);
+            m["name"] = json!(v.name());
+            m["model_version"] = json!(v.version());
+            m
+        })
+        .collect();
+    body.insert("default_model".into(), json!(default));
+    body.insert("models".into(), json!(models));
+    body.insert("ready".into(), json!(engine.is_ready()));
+    body.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    HttpResponse::Ok().json(body)
+}
+
+/// The old sidecar's `/healthz` fields, for one served version.
+fn sidecar_fields(v: &ServedVersion) -> serde_json::Value {
+    let m = &v.description;
+    json!({
         "arch": m.arch,
         "checkpoint": m.checkpoint,
         "in_dim": m.dims.input,
@@ -60,16 +94,15 @@ pub async fn healthz(engine: web::Data<Engine>) -> HttpResponse {
         "demo_model": m.demo,
         "backend": m.backend,
         "devices": m.devices,
-        "workers": engine.readiness.workers(),
-        "ready": engine.readiness.is_ready(),
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
+        "workers": v.readiness.workers(),
+    })
 }
 
-/// `GET /readyz`: 200 once the model is loaded and every worker has run its
-/// warm-up batch; 503 while starting or draining.
+/// `GET /readyz`: 200 once every loaded model version's workers have run
+/// their warm-up batch (and at least one model is loaded); 503 while
+/// starting or draining.
 pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
-    match engine.readiness.state() {
+    match engine.registry.state() {
         State::Ready => HttpResponse::Ok().json(json!({ "status": State::Ready.as_str() })),
         not_ready => HttpResponse::ServiceUnavailable()
             .insert_header(("retry-after", "1"))
@@ -79,13 +112,15 @@ pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
 
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(engine: web::Data<Engine>) -> HttpResponse {
-    engine.metrics.ready.set(i64::from(engine.readiness.is_ready()));
-    for (device, bytes) in engine.backend.device_memory_used() {
-        engine
-            .metrics
-            .device_memory_bytes
-            .with_label_values(&[&device])
-            .set(bytes as f64);
+    engine.metrics.ready.set(i64::from(engine.is_ready()));
+    for version in engine.served() {
+        for (device, bytes) in version.backend.device_memory_used() {
+            engine
+                .metrics
+                .device_memory_bytes
+                .with_label_values(&[&device])
+                .set(bytes as f64);
+        }
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

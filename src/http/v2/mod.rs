@@ -3,7 +3,8 @@
 //!
 //! Owns: `/v2` server metadata and health, model metadata/readiness/config,
 //! and `POST /v2/models/{model}[/versions/{version}]/infer` in JSON and
-//! binary form. Inference goes through the same batcher, workers, limits,
+//! binary form, each for the model (and version) its path names; Triton's
+//! model repository extension is `repository.rs`. Inference goes through the same batcher, workers, limits,
 //! deadlines and metrics as `/infer` (the `route` label tells them apart).
 //! Must not touch: batching or compute; status codes live in `http/error.rs`
 //! (`V2Error`, Triton's codes for the same conditions). The infer request's
@@ -17,6 +18,7 @@
 //! `"binary_data": true` (or all, with `"binary_data_output": true`) are
 //! answered the same way.
 
+pub mod repository;
 pub mod request;
 pub use self::request::{V2Request, parse_request};
 mod response;
@@ -29,8 +31,9 @@ use self::response::{Answerer, write_response};
 use super::HttpSettings;
 use super::error::V2Error;
 use super::extract::{numeric_header, read_body, request_timeout};
-use crate::engine::{Engine, InferOptions};
+use crate::engine::{Engine, InferOptions, ModelTarget};
 use crate::error::ServeError;
+use crate::input::clip;
 use crate::labels::Route;
 
 /// Header giving the length of the JSON part of a binary request/response.
@@ -46,26 +49,21 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-/// The model's version on these routes: the checkpoint's training step.
-fn version_of(engine: &Engine) -> String {
-    engine.description.checkpoint_step.to_string()
-}
-
-/// Checks that the path names the served model (and its version, if given).
-fn check_model(engine: &Engine, path: &ModelPath) -> Result<(), V2Error> {
-    let version = version_of(engine);
-    if path.model != engine.description.name {
-        return Err(V2Error::NotFound(format!(
-            "Request for unknown model: '{}' is not found",
-            path.model
-        )));
-    }
-    match &path.version {
-        Some(v) if !v.is_empty() && *v != version => Err(V2Error::NotFound(format!(
-            "Request for unknown model: '{}' version {v} is not found (the served version is {version})",
-            path.model
-        ))),
-        _ => Ok(()),
+impl ModelPath {
+    /// The model version the path names; a version that is not a number
+    /// names nothing (404).
+    fn target(&self) -> Result<ModelTarget<'_>, V2Error> {
+        let version = match self.version.as_deref() {
+            None | Some("") => None,
+            Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                V2Error::NotFound(format!(
+                    "Request for unknown model: '{}' version {} is not found",
+                    clip(&self.model),
+                    clip(v)
+                ))
+            })?),
+        };
+        Ok(ModelTarget::named(&self.model, version))
     }
 }
 
@@ -78,7 +76,7 @@ pub async fn server_metadata() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "tokitai-serve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration"],
+        "extensions": ["binary_tensor_data", "model_configuration", "model_repository"],
     }))
 }
 
@@ -90,27 +88,31 @@ pub async fn live() -> HttpResponse {
 /// `GET /v2/health/ready`. Triton answers "not ready" with 400; so does this
 /// engine on `/v2` routes (`/readyz` keeps 503 for load balancers).
 pub async fn ready(engine: web::Data<Engine>) -> HttpResponse {
-    if engine.readiness.is_ready() {
+    if engine.is_ready() {
         HttpResponse::Ok().finish()
     } else {
         HttpResponse::BadRequest().finish()
     }
 }
 
-/// `GET /v2/models/{model}[/versions/{version}]/ready`
+/// `GET /v2/models/{model}[/versions/{version}]/ready`: 200 when that
+/// version serves, 400 (Triton's "not ready") when it is known but does
+/// not, 404 when unknown.
 pub async fn model_ready(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
-    check_model(&engine, &path)?;
-    Ok(ready(engine).await)
+    match engine.resolve(&path.target()?) {
+        Ok(_) => Ok(HttpResponse::Ok().finish()),
+        Err(e @ ServeError::UnknownModel { .. }) => Err(e.into()),
+        Err(_) => Ok(HttpResponse::BadRequest().finish()),
+    }
 }
 
 /// `GET /v2/models/{model}[/versions/{version}]`
 pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
-    check_model(&engine, &path)?;
-    let m = &engine.description;
+    let m = engine.describe(&path.target()?)?;
     let d = m.dims;
     Ok(HttpResponse::Ok().json(json!({
         "name": m.name,
-        "versions": [version_of(&engine)],
+        "versions": [m.version.to_string()],
         "platform": "tokitai_moe",
         "inputs": [{ "name": INPUT, "datatype": FP32, "shape": [-1, d.input] }],
         "outputs": [
@@ -122,6 +124,7 @@ pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath
             "layernorm": m.layernorm,
             "weight_precision": m.weight_precision,
             "size": m.size,
+            "checkpoint_step": m.checkpoint_step,
         },
     })))
 }
@@ -129,14 +132,14 @@ pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath
 /// `GET /v2/models/{model}[/versions/{version}]/config`: Triton's
 /// model-configuration extension (perf_analyzer reads it).
 pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
-    check_model(&engine, &path)?;
-    let m = &engine.description;
+    let version = engine.resolve(&path.target()?)?;
+    let m = &version.description;
     let d = m.dims;
     Ok(HttpResponse::Ok().json(json!({
         "name": m.name,
         "platform": "tokitai_moe",
         "backend": m.backend,
-        "max_batch_size": engine.limits.max_rows,
+        "max_batch_size": version.limits.max_rows,
         "input": [{ "name": INPUT, "data_type": "TYPE_FP32", "dims": [d.input] }],
         "output": [
             { "name": "logits", "data_type": "TYPE_FP32", "dims": [d.output] },
@@ -155,33 +158,37 @@ pub async fn infer(
     settings: web::Data<HttpSettings>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, V2Error> {
-    check_model(&engine, &path)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
+    // The body is read first: an answer that leaves it unread closes the
+    // connection, and a keep-alive client would see that as a failure.
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
+    let target = path.target()?;
+    let limits = engine.input_limits(&target)?;
     let json_len = json_part_len(&req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
-    let request = parse_request(json_part, binary_part, &engine.limits)?;
+    let request = parse_request(json_part, binary_part, &limits)?;
     drop(body);
 
     let options = InferOptions {
         timeout,
         route: Route::V2Infer,
     };
-    let output = engine.infer(request.input, options).await?;
-    let version = version_of(&engine);
+    let answer = engine.infer(&target, request.input, options).await?;
+    let version = answer.model.version.to_string();
     let who = Answerer {
-        model: &engine.description.name,
+        model: &answer.model.name,
         version: &version,
         id: request.id.as_deref(),
     };
     let mut response = HttpResponse::Ok();
-    super::timing_headers(&mut response, &output);
+    super::timing_headers(&mut response, &answer.output);
+    super::model_headers(&mut response, &answer.model);
     Ok(write_response(
         response,
         &who,
         &request.outputs,
-        &output,
-        &engine.description.dims,
+        &answer.output,
+        &answer.model.dims,
     ))
 }
 
