@@ -460,7 +460,7 @@ fn mounted_config(pod: &Value, c: &Value, docs_toml: &str, dir: &std::path::Path
 
 /// Every flag a manifest may pass to the engine, and the setting it sets.
 /// A flag missing here fails the test: add it with its setting.
-const FLAG_SETTINGS: [(&str, &str); 8] = [
+const FLAG_SETTINGS: [(&str, &str); 9] = [
     ("--config", ""),
     ("--bind", "server.bind"),
     ("--grpc-bind", "grpc.bind"),
@@ -468,6 +468,7 @@ const FLAG_SETTINGS: [(&str, &str); 8] = [
     ("--model-control-mode", "model.control_mode"),
     ("--repository-poll-secs", "model.repository_poll_secs"),
     ("--weight-precision", "model.weight_precision"),
+    ("--max-request-rows", "batching.max_request_rows"),
     ("--max-queue-rows", "batching.max_queue_rows"),
 ];
 
