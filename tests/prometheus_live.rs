@@ -13,48 +13,27 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{TestServer, agent, base_config, nano_dims};
+use common::{Prometheus, SCRAPE_TIMEOUT, TestServer, agent, base_config, nano_dims, tool, wait_for};
 use serde_json::{Value, json};
 use tokitai_serve::labels::{DropReason, FailureReason, Route};
 use tokitai_serve::metrics::Metrics;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-/// Generous bounds: the CI machine may be small and busy.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Substituted for Grafana's `$__rate_interval` (the live scrape runs every 1s).
 const RATE_INTERVAL: &str = "10s";
 /// Substituted for Grafana's `$__range`.
 const RANGE: &str = "5m";
-const INSTALL_HINT: &str = "install Debian's `prometheus` package (`apt-get install -y prometheus`), which provides \
-     `prometheus` and `promtool`, or point the PROMETHEUS / PROMTOOL environment variables at the binaries";
 
 fn root() -> &'static Path {
     Path::new(ROOT)
 }
 
 // ---- tools -----------------------------------------------------------------
-
-/// Finds a tool in `$env_var`, `PATH`, or /usr/bin; fails the test with the
-/// install hint when it is missing.
-fn tool(name: &str, env_var: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "{env_var}={} is not a file; {INSTALL_HINT}", p.display());
-        return p;
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{name}` was not found on PATH: {INSTALL_HINT}"))
-}
 
 fn promtool() -> PathBuf {
     tool("promtool", "PROMTOOL")
@@ -191,133 +170,17 @@ fn drive_load(engine: &TestServer) -> Sent {
 
 // ---- a real Prometheus -----------------------------------------------------
 
-/// A `prometheus` server on a loopback port with its own storage, scraping
-/// one engine every second with the shipped rules; killed on drop.
-struct Prometheus {
-    child: Child,
-    base: String,
-    dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        let binary = tool("prometheus", "PROMETHEUS");
-        let rules = root().join("config/alerts.yml");
-        let mut last_log = String::new();
-        // Port 0 is not supported: take a free port and release it. Another
-        // process may grab it in between, so retry on a new one.
-        for _attempt in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let dir = tempfile::tempdir().expect("temp dir");
-            let config = format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 rule_files:\n  - {rules:?}\n\
-                 scrape_configs:\n  - job_name: tokitai-serve\n    metrics_path: /metrics\n    \
-                 static_configs:\n      - targets: [\"{target}\"]\n"
-            );
-            let config_path = dir.path().join("prometheus.yml");
-            std::fs::write(&config_path, config).unwrap();
-            let log_path = dir.path().join("prometheus.log");
-            let log = std::fs::File::create(&log_path).unwrap();
-            let child = Command::new(&binary)
-                .arg(format!("--config.file={}", config_path.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}; {INSTALL_HINT}", binary.display()));
-            let mut prom = Prometheus {
-                child,
-                base: format!("http://127.0.0.1:{port}"),
-                dir,
-            };
-            let deadline = Instant::now() + START_TIMEOUT;
-            loop {
-                if let Ok(Some(status)) = prom.child.try_wait() {
-                    last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    if last_log.contains("address already in use") {
-                        break;
-                    }
-                    panic!("prometheus exited at start-up ({status}):\n{last_log}");
-                }
-                if matches!(agent().get(&format!("{}/-/ready", prom.base)).call(), Ok(r) if r.status() == 200) {
-                    return prom;
-                }
-                if Instant::now() > deadline {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    panic!("prometheus not ready within {START_TIMEOUT:?}:\n{log}");
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        panic!("prometheus could not get a free port in 5 tries:\n{last_log}");
-    }
-
-    /// `GET /api/v1/<endpoint>`; the `data` of a successful answer.
-    fn api(&self, endpoint: &str, params: &[(&str, &str)]) -> Result<Value, String> {
-        let mut req = agent().get(&format!("{}/api/v1/{endpoint}", self.base));
-        for (k, v) in params {
-            req = req.query(k, v);
-        }
-        let body: Value = match req.call() {
-            Ok(r) => r.into_json().map_err(|e| e.to_string())?,
-            Err(ureq::Error::Status(code, r)) => {
-                return Err(format!("HTTP {code}: {}", r.into_string().unwrap_or_default()));
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        if body["status"] != "success" {
-            return Err(body.to_string());
-        }
-        Ok(body["data"].clone())
-    }
-
-    /// An instant query's result list.
-    fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
-        let data = self.api("query", &[("query", promql)])?;
-        match &data["result"] {
-            Value::Array(a) if data["resultType"] == "scalar" || data["resultType"] == "string" => {
-                Ok(vec![Value::Array(a.clone())])
-            }
-            Value::Array(a) => Ok(a.clone()),
-            other => Err(format!("unexpected result {other}")),
-        }
-    }
-
-    /// The single value of a query answering one series (None when empty).
-    fn scalar(&self, promql: &str) -> Option<f64> {
-        let result = self.query(promql).ok()?;
-        let value = result.first()?.get("value")?.get(1)?.as_str()?.parse().ok()?;
-        Some(value)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `f` until it returns Some, or fails with `what` after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+/// Prometheus scraping one engine every second with the shipped rules.
+fn start_prometheus(target: SocketAddr) -> Prometheus {
+    let rules = root().join("config/alerts.yml");
+    Prometheus::start(|_| {
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {rules:?}\n\
+             scrape_configs:\n  - job_name: tokitai-serve\n    metrics_path: /metrics\n    \
+             static_configs:\n      - targets: [\"{target}\"]\n"
+        )
+    })
 }
 
 // ---- the dashboard ---------------------------------------------------------
@@ -679,7 +542,7 @@ fn promtool_check_metrics_accepts_a_live_scrape() {
 #[test]
 fn live_prometheus_scrapes_the_engine_and_every_dashboard_query_has_data() {
     let engine = start_engine();
-    let prom = Prometheus::start(engine.addr());
+    let prom = start_prometheus(engine.addr());
     let instance = engine.addr().to_string();
     let up = format!("up{{job=\"tokitai-serve\",instance=\"{instance}\"}}");
     wait_for("the first successful scrape", SCRAPE_TIMEOUT, || {

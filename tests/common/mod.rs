@@ -8,7 +8,10 @@
 //!   cannot tell apart ([`raw_exchange`], [`RawOutcome`]).
 //! - [`fixtures`]: where the upstream fixtures live ([`FIXTURES`]), their
 //!   `expected.json` ([`Fixture`]), the tolerances, and request bodies.
+//! - [`deploy`]: the deploy/ manifests, rendered ([`rendered`]).
 //! - [`prom`]: a small Prometheus text parser ([`Metrics`]).
+//! - [`prometheus`]: a real `prometheus` server ([`Prometheus`]), the tool
+//!   lookup ([`tool`]) and a bounded poll ([`wait_for`]).
 //!
 //! Every wait here is bounded; nothing asserts a wall-clock duration.
 
@@ -16,12 +19,14 @@
 // unused is not dead.
 #![allow(dead_code)]
 
+pub mod deploy;
 pub mod fixtures;
 pub mod http;
 pub mod prom;
+pub mod prometheus;
 pub mod raw;
 pub mod server;
 
 // The whole harness as `common::Name`, whichever part a test binary uses.
 #[allow(unused_imports)]
-pub use {fixtures::*, http::*, prom::*, raw::*, server::*};
+pub use {fixtures::*, http::*, prom::*, prometheus::*, raw::*, server::*};
