@@ -11,7 +11,7 @@
 pub mod startup;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use serde::Serialize;
@@ -23,10 +23,11 @@ use crate::batcher::job::Job;
 use crate::batcher::{Batcher, Submit};
 use crate::error::ServeError;
 use crate::input::{InferInput, InputLimits};
-use crate::labels::{FailureReason, Route};
+use crate::labels::{Endpoint, FailureReason};
 use crate::metrics::Metrics;
 use crate::model::{Dims, LayerNormMode, WeightPrecision};
 use crate::readiness::Readiness;
+use crate::stats::InferStats;
 
 /// What is being served, as `/healthz`, the start-up log and the
 /// `tokitai_model_info` metric describe it.
@@ -58,7 +59,7 @@ pub struct InferOptions {
     /// Rows not computed within this are dropped and the request fails.
     pub timeout: Duration,
     /// The protocol route it came in on (labels the `cancelled` count).
-    pub route: Route,
+    pub route: Endpoint,
 }
 
 /// The running engine, as the protocol layers see it.
@@ -72,6 +73,8 @@ pub struct Engine {
     pub description: Arc<ModelDescription>,
     /// What a valid input looks like (`batching.max_request_rows`).
     pub limits: InputLimits,
+    /// The statistics extension's counters (recorded here, in `infer`).
+    pub stats: Arc<InferStats>,
 }
 
 impl Engine {
@@ -80,6 +83,18 @@ impl Engine {
     /// rejects it (queue full, draining) through the job's own channel, so
     /// the caller waits on one channel and is woken once.
     pub async fn infer(&self, input: InferInput, options: InferOptions) -> Result<InferOutput, ServeError> {
+        let (start, rows) = (Instant::now(), input.n_rows());
+        let result = self.submit(input, options).await;
+        match &result {
+            Ok(out) => self
+                .stats
+                .record_success(rows, start.elapsed(), out.queue_wait, out.compute),
+            Err(_) => self.stats.record_failure(start.elapsed()),
+        }
+        result
+    }
+
+    async fn submit(&self, input: InferInput, options: InferOptions) -> Result<InferOutput, ServeError> {
         self.readiness.check()?;
         let (job, reply) = Job::new(input, options.timeout);
         let inflight = InflightGuard::new(&self.metrics, options.route);
@@ -101,12 +116,12 @@ impl Engine {
 /// before `finish`). Answers and errors are counted by the protocol layer.
 struct InflightGuard {
     metrics: Arc<Metrics>,
-    route: Route,
+    route: Endpoint,
     finished: bool,
 }
 
 impl InflightGuard {
-    fn new(metrics: &Arc<Metrics>, route: Route) -> InflightGuard {
+    fn new(metrics: &Arc<Metrics>, route: Endpoint) -> InflightGuard {
         metrics.add_inflight(1);
         InflightGuard {
             metrics: Arc::clone(metrics),

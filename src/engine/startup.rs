@@ -213,6 +213,7 @@ pub fn start(
             max_rows: config.batching.max_request_rows,
         },
         description: Arc::new(description),
+        stats: Arc::default(),
     })
 }
 

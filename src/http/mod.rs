@@ -83,6 +83,7 @@ fn resource(route: Route) -> Option<actix_web::Resource> {
         Route::V2ModelReady | Route::V2ModelVersionReady => r.route(web::get().to(v2::model_ready)),
         Route::V2ModelConfig | Route::V2ModelVersionConfig => r.route(web::get().to(v2::model_config)),
         Route::V2Infer | Route::V2VersionInfer => r.route(web::post().to(v2::infer)),
+        Route::V2ModelStats | Route::V2ModelVersionStats => r.route(web::get().to(v2::model_stats)),
         Route::Other => return None,
     })
 }

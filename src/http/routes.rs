@@ -33,7 +33,7 @@ pub async fn infer(
     drop(body);
     let options = InferOptions {
         timeout,
-        route: Route::Infer,
+        route: Route::Infer.into(),
     };
     let output = engine.infer(request.input, options).await?;
     let dims = engine.description.dims;
