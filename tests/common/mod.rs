@@ -9,6 +9,8 @@
 //! - [`fixtures`]: where the upstream fixtures live ([`FIXTURES`]), their
 //!   `expected.json` ([`Fixture`]), the tolerances, and request bodies.
 //! - [`prom`]: a small Prometheus text parser ([`Metrics`]).
+//! - [`triton`]: Triton's Python client and perf_analyzer ([`venv`],
+//!   [`run_python`], [`perf_analyzer`]).
 //!
 //! Every wait here is bounded; nothing asserts a wall-clock duration.
 
@@ -21,7 +23,8 @@ pub mod http;
 pub mod prom;
 pub mod raw;
 pub mod server;
+pub mod triton;
 
 // The whole harness as `common::Name`, whichever part a test binary uses.
 #[allow(unused_imports)]
-pub use {fixtures::*, http::*, prom::*, raw::*, server::*};
+pub use {fixtures::*, http::*, prom::*, raw::*, server::*, triton::*};
