@@ -1,9 +1,12 @@
-//! Build script: compiles kernels/*.hip into code objects for the HIP backend.
+//! Build script: generates the gRPC service code from proto/*.proto, and
+//! compiles kernels/*.hip into code objects for the HIP backend.
 //!
-//! Owns: the `hipcc --genco` invocation, the target architecture list, and the
-//! generated `hip_kernels.rs` (in OUT_DIR) that embeds the code objects with
-//! `include_bytes!`. Must not touch: anything when the `hip` feature is off —
-//! the default build runs this script once and it returns at once.
+//! Owns: the protobuf compilation (protox, a Rust protobuf compiler, so no
+//! system `protoc` is needed, feeding tonic-prost-build: `inference.rs` in
+//! OUT_DIR), the `hipcc --genco` invocation, the target architecture list, and
+//! the generated `hip_kernels.rs` (in OUT_DIR) that embeds the code objects
+//! with `include_bytes!`. Must not touch: HIP anything when the `hip` feature
+//! is off (that part returns at once).
 //!
 //! Settings (environment):
 //! - `TOKITAI_HIP_ARCHS`: `;`- or `,`-separated offload architectures (e.g.
@@ -24,8 +27,12 @@ const CANDIDATE_ARCHS: [&str; 7] = ["gfx90a", "gfx940", "gfx942", "gfx1030", "gf
 /// Used when no device-library folder is found to decide from.
 const FALLBACK_ARCHS: [&str; 2] = ["gfx90a", "gfx1030"];
 
+/// The `.proto` files of the gRPC service (Triton's names and field numbers).
+const PROTOS: [&str; 2] = ["proto/grpc_service.proto", "proto/model_config.proto"];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    compile_protos();
     if std::env::var_os("CARGO_FEATURE_HIP").is_none() {
         return;
     }
@@ -77,6 +84,23 @@ fn main() {
         ));
     }
     std::fs::write(out.join("hip_kernels.rs"), generated).expect("write hip_kernels.rs");
+}
+
+/// Generates `inference.rs` (messages, server trait, client) in OUT_DIR.
+/// `bytes` fields become `bytes::Bytes`, so raw tensor contents are not
+/// copied out of the received message.
+fn compile_protos() {
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(PROTOS, ["proto"]).unwrap_or_else(|e| panic!("compiling {PROTOS:?}: {e}"));
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .build_transport(false)
+        .bytes(".")
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
 }
 
 /// `TOKITAI_HIP_ARCHS`, else the candidates the installed device libraries cover.

@@ -163,6 +163,7 @@ impl Args {
         }
         let mut c = load(&overrides);
         c.server.bind = "127.0.0.1:0".into();
+        c.grpc.bind = "127.0.0.1:0".into();
         c.model.arch = Some(model.arch.clone());
         c.model.checkpoint = Some(model.checkpoint.clone());
         c

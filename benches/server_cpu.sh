@@ -12,11 +12,17 @@
 #
 #   bash benches/server_cpu.sh target/release/tokitai-serve [SECONDS] [-- ARGS...]
 #
-# Needs wrk (Debian package) and python3. Scenarios: GET /healthz with 64
-# connections (the floor), with 1, and paced at 200 req/s (the framework's
-# own cost at those loads, which bounds what /infer can reach there); POST /infer single-row with 64 connections and
-# with 1; one connection paced at 200 req/s (python3 client); binary v2 infer
-# with 64 connections. The wrk scripts are ../shared/peers/wrk/*.lua.
+# Needs wrk (Debian package), python3, and Triton's perf_analyzer (the venv at
+# TOKITAI_TRITON_VENV or target/triton-venv, as .ci/run makes it). Scenarios:
+# GET /healthz with 64 connections (the floor), with 1, and paced at 200
+# req/s (the framework's own cost at those loads, which bounds what /infer
+# can reach there); POST /infer single-row with 64 connections and with 1;
+# one connection paced at 200 req/s (python3 client); binary v2 infer with 64
+# connections; gRPC ModelInfer and ModelStreamInfer (perf_analyzer -i grpc
+# [--streaming], 64 concurrent calls, one row each as raw_input_contents;
+# their request counts come from the server's own metrics). Then a
+# perf_analyzer -i grpc concurrency sweep (1, 4, 16, 64).
+# The wrk scripts are ../shared/peers/wrk/*.lua.
 set -euo pipefail
 binary=${1:?usage: server_cpu.sh BINARY [SECONDS] [-- ARGS...]}
 seconds=${2:-10}
@@ -27,9 +33,16 @@ peers=$(cd "$here/../../shared/peers/wrk" 2>/dev/null && pwd || true)
 [ -n "$peers" ] || { echo "missing ../shared/peers/wrk (the wrk scripts)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+venv=${TOKITAI_TRITON_VENV:-$here/../target/triton-venv}
+pa="$venv/bin/perf_analyzer"
+[ -x "$pa" ] || { echo "no perf_analyzer at $pa (set TOKITAI_TRITON_VENV; see .ci/run)" >&2; exit 2; }
+cuda_rt=$(ls -d "$venv"/lib/python*/site-packages/nvidia/cuda_runtime/lib | head -n 1)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+gport=$(free_port)
 url="http://127.0.0.1:$port"
-"$binary" --bind "127.0.0.1:$port" "$@" >/dev/null 2>&1 &
+"$binary" --bind "127.0.0.1:$port" --grpc-bind "127.0.0.1:$gport" "$@" >/dev/null 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
@@ -87,6 +100,40 @@ print(json.dumps({"requests": n, "rps": n / (time.perf_counter() - start), "p50_
 EOF
 }
 
+# gRPC inference answers so far (unary OK + streamed OK), from /metrics.
+grpc_answered() {
+    curl -sf "$url/metrics" | python3 -c '
+import sys
+n = 0.0
+for line in sys.stdin:
+    if line.startswith("tokitai_grpc_requests_total{") and "ModelInfer\"" in line and "code=\"OK\"" in line:
+        n += float(line.rsplit(" ", 1)[1])
+    elif line.startswith("tokitai_grpc_stream_messages_total{") and "code=\"OK\"" in line:
+        n += float(line.rsplit(" ", 1)[1])
+print(int(n))'
+}
+
+# perf_analyzer -i grpc at concurrency 64 (arguments: --streaming or none).
+grpc_pa() {
+    local before after start out
+    before=$(grpc_answered)
+    start=$(date +%s.%N)
+    out=$(LD_LIBRARY_PATH="$cuda_rt" "$pa" -m tokitai-moe -u "127.0.0.1:$gport" -i grpc "$@" \
+        --concurrency-range 64 --measurement-interval $((seconds * 1000 / 3)) --max-trials 3 \
+        --stability-percentage 1000 2>&1)
+    after=$(grpc_answered)
+    python3 - "$((after - before))" "$start" "$(date +%s.%N)" "$out" <<'EOF'
+import json, re, sys
+n, t0, t1, out = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if re.search(r"error", out, re.I):
+    sys.exit("perf_analyzer reported errors:\n" + out)
+p50 = re.search(r"p50 latency: (\d+) usec", out)
+p99 = re.search(r"p99 latency: (\d+) usec", out)
+print(json.dumps({"requests": n, "rps": n / (t1 - t0), "p50_us": int(p50.group(1)) if p50 else None,
+                  "p99_us": int(p99.group(1)) if p99 else None}))
+EOF
+}
+
 healthz_lua=$(mktemp --suffix=.lua)
 cat > "$healthz_lua" <<'EOF'
 function done(summary, latency, requests)
@@ -103,6 +150,8 @@ d="${seconds}s"
     run infer_c1 wrk -t1 -c1 -d"$d" -s "$peers/infer_json.lua" "$url"
     run infer_paced_200 paced
     run v2_binary_c64 wrk -t2 -c64 -d"$d" -s "$peers/v2_binary.lua" "$url"
+    run grpc_unary_c64 grpc_pa
+    run grpc_stream_c64 grpc_pa --streaming
 } | python3 -c '
 import json, sys
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
@@ -116,6 +165,8 @@ print(json.dumps({"checks": {
     "infer_c1 / infer_c64 (target <= 2)": round(by["infer_c1"] / by["infer_c64"], 2),
     "infer_paced_200 / infer_c64 (target <= 3)": round(by["infer_paced_200"] / by["infer_c64"], 2),
     "v2_binary_c64 / infer_c64 (target <= 0.8)": round(by["v2_binary_c64"] / by["infer_c64"], 2),
+    "grpc_unary_c64 / infer_c64 (target <= 0.8)": round(by["grpc_unary_c64"] / by["infer_c64"], 2),
+    "grpc_stream_c64 / infer_c64 (target <= 0.6)": round(by["grpc_stream_c64"] / by["infer_c64"], 2),
 }, "floors": {
     "healthz_c1 / healthz_c64 (the framework at one connection)": round(by["healthz_c1"] / floor, 2),
     "healthz_paced_200 / infer_c64 (the framework paced, against the paced target)": round(by["healthz_paced_200"] / by["infer_c64"], 2),
@@ -123,3 +174,13 @@ print(json.dumps({"checks": {
     "infer_paced_200 / healthz_paced_200": round(by["infer_paced_200"] / by["healthz_paced_200"], 2),
 }}))'
 rm -f "$healthz_lua"
+
+echo "== perf_analyzer -i grpc concurrency sweep (unary, then --streaming)"
+for extra in "" "--streaming"; do
+    for c in 1 4 16 64; do
+        # shellcheck disable=SC2086
+        LD_LIBRARY_PATH="$cuda_rt" "$pa" -m tokitai-moe -u "127.0.0.1:$gport" -i grpc $extra \
+            --concurrency-range "$c" --measurement-interval $((seconds * 1000 / 3)) --max-trials 3 \
+            --stability-percentage 1000 2>&1 | grep -E '^Concurrency: ' | sed "s/^/grpc${extra:+ $extra}: /"
+    done
+done

@@ -32,7 +32,7 @@ header = {"inputs": [{"name": "features", "shape": [rows, width], "datatype": "F
 body = json.dumps(header).replace('"X"', data).encode()
 assert len(body) <= 16 * 1024 * 1024, len(body)
 
-server = subprocess.Popen([binary, "--bind", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+server = subprocess.Popen([binary, "--bind", f"127.0.0.1:{port}", "--grpc-bind", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def status():

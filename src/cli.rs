@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the model over HTTP (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the model on one /infer request body (stdin or --input) and print the answer.
     Infer(InferArgs),
     /// Write a synthetic model (arch.json + checkpoint.tkp1) in the training runner's format.
@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Listen address (else TOKITAI_MODEL_BIND_ADDR, else 127.0.0.1:9100).
     #[arg(long, value_name = "IP:PORT")]
     pub bind: Option<String>,
+    /// gRPC listen address (else 127.0.0.1:9101; `grpc.enabled = false` turns gRPC off).
+    #[arg(long, value_name = "IP:PORT")]
+    pub grpc_bind: Option<String>,
     /// Worker actors (sessions).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -165,6 +168,7 @@ impl ServeArgs {
             self.model.weight_precision.map(|p| Str(p.as_str().into())),
         );
         push("server.bind", self.bind.clone().map(Str));
+        push("grpc.bind", self.grpc_bind.clone().map(Str));
         push("workers.count", self.workers.map(|n| int(n as u64)));
         push(
             "workers.threads_per_worker",

@@ -24,10 +24,13 @@ pub const LEGACY_BIND_ENV: &str = "TOKITAI_MODEL_BIND_ADDR";
 /// Default bind address: loopback only, the old sidecar's port.
 pub const DEFAULT_BIND: &str = "127.0.0.1:9100";
 
+/// Default gRPC bind address: loopback only, the port after HTTP's.
+pub const DEFAULT_GRPC_BIND: &str = "127.0.0.1:9101";
+
 /// Default model name on the `/v2` routes.
 pub const DEFAULT_MODEL_NAME: &str = "tokitai-moe";
 
-const SECTIONS: [&str; 6] = ["server", "model", "batching", "workers", "logging", "metrics"];
+const SECTIONS: [&str; 7] = ["server", "grpc", "model", "batching", "workers", "logging", "metrics"];
 
 /// A configuration that failed to load or validate. The message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub grpc: GrpcConfig,
     pub model: ModelConfig,
     pub batching: BatchingConfig,
     pub workers: WorkersConfig,
@@ -74,6 +78,69 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest request head (header names and values); larger gets 431.
     pub max_header_bytes: usize,
+}
+
+/// `[grpc]`: Triton's `GRPCInferenceService` on a port of its own. Message
+/// size, header size, body time and request deadlines are `[server]`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Serve gRPC at all.
+    pub enabled: bool,
+    /// Address to listen on. Port 0 picks a free port (the log prints it).
+    pub bind: String,
+    /// Threads of the gRPC runtime (decode, validate, encode; never compute).
+    pub threads: usize,
+    /// Most concurrent streams (calls) on one HTTP/2 connection; more are refused.
+    pub max_concurrent_streams: u32,
+    /// Most open gRPC connections; past it new ones wait in the backlog.
+    pub max_connections: usize,
+    /// HTTP/2 keep-alive ping interval on an idle connection (0: none).
+    pub keepalive_interval_secs: u64,
+    /// A connection whose ping is not answered within this is closed.
+    pub keepalive_timeout_secs: u64,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            enabled: true,
+            bind: DEFAULT_GRPC_BIND.to_string(),
+            threads: 2,
+            max_concurrent_streams: 128,
+            max_connections: 1024,
+            keepalive_interval_secs: 60,
+            keepalive_timeout_secs: 20,
+        }
+    }
+}
+
+impl GrpcConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.bind.parse::<SocketAddr>().is_err() {
+            return bad("grpc.bind", format!("{:?} is not an IP:port address", self.bind));
+        }
+        in_range("grpc.threads", self.threads, 1..=64, "")?;
+        in_range(
+            "grpc.max_concurrent_streams",
+            self.max_concurrent_streams as usize,
+            1..=65_536,
+            "",
+        )?;
+        in_range("grpc.max_connections", self.max_connections, 1..=1_000_000, "")?;
+        in_range(
+            "grpc.keepalive_interval_secs",
+            self.keepalive_interval_secs as usize,
+            0..=86_400,
+            " (0: no pings)",
+        )?;
+        in_range(
+            "grpc.keepalive_timeout_secs",
+            self.keepalive_timeout_secs as usize,
+            1..=3600,
+            "",
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,6 +399,7 @@ impl Config {
     /// Checks every value, section by section; the error names the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
+        self.grpc.validate()?;
         self.model.validate()?;
         self.batching.validate()?;
         self.workers.validate()
@@ -339,6 +407,11 @@ impl Config {
 
     pub fn bind_addr(&self) -> SocketAddr {
         self.server.bind.parse().expect("validated at load")
+    }
+
+    /// `grpc.bind`, parsed.
+    pub fn grpc_bind_addr(&self) -> SocketAddr {
+        self.grpc.bind.parse().expect("validated at load")
     }
 
     pub fn header_timeout(&self) -> Duration {
@@ -650,6 +723,12 @@ mod tests {
         assert!(err(&[("TOKITAI_WORKERS_BACKEND", "cuda")]).contains("workers.backend"));
         assert!(err(&[("TOKITAI_WORKERS_GPUS", "[0, 0]")]).contains("workers.gpus"));
         assert!(err(&[("TOKITAI_WORKERS_STREAMS_PER_GPU", "0")]).contains("workers.streams_per_gpu"));
+        assert!(err(&[("TOKITAI_GRPC_BIND", "nowhere")]).contains("grpc.bind"));
+        assert!(err(&[("TOKITAI_GRPC_THREADS", "0")]).contains("grpc.threads"));
+        assert!(err(&[("TOKITAI_GRPC_MAX_CONCURRENT_STREAMS", "0")]).contains("grpc.max_concurrent_streams"));
+        let c = Config::load(None, env(&[("TOKITAI_GRPC_ENABLED", "false")]), &[]).unwrap();
+        assert!(!c.grpc.enabled);
+        assert_eq!(Config::default().grpc.bind, "127.0.0.1:9101");
     }
 
     #[test]

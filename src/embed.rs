@@ -16,16 +16,20 @@ use crate::config::Config;
 /// joins. Dropping it stops it too (and ignores how it ended).
 pub struct ServerThread {
     addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl ServerThread {
-    /// Starts [`crate::run`] on `listener` with `config` in a new thread named
-    /// `name`. Returns at once: the engine may still be loading (poll
-    /// `/readyz`).
+    /// Starts [`crate::serve`] on `listener` (and, when `grpc.enabled`, on
+    /// `grpc.bind`, bound here so [`ServerThread::grpc_addr`] is known at
+    /// once) with `config` in a new thread named `name`. Returns at once: the
+    /// engine may still be loading (poll `/readyz`).
     pub fn spawn(name: &str, listener: TcpListener, config: Config) -> std::io::Result<ServerThread> {
         let addr = listener.local_addr()?;
+        let listeners = crate::Listeners::bind_grpc(listener, &config)?;
+        let grpc_addr = listeners.grpc.as_ref().map(TcpListener::local_addr).transpose()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             let shutdown = async move {
@@ -33,11 +37,17 @@ impl ServerThread {
                 let _ = stopped.await;
             };
             actix_rt::System::new()
-                .block_on(crate::run(listener, config, shutdown))
+                .block_on(crate::serve(
+                    listeners,
+                    config,
+                    shutdown,
+                    futures_util::stream::pending(),
+                ))
                 .map_err(|e| e.to_string())
         })?;
         Ok(ServerThread {
             addr,
+            grpc_addr,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -45,6 +55,11 @@ impl ServerThread {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where gRPC is served (`None` with `grpc.enabled = false`).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// `http://IP:PORT`

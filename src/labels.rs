@@ -2,7 +2,9 @@
 //! `type` or a route table takes, each as an enum with one `as_str`.
 //!
 //! Owns: [`Route`] (the route templates, the HTTP layer registers its routes
-//! from them and the metrics label requests with them), [`FailureReason`]
+//! from them and the metrics label requests with them), [`GrpcMethod`] (the
+//! gRPC methods, by their paths), [`Endpoint`] (either: what a `route`
+//! label says), [`FailureReason`]
 //! (why a request got no model answer: the JSON error's `type` and the
 //! failure metric's `reason`) and [`DropReason`] (why queued rows were not
 //! computed) and [`ModelState`] (a model version's state in the repository
@@ -61,7 +63,70 @@ label_enum! {
         V2RepositoryIndex => "/v2/repository/index",
         V2RepositoryLoad => "/v2/repository/models/{model}/load",
         V2RepositoryUnload => "/v2/repository/models/{model}/unload",
+        V2ModelStats => "/v2/models/{model}/stats",
+        V2ModelVersionStats => "/v2/models/{model}/versions/{version}/stats",
         Other => "other",
+    }
+}
+
+label_enum! {
+    /// A gRPC method of `inference.GRPCInferenceService`, by its path (the
+    /// `route` label of gRPC requests). `Other` is every path the service
+    /// does not serve (answered UNIMPLEMENTED).
+    GrpcMethod {
+        ServerLive => "/inference.GRPCInferenceService/ServerLive",
+        ServerReady => "/inference.GRPCInferenceService/ServerReady",
+        ModelReady => "/inference.GRPCInferenceService/ModelReady",
+        ServerMetadata => "/inference.GRPCInferenceService/ServerMetadata",
+        ModelMetadata => "/inference.GRPCInferenceService/ModelMetadata",
+        ModelConfig => "/inference.GRPCInferenceService/ModelConfig",
+        ModelInfer => "/inference.GRPCInferenceService/ModelInfer",
+        ModelStreamInfer => "/inference.GRPCInferenceService/ModelStreamInfer",
+        ModelStatistics => "/inference.GRPCInferenceService/ModelStatistics",
+        RepositoryIndex => "/inference.GRPCInferenceService/RepositoryIndex",
+        RepositoryModelLoad => "/inference.GRPCInferenceService/RepositoryModelLoad",
+        RepositoryModelUnload => "/inference.GRPCInferenceService/RepositoryModelUnload",
+        Other => "grpc:other",
+    }
+}
+
+impl GrpcMethod {
+    /// The method whose path is `path`, or [`GrpcMethod::Other`].
+    pub fn from_path(path: &str) -> GrpcMethod {
+        GrpcMethod::ALL
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == path)
+            .unwrap_or(GrpcMethod::Other)
+    }
+}
+
+/// What a request came in on, whichever protocol: the `route` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Http(Route),
+    Grpc(GrpcMethod),
+}
+
+impl Endpoint {
+    /// The label text (an HTTP route template or a gRPC method path).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Http(r) => r.as_str(),
+            Endpoint::Grpc(m) => m.as_str(),
+        }
+    }
+}
+
+impl From<Route> for Endpoint {
+    fn from(r: Route) -> Endpoint {
+        Endpoint::Http(r)
+    }
+}
+
+impl From<GrpcMethod> for Endpoint {
+    fn from(m: GrpcMethod) -> Endpoint {
+        Endpoint::Grpc(m)
     }
 }
 
@@ -164,7 +229,11 @@ mod tests {
     #[test]
     fn labels_are_unique_and_templates_round_trip() {
         for all in [
-            Route::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            Route::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .chain(GrpcMethod::ALL.iter().map(|m| m.as_str()))
+                .collect::<Vec<_>>(),
             FailureReason::ALL.iter().map(|r| r.as_str()).collect(),
             DropReason::ALL.iter().map(|r| r.as_str()).collect(),
             ModelState::ALL.iter().map(|r| r.as_str()).collect(),
@@ -178,5 +247,13 @@ mod tests {
             assert_eq!(Route::from_template(route.as_str()), route);
         }
         assert_eq!(Route::from_template("/../etc/passwd"), Route::Other);
+        for &method in GrpcMethod::ALL {
+            assert_eq!(GrpcMethod::from_path(method.as_str()), method);
+            assert_eq!(Endpoint::from(method).as_str(), method.as_str());
+        }
+        assert_eq!(
+            GrpcMethod::from_path("/inference.GRPCInferenceService/Trace"),
+            GrpcMethod::Other
+        );
     }
 }

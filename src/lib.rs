@@ -27,6 +27,10 @@
 //! (`repository/`: the repository on disk, the served version of each model,
 //! loads and swaps off the request path), then submits to that version's own
 //! batcher and workers; a request finishes on the version that accepted it.
+//! gRPC (`grpc/`: Triton's `GRPCInferenceService`, on a tokio runtime of its
+//! own) parses into the same `InferInput` and calls the same `Engine::infer`;
+//! `oip.rs` holds the tensor rules both Open Inference Protocol transports
+//! share and `stats.rs` the statistics extension's counters.
 //!
 //! Around it: `input.rs` is the one validated input type; `labels.rs` the
 //! fixed vocabularies (routes, failure and drop reasons); `readiness.rs` the
@@ -35,7 +39,8 @@
 //! assembles one version's model, backend, batcher and workers; `metrics.rs` owns the
 //! Prometheus registry; `config.rs` the layered settings; `embed.rs` runs
 //! the engine on a thread of its own. [`run`] takes a bound listener, a
-//! config and a shutdown future, so tests serve on port 0.
+//! config and a shutdown future ([`serve`] takes the gRPC listener too), so
+//! tests serve on port 0.
 
 pub mod backend;
 pub mod batcher;
@@ -44,16 +49,19 @@ pub mod config;
 pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod input;
 pub mod labels;
 pub mod mailbox;
 pub mod metrics;
 pub mod model;
+pub mod oip;
 pub mod os;
 pub mod readiness;
 pub mod repository;
 pub mod sidecar_json;
+pub mod stats;
 pub mod worker;
 
 use std::future::Future;
@@ -67,27 +75,54 @@ use crate::engine::Engine;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
-/// Serves on `listener` until `shutdown` completes, then drains: readiness
-/// turns 503, no new connections are accepted, and requests already accepted
-/// finish within `server.shutdown_timeout_secs`. Must run inside an actix
-/// `System` (see `main.rs`, or [`embed::ServerThread`]).
+/// The bound sockets the server serves on.
+pub struct Listeners {
+    pub http: TcpListener,
+    /// `None`: no gRPC (`grpc.enabled = false`).
+    pub grpc: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// `http`, and `grpc.bind` bound when gRPC is enabled.
+    pub fn bind_grpc(http: TcpListener, config: &Config) -> std::io::Result<Listeners> {
+        let grpc = if config.grpc.enabled {
+            let addr = config.grpc_bind_addr();
+            let listener = TcpListener::bind(addr)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen for gRPC on {addr}: {e}")))?;
+            Some(listener)
+        } else {
+            None
+        };
+        Ok(Listeners { http, grpc })
+    }
+}
+
+/// Serves HTTP on `listener` (and gRPC on `grpc.bind` when enabled) until
+/// `shutdown` completes; see [`serve`].
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), StartError> {
-    run_with_reloads(listener, config, shutdown, futures_util::stream::pending()).await
+    let listeners = Listeners::bind_grpc(listener, &config)?;
+    serve(listeners, config, shutdown, futures_util::stream::pending()).await
 }
 
-/// [`run`], re-reading the models (the repository, or the `--arch /
-/// --checkpoint` files) each time `reloads` yields: the binary feeds it
-/// SIGHUP.
-pub async fn run_with_reloads(
-    listener: TcpListener,
+/// Serves until `shutdown` completes, re-reading the models (the
+/// repository, or the `--arch / --checkpoint` files) each time `reloads`
+/// yields (the binary feeds it SIGHUP); then drains both protocols:
+/// readiness turns 503 (gRPC's `ServerReady` false), no new connections are
+/// accepted, and requests already accepted finish within
+/// `server.shutdown_timeout_secs`. Prints `listening on grpc://ADDR` (when
+/// gRPC is on), then `listening on http://ADDR`. Must run inside an actix
+/// `System` (see `main.rs`, or [`embed::ServerThread`]).
+pub async fn serve(
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
     reloads: impl Stream<Item = ()> + Unpin + 'static,
 ) -> Result<(), StartError> {
+    let listener = listeners.http;
     let addr = listener.local_addr()?;
     let mut metrics = Metrics::new();
     metrics.set_recording(config.metrics.record);
@@ -99,6 +134,15 @@ pub async fn run_with_reloads(
     );
     let engine = Engine::start(&config, Arc::clone(&metrics)).await?;
     raise_open_files_limit(&config);
+    let grpc = match listeners.grpc {
+        Some(l) => {
+            let server = grpc::start(l, engine.clone(), &config)?;
+            println!("listening on grpc://{}", server.addr());
+            tracing::info!(addr = %server.addr(), "gRPC listening");
+            Some(server)
+        }
+        None => None,
+    };
     let server = http::server(listener, engine.clone(), &config)?;
     println!("listening on http://{addr}");
     tracing::info!(%addr, "listening");
@@ -112,13 +156,22 @@ pub async fn run_with_reloads(
         }
     });
     let handle = server.handle();
+    let (grpc_done, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     actix_rt::spawn(async move {
         shutdown.await;
         tracing::info!("shutdown requested: draining");
         engine.start_draining();
-        handle.stop(true).await;
+        let grpc_stop = async {
+            if let Some(grpc) = grpc {
+                grpc.stop().await;
+            }
+        };
+        futures_util::future::join(handle.stop(true), grpc_stop).await;
+        let _ = grpc_done.send(());
     });
     server.await?;
+    // The HTTP side stopped only through the task above: wait for gRPC's drain too.
+    let _ = grpc_stopped.await;
     tracing::info!("stopped");
     Ok(())
 }

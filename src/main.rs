@@ -35,8 +35,15 @@ fn serve(args: &cli::ServeArgs) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    let result = actix_rt::System::new()
-        .block_on(async move { tokitai_serve::run_with_reloads(listener, config, shutdown_signal(), hangups()).await });
+    let listeners = match tokitai_serve::Listeners::bind_grpc(listener, &config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    let result =
+        actix_rt::System::new().block_on(tokitai_serve::serve(listeners, config, shutdown_signal(), hangups()));
     match result {
         Ok(()) => 0,
         Err(e) => {

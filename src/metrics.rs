@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use crate::labels::{DropReason, FailureReason, Route};
+use crate::labels::{DropReason, Endpoint, FailureReason, GrpcMethod, Route};
 
 use prometheus::{
     Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -41,6 +41,8 @@ pub struct Metrics {
     registry: Registry,
     recording: bool,
     pub http_requests: IntCounterVec,
+    pub grpc_requests: IntCounterVec,
+    pub grpc_stream_messages: IntCounterVec,
     pub request_failures: IntCounterVec,
     pub request_duration: HistogramVec,
     pub queue_wait: Histogram,
@@ -92,6 +94,20 @@ impl Metrics {
                     "HTTP requests answered, by route template and status code."
                 ),
                 &["route", "status"],
+            )),
+            grpc_requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tokitai_grpc_requests_total",
+                    "gRPC calls answered, by method path and gRPC status code name."
+                ),
+                &["route", "code"],
+            )),
+            grpc_stream_messages: reg!(IntCounterVec::new(
+                Opts::new(
+                    "tokitai_grpc_stream_messages_total",
+                    "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent)."
+                ),
+                &["code"],
             )),
             request_failures: reg!(IntCounterVec::new(
                 Opts::new(
@@ -364,13 +380,41 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// One answered gRPC call (`code` as the status code's name, e.g. `OK`).
+    pub fn observe_grpc_request(&self, method: GrpcMethod, code: &str, elapsed: Duration) {
+        if !self.recording {
+            return;
+        }
+        let route = method.as_str();
+        self.grpc_requests.with_label_values(&[route, code]).inc();
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One inference answer sent on a gRPC stream.
+    pub fn observe_stream_message(&self, code: &str) {
+        if self.recording {
+            self.grpc_stream_messages.with_label_values(&[code]).inc();
+        }
+    }
+
     /// One request that got no model answer.
-    pub fn observe_failure(&self, route: Route, reason: FailureReason) {
+    pub fn observe_failure(&self, route: impl Into<Endpoint>, reason: FailureReason) {
         if self.recording {
             self.request_failures
-                .with_label_values(&[route.as_str(), reason.as_str()])
+                .with_label_values(&[route.into().as_str(), reason.as_str()])
                 .inc();
         }
+    }
+
+    /// Batches computed so far, all workers together (`execution_count` of
+    /// the statistics extension).
+    pub fn batches_total(&self) -> u64 {
+        let workers = self.workers.get().max(0) as usize;
+        (0..workers)
+            .map(|w| self.batches.with_label_values(&[&w.to_string()]).get())
+            .sum()
     }
 
     /// Time a request waited before its first rows started computing.

@@ -77,6 +77,7 @@ fn start_up_refuses_what_f16_cannot_serve() {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:0")
+            .env("TOKITAI_GRPC_BIND", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         for (k, v) in env {

@@ -28,6 +28,7 @@ use tokitai_serve::config::Config;
 fn demo_config() -> Config {
     let mut c = Config::default();
     c.server.bind = "127.0.0.1:0".into();
+    c.grpc.enabled = false;
     c.server.http_workers = 1;
     c.server.shutdown_timeout_secs = 5;
     c.workers.count = 1;

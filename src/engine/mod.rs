@@ -16,7 +16,7 @@ pub mod startup;
 pub mod version;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -27,7 +27,7 @@ use crate::batcher::job::Job;
 use crate::config::Config;
 use crate::error::{RequestError, ServeError, StartError};
 use crate::input::{InferInput, InputLimits};
-use crate::labels::{FailureReason, Route};
+use crate::labels::{Endpoint, FailureReason};
 use crate::metrics::Metrics;
 use crate::model::{Dims, LayerNormMode, WeightPrecision};
 pub use crate::repository::controller::Outcome as LoadOutcome;
@@ -90,7 +90,7 @@ pub struct InferOptions {
     /// Rows not computed within this are dropped and the request fails.
     pub timeout: Duration,
     /// The protocol route it came in on (labels the `cancelled` count).
-    pub route: Route,
+    pub route: Endpoint,
 }
 
 /// An answer, and the model version that computed it.
@@ -160,6 +160,28 @@ impl Engine {
         options: InferOptions,
     ) -> Result<InferAnswer, ServeError> {
         let version = self.resolve(target)?;
+        let (start, rows) = (Instant::now(), input.n_rows());
+        let result = self.submit(&version, input, options).await;
+        match &result {
+            Ok(out) => version
+                .stats
+                .record_success(rows, start.elapsed(), out.queue_wait, out.compute),
+            Err(_) => version.stats.record_failure(start.elapsed()),
+        }
+        let output = result?;
+        version.count_answer();
+        Ok(InferAnswer {
+            output,
+            model: Arc::clone(&version.description),
+        })
+    }
+
+    async fn submit(
+        &self,
+        version: &ServedVersion,
+        input: InferInput,
+        options: InferOptions,
+    ) -> Result<InferOutput, ServeError> {
         check_fits(&input, &version.limits)?;
         let (job, reply) = Job::new(input, options.timeout);
         let inflight = InflightGuard::new(&self.metrics, options.route);
@@ -171,11 +193,7 @@ impl Engine {
         inflight.finish();
         let output = outcome?;
         self.metrics.observe_queue_wait(output.queue_wait);
-        version.count_answer();
-        Ok(InferAnswer {
-            output,
-            model: Arc::clone(&version.description),
-        })
+        Ok(output)
     }
 
     /// Triton's repository index (with `ready_only`, the `READY` rows).
@@ -234,12 +252,12 @@ fn check_fits(input: &InferInput, limits: &InputLimits) -> Result<(), ServeError
 /// before `finish`). Answers and errors are counted by the protocol layer.
 struct InflightGuard {
     metrics: Arc<Metrics>,
-    route: Route,
+    route: Endpoint,
     finished: bool,
 }
 
 impl InflightGuard {
-    fn new(metrics: &Arc<Metrics>, route: Route) -> InflightGuard {
+    fn new(metrics: &Arc<Metrics>, route: Endpoint) -> InflightGuard {
         metrics.add_inflight(1);
         InflightGuard {
             metrics: Arc::clone(metrics),

@@ -246,7 +246,14 @@ pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVe
         })
     };
     batcher.send(BatcherMessage::AttachWorkers(AttachWorkers { workers, respawn }));
-    Ok(ServedVersion::new(batcher, backend, readiness, Arc::new(description), limits, metrics))
+    Ok(ServedVersion::new(
+        batcher,
+        backend,
+        readiness,
+        Arc::new(description),
+        limits,
+        metrics,
+    ))
 }
 
 /// One forward of a single zero row on each session, in parallel: sizes the

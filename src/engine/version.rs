@@ -20,6 +20,7 @@ use crate::batcher::{BatcherHandle, Message as BatcherMessage};
 use crate::input::InputLimits;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
+use crate::stats::InferStats;
 
 /// A running pool serving one version of one model.
 pub struct ServedVersion {
@@ -32,6 +33,9 @@ pub struct ServedVersion {
     pub readiness: Arc<Readiness>,
     /// What a valid input looks like for this version.
     pub limits: InputLimits,
+    /// The statistics extension's counters for this version (recorded in
+    /// `Engine::infer`).
+    pub stats: InferStats,
     /// `tokitai_model_answers_total{model, version}`, resolved once.
     answers: IntCounter,
     recording: bool,
@@ -49,6 +53,7 @@ impl ServedVersion {
         ServedVersion {
             answers: metrics.model_answers(&description.name, description.version),
             recording: metrics.is_recording(),
+            stats: InferStats::default(),
             description,
             batcher,
             backend,

@@ -92,6 +92,7 @@ fn resource(route: Route) -> Option<actix_web::Resource> {
         Route::V2RepositoryIndex => r.route(web::post().to(v2::repository::index)),
         Route::V2RepositoryLoad => r.route(web::post().to(v2::repository::load)),
         Route::V2RepositoryUnload => r.route(web::post().to(v2::repository::unload)),
+        Route::V2ModelStats | Route::V2ModelVersionStats => r.route(web::get().to(v2::model_stats)),
         Route::Other => return None,
     })
 }

@@ -36,7 +36,7 @@ pub async fn infer(
     drop(body);
     let options = InferOptions {
         timeout,
-        route: Route::Infer,
+        route: Route::Infer.into(),
     };
     let answer = engine.infer(&target, request.input, options).await?;
     let (output, dims) = (&answer.output, answer.model.dims);

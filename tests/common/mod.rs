@@ -12,6 +12,8 @@
 //! - [`prom`]: a small Prometheus text parser ([`Metrics`]).
 //! - [`prometheus`]: a real `prometheus` server ([`Prometheus`]), the tool
 //!   lookup ([`tool`]) and a bounded poll ([`wait_for`]).
+//! - [`triton`]: Triton's Python client and perf_analyzer ([`venv`],
+//!   [`run_python`], [`perf_analyzer`]).
 //!
 //! Every wait here is bounded; nothing asserts a wall-clock duration.
 
@@ -26,7 +28,8 @@ pub mod prom;
 pub mod prometheus;
 pub mod raw;
 pub mod server;
+pub mod triton;
 
 // The whole harness as `common::Name`, whichever part a test binary uses.
 #[allow(unused_imports)]
-pub use {fixtures::*, http::*, prom::*, prometheus::*, raw::*, server::*};
+pub use {fixtures::*, http::*, prom::*, prometheus::*, raw::*, server::*, triton::*};

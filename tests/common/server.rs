@@ -3,8 +3,8 @@
 //! Owns: [`TestServer`], the library's [`ServerThread`] serving on
 //! `127.0.0.1:0` in this process, ready once `GET /readyz` answers 200 and
 //! checked to have stopped cleanly; [`ProcessServer`], the real binary
-//! ([`BIN`]) as a child process (for signal tests), its address read from its
-//! `listening on http://ADDR` line; and [`base_config`], the settings every
+//! ([`BIN`]) as a child process (for signal tests), its addresses read from
+//! its `listening on grpc://ADDR` and `listening on http://ADDR` lines; and [`base_config`], the settings every
 //! test server starts from. Must not touch: the engine's own start and stop
 //! logic (that is `tokitai_serve::embed`). No fixed ports; every wait is
 //! bounded.
@@ -33,6 +33,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub fn base_config() -> Config {
     let mut config = Config::default();
     config.server.bind = "127.0.0.1:0".into();
+    config.grpc.bind = "127.0.0.1:0".into();
     config.server.shutdown_timeout_secs = 2;
     config
 }
@@ -44,6 +45,7 @@ pub fn base_config() -> Config {
 /// `Ok` (unless the test is already failing).
 pub struct TestServer {
     addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
     /// `http://IP:PORT`
     base: String,
     /// `None` once stopped.
@@ -60,6 +62,7 @@ impl TestServer {
             ServerThread::spawn(&format!("test-server-{port}"), listener, config).expect("spawn server thread");
         let mut server = TestServer {
             addr: server.addr(),
+            grpc_addr: server.grpc_addr(),
             base: server.base_url(),
             server: Some(server),
         };
@@ -86,6 +89,11 @@ impl TestServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where gRPC is served (panics when the config turned it off).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr.expect("this test server serves gRPC")
     }
 
     /// `http://IP:PORT{path}`
@@ -139,6 +147,8 @@ impl Drop for TestServer {
 pub struct ProcessServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where gRPC is served (`None` when the binary was told not to).
+    pub grpc_addr: Option<SocketAddr>,
 }
 
 impl ProcessServer {
@@ -154,11 +164,12 @@ impl ProcessServer {
     }
 
     /// Spawns `cmd` (the binary, with its arguments, environment and
-    /// stderr as the caller wants them; stdin, stdout, the bind address and
-    /// the log level are set here) and reads stdout until it says where it
-    /// listens.
+    /// stderr as the caller wants them; stdin, stdout, the bind addresses
+    /// and the log level are set here) and reads stdout until it says where
+    /// it listens.
     pub fn start_with(mut cmd: Command) -> ProcessServer {
         cmd.env("TOKITAI_MODEL_BIND_ADDR", "127.0.0.1:0")
+            .env("TOKITAI_GRPC_BIND", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
@@ -168,17 +179,22 @@ impl ProcessServer {
         // Read stdout on a thread so a server that never prints cannot hang the test.
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            let mut grpc = None;
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
+                // The gRPC line comes first, when gRPC is on.
+                if let Some(addr) = line.strip_prefix("listening on grpc://") {
+                    grpc = Some(addr.trim().to_string());
+                }
                 if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.trim().to_string());
+                    let _ = tx.send((addr.trim().to_string(), grpc.take()));
                     break;
                 }
             }
             // Keep draining so the child never blocks on a full pipe.
             for _ in lines {}
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, grpc_addr) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
@@ -186,7 +202,8 @@ impl ProcessServer {
             }
         };
         let addr: SocketAddr = addr.parse().expect("a socket address after `listening on http://`");
-        ProcessServer { child, addr }
+        let grpc_addr = grpc_addr.map(|a| a.parse().expect("a socket address after `listening on grpc://`"));
+        ProcessServer { child, addr, grpc_addr }
     }
 
     /// `http://IP:PORT{path}`

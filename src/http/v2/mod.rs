@@ -1,10 +1,11 @@
 //! The Open Inference Protocol (KServe v2) routes, with the binary tensor
 //! data extension and Triton's model-configuration extension.
 //!
-//! Owns: `/v2` server metadata and health, model metadata/readiness/config,
-//! and `POST /v2/models/{model}[/versions/{version}]/infer` in JSON and
-//! binary form, each for the model (and version) its path names; Triton's
-//! model repository extension is `repository.rs`. Inference goes through the same batcher, workers, limits,
+//! Owns: `/v2` server metadata and health, model metadata/readiness/config/
+//! statistics, and `POST /v2/models/{model}[/versions/{version}]/infer` in
+//! JSON and binary form, each for the model (and version) its path names;
+//! Triton's model repository extension is `repository.rs`. Inference goes
+//! through the same batcher, workers, limits,
 //! deadlines and metrics as `/infer` (the `route` label tells them apart).
 //! Must not touch: batching or compute; status codes live in `http/error.rs`
 //! (`V2Error`, Triton's codes for the same conditions). The infer request's
@@ -38,9 +39,7 @@ use crate::labels::Route;
 
 /// Header giving the length of the JSON part of a binary request/response.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
-/// The only tensor type the engine computes in; others are rejected by name.
-const FP32: &str = "FP32";
-const INPUT: &str = "features";
+use crate::oip::{EXTENSIONS, FP32, INPUT, PLATFORM};
 
 /// `{model}` and the optional `{version}` of a path.
 #[derive(Deserialize)]
@@ -76,7 +75,7 @@ pub async fn server_metadata() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "name": "tokitai-serve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "model_repository"],
+        "extensions": EXTENSIONS,
     }))
 }
 
@@ -113,7 +112,7 @@ pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath
     Ok(HttpResponse::Ok().json(json!({
         "name": m.name,
         "versions": [m.version.to_string()],
-        "platform": "tokitai_moe",
+        "platform": PLATFORM,
         "inputs": [{ "name": INPUT, "datatype": FP32, "shape": [-1, d.input] }],
         "outputs": [
             { "name": "logits", "datatype": FP32, "shape": [-1, d.output] },
@@ -137,7 +136,7 @@ pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>)
     let d = m.dims;
     Ok(HttpResponse::Ok().json(json!({
         "name": m.name,
-        "platform": "tokitai_moe",
+        "platform": PLATFORM,
         "backend": m.backend,
         "max_batch_size": version.limits.max_rows,
         "input": [{ "name": INPUT, "data_type": "TYPE_FP32", "dims": [d.input] }],
@@ -147,6 +146,34 @@ pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>)
         ],
         "dynamic_batching": {},
         "version_policy": { "latest": { "num_versions": 1 } },
+    })))
+}
+
+/// `GET /v2/models/{model}[/versions/{version}]/stats`: Triton's statistics
+/// extension, from the same counters as gRPC's `ModelStatistics`.
+pub async fn model_stats(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
+    let version = engine.resolve(&path.target()?)?;
+    let s = version.stats.snapshot(engine.metrics.batches_total());
+    let d = |(count, ns): (u64, u64)| json!({ "count": count, "ns": ns });
+    Ok(HttpResponse::Ok().json(json!({
+        "model_stats": [{
+            "name": version.description.name,
+            "version": version.description.version.to_string(),
+            "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count,
+            "execution_count": s.execution_count,
+            "inference_stats": {
+                "success": d(s.success),
+                "fail": d(s.fail),
+                "queue": d(s.queue),
+                "compute_input": d(s.compute_input()),
+                "compute_infer": d(s.compute_infer),
+                "compute_output": d(s.compute_output()),
+                "cache_hit": d((0, 0)),
+                "cache_miss": d((0, 0)),
+            },
+            "batch_stats": [],
+        }],
     })))
 }
 
@@ -171,7 +198,7 @@ pub async fn infer(
 
     let options = InferOptions {
         timeout,
-        route: Route::V2Infer,
+        route: Route::V2Infer.into(),
     };
     let answer = engine.infer(&target, request.input, options).await?;
     let version = answer.model.version.to_string();

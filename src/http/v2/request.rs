@@ -21,34 +21,15 @@ use std::fmt;
 use serde::Deserializer;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{FP32, INPUT, invalid};
+use super::{INPUT, invalid};
 use crate::http::error::V2Error;
 use crate::input::{ErrorSlot, InferInput, InputLimits, RequestError, clip};
+use crate::oip;
 
 /// Most dimensions a `shape` may list (the model's input has 2).
 const MAX_SHAPE_RANK: usize = 8;
 
-/// The model's outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputName {
-    Logits,
-    RouterWeights,
-}
-
-impl OutputName {
-    pub const ALL: [OutputName; 2] = [OutputName::Logits, OutputName::RouterWeights];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutputName::Logits => "logits",
-            OutputName::RouterWeights => "router_weights",
-        }
-    }
-
-    fn parse(name: &str) -> Option<OutputName> {
-        OutputName::ALL.into_iter().find(|o| o.as_str() == name)
-    }
-}
+pub use crate::oip::OutputName;
 
 /// One output the client asked for, and whether it is answered as raw
 /// bytes after the JSON header (the binary tensor extension).
@@ -156,35 +137,14 @@ impl Header {
 impl InputTensor {
     /// The input is the model's: named `features`, of type FP32.
     fn check_identity(&self) -> Result<(), V2Error> {
-        let name = clip(self.name.as_deref().unwrap_or(""));
-        if name != INPUT {
-            return Err(invalid(format!(
-                "unexpected inference input '{name}': the model's input is '{INPUT}'"
-            )));
-        }
-        let datatype = clip(self.datatype.as_deref().unwrap_or(""));
-        if datatype != FP32 {
-            return Err(invalid(format!(
-                "input '{INPUT}' has datatype {datatype}, but only {FP32} is accepted"
-            )));
-        }
-        Ok(())
+        let name = self.name.as_deref().unwrap_or("");
+        Ok(oip::check_input(name, self.datatype.as_deref().unwrap_or(""))?)
     }
 }
 
 /// The batch size `shape` declares, within the row limit.
 fn declared_rows(shape: &[i64], limits: &InputLimits) -> Result<usize, V2Error> {
-    let n_rows = match shape {
-        [n, d] if *n >= 1 && *d == limits.row_len as i64 => usize::try_from(*n).unwrap_or(usize::MAX),
-        _ => {
-            return Err(invalid(format!(
-                "input '{INPUT}' has shape {shape:?}, expected [batch, {}] with batch >= 1",
-                limits.row_len
-            )));
-        }
-    };
-    limits.check_rows(n_rows)?;
-    Ok(n_rows)
+    Ok(oip::declared_rows(shape, limits)?)
 }
 
 /// Values from the binary part: exactly the shape's bytes, little-endian.

@@ -1,0 +1,189 @@
+//! `ModelInferRequest` -> a validated [`InferInput`] and the outputs asked for.
+//!
+//! Owns: reading the one input tensor from `raw_input_contents` (little-endian
+//! bytes, what tritonclient and perf_analyzer send) or from typed
+//! `contents.fp32_contents`, never both; the request's parameters
+//! (`binary_data`, `priority`, ...) are accepted and ignored, as they change
+//! nothing here. The tensor rules themselves (name, datatype, shape, byte
+//! length, outputs) are the protocol-neutral ones in `oip.rs`, the same
+//! as HTTP v2's. Must not touch: status codes (`status.rs`), which model is
+//! asked for (`model.rs` checks that first).
+
+use super::pb::{InferTensorContents, ModelInferRequest};
+use super::status::GrpcError;
+use crate::error::ServeError;
+use crate::input::{InferInput, InputLimits};
+use crate::oip::{self, INPUT, OutputName};
+
+/// A parsed, validated `ModelInfer` request.
+#[derive(Debug)]
+pub struct InferCall {
+    /// Echoed in the answer.
+    pub id: String,
+    pub input: InferInput,
+    /// In the order asked (all, in the model's order, when none was named).
+    pub outputs: Vec<OutputName>,
+}
+
+fn invalid(msg: String) -> GrpcError {
+    GrpcError::Serve(ServeError::BadRequest(msg))
+}
+
+/// Validates `req` against the model's input and `limits`.
+pub fn parse_infer(req: ModelInferRequest, limits: &InputLimits) -> Result<InferCall, GrpcError> {
+    let ModelInferRequest {
+        id,
+        mut inputs,
+        outputs,
+        raw_input_contents: raw,
+        ..
+    } = req;
+    if inputs.len() != 1 {
+        return Err(invalid(format!(
+            "expected 1 input ('{INPUT}') but got {}",
+            inputs.len()
+        )));
+    }
+    let tensor = inputs.swap_remove(0);
+    oip::check_input(&tensor.name, &tensor.datatype)?;
+    let n_rows = oip::declared_rows(&tensor.shape, limits)?;
+    let expected = n_rows * limits.row_len;
+    let values = match (raw.as_slice(), tensor.contents) {
+        ([], None) => {
+            return Err(invalid(format!(
+                "input '{INPUT}' has neither contents nor raw_input_contents"
+            )));
+        }
+        ([], Some(contents)) => typed_values(contents, expected, &tensor.shape)?,
+        ([bytes], None) => oip::raw_values(bytes, expected, &tensor.shape, "raw_input_contents[0]")?,
+        ([_], Some(_)) => {
+            return Err(invalid(format!(
+                "input '{INPUT}' has both contents and raw_input_contents"
+            )));
+        }
+        (many, _) => {
+            return Err(invalid(format!(
+                "raw_input_contents has {} entries for 1 input",
+                many.len()
+            )));
+        }
+    };
+    let input = InferInput::new(values, limits).map_err(ServeError::from)?;
+    let outputs = oip::requested_outputs(outputs.iter().map(|o| o.name.as_str()))?;
+    Ok(InferCall { id, input, outputs })
+}
+
+/// The values of typed contents: `fp32_contents` only, exactly the shape's count.
+fn typed_values(c: InferTensorContents, expected: usize, shape: &[i64]) -> Result<Vec<f32>, GrpcError> {
+    let other_types = !c.bool_contents.is_empty()
+        || !c.int_contents.is_empty()
+        || !c.int64_contents.is_empty()
+        || !c.uint_contents.is_empty()
+        || !c.uint64_contents.is_empty()
+        || !c.fp64_contents.is_empty()
+        || !c.bytes_contents.is_empty();
+    if other_types {
+        return Err(invalid(format!(
+            "input '{INPUT}' is {}: its typed contents must be fp32_contents",
+            oip::FP32
+        )));
+    }
+    if c.fp32_contents.len() != expected {
+        return Err(invalid(format!(
+            "input '{INPUT}' has {} fp32_contents values, but shape {shape:?} needs {expected}",
+            c.fp32_contents.len()
+        )));
+    }
+    Ok(c.fp32_contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+    use super::*;
+
+    const LIMITS: InputLimits = InputLimits {
+        row_len: 2,
+        max_rows: 4,
+    };
+
+    fn request(shape: Vec<i64>, raw: Option<Vec<f32>>, typed: Option<Vec<f32>>) -> ModelInferRequest {
+        ModelInferRequest {
+            id: "r1".into(),
+            inputs: vec![InferInputTensor {
+                name: INPUT.into(),
+                datatype: "FP32".into(),
+                shape,
+                contents: typed.map(|v| InferTensorContents {
+                    fp32_contents: v,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            raw_input_contents: raw
+                .map(|v| vec![v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into()])
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    fn message(r: Result<InferCall, GrpcError>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn raw_or_typed_contents_become_the_same_input() {
+        let raw = parse_infer(request(vec![2, 2], Some(vec![1.0, 2.0, 3.0, 4.0]), None), &LIMITS).unwrap();
+        let typed = parse_infer(request(vec![2, 2], None, Some(vec![1.0, 2.0, 3.0, 4.0])), &LIMITS).unwrap();
+        assert_eq!(raw.input, typed.input);
+        assert_eq!((raw.id.as_str(), raw.outputs.as_slice()), ("r1", &OutputName::ALL[..]));
+    }
+
+    #[test]
+    fn contents_that_disagree_with_the_shape_are_refused() {
+        let m = message(parse_infer(request(vec![2, 2], Some(vec![1.0; 3]), None), &LIMITS));
+        assert!(m.contains("12 bytes") && m.contains("16 bytes"), "{m}");
+        let m = message(parse_infer(request(vec![1, 2], None, Some(vec![1.0; 3])), &LIMITS));
+        assert!(m.contains("3 fp32_contents"), "{m}");
+        let m = message(parse_infer(
+            request(vec![1, 2], Some(vec![1.0; 2]), Some(vec![1.0; 2])),
+            &LIMITS,
+        ));
+        assert!(m.contains("both"), "{m}");
+        let m = message(parse_infer(request(vec![1, 2], None, None), &LIMITS));
+        assert!(m.contains("neither"), "{m}");
+        let m = message(parse_infer(
+            request(vec![i64::MAX, 2], Some(vec![1.0; 2]), None),
+            &LIMITS,
+        ));
+        assert!(m.contains("limit of 4"), "{m}");
+        let mut r = request(vec![1, 2], None, None);
+        r.inputs[0].contents = Some(InferTensorContents {
+            int_contents: vec![1, 2],
+            ..Default::default()
+        });
+        assert!(message(parse_infer(r, &LIMITS)).contains("fp32_contents"));
+        let mut r = request(vec![1, 2], Some(vec![1.0; 2]), None);
+        r.inputs[0].datatype = "INT32".into();
+        assert!(message(parse_infer(r, &LIMITS)).contains("only FP32"));
+        let mut r = request(vec![1, 2], Some(vec![1.0, f32::NAN]), None);
+        r.inputs.push(r.inputs[0].clone());
+        assert!(message(parse_infer(r, &LIMITS)).contains("got 2"));
+        let r = request(vec![1, 2], Some(vec![1.0, f32::NAN]), None);
+        assert!(message(parse_infer(r, &LIMITS)).contains("not finite"));
+    }
+
+    #[test]
+    fn outputs_in_the_order_asked_each_once() {
+        let mut r = request(vec![1, 2], Some(vec![1.0; 2]), None);
+        let out = |name: &str| InferRequestedOutputTensor {
+            name: name.into(),
+            ..Default::default()
+        };
+        r.outputs = vec![out("router_weights"), out("logits")];
+        let call = parse_infer(r.clone(), &LIMITS).unwrap();
+        assert_eq!(call.outputs, vec![OutputName::RouterWeights, OutputName::Logits]);
+        r.outputs = vec![out("logits"), out("logits")];
+        assert!(message(parse_infer(r, &LIMITS)).contains("more than once"));
+    }
+}

@@ -1,0 +1,348 @@
+//! The gRPC server: its own small tokio runtime, the HTTP/2 listener and
+//! its limits, per-call observation, and the graceful stop.
+//!
+//! Owns: the `tokitai-grpc` threads (a multi-thread tokio runtime of
+//! `grpc.threads` workers; the engine's batcher and workers are actors on
+//! other threads, reached through `Engine::infer`, whose message send and
+//! reply channel do not care which runtime awaits them), the accept loop
+//! (at most `grpc.max_connections` connections), HTTP/2 settings (most
+//! concurrent streams, header list size, keep-alive pings, reset-stream
+//! limits), the message size limit (`server.max_body_bytes`), the per-call
+//! metrics (`tokitai_grpc_requests_total` by method and status code), a
+//! backstop that ends a unary call whose message never arrives, and the
+//! drain on shutdown (no new connections, GOAWAY to open ones, calls in
+//! flight get `server.shutdown_timeout_secs`). hyper serves the generated
+//! tonic service directly, so no tonic layer answers a passed
+//! `grpc-timeout` with CANCELLED before the engine answers
+//! DEADLINE_EXCEEDED. Must not touch: what an RPC answers (`service.rs`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::{Semaphore, oneshot};
+use tonic::{Code, Status};
+
+use super::deadline::{GRPC_TIMEOUT, MAX_TIMEOUT, parse_grpc_timeout};
+use super::model::Served;
+use super::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
+use super::service::InferenceService;
+use super::status::code_name;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::labels::GrpcMethod;
+use crate::metrics::Metrics;
+
+/// Reset streams a client may leave unanswered before its connection is
+/// closed (a rapid-reset flood).
+const MAX_PENDING_RESETS: usize = 32;
+
+/// What the listener and every call are bounded by.
+#[derive(Debug, Clone)]
+struct Limits {
+    max_message_bytes: usize,
+    max_header_bytes: u32,
+    max_concurrent_streams: u32,
+    max_connections: usize,
+    keepalive_interval: Option<Duration>,
+    keepalive_timeout: Duration,
+    body_timeout: Duration,
+    default_timeout: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Limits {
+    fn from_config(config: &Config) -> Limits {
+        let g = &config.grpc;
+        Limits {
+            max_message_bytes: config.server.max_body_bytes,
+            max_header_bytes: u32::try_from(config.server.max_header_bytes).unwrap_or(u32::MAX),
+            max_concurrent_streams: g.max_concurrent_streams,
+            max_connections: g.max_connections,
+            keepalive_interval: (g.keepalive_interval_secs > 0).then(|| Duration::from_secs(g.keepalive_interval_secs)),
+            keepalive_timeout: Duration::from_secs(g.keepalive_timeout_secs),
+            body_timeout: config.body_timeout(),
+            default_timeout: config.default_timeout(),
+            shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_secs),
+        }
+    }
+}
+
+/// A running gRPC server; [`GrpcServer::stop`] drains it.
+pub struct GrpcServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    stopped: Option<oneshot::Receiver<()>>,
+}
+
+impl GrpcServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets calls in flight finish (within
+    /// `server.shutdown_timeout_secs`), and resolves once the runtime is done.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(stopped) = self.stopped.take() {
+            let _ = stopped.await;
+        }
+    }
+}
+
+/// Starts serving `engine` on `listener` in threads of its own.
+pub fn start(listener: TcpListener, engine: Engine, config: &Config) -> std::io::Result<GrpcServer> {
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let limits = Limits::from_config(config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.grpc.threads)
+        .thread_name("tokitai-grpc")
+        .enable_all()
+        .build()?;
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (stopped_tx, stopped_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("tokitai-grpc-accept".into())
+        .spawn(move || {
+            let served = Served::new(engine, limits.default_timeout);
+            if let Err(e) = runtime.block_on(serve(listener, served, limits, stop_rx)) {
+                tracing::error!(error = %e, "the gRPC server stopped");
+            }
+            // Calls still running past the drain are cut off here.
+            runtime.shutdown_timeout(Duration::from_millis(100));
+            let _ = stopped_tx.send(());
+        })?;
+    Ok(GrpcServer {
+        addr,
+        stop: Some(stop_tx),
+        stopped: Some(stopped_rx),
+    })
+}
+
+/// The accept loop, then the drain.
+async fn serve(
+    listener: TcpListener,
+    served: Served,
+    limits: Limits,
+    mut stop: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let metrics = Arc::clone(served.metrics());
+    let service = GrpcInferenceServiceServer::new(InferenceService::new(served))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let observed = Observed {
+        inner: service,
+        metrics,
+        limits: limits.clone(),
+    };
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_PENDING_RESETS)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = &mut stop => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stop => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                tracing::warn!(error = %e, "gRPC accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let connection = http2.serve_connection(TokioIo::new(tcp), observed.clone());
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("gRPC: draining");
+    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("gRPC: calls still running after server.shutdown_timeout_secs were cut off");
+    }
+    Ok(())
+}
+
+// ---- per-call observation ---------------------------------------------------
+
+/// The tonic service, with every call counted by method and status code
+/// and every unary call bounded in time.
+#[derive(Clone)]
+struct Observed<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+impl<S> Observed<S> {
+    /// Longest a unary call may take: its deadline, plus the time its
+    /// message has to arrive. Past it the call is ended (the engine answers
+    /// DEADLINE_EXCEEDED at the deadline itself; this catches a message that
+    /// never arrives). Streams are bounded by their own requests instead.
+    fn backstop(&self, method: GrpcMethod, headers: &http::HeaderMap) -> Option<Duration> {
+        if method == GrpcMethod::ModelStreamInfer {
+            return None;
+        }
+        let deadline = headers
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.limits.default_timeout, |t| t.min(MAX_TIMEOUT));
+        Some(deadline + self.limits.body_timeout)
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl<S> hyper::service::Service<http::Request<Incoming>> for Observed<S>
+where
+    S: tonic::codegen::Service<
+            http::Request<Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<ObservedBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response>;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        let start = Instant::now();
+        let method = GrpcMethod::from_path(req.uri().path());
+        let backstop = self.backstop(method, req.headers());
+        let metrics = Arc::clone(&self.metrics);
+        // The generated service is always ready (`poll_ready` is a no-op).
+        let call = self.inner.clone().call(req);
+        Box::pin(async move {
+            let response = match backstop {
+                None => call.await?,
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(response) => response?,
+                    Err(_) => Status::deadline_exceeded(format!(
+                        "the request message did not arrive within {} ms",
+                        limit.as_millis()
+                    ))
+                    .into_http(),
+                },
+            };
+            let watch = CallWatch { metrics, method, start };
+            // An error answered at once carries its status in the headers
+            // ("trailers-only"); otherwise it comes in the trailers.
+            Ok(match grpc_status(response.headers()) {
+                Some(code) => {
+                    watch.count(code);
+                    response.map(|inner| ObservedBody { inner, watch: None })
+                }
+                None => response.map(|inner| ObservedBody {
+                    inner,
+                    watch: Some(watch),
+                }),
+            })
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(value))
+}
+
+/// One call, counted once when its status is known.
+struct CallWatch {
+    metrics: Arc<Metrics>,
+    method: GrpcMethod,
+    start: Instant,
+}
+
+impl CallWatch {
+    fn count(self, code: Code) {
+        self.metrics
+            .observe_grpc_request(self.method, code_name(code), self.start.elapsed());
+    }
+}
+
+/// A response body that counts its call when the trailers go out, or as
+/// CANCELLED when the client leaves first.
+pub struct ObservedBody {
+    inner: tonic::body::Body,
+    watch: Option<CallWatch>,
+}
+
+impl Body for ObservedBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    if let Some(watch) = self.watch.take() {
+                        watch.count(code);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                if let Some(watch) = self.watch.take() {
+                    watch.count(status.code());
+                }
+            }
+            Poll::Ready(None) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.count(Code::Cancelled);
+        }
+    }
+}

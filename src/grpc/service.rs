@@ -1,0 +1,188 @@
+//! `inference.GRPCInferenceService`: one handler per RPC.
+//!
+//! Owns: what each RPC answers. Handlers only check, parse and hand over:
+//! the model and inference go through the [`Served`] adapter, errors become
+//! statuses in `status.rs`. RPCs the proto does not declare are answered
+//! UNIMPLEMENTED by the generated server. Must not touch: the engine
+//! directly, status codes, transport limits (`server.rs`).
+
+use tonic::{Request, Response, Status, Streaming};
+
+use super::deadline::call_timeout;
+use super::model::{self, Named, Served};
+use super::pb::grpc_inference_service_server::GrpcInferenceService;
+use super::pb::{self, ModelInferRequest};
+use super::request::parse_infer;
+use super::status::GrpcError;
+use super::stream::{self, ResponseStream};
+use crate::labels::GrpcMethod;
+use crate::oip::EXTENSIONS;
+
+/// The service's state: the engine, through its adapter.
+pub struct InferenceService {
+    served: Served,
+}
+
+impl InferenceService {
+    pub fn new(served: Served) -> InferenceService {
+        InferenceService { served }
+    }
+
+    /// `result` as a response, its error as `method`'s status.
+    fn answer<T>(&self, method: GrpcMethod, result: Result<T, GrpcError>) -> Result<Response<T>, Status> {
+        result
+            .map(Response::new)
+            .map_err(|e| e.into_status(method, self.served.metrics()))
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        let ready = self.served.is_ready();
+        Ok(Response::new(pb::ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = r.into_inner();
+        let named = Named {
+            name: &r.name,
+            version: &r.version,
+        };
+        let result = self
+            .served
+            .model_ready(&named)
+            .map(|ready| pb::ModelReadyResponse { ready });
+        self.answer(GrpcMethod::ModelReady, result)
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "tokitai-serve".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: EXTENSIONS.map(str::to_string).to_vec(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = r.into_inner();
+        let named = Named {
+            name: &r.name,
+            version: &r.version,
+        };
+        let result = self.served.resolve(&named).map(|v| model::metadata(&v));
+        self.answer(GrpcMethod::ModelMetadata, result)
+    }
+
+    async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let method = GrpcMethod::ModelInfer;
+        let result = async {
+            let timeout = call_timeout(r.metadata(), self.served.default_timeout)?;
+            let mut req = r.into_inner();
+            let (name, version) = (
+                std::mem::take(&mut req.model_name),
+                std::mem::take(&mut req.model_version),
+            );
+            let named = Named {
+                name: &name,
+                version: &version,
+            };
+            let served = self.served.resolve(&named)?;
+            let call = parse_infer(req, &served.limits)?;
+            drop(served);
+            self.served.infer(&named, call, timeout, method).await
+        }
+        .await;
+        self.answer(method, result)
+    }
+
+    type ModelStreamInferStream = ResponseStream;
+
+    async fn model_stream_infer(
+        &self,
+        r: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let deadline = call_timeout(r.metadata(), self.served.default_timeout)
+            .map_err(|e| e.into_status(GrpcMethod::ModelStreamInfer, self.served.metrics()))?;
+        let explicit = r.metadata().contains_key(super::deadline::GRPC_TIMEOUT);
+        Ok(Response::new(stream::serve(
+            self.served.clone(),
+            r.into_inner(),
+            explicit.then_some(deadline),
+        )))
+    }
+
+    async fn model_config(
+        &self,
+        r: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = r.into_inner();
+        let named = Named {
+            name: &r.name,
+            version: &r.version,
+        };
+        let result = self.served.resolve(&named).map(|v| pb::ModelConfigResponse {
+            config: Some(model::config(&v)),
+        });
+        self.answer(GrpcMethod::ModelConfig, result)
+    }
+
+    async fn model_statistics(
+        &self,
+        r: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = r.into_inner();
+        // An empty name asks for every model served.
+        let versions = if r.name.is_empty() {
+            Ok(self.served.all_served())
+        } else {
+            let named = Named {
+                name: &r.name,
+                version: &r.version,
+            };
+            self.served.resolve(&named).map(|v| vec![v])
+        };
+        let metrics = self.served.metrics();
+        let result = versions.map(|versions| pb::ModelStatisticsResponse {
+            model_stats: versions.iter().map(|v| model::statistics(v, metrics)).collect(),
+        });
+        self.answer(GrpcMethod::ModelStatistics, result)
+    }
+
+    async fn repository_index(
+        &self,
+        r: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let result = self.served.repository_index(r.into_inner()).await;
+        self.answer(GrpcMethod::RepositoryIndex, result)
+    }
+
+    async fn repository_model_load(
+        &self,
+        r: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let result = self.served.repository_load(r.into_inner()).await;
+        self.answer(GrpcMethod::RepositoryModelLoad, result)
+    }
+
+    async fn repository_model_unload(
+        &self,
+        r: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let result = self.served.repository_unload(r.into_inner()).await;
+        self.answer(GrpcMethod::RepositoryModelUnload, result)
+    }
+}

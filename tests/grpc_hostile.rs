@@ -1,0 +1,393 @@
+//! The gRPC service against hostile and careless clients, over real HTTP/2
+//! on ephemeral ports (a tonic client, and raw HTTP/2 frames via `h2`):
+//! oversized messages, wrong datatypes, overflowing shapes, raw contents
+//! whose length disagrees with the shape, duplicate outputs, unknown models
+//! and methods, malformed deadlines, a deadline that passes in the queue, a
+//! call the client abandons, and a client that opens every stream it may and
+//! stalls. Each gets a client-class status (never a panic, never INTERNAL),
+//! its rows are not computed, memory stays bounded, and the server keeps
+//! serving others. Also: the statistics extension agrees between HTTP and
+//! gRPC, and SIGTERM drains gRPC calls in flight.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims};
+use tokitai_serve::config::Config;
+use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tokitai_serve::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tokitai_serve::grpc::pb::{self, ModelInferRequest};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MODEL: &str = "tokitai-moe";
+const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the gRPC port");
+    // The client may send more than the server takes: the server must refuse it.
+    GrpcInferenceServiceClient::new(channel).max_encoding_message_size(64 << 20)
+}
+
+fn raw(values: &[f32]) -> Bytes {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+}
+
+/// A well-formed request for `rows` zero rows.
+fn request(rows: usize) -> ModelInferRequest {
+    let d = nano_dims().input;
+    ModelInferRequest {
+        model_name: MODEL.into(),
+        id: "h".into(),
+        inputs: vec![InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, d as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw(&vec![0.25; rows * d])],
+        ..Default::default()
+    }
+}
+
+fn grpc_count(m: &Metrics, route: &str, code: &str) -> f64 {
+    m.sum("tokitai_grpc_requests_total", &[("route", route), ("code", code)])
+}
+
+#[test]
+fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
+    let mut config = base_config();
+    config.server.max_body_bytes = 64 * 1024;
+    config.batching.max_request_rows = 64;
+    config.batching.max_queue_rows = 64;
+    let server = TestServer::start(config);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = client(server.grpc_addr()).await;
+        let d = nano_dims().input as i64;
+        let mut cases: Vec<(&str, ModelInferRequest, Code)> = Vec::new();
+        // 96 KiB of raw contents: over server.max_body_bytes (64 KiB).
+        let mut big = request(1);
+        big.raw_input_contents = vec![Bytes::from(vec![0u8; 96 * 1024])];
+        cases.push(("oversized", big, Code::OutOfRange));
+        let mut r = request(1);
+        r.inputs[0].datatype = "INT32".into();
+        cases.push(("wrong datatype", r, Code::InvalidArgument));
+        for shape in [
+            vec![i64::MAX, d],
+            vec![1 << 62, 1 << 62],
+            vec![-1, d],
+            vec![1, d, 1],
+            vec![],
+        ] {
+            let mut r = request(1);
+            r.inputs[0].shape = shape;
+            cases.push(("bad shape", r, Code::InvalidArgument));
+        }
+        let mut r = request(2);
+        r.raw_input_contents = vec![raw(&vec![0.0; 2 * d as usize - 1])];
+        cases.push(("raw length disagrees with the shape", r, Code::InvalidArgument));
+        let mut r = request(1);
+        r.raw_input_contents.push(raw(&[1.0]));
+        cases.push(("two raw contents for one input", r, Code::InvalidArgument));
+        let mut r = request(1);
+        let out = |n: &str| InferRequestedOutputTensor {
+            name: n.into(),
+            ..Default::default()
+        };
+        r.outputs = vec![out("logits"), out("logits")];
+        cases.push(("duplicate outputs", r, Code::InvalidArgument));
+        let mut r = request(1);
+        r.outputs = vec![out("hidden_state")];
+        cases.push(("unknown output", r, Code::InvalidArgument));
+        let mut r = request(1);
+        r.raw_input_contents = vec![raw(&vec![f32::NAN; d as usize])];
+        cases.push(("non-finite values", r, Code::InvalidArgument));
+        let mut r = request(1);
+        r.model_name = "other".into();
+        cases.push(("unknown model", r, Code::NotFound));
+        let mut r = request(1);
+        r.model_version = "999999".into();
+        cases.push(("unknown version", r, Code::NotFound));
+        cases.push(("too many rows", request(65), Code::InvalidArgument));
+        for (what, req, want) in cases {
+            let status = c.model_infer(req).await.expect_err(what);
+            assert_eq!(status.code(), want, "{what}: {status:?}");
+        }
+        // A malformed deadline is the client's error too.
+        let mut req = tonic::Request::new(request(1));
+        req.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
+        assert_eq!(c.model_infer(req).await.unwrap_err().code(), Code::InvalidArgument);
+        // Repository control and undeclared methods are UNIMPLEMENTED.
+        let status = c
+            .repository_index(pb::RepositoryIndexRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented);
+        // The same connection still serves.
+        let answer = c.model_infer(request(3)).await.expect("a good request").into_inner();
+        assert_eq!((answer.id.as_str(), answer.raw_output_contents.len()), ("h", 2));
+        assert_eq!(answer.outputs[0].shape, vec![3, nano_dims().output as i64]);
+    });
+    let m = server.metrics();
+    assert_eq!(
+        m.sum("tokitai_rows_computed_total", &[]),
+        3.0,
+        "only the good request computed"
+    );
+    assert_eq!(
+        grpc_count(&m, INFER, "INTERNAL") + grpc_count(&m, INFER, "UNKNOWN"),
+        0.0
+    );
+    assert_eq!(grpc_count(&m, INFER, "OUT_OF_RANGE"), 1.0, "{}", m.text);
+    assert_eq!(grpc_count(&m, INFER, "NOT_FOUND"), 2.0);
+    assert!(grpc_count(&m, INFER, "INVALID_ARGUMENT") >= 12.0);
+    server.shutdown();
+}
+
+fn held_config() -> Config {
+    let mut config = base_config();
+    // Partial batches are held 300 ms, longer than the deadlines below.
+    config.batching.max_queue_delay_us = 300_000;
+    config.batching.regroup_delay_pct = 0;
+    config
+}
+
+#[test]
+fn a_passed_deadline_is_deadline_exceeded_and_an_abandoned_call_is_not_computed() {
+    let server = TestServer::start(held_config());
+    let rt = runtime();
+    rt.block_on(async {
+        let c = client(server.grpc_addr()).await;
+        // Over raw HTTP/2, since tonic's client enforces a deadline itself:
+        // the status is the server's.
+        let status = raw_unary(server.grpc_addr(), &request(2), "20m").await;
+        assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+        // A call the client abandons: its future dropped while the rows wait.
+        let mut abandoned = c.clone();
+        let call = tokio::spawn(async move { abandoned.model_infer(request(3)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        call.abort();
+    });
+    let m = server.wait_metrics("the abandoned rows dropped as cancelled", |m| {
+        m.sum("tokitai_rows_dropped_total", &[("reason", "cancelled")]) >= 3.0
+    });
+    assert_eq!(m.sum("tokitai_rows_dropped_total", &[("reason", "timeout")]), 2.0);
+    assert_eq!(m.sum("tokitai_rows_computed_total", &[]), 0.0);
+    assert_eq!(grpc_count(&m, INFER, "DEADLINE_EXCEEDED"), 1.0);
+    assert_eq!(
+        m.sum(
+            "tokitai_request_failures_total",
+            &[("route", INFER), ("reason", "cancelled")]
+        ),
+        1.0
+    );
+    server.shutdown();
+}
+
+/// One unary `ModelInfer` over raw HTTP/2 with `grpc-timeout: {timeout}`:
+/// the `grpc-status` the server answers with.
+async fn raw_unary(addr: SocketAddr, req: &ModelInferRequest, timeout: &str) -> String {
+    use prost::Message as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let head = http::Request::post(format!("http://{addr}{INFER}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(head, false).unwrap();
+    let message = req.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    body.send_data(Bytes::from(frame), true).unwrap();
+    let response = response.await.expect("an answer");
+    if let Some(status) = response.headers().get("grpc-status") {
+        return status.to_str().unwrap().to_string();
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        data.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    trailers["grpc-status"].to_str().unwrap().to_string()
+}
+
+/// Resident memory of this process (the server runs in it), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kb * 1024
+}
+
+#[test]
+fn a_client_that_opens_every_stream_and_stalls_is_bounded_and_ended() {
+    let mut config = base_config();
+    config.grpc.max_concurrent_streams = 100;
+    config.server.request_timeout_ms = 500;
+    config.server.body_timeout_ms = 500;
+    let server = TestServer::start(config);
+    let rt = runtime();
+    let before = rss_bytes();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(server.grpc_addr()).await.unwrap();
+        let (h2, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        // One full call first, so the server's SETTINGS (its stream limit) are in.
+        let live = http::Request::post(format!(
+            "http://{}/inference.GRPCInferenceService/ServerLive",
+            server.grpc_addr()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let mut h2 = h2.ready().await.expect("connection alive");
+        let (live, mut body) = h2.send_request(live, false).unwrap();
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+        assert_eq!(live.await.expect("ServerLive answered").status(), 200);
+        // 300 calls: each declares a 60 KiB message, sends 1 KiB of it and
+        // stalls. The server lets 100 be open at once; h2 holds the rest
+        // until a slot frees.
+        let mut stalled = Vec::new();
+        for _ in 0..300 {
+            h2 = h2.ready().await.expect("connection alive");
+            let req = http::Request::post(format!("http://{}{INFER}", server.grpc_addr()))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let (response, mut body) = h2.send_request(req, false).expect("open a stream");
+            let mut frame = vec![0u8, 0, 0, 0xF0, 0];
+            frame.extend(vec![7u8; 1024]);
+            body.send_data(Bytes::from(frame), false)
+                .expect("send part of a message");
+            stalled.push((response, body));
+        }
+        // Another client is still served while they stall.
+        let mut c = client(server.grpc_addr()).await;
+        c.model_infer(request(1))
+            .await
+            .expect("served beside the stalled streams");
+        // Every stalled call is ended by the server (its message never came,
+        // 1 s after it opened).
+        for (response, _body) in stalled.drain(..) {
+            let response = tokio::time::timeout(Duration::from_secs(10), response)
+                .await
+                .expect("the server ends a stalled call")
+                .expect("an answer, not a reset");
+            let status = response.headers().get("grpc-status").expect("a trailers-only status");
+            assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+        }
+    });
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 128 << 20, "RSS grew by {} MiB", grown >> 20);
+    let m = server.wait_metrics("stalled calls counted", |m| {
+        grpc_count(m, INFER, "DEADLINE_EXCEEDED") >= 300.0
+    });
+    assert_eq!(m.sum("tokitai_rows_computed_total", &[]), 1.0);
+    server.shutdown();
+}
+
+#[test]
+fn statistics_agree_between_http_and_grpc_and_health_agrees_with_http() {
+    let server = TestServer::start(base_config());
+    let rt = runtime();
+    let (grpc_stats, ready) = rt.block_on(async {
+        let mut c = client(server.grpc_addr()).await;
+        for rows in [1, 4] {
+            c.model_infer(request(rows)).await.unwrap();
+        }
+        let req = pb::ModelStatisticsRequest {
+            name: MODEL.into(),
+            version: String::new(),
+        };
+        let stats = c.model_statistics(req).await.unwrap().into_inner().model_stats;
+        let ready = c
+            .server_ready(pb::ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready;
+        let meta = c
+            .server_metadata(pb::ServerMetadataRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(meta.extensions.iter().any(|e| e == "statistics"));
+        (stats, ready)
+    });
+    assert!(ready);
+    assert_eq!(grpc_stats.len(), 1);
+    let g = &grpc_stats[0];
+    assert_eq!(
+        (
+            g.inference_count,
+            g.inference_stats.as_ref().unwrap().success.unwrap().count
+        ),
+        (5, 2)
+    );
+    let a = agent();
+    let r = get(&a, &server.url(&format!("/v2/models/{MODEL}/stats")));
+    assert_eq!(r.status, 200);
+    let h: serde_json::Value = r.json();
+    let h = &h["model_stats"][0];
+    assert_eq!(h["inference_count"], 5);
+    assert_eq!(h["inference_stats"]["success"]["count"], 2);
+    assert_eq!(h["name"], MODEL);
+    assert_eq!(h["version"], g.version.as_str());
+    let v2: serde_json::Value = get(&a, &server.url("/v2")).json();
+    assert!(v2["extensions"].as_array().unwrap().iter().any(|e| e == "statistics"));
+    assert_eq!(get(&a, &server.url("/v2/models/other/stats")).status, 404);
+    server.shutdown();
+}
+
+#[test]
+fn sigterm_drains_grpc_calls_in_flight() {
+    let mut server = ProcessServer::start(
+        &["--max-queue-delay-us", "300000"],
+        &[("TOKITAI_BATCHING_REGROUP_DELAY_PCT", "0")],
+    );
+    let addr = server.grpc_addr.expect("the binary serves gRPC by default");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = client(addr).await;
+        let mut in_flight = c.clone();
+        // Held 300 ms in the queue: still in flight when SIGTERM arrives.
+        let call = tokio::spawn(async move { in_flight.model_infer(request(2)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.signal("TERM");
+        let answer = call.await.unwrap().expect("the call in flight is answered");
+        assert_eq!(answer.into_inner().raw_output_contents.len(), 2);
+        // Draining: not ready any more, or no longer accepting at all.
+        match c.server_ready(pb::ServerReadyRequest {}).await {
+            Ok(r) => assert!(!r.into_inner().ready),
+            Err(s) => assert_ne!(s.code(), Code::Ok),
+        }
+    });
+    let status = server.wait_exit(Duration::from_secs(20)).expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
