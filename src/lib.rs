@@ -10,15 +10,19 @@
 //!    │                │   wire formats)
 //!    │                │  Engine::infer(input, options)   (engine/: the one
 //!    │                ▼                                   submit path)
-//!    │             batcher/ (one actor: bounded queue, batching policy,
-//!    │                │      deadlines; admits or rejects at once)
+//!    │             batcher/ (one actor per model version: bounded queue,
+//!    │                │      batching policy, deadlines; admits or rejects
+//!    │                │      at once; no thread of its own: it runs on the
+//!    │                │      thread that sends to it, see mailbox.rs)
 //!    │                │  RunBatch(rows of one or more requests)
 //!    │                ▼
 //!    │             worker/ (one actor per CPU worker / GPU stream, each on
 //!    │                │     its own thread, owning a backend Session)
 //!    │                │  Session::forward (backend/: cpu, hip; shared
 //!    │                │                    packed weights)
-//!    │                ├──▶ BatchDone ──▶ batcher (the worker is free again)
+//!    │                ├──▶ BatchDone ──▶ batcher (on the worker's own thread:
+//!    │                │                 the next batch, if any, is taken
+//!    │                │                 right there)
 //!    │                ▼
 //!    └──── each request's own reply channel (Job) ◀── its rows of the output
 //! ```

@@ -42,8 +42,8 @@ fn serve(args: &cli::ServeArgs) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    let result =
-        actix_rt::System::new().block_on(tokitai_serve::serve(listeners, config, shutdown_signal(), hangups()));
+    let result = actix_rt::System::new()
+        .block_on(async move { tokitai_serve::serve(listeners, config, shutdown_signal(), hangups()).await });
     match result {
         Ok(()) => 0,
         Err(e) => {

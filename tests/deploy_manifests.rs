@@ -535,6 +535,7 @@ fn engine_arguments_and_environment_load_with_the_engines_parser_and_config() {
             let same = match &got {
                 toml::Value::String(s) => s == value,
                 toml::Value::Integer(n) => value.parse() == Ok(*n),
+                toml::Value::Float(f) => value.parse() == Ok(*f),
                 other => other.to_string() == value,
             };
             assert!(same, "{place}: {name}={value} but {path} = {got}");

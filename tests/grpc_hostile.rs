@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims};
+use common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use tokitai_serve::config::Config;
 use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tokitai_serve::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
@@ -133,12 +133,25 @@ fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
         let mut req = tonic::Request::new(request(1));
         req.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
         assert_eq!(c.model_infer(req).await.unwrap_err().code(), Code::InvalidArgument);
-        // Repository control and undeclared methods are UNIMPLEMENTED.
-        let status = c
+        // The repository index lists the served model; loading is for
+        // `explicit` mode only (this server runs in `none`): UNAVAILABLE.
+        let index = c
             .repository_index(pb::RepositoryIndexRequest::default())
             .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::Unimplemented);
+            .expect("the repository index")
+            .into_inner();
+        let rows: Vec<_> = index
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m.state.as_str()))
+            .collect();
+        assert_eq!(rows, vec![("tokitai-moe", "READY")]);
+        let load = pb::RepositoryModelLoadRequest {
+            model_name: "tokitai-moe".into(),
+            ..Default::default()
+        };
+        let status = c.repository_model_load(load).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         // The same connection still serves.
         let answer = c.model_infer(request(3)).await.expect("a good request").into_inner();
         assert_eq!((answer.id.as_str(), answer.raw_output_contents.len()), ("h", 2));
@@ -233,8 +246,8 @@ async fn raw_unary(addr: SocketAddr, req: &ModelInferRequest, timeout: &str) -> 
 }
 
 /// Resident memory of this process (the server runs in it), in bytes.
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -245,21 +258,27 @@ fn rss_bytes() -> u64 {
 
 #[test]
 fn a_client_that_opens_every_stream_and_stalls_is_bounded_and_ended() {
-    let mut config = base_config();
-    config.grpc.max_concurrent_streams = 100;
-    config.server.request_timeout_ms = 500;
-    config.server.body_timeout_ms = 500;
-    let server = TestServer::start(config);
+    // A process of its own: its memory is the server's alone (this test
+    // binary's other tests run servers of their own at the same time).
+    let mut server = ProcessServer::start(
+        &[],
+        &[
+            ("TOKITAI_GRPC_MAX_CONCURRENT_STREAMS", "100"),
+            ("TOKITAI_SERVER_REQUEST_TIMEOUT_MS", "500"),
+            ("TOKITAI_SERVER_BODY_TIMEOUT_MS", "500"),
+        ],
+    );
+    let grpc_addr = server.grpc_addr.expect("gRPC is on");
     let rt = runtime();
-    let before = rss_bytes();
+    let before = rss_bytes(server.pid());
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(server.grpc_addr()).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(grpc_addr).await.unwrap();
         let (h2, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
         tokio::spawn(connection);
         // One full call first, so the server's SETTINGS (its stream limit) are in.
         let live = http::Request::post(format!(
             "http://{}/inference.GRPCInferenceService/ServerLive",
-            server.grpc_addr()
+            grpc_addr
         ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -275,7 +294,7 @@ fn a_client_that_opens_every_stream_and_stalls_is_bounded_and_ended() {
         let mut stalled = Vec::new();
         for _ in 0..300 {
             h2 = h2.ready().await.expect("connection alive");
-            let req = http::Request::post(format!("http://{}{INFER}", server.grpc_addr()))
+            let req = http::Request::post(format!("http://{}{INFER}", grpc_addr))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
                 .body(())
@@ -288,7 +307,7 @@ fn a_client_that_opens_every_stream_and_stalls_is_bounded_and_ended() {
             stalled.push((response, body));
         }
         // Another client is still served while they stall.
-        let mut c = client(server.grpc_addr()).await;
+        let mut c = client(grpc_addr).await;
         c.model_infer(request(1))
             .await
             .expect("served beside the stalled streams");
@@ -303,13 +322,14 @@ fn a_client_that_opens_every_stream_and_stalls_is_bounded_and_ended() {
             assert_eq!(status, "4", "DEADLINE_EXCEEDED");
         }
     });
-    let grown = rss_bytes().saturating_sub(before);
+    let grown = rss_bytes(server.pid()).saturating_sub(before);
     assert!(grown < 128 << 20, "RSS grew by {} MiB", grown >> 20);
-    let m = server.wait_metrics("stalled calls counted", |m| {
+    let m = wait_metrics_at(&server.url("/metrics"), "stalled calls counted", |m| {
         grpc_count(m, INFER, "DEADLINE_EXCEEDED") >= 300.0
     });
     assert_eq!(m.sum("tokitai_rows_computed_total", &[]), 1.0);
-    server.shutdown();
+    let _ = server.child.kill();
+    let _ = server.child.wait();
 }
 
 #[test]

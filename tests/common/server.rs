@@ -103,21 +103,12 @@ impl TestServer {
 
     /// `GET /metrics`, parsed.
     pub fn metrics(&self) -> Metrics {
-        let r = get(&agent(), &self.url("/metrics"));
-        assert_eq!(r.status, 200, "GET /metrics");
-        Metrics::parse(&r.text())
+        metrics_at(&self.url("/metrics"))
     }
 
     /// Polls `/metrics` until `done` holds (bounded); returns the last sample.
     pub fn wait_metrics(&self, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
-        for _ in 0..METRICS_POLLS {
-            let m = self.metrics();
-            if done(&m) {
-                return m;
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        panic!("metrics never showed: {what}\n{}", self.metrics().text);
+        wait_metrics_at(&self.url("/metrics"), what, done)
     }
 
     /// Stops the server gracefully and joins its thread.
@@ -244,4 +235,24 @@ impl Drop for ProcessServer {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `GET url` (a `/metrics` address), parsed.
+pub fn metrics_at(url: &str) -> Metrics {
+    let r = get(&agent(), url);
+    assert_eq!(r.status, 200, "GET {url}");
+    Metrics::parse(&r.text())
+}
+
+/// Polls the `/metrics` at `url` until `done` holds (bounded); returns the
+/// last sample.
+pub fn wait_metrics_at(url: &str, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
+    for _ in 0..METRICS_POLLS {
+        let m = metrics_at(url);
+        if done(&m) {
+            return m;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    panic!("metrics never showed: {what}\n{}", metrics_at(url).text);
 }
