@@ -603,3 +603,101 @@ fn sighup_re_reads_the_arch_and_checkpoint_files_and_unchanged_files_are_a_no_op
     assert_eq!(answer_bits(&r.json()), want[0]);
     assert_eq!(loads(), 2.0);
 }
+
+/// Triton's repository RPCs over gRPC, on a server in explicit mode: the
+/// index, an unload (the model then answers UNAVAILABLE and is not ready), a
+/// load (it answers again, bit-equal to the offline forward), and a load of
+/// a model the repository does not have (NOT_FOUND).
+#[test]
+fn explicit_mode_through_grpc_repository_index_load_and_unload() {
+    use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
+    use tokitai_serve::grpc::pb::{self, ModelInferRequest};
+    use tonic::Code;
+
+    let repo = tempfile::tempdir().unwrap();
+    let rows = rows();
+    let alpha = stage(repo.path(), "alpha", 1, ModelSize::Nano, 1);
+    let alpha_bits = offline_bits(&alpha, &rows[..1]);
+    let server = explicit_server(repo.path());
+    let grpc = server.grpc_addr.expect("gRPC is on");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the gRPC port");
+        let mut c = GrpcInferenceServiceClient::new(channel);
+        let index = |ready| pb::RepositoryIndexRequest {
+            ready,
+            ..Default::default()
+        };
+        let states = |r: pb::RepositoryIndexResponse| {
+            r.models
+                .into_iter()
+                .map(|m| (m.name, m.version, m.state))
+                .collect::<Vec<_>>()
+        };
+        let infer = || ModelInferRequest {
+            model_name: "alpha".into(),
+            inputs: vec![InferInputTensor {
+                name: "features".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 96],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![
+                rows[0]
+                    .iter()
+                    .flat_map(|&v| (v as f32).to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            ],
+            ..Default::default()
+        };
+        let ready = |c: &mut GrpcInferenceServiceClient<_>| {
+            let req = pb::ModelReadyRequest {
+                name: "alpha".into(),
+                version: String::new(),
+            };
+            let mut c = c.clone();
+            async move { c.model_ready(req).await.map(|r| r.into_inner().ready) }
+        };
+        let listed = states(c.repository_index(index(false)).await.unwrap().into_inner());
+        assert_eq!(listed, vec![("alpha".into(), "1".into(), "READY".into())]);
+
+        let unload = pb::RepositoryModelUnloadRequest {
+            model_name: "alpha".into(),
+            ..Default::default()
+        };
+        c.repository_model_unload(unload).await.expect("unload");
+        assert!(!ready(&mut c).await.expect("a known model"));
+        let status = c.model_infer(infer()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        let listed = states(c.repository_index(index(false)).await.unwrap().into_inner());
+        assert!(listed.iter().all(|(_, _, state)| state != "READY"), "{listed:?}");
+        assert!(states(c.repository_index(index(true)).await.unwrap().into_inner()).is_empty());
+
+        let load = |name: &str| pb::RepositoryModelLoadRequest {
+            model_name: name.into(),
+            ..Default::default()
+        };
+        c.repository_model_load(load("alpha")).await.expect("load");
+        assert!(ready(&mut c).await.expect("a known model"));
+        let answer = c.model_infer(infer()).await.expect("served again").into_inner();
+        assert_eq!(answer.model_version, "1");
+        let logits: Vec<u32> = answer.raw_output_contents[0]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(logits, alpha_bits[0]);
+
+        let status = c.repository_model_load(load("nope")).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    });
+    let _ = server;
+}

@@ -1,11 +1,13 @@
-//! The batcher's timers: an actix actor on the system arbiter that tells the
-//! batcher when a held batch may go or a queued request's deadline passes.
+//! The batcher's timers: an actix actor, on the arbiter that started the
+//! model version (the system arbiter at start-up, the thread that ran a
+//! load later), that tells the batcher when a held batch may go or a queued
+//! request's deadline passes.
 //!
 //! Role: the batcher has no thread of its own (it runs on whichever thread
 //! sends it a message), so something that sleeps must wake it at an instant
 //! when no message may come. One timer per [`TimerKind`]; arming one again
 //! replaces it. The batcher arms a timer only when one can matter, since
-//! each [`Arm`] is a message to the system arbiter's thread.
+//! each [`Arm`] is a message to another thread.
 //! Must not touch: what the batcher does when woken.
 
 use std::time::Instant;

@@ -31,6 +31,10 @@ pub struct Served {
     engine: Engine,
     /// A call's deadline without `grpc-timeout` (`server.request_timeout_ms`).
     pub default_timeout: Duration,
+    /// The actix arbiter that repository loads and unloads run on: they
+    /// start and stop a version's actors, which live on actix arbiters, not
+    /// on gRPC's tokio runtime.
+    control: actix_rt::ArbiterHandle,
 }
 
 /// A model (and optional version) a call names.
@@ -58,11 +62,35 @@ impl Named<'_> {
 }
 
 impl Served {
-    pub fn new(engine: Engine, default_timeout: Duration) -> Served {
+    pub fn new(engine: Engine, default_timeout: Duration, control: actix_rt::ArbiterHandle) -> Served {
         Served {
             engine,
             default_timeout,
+            control,
         }
+    }
+
+    /// Runs `op` on the engine, on the control arbiter, and waits for it.
+    async fn on_control<T: Send + 'static, F>(
+        &self,
+        op: impl FnOnce(Engine) -> F + Send + 'static,
+    ) -> Result<T, GrpcError>
+    where
+        F: std::future::Future<Output = T> + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let engine = self.engine.clone();
+        // The closure is sent; the future it makes runs where it is made.
+        let spawned = self.control.spawn_fn(move || {
+            actix_rt::spawn(async move {
+                let _ = tx.send(op(engine).await);
+            });
+        });
+        if !spawned {
+            return Err(ServeError::NotReady("shutting down").into());
+        }
+        rx.await
+            .map_err(|_| ServeError::Internal("the repository call was dropped".into()).into())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -141,7 +169,9 @@ impl Served {
         &self,
         req: pb::RepositoryModelLoadRequest,
     ) -> Result<pb::RepositoryModelLoadResponse, GrpcError> {
-        self.engine.load_model(&req.model_name).await?;
+        let name = req.model_name;
+        self.on_control(move |engine| async move { engine.load_model(&name).await })
+            .await??;
         Ok(pb::RepositoryModelLoadResponse {})
     }
 
@@ -151,7 +181,9 @@ impl Served {
         &self,
         req: pb::RepositoryModelUnloadRequest,
     ) -> Result<pb::RepositoryModelUnloadResponse, GrpcError> {
-        self.engine.unload_model(&req.model_name).await?;
+        let name = req.model_name;
+        self.on_control(move |engine| async move { engine.unload_model(&name).await })
+            .await??;
         Ok(pb::RepositoryModelUnloadResponse {})
     }
 }
