@@ -17,40 +17,20 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use common::{FIXTURES, TestServer, fixture_config};
+use common::{FIXTURES, TestServer, fixture_config, perf_analyzer, run_python};
 use tokitai_serve::model::LayerNormMode;
 
-fn venv() -> PathBuf {
-    let dir = std::env::var_os("TOKITAI_TRITON_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/triton-venv")));
-    let python = dir.join("bin/python");
-    assert!(
-        python.exists(),
-        "no Python virtual environment with tritonclient at {} — run .ci/run, or: python3 -m venv {0} && \
-         {0}/bin/pip install 'tritonclient[http]==2.51.0' nvidia-cuda-runtime-cu12 && apt-get install libb64-0d",
-        dir.display()
-    );
-    dir
-}
-
 fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
-    let venv = venv();
     let server = TestServer::start(fixture_config(fixture, mode));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/triton/client_check.py");
-    let out = Command::new(venv.join("bin/python"))
-        .args([
-            script,
+    let out = run_python(
+        "client_check.py",
+        &[
             &server.addr().to_string(),
             "tokitai-moe",
             &format!("{FIXTURES}/{fixture}"),
             logits_key,
-        ])
-        .output()
-        .expect("run client_check.py");
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -82,41 +62,24 @@ fn tritonclient_matches_fixtures_in_stored_mode() {
 
 #[test]
 fn perf_analyzer_completes_over_http_with_binary_data() {
-    let venv = venv();
-    let perf_analyzer = venv.join("bin/perf_analyzer");
-    assert!(
-        perf_analyzer.exists(),
-        "{} missing: tritonclient==2.51.0 bundles it",
-        perf_analyzer.display()
-    );
-    let cuda_rt = std::fs::read_dir(venv.join("lib"))
-        .expect("venv lib dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("site-packages/nvidia/cuda_runtime/lib"))
-        .find(|p| p.exists())
-        .expect("nvidia-cuda-runtime-cu12 is installed in the venv");
     let server = TestServer::start(common::base_config());
-    let out = Command::new(&perf_analyzer)
-        .env("LD_LIBRARY_PATH", &cuda_rt)
-        .args([
-            "-m",
-            "tokitai-moe",
-            "-u",
-            &server.addr().to_string(),
-            "-i",
-            "http",
-            "--concurrency-range",
-            "1:2",
-            "--measurement-interval",
-            "1000",
-            "--max-trials",
-            "5",
-            // A smoke run on a shared 2-core machine: accept any stability.
-            "--stability-percentage",
-            "1000",
-        ])
-        .output()
-        .expect("run perf_analyzer");
+    let out = perf_analyzer(&[
+        "-m",
+        "tokitai-moe",
+        "-u",
+        &server.addr().to_string(),
+        "-i",
+        "http",
+        "--concurrency-range",
+        "1:2",
+        "--measurement-interval",
+        "1000",
+        "--max-trials",
+        "5",
+        // A smoke run on a shared 2-core machine: accept any stability.
+        "--stability-percentage",
+        "1000",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "perf_analyzer failed:\n{stdout}\n{stderr}");

@@ -137,29 +137,24 @@ impl Engine {
         self.registry.resolve(target)
     }
 
-    /// What a valid input for `target` looks like (to parse a request).
-    pub fn input_limits(&self, target: &ModelTarget) -> Result<InputLimits, ServeError> {
-        Ok(self.resolve(target)?.limits)
-    }
-
     /// What serves `target` (its metadata).
     pub fn describe(&self, target: &ModelTarget) -> Result<Arc<ModelDescription>, ServeError> {
         Ok(Arc::clone(&self.resolve(target)?.description))
     }
 
-    /// Computes `input` on the version serving `target`: the one submit path
-    /// of every protocol. Fails at once when the target is unknown or not
-    /// ready; otherwise that version's batcher admits the job or rejects it
-    /// (queue full, draining) through the job's own channel, so the caller
-    /// waits on one channel and is woken once. The version is held until
-    /// the answer arrives: a swap meanwhile does not touch this request.
+    /// Computes `input` on `version` (what [`Engine::resolve`] gave for the
+    /// request's target; the protocol parsed the input against its
+    /// `limits`): the one submit path of every protocol. The version's
+    /// batcher admits the job or rejects it (queue full, draining) through
+    /// the job's own channel, so the caller waits on one channel and is
+    /// woken once. The version is held until the answer arrives: a swap
+    /// meanwhile does not touch this request.
     pub async fn infer(
         &self,
-        target: &ModelTarget<'_>,
+        version: Arc<ServedVersion>,
         input: InferInput,
         options: InferOptions,
     ) -> Result<InferAnswer, ServeError> {
-        let version = self.resolve(target)?;
         let (start, rows) = (Instant::now(), input.n_rows());
         let result = self.submit(&version, input, options).await;
         match &result {

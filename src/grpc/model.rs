@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::pb::model_metadata_response::TensorMetadata;
 use super::pb::model_version_policy::{Latest, PolicyChoice};
 use super::pb::{self, model_config};
-use super::request::InferCall;
+use super::request::parse_infer;
 use super::response::{Answerer, infer_response};
 use super::status::GrpcError;
 use crate::engine::version::ServedVersion;
@@ -122,20 +122,26 @@ impl Served {
         self.engine.served()
     }
 
-    /// Computes `call` on the version serving `named`, within `timeout`,
-    /// through the engine's one submit path.
+    /// Computes `req` on the version serving the model it names, within
+    /// `timeout`, through the engine's one submit path. The version is
+    /// resolved once: `req` is parsed against its limits and computed by it.
     pub async fn infer(
         &self,
-        named: &Named<'_>,
-        call: InferCall,
+        req: pb::ModelInferRequest,
         timeout: Duration,
         method: GrpcMethod,
     ) -> Result<pb::ModelInferResponse, GrpcError> {
+        let named = Named {
+            name: &req.model_name,
+            version: &req.model_version,
+        };
+        let version = self.resolve(&named)?;
+        let call = parse_infer(req, &version.limits)?;
         let options = InferOptions {
             timeout,
             route: method.into(),
         };
-        let answer = self.engine.infer(&named.target()?, call.input, options).await?;
+        let answer = self.engine.infer(version, call.input, options).await?;
         let version = oip::version_of(&answer.model);
         let who = Answerer {
             model: &answer.model.name,

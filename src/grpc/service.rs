@@ -12,7 +12,6 @@ use super::deadline::call_timeout;
 use super::model::{self, Named, Served};
 use super::pb::grpc_inference_service_server::GrpcInferenceService;
 use super::pb::{self, ModelInferRequest};
-use super::request::parse_infer;
 use super::status::GrpcError;
 use super::stream::{self, ResponseStream};
 use crate::labels::GrpcMethod;
@@ -91,19 +90,7 @@ impl GrpcInferenceService for InferenceService {
         let method = GrpcMethod::ModelInfer;
         let result = async {
             let timeout = call_timeout(r.metadata(), self.served.default_timeout)?;
-            let mut req = r.into_inner();
-            let (name, version) = (
-                std::mem::take(&mut req.model_name),
-                std::mem::take(&mut req.model_version),
-            );
-            let named = Named {
-                name: &name,
-                version: &version,
-            };
-            let served = self.served.resolve(&named)?;
-            let call = parse_infer(req, &served.limits)?;
-            drop(served);
-            self.served.infer(&named, call, timeout, method).await
+            self.served.infer(r.into_inner(), timeout, method).await
         }
         .await;
         self.answer(method, result)

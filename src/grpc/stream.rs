@@ -18,9 +18,8 @@ use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::model::{Named, Served};
+use super::model::Served;
 use super::pb::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
-use super::request::parse_infer;
 use super::status::code_name;
 use crate::labels::GrpcMethod;
 
@@ -83,21 +82,7 @@ async fn drive(served: Served, mut inbound: Streaming<ModelInferRequest>, tx: An
 async fn answer_one(served: Served, req: ModelInferRequest, timeout: Duration) -> ModelStreamInferResponse {
     let method = GrpcMethod::ModelStreamInfer;
     let id = req.id.clone();
-    let result = async {
-        let mut req = req;
-        let (name, version) = (
-            std::mem::take(&mut req.model_name),
-            std::mem::take(&mut req.model_version),
-        );
-        let named = Named {
-            name: &name,
-            version: &version,
-        };
-        let limits = served.resolve(&named)?.limits;
-        let call = parse_infer(req, &limits)?;
-        served.infer(&named, call, timeout, method).await
-    }
-    .await;
+    let result = served.infer(req, timeout, method).await;
     let metrics = served.metrics();
     match result {
         Ok(response) => {

@@ -31,14 +31,14 @@ pub async fn infer(
     require_json(&req)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
-    let target = ModelTarget::DEFAULT;
-    let request = parse_infer_request(&body, &engine.input_limits(&target)?)?;
+    let version = engine.resolve(&ModelTarget::DEFAULT)?;
+    let request = parse_infer_request(&body, &version.limits)?;
     drop(body);
     let options = InferOptions {
         timeout,
         route: Route::Infer.into(),
     };
-    let answer = engine.infer(&target, request.input, options).await?;
+    let answer = engine.infer(version, request.input, options).await?;
     let (output, dims) = (&answer.output, answer.model.dims);
     let body = write_infer_response(&output.logits, dims.output, &output.router_weights, dims.experts);
     let mut response = HttpResponse::Ok();

@@ -189,18 +189,17 @@ pub async fn infer(
     // The body is read first: an answer that leaves it unread closes the
     // connection, and a keep-alive client would see that as a failure.
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
-    let target = path.target()?;
-    let limits = engine.input_limits(&target)?;
+    let version = engine.resolve(&path.target()?)?;
     let json_len = json_part_len(&req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
-    let request = parse_request(json_part, binary_part, &limits)?;
+    let request = parse_request(json_part, binary_part, &version.limits)?;
     drop(body);
 
     let options = InferOptions {
         timeout,
         route: Route::V2Infer.into(),
     };
-    let answer = engine.infer(&target, request.input, options).await?;
+    let answer = engine.infer(version, request.input, options).await?;
     let version = answer.model.version.to_string();
     let who = Answerer {
         model: &answer.model.name,
