@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::cpu::{CpuBackend, CpuIsa, CpuOptions};
 use crate::backend::{Backend, ForwardOutput, SessionConfig};
 use crate::config::{Config, ControlMode, Override};
 use crate::input::InputLimits;
@@ -57,9 +57,13 @@ pub struct ModelArgs {
     /// LayerNorm parameters: identity (gamma=1, beta=0, as the old sidecar; default) or stored.
     #[arg(long, value_name = "identity|stored")]
     pub layernorm: Option<LayerNormMode>,
-    /// Expert weight storage: f32 (default) or f16 (half the memory, CPU backend only).
-    #[arg(long, value_name = "f32|f16")]
+    /// Expert weight storage: f32 (default), f16 or bf16 (half the memory, CPU backend only).
+    #[arg(long, value_name = "f32|f16|bf16")]
     pub weight_precision: Option<WeightPrecision>,
+    /// CPU kernels: auto (the best this CPU has; default) or a lower path forced
+    /// (`workers.cpu_isa`); one the CPU lacks is refused naming the feature (exit 2).
+    #[arg(long, value_name = "auto|avx512|avx2|scalar")]
+    pub cpu_isa: Option<CpuIsa>,
 }
 
 #[derive(Debug, Clone, Args, Default)]
@@ -167,6 +171,7 @@ impl ServeArgs {
             "model.weight_precision",
             self.model.weight_precision.map(|p| Str(p.as_str().into())),
         );
+        push("workers.cpu_isa", self.model.cpu_isa.map(|i| Str(i.as_str().into())));
         push("server.bind", self.bind.clone().map(Str));
         push("grpc.bind", self.grpc_bind.clone().map(Str));
         push("workers.count", self.workers.map(|n| int(n as u64)));
@@ -207,6 +212,11 @@ const CLI_MAX_INPUT_BYTES: u64 = 1 << 30;
 /// `tokitai-serve infer`: one request body in, one answer out. Returns the
 /// process exit status; every failure is a message on stderr, never a panic.
 pub fn infer(args: &InferArgs) -> i32 {
+    let isa = args.model.cpu_isa.unwrap_or_default();
+    if let Some(feature) = isa.missing_feature() {
+        eprintln!("error: --cpu-isa {isa} needs the CPU feature `{feature}`, which this CPU lacks");
+        return EXIT_USAGE;
+    }
     let model = match (&args.model.arch, &args.model.checkpoint) {
         (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
         _ => Ok(crate::model::synth::demo_model()),
@@ -246,6 +256,7 @@ pub fn infer(args: &InferArgs) -> i32 {
     };
     let options = CpuOptions {
         precision: args.model.weight_precision.unwrap_or_default(),
+        isa,
         ..CpuOptions::default()
     };
     let backend = match CpuBackend::with_options(model.weights, args.model.layernorm.unwrap_or_default(), options) {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::cpu::CpuIsa;
 use crate::model::{LayerNormMode, WeightPrecision};
 
 /// The old sidecar's bind variable, kept for drop-in compatibility.
@@ -261,6 +262,9 @@ pub struct WorkersConfig {
     /// Intra-op threads per worker session. 0: the backend's choice (CPU:
     /// 1 for cache-resident models, else every core).
     pub threads_per_worker: usize,
+    /// CPU kernels: `auto` (the best this CPU has: avx512, else avx2, else
+    /// scalar) or a forced lower path; one the CPU lacks fails start-up.
+    pub cpu_isa: CpuIsa,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -338,6 +342,7 @@ impl Default for WorkersConfig {
             streams_per_gpu: 2,
             count: 0,
             threads_per_worker: 0,
+            cpu_isa: CpuIsa::Auto,
         }
     }
 }
@@ -611,7 +616,22 @@ impl WorkersConfig {
             self.threads_per_worker,
             0..=256,
             backend_choice,
-        )
+        )?;
+        match self.cpu_isa.missing_feature() {
+            Some(feature) => bad(
+                "workers.cpu_isa",
+                format!(
+                    "\"{}\" needs the CPU feature `{feature}`, which this CPU lacks (available: {})",
+                    self.cpu_isa,
+                    CpuIsa::available()
+                        .iter()
+                        .map(|i| i.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -683,6 +703,24 @@ mod tests {
         assert_eq!(c.model.weight_precision, WeightPrecision::F32);
         let c = Config::load(None, env(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "f16")]), &[]).unwrap();
         assert_eq!(c.model.weight_precision, WeightPrecision::F16);
+        let c = Config::load(None, env(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf16")]), &[]).unwrap();
+        assert_eq!(c.model.weight_precision, WeightPrecision::Bf16);
+    }
+
+    /// `workers.cpu_isa`: every path this CPU has is accepted; a path it
+    /// lacks is refused naming the setting and the missing feature.
+    #[test]
+    fn cpu_isa_accepts_what_the_cpu_has_and_names_what_it_lacks() {
+        for isa in CpuIsa::ALL {
+            let r = Config::load(None, env(&[("TOKITAI_WORKERS_CPU_ISA", isa.as_str())]), &[]);
+            match isa.missing_feature() {
+                None => assert_eq!(r.unwrap().workers.cpu_isa, isa),
+                Some(f) => {
+                    let e = r.unwrap_err().to_string();
+                    assert!(e.contains("workers.cpu_isa") && e.contains(f), "{e}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -716,7 +754,8 @@ mod tests {
         assert!(err(&[("TOKITAI_SERVER_BIND", "nowhere")]).contains("server.bind"));
         assert!(err(&[("TOKITAI_WORKERS_COUNT", "300")]).contains("workers.count"));
         assert!(err(&[("TOKITAI_MODEL_LAYERNORM", "both")]).contains("layernorm"));
-        assert!(err(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf16")]).contains("weight_precision"));
+        assert!(err(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf8")]).contains("weight_precision"));
+        assert!(err(&[("TOKITAI_WORKERS_CPU_ISA", "sse2")]).contains("workers.cpu_isa"));
         assert!(err(&[("TOKITAI_MODEL_ARCH", "/a.json")]).contains("model.checkpoint"));
         assert!(err(&[("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "10")]).contains("batching.max_queue_rows"));
         assert!(err(&[("TOKITAI_LOGGING_FORMAT", "xml")]).contains("logging.format"));

@@ -62,7 +62,7 @@ impl InferInput {
         if values.is_empty() {
             return Err(RequestError::Invalid("the input has no rows".into()));
         }
-        if values.len() % row_len != 0 {
+        if !values.len().is_multiple_of(row_len) {
             return Err(RequestError::Invalid(format!(
                 "the input has {} values, not a whole number of rows of {row_len}",
                 values.len()

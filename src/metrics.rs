@@ -211,7 +211,8 @@ impl Metrics {
                     "param_count",
                     "checkpoint",
                     "backend",
-                    "devices"
+                    "devices",
+                    "isa"
                 ],
             )),
             model_load_seconds: reg!(Gauge::new(
@@ -496,7 +497,7 @@ impl Default for Metrics {
 }
 
 /// The `tokitai_model_info` label values of a served version.
-fn model_info_labels(d: &crate::engine::ModelDescription) -> [String; 9] {
+fn model_info_labels(d: &crate::engine::ModelDescription) -> [String; 10] {
     [
         d.name.clone(),
         d.version.to_string(),
@@ -507,6 +508,7 @@ fn model_info_labels(d: &crate::engine::ModelDescription) -> [String; 9] {
         d.checkpoint.clone(),
         d.backend.to_string(),
         d.devices.clone(),
+        d.isa.to_string(),
     ]
 }
 

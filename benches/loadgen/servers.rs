@@ -43,10 +43,10 @@ fn bind_free_port() -> TcpListener {
 fn wait_ready(url: &str, limit: Duration, ended: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(r) = ureq::get(url).timeout(Duration::from_secs(2)).call() {
-            if r.status() == 200 {
-                return true;
-            }
+        if let Ok(r) = ureq::get(url).timeout(Duration::from_secs(2)).call()
+            && r.status() == 200
+        {
+            return true;
         }
         if ended() {
             return false;

@@ -48,7 +48,7 @@ impl ForwardOutput {
     /// else an error), with every buffer sized for it. Every backend's
     /// forward starts here, so the shape rule is written once.
     pub fn prepare(&mut self, dims: &Dims, input: &[f32]) -> Result<usize, BackendError> {
-        if input.len() % dims.input != 0 {
+        if !input.len().is_multiple_of(dims.input) {
             return Err(BackendError::InputShape {
                 got: input.len(),
                 row_len: dims.input,
@@ -97,6 +97,12 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Human description of the devices in use (e.g. `"cpu (avx2+fma)"`).
     fn describe(&self) -> String;
+    /// The instruction set the kernels run on (CPU: `avx512_bf16`, `avx512`,
+    /// `avx2` or `scalar`; a GPU backend: `gpu`), for `/healthz`, metadata
+    /// and the `isa` label of `tokitai_model_info`.
+    fn isa(&self) -> &'static str {
+        "gpu"
+    }
     /// The model's shapes.
     fn dims(&self) -> Dims;
     /// The pool shape that serves this model fastest on `cores` CPU cores.

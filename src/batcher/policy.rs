@@ -110,10 +110,11 @@ pub fn decide(
     if queued_rows == 0 {
         return Decision::Idle;
     }
-    if let Some(hold) = regroup {
-        if queued_rows < hold.rows && now < hold.until {
-            return Decision::WaitUntil(hold.until);
-        }
+    if let Some(hold) = regroup
+        && queued_rows < hold.rows
+        && now < hold.until
+    {
+        return Decision::WaitUntil(hold.until);
     }
     if policy.max_queue_delay.is_zero() || queued_rows >= policy.max_batch_rows {
         return Decision::Dispatch;

@@ -55,6 +55,8 @@ pub struct ModelDescription {
     pub demo: bool,
     pub backend: &'static str,
     pub devices: String,
+    /// The instruction set the kernels run on (`Backend::isa`).
+    pub isa: &'static str,
     #[serde(skip)]
     pub dims: Dims,
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::ModelDescription;
 use super::version::ServedVersion;
-use crate::backend::cpu::{CpuBackend, CpuOptions};
+use crate::backend::cpu::{CpuBackend, CpuIsa, CpuOptions};
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
 use crate::batcher::job::RunBatch;
@@ -71,6 +71,7 @@ pub fn build_backend(
         demo,
         backend: backend.name(),
         devices: backend.describe(),
+        isa: backend.isa(),
         dims,
     };
     Ok((backend, description))
@@ -79,9 +80,10 @@ pub fn build_backend(
 /// Builds the backend `workers.backend` names: `cpu`; `hip` (an error when
 /// this build has no HIP support or no device is usable); `auto` (HIP when a
 /// device is usable, else the CPU; the log says which and why). With
-/// `model.weight_precision = "f16"`, `hip` is an error (the HIP kernels are
-/// f32 only) and `auto` serves on the CPU; an f16 weight that is not finite
-/// is an error naming its tensor.
+/// `model.weight_precision = "f16"` or `"bf16"`, `hip` is an error (the HIP
+/// kernels are f32 only) and `auto` serves on the CPU; a weight that is not
+/// finite after rounding is an error naming its tensor. The CPU kernels are
+/// the ones `workers.cpu_isa` names (validated against the CPU at load).
 pub fn choose_backend(
     weights: MoeWeights,
     layernorm: LayerNormMode,
@@ -96,22 +98,29 @@ pub fn choose_backend(
     let cpu = |weights: MoeWeights| -> Result<Arc<dyn Backend>, BackendError> {
         let options = CpuOptions {
             precision,
+            isa: w.cpu_isa,
             ..CpuOptions::default()
         };
-        Ok(Arc::new(CpuBackend::with_options(weights, layernorm, options)?))
+        let backend = CpuBackend::with_options(weights, layernorm, options)?;
+        tracing::info!(
+            isa = backend.isa_name(),
+            cpu_isa = %w.cpu_isa,
+            available = %CpuIsa::available().iter().map(|i| i.as_str()).collect::<Vec<_>>().join(","),
+            "cpu kernels selected"
+        );
+        Ok(Arc::new(backend))
     };
-    if precision == WeightPrecision::F16 {
+    if precision != WeightPrecision::F32 {
         return match w.backend {
             BackendChoice::Cpu => cpu(weights),
-            BackendChoice::Hip => Err(BackendError::Unavailable(
-                "model.weight_precision = \"f16\" is not supported by the hip backend \
+            BackendChoice::Hip => Err(BackendError::Unavailable(format!(
+                "model.weight_precision = \"{precision}\" is not supported by the hip backend \
                  (use weight_precision = \"f32\", or workers.backend = \"cpu\")"
-                    .into(),
-            )),
+            ))),
             BackendChoice::Auto => {
                 tracing::info!(
-                    "workers.backend = auto with model.weight_precision = f16: using the CPU backend \
-                     (f16 weights are not supported by the hip backend)"
+                    "workers.backend = auto with model.weight_precision = {precision}: using the CPU backend \
+                     ({precision} weights are not supported by the hip backend)"
                 );
                 cpu(weights)
             }

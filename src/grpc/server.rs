@@ -318,10 +318,10 @@ impl Body for ObservedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    if let Some(watch) = self.watch.take() {
-                        watch.count(code);
-                    }
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status)
+                    && let Some(watch) = self.watch.take()
+                {
+                    watch.count(code);
                 }
             }
             Poll::Ready(Some(Err(status))) => {

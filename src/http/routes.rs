@@ -55,10 +55,10 @@ pub async fn healthz(engine: web::Data<Engine>) -> HttpResponse {
     let default = engine.registry.default_model();
     let mut body = serde_json::Map::new();
     body.insert("status".into(), json!("ok"));
-    if let Some(v) = served.iter().find(|v| Some(v.name()) == default.as_deref()) {
-        if let serde_json::Value::Object(fields) = sidecar_fields(v) {
-            body.extend(fields);
-        }
+    if let Some(v) = served.iter().find(|v| Some(v.name()) == default.as_deref())
+        && let serde_json::Value::Object(fields) = sidecar_fields(v)
+    {
+        body.extend(fields);
     }
     let models: Vec<serde_json::Value> = served
         .iter()
@@ -94,6 +94,7 @@ fn sidecar_fields(v: &ServedVersion) -> serde_json::Value {
         "demo_model": m.demo,
         "backend": m.backend,
         "devices": m.devices,
+        "isa": m.isa,
         "workers": v.readiness.workers(),
     })
 }

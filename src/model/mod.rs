@@ -102,15 +102,15 @@ pub struct LoadedModel {
 pub fn load_model(arch_path: &std::path::Path, checkpoint_path: &std::path::Path) -> Result<LoadedModel, ModelError> {
     let arch = Arch::load(arch_path)?;
     let dims = arch.dims();
-    if let Some(claimed) = arch.param_count {
-        if claimed != dims.param_count() {
-            tracing::warn!(
-                arch = %arch_path.display(),
-                claimed,
-                actual = dims.param_count(),
-                "arch.json param_count disagrees with its dims; using the dims"
-            );
-        }
+    if let Some(claimed) = arch.param_count
+        && claimed != dims.param_count()
+    {
+        tracing::warn!(
+            arch = %arch_path.display(),
+            claimed,
+            actual = dims.param_count(),
+            "arch.json param_count disagrees with its dims; using the dims"
+        );
     }
     let ckpt = read_checkpoint(checkpoint_path, &dims)?;
     Ok(LoadedModel {

@@ -77,10 +77,10 @@ impl TestServer {
             if let Some(server) = self.server.take_if(|s| s.is_finished()) {
                 panic!("server exited before it was ready: {:?}", server.stop());
             }
-            if let Ok(r) = try_get(&agent, &url) {
-                if r.status == 200 {
-                    return;
-                }
+            if let Ok(r) = try_get(&agent, &url)
+                && r.status == 200
+            {
+                return;
             }
             std::thread::sleep(POLL_INTERVAL);
         }

@@ -1,15 +1,17 @@
 //! The blocked GEMM driver: `C = A W^T + b` over a range of column panels,
 //! with panel-major activations (see `simd` for the layouts).
 //!
-//! Owns: the loop nest and cache blocking. Must not touch: per-element
-//! arithmetic (the micro-kernel in `simd`), threading (callers split panels).
+//! Owns: the loop nests and cache blocking of each path (AVX2 and scalar,
+//! AVX-512, bf16). Must not touch: per-element arithmetic (the micro-kernels
+//! in `simd`), threading (callers split panels).
 //!
 //! Blocking never changes a result bit: splitting `k` into `KC` blocks only
-//! stores an accumulator to C and reloads it, so every element is still one
-//! ascending FMA chain starting at its bias.
+//! stores an accumulator to C and reloads it, and tile shapes only choose
+//! which chains run side by side, so every element is still one ascending
+//! chain starting at its bias.
 
-use super::pack::PackedLinear;
-use super::simd::{self, Isa, MR, NR};
+use super::pack::{PackedLinear, PanelStore};
+use super::simd::{self, Isa, MR, NR, avx512, bf16};
 
 /// Depth of a `k` block (a multiple of [`NR`]): a 6 x 256 A sliver (6 KB) and
 /// a 256 x 16 B block (16 KB) fit L1, the M x 256 A block stays in L2.
@@ -24,6 +26,13 @@ const STREAM_ROWS: usize = 2 * MR;
 pub(crate) fn gemm_panels(isa: Isa, w: &PackedLinear, a: &[f32], m: usize, p0: usize, c: &mut [f32]) {
     if m == 0 || c.is_empty() {
         return;
+    }
+    assert!(
+        !matches!(w.data, PanelStore::Bf16(_)),
+        "bf16 weights go through gemm_panels_bf16"
+    );
+    if let Isa::Avx512(t) = isa {
+        return gemm_panels_avx512(t, w, a, m, p0, c);
     }
     let pstride = m * NR;
     let np = c.len() / pstride;
@@ -86,6 +95,139 @@ pub(crate) fn gemm_panels(isa: Isa, w: &PackedLinear, a: &[f32], m: usize, p0: u
                 );
                 r += mr;
             }
+        }
+        kb += kl;
+    }
+}
+
+/// Depth of a `k` block on the AVX-512 path: three 256 x 16 B slivers
+/// (48 KB of f32) would overflow a 32-48 KB L1, so a third less.
+const KC_AVX512: usize = 160;
+/// Up to this many rows B is streamed once with no `k` blocking.
+const STREAM_ROWS_AVX512: usize = 4;
+
+/// Balanced row tiles of at most `max` rows (e.g. 10 rows = 5 + 5, not
+/// 8 + 2: a short tile has too few chains in flight): `(first row, rows)`.
+fn row_tiles(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let tiles = m.div_ceil(max);
+    (0..tiles).scan(0, move |r, t| {
+        let mr = (m - *r).div_ceil(tiles - t);
+        let tile = (*r, mr);
+        *r += mr;
+        Some(tile)
+    })
+}
+
+/// The AVX-512 loop nest: for each `k` block, groups of panels (as many as
+/// the tallest tile's shape takes, the remainder one at a time), and inside
+/// a group every row tile, so the group's B sliver stays in L1 while A
+/// streams from L2.
+fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0: usize, c: &mut [f32]) {
+    let pstride = m * NR;
+    let np = c.len() / pstride;
+    debug_assert!(p0 + np <= w.panels && a.len() >= w.k.div_ceil(NR) * pstride);
+    let kc = if m <= STREAM_ROWS_AVX512 {
+        w.k.div_ceil(NR) * NR
+    } else {
+        KC_AVX512
+    };
+    let b_pstride = w.k * NR;
+    let tallest = m.div_ceil(m.div_ceil(avx512::MR));
+    let mut kb = 0;
+    while kb < w.k {
+        let kl = kc.min(w.k - kb);
+        let a_blk = &a[(kb / NR) * pstride..];
+        let mut q = 0;
+        while q < np {
+            let group = if np - q >= avx512::panels_for(tallest) {
+                avx512::panels_for(tallest)
+            } else {
+                1
+            };
+            let b = w
+                .panels_data(p0 + q, group)
+                .slice(kb * NR..(group - 1) * b_pstride + (kb + kl) * NR);
+            let bias = (kb == 0).then(|| &w.bias[(p0 + q) * NR..(p0 + q + group) * NR]);
+            for (r, mr) in row_tiles(m, avx512::MR) {
+                let panels = if group == 1 { 1 } else { avx512::panels_for(mr) };
+                // A shorter tile of the same group may take fewer panels:
+                // run the group in as many calls as its shape needs.
+                let mut done = 0;
+                while done < group {
+                    let g = if group - done >= panels { panels } else { 1 };
+                    avx512::tile(
+                        t,
+                        mr,
+                        g,
+                        kl,
+                        &a_blk[r * NR..],
+                        pstride,
+                        b.slice(done * b_pstride..b.len()),
+                        b_pstride,
+                        &mut c[(q + done) * pstride + r * NR..],
+                        pstride,
+                        bias.map(|s| &s[done * NR..]),
+                    );
+                    done += g;
+                }
+            }
+            q += group;
+        }
+        kb += kl;
+    }
+}
+
+/// Depth of a `k` block of the bf16 path, in pairs (256 values of `k`).
+const KC_PAIRS: usize = 128;
+
+/// [`gemm_panels`] for bf16 weights: `a` is the layer's input already
+/// rounded to pairs (`bf16::round_pairs` of the panel-major f32 input, so
+/// `m * NR / 2` u32 per panel).
+pub(crate) fn gemm_panels_bf16(isa: Isa, w: &PackedLinear, a: &[u32], m: usize, p0: usize, c: &mut [f32]) {
+    if m == 0 || c.is_empty() {
+        return;
+    }
+    let pstride = m * NR;
+    let a_pstride = m * bf16::PAIRS;
+    let np = c.len() / pstride;
+    let kp_total = w.k.div_ceil(2);
+    let b_pstride = w.bf16_panel_len();
+    debug_assert!(p0 + np <= w.panels && a.len() >= kp_total.div_ceil(bf16::PAIRS) * a_pstride);
+    let max_rows = bf16::max_rows(isa);
+    let kpc = if m <= STREAM_ROWS_AVX512 { kp_total } else { KC_PAIRS };
+    let tallest = m.div_ceil(m.div_ceil(max_rows));
+    let mut kb = 0;
+    while kb < kp_total {
+        let kl = kpc.min(kp_total - kb);
+        let a_blk = &a[(kb / bf16::PAIRS) * a_pstride..];
+        let mut q = 0;
+        while q < np {
+            let wide = bf16::tile_shape(isa, tallest);
+            let group = if np - q >= wide { wide } else { 1 };
+            let b = w.bf16_panels(p0 + q, group);
+            let bias = (kb == 0).then(|| &w.bias[(p0 + q) * NR..(p0 + q + group) * NR]);
+            for (r, mr) in row_tiles(m, max_rows) {
+                let panels = if group == 1 { 1 } else { bf16::tile_shape(isa, mr) };
+                let mut done = 0;
+                while done < group {
+                    let g = if group - done >= panels { panels } else { 1 };
+                    bf16::tile(
+                        isa,
+                        mr,
+                        g,
+                        kl,
+                        &a_blk[r * bf16::PAIRS..],
+                        a_pstride,
+                        &b[done * b_pstride + kb * 2 * NR..],
+                        b_pstride,
+                        &mut c[(q + done) * pstride + r * NR..],
+                        pstride,
+                        bias.map(|s| &s[done * NR..]),
+                    );
+                    done += g;
+                }
+            }
+            q += group;
         }
         kb += kl;
     }

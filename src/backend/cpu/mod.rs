@@ -1,11 +1,17 @@
-//! The CPU backend: sparse top-k MoE forward with packed weights and an
-//! AVX2+FMA micro-kernel (portable scalar fallback).
+//! The CPU backend: sparse top-k MoE forward with packed weights and
+//! AVX-512, AVX2+FMA or portable micro-kernels (chosen once, `isa`), in f32,
+//! f16-weight or bf16 precision.
 //!
 //! Owns: [`CpuBackend`] (weights packed once, shared by sessions via `Arc`),
 //! its sessions (scratch buffers, thread budget), sparse dispatch (route,
 //! group rows per expert, run each expert on its rows only, combine in expert
 //! order) and the threading policy. Must not touch: queueing/batching policy,
 //! HTTP, or the model files. All `unsafe` is in [`simd`].
+//!
+//! The AVX2 and AVX-512 paths give the same bits for every precision (same
+//! chains, same LayerNorm/GELU code), so a fleet of mixed machines answers
+//! identically; the scalar path differs only in not fusing f32 multiply-adds
+//! (its bf16 mode is fused and identical too).
 //!
 //! Batch invariance (a row's outputs are bit-identical whatever batch, position,
 //! companions or thread count) holds by construction: routing is per row; an
@@ -15,9 +21,12 @@
 //! experts in index order per row.
 
 mod gemm;
+mod isa;
 mod pack;
 mod router;
 mod simd;
+
+pub use isa::{CpuIsa, IsaUnavailable};
 
 use std::sync::Arc;
 
@@ -46,8 +55,9 @@ pub enum SplitPolicy {
 /// f32 weights).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuOptions {
-    /// Use the portable scalar kernels even where AVX2+FMA exist (tests).
-    pub force_scalar: bool,
+    /// Which kernels (`workers.cpu_isa`): `Auto` is the best this CPU has; a
+    /// forced path the CPU lacks makes construction fail, naming the feature.
+    pub isa: CpuIsa,
     pub split: SplitPolicy,
     /// How the expert weights are stored (`model.weight_precision`).
     pub precision: WeightPrecision,
@@ -74,14 +84,15 @@ impl CpuBackend {
         CpuBackend::with_options(weights, mode, CpuOptions::default()).expect("f32 packing cannot fail")
     }
 
-    /// Packs `weights` with `options`. Fails only in f16, when a weight is
-    /// not finite after rounding to f16 (the error names the tensor).
+    /// Packs `weights` with `options`. Fails when the forced instruction set
+    /// is missing (naming the feature), or in f16/bf16 when a weight is not
+    /// finite after rounding (naming the tensor).
     pub fn with_options(
         weights: MoeWeights,
         mode: LayerNormMode,
         options: CpuOptions,
     ) -> Result<CpuBackend, BackendError> {
-        let isa = Isa::detect(options.force_scalar);
+        let isa = Isa::select(options.isa).map_err(|e| BackendError::Unavailable(e.to_string()))?;
         let model = PackedModel::pack(weights, mode, options.precision)
             .map_err(|e| BackendError::Unavailable(e.to_string()))?;
         Ok(CpuBackend {
@@ -91,7 +102,8 @@ impl CpuBackend {
         })
     }
 
-    /// The instruction set in use: `"avx2+fma+f16c"` or `"scalar"`.
+    /// The kernels in use: `"avx512_bf16"`, `"avx512"`, `"avx2"` or `"scalar"`
+    /// (`avx512_bf16`: AVX-512 with `vdpbf16ps` for the bf16 mode).
     pub fn isa_name(&self) -> &'static str {
         self.isa.name()
     }
@@ -118,6 +130,10 @@ impl Backend for CpuBackend {
 
     fn describe(&self) -> String {
         format!("cpu ({}, {} weights)", self.isa.name(), self.model.precision)
+    }
+
+    fn isa(&self) -> &'static str {
+        self.isa.name()
     }
 
     fn dims(&self) -> Dims {
@@ -187,6 +203,8 @@ struct Scratch {
     y: Vec<f32>,
     /// Per-row LayerNorm `(mean, 1/std)`.
     stats: Vec<(f32, f32)>,
+    /// A bf16 Linear's input rounded to pairs (bf16 mode only).
+    pairs: Vec<u32>,
 }
 
 fn ensure(v: &mut Vec<f32>, len: usize) {
@@ -333,14 +351,14 @@ fn forward_chunk(model: &PackedModel, isa: Isa, par: Par, input: &[f32], out: Ou
                 _ => (a1, a0),
             };
             let dst = &mut dst[..block.linear.panels * pstride];
-            layer(isa, par, &block.linear, src, m, dst);
+            layer(isa, par, &block.linear, src, m, dst, &mut s.pairs);
             let affine = block.affine.as_ref().map(|(g, b)| (&g[..], &b[..]));
             layer_norm_gelu(isa, par, dst, m, block.linear.n, &mut s.stats[..m], affine);
         }
         let last = &s.act[(expert.blocks.len() + 1) % 2];
         let y_len = expert.output.panels * pstride;
         ensure(&mut s.y, y_len);
-        layer(isa, par, &expert.output, last, m, &mut s.y[..y_len]);
+        layer(isa, par, &expert.output, last, m, &mut s.y[..y_len], &mut s.pairs);
         // Combine: each row adds its experts in ascending index order.
         for (i, &row) in s.rows[e].iter().enumerate() {
             let row = row as usize;
@@ -354,16 +372,33 @@ fn forward_chunk(model: &PackedModel, isa: Isa, par: Par, input: &[f32], out: Ou
 }
 
 /// One linear layer over `m` rows into `dst` (all of the layer's panels).
-fn layer(isa: Isa, par: Par, w: &PackedLinear, src: &[f32], m: usize, dst: &mut [f32]) {
+/// With bf16 weights the input is first rounded to bf16 pairs in `pairs`.
+fn layer(isa: Isa, par: Par, w: &PackedLinear, src: &[f32], m: usize, dst: &mut [f32], pairs: &mut Vec<u32>) {
     let pstride = m * NR;
+    let bf16 = matches!(w.data, pack::PanelStore::Bf16(_));
+    if bf16 {
+        let len = w.k.div_ceil(NR) * pstride / 2;
+        if pairs.len() < len {
+            pairs.resize(len, 0);
+        }
+        simd::bf16::round_pairs(&src[..2 * len], &mut pairs[..len]);
+    }
+    let pairs: &[u32] = pairs;
+    let run = |p0: usize, c: &mut [f32]| {
+        if bf16 {
+            gemm::gemm_panels_bf16(isa, w, pairs, m, p0, c)
+        } else {
+            gemm::gemm_panels(isa, w, src, m, p0, c)
+        }
+    };
     match par {
         Par::Panels(t) if w.panels > 1 => {
             let per = w.panels.div_ceil(t);
             dst.par_chunks_mut(per * pstride)
                 .enumerate()
-                .for_each(|(i, c)| gemm::gemm_panels(isa, w, src, m, i * per, c));
+                .for_each(|(i, c)| run(i * per, c));
         }
-        _ => gemm::gemm_panels(isa, w, src, m, 0, dst),
+        _ => run(0, dst),
     }
 }
 

@@ -4,13 +4,13 @@
 //! Owns: [`PackedLinear`] / [`PackedModel`] and the conversion from
 //! [`MoeWeights`], which consumes the raw tensors one at a time (each raw
 //! tensor is dropped as soon as its packed copy exists, so loading never holds
-//! two full copies of the weights). In f16 mode each weight is rounded to
-//! nearest-even binary16 here, once, and a weight that is not finite in f16
-//! is refused with the tensor's checkpoint name. Must not touch: arithmetic
-//! (see `simd`).
+//! two full copies of the weights). In f16 and bf16 modes each weight is
+//! rounded to nearest-even binary16 / bfloat16 here, once, and a weight that
+//! is not finite after rounding is refused with the tensor's checkpoint name.
+//! Must not touch: arithmetic (see `simd`).
 
 use super::simd::{NR, WeightsRef};
-use crate::model::precision::{F16_MAX, f16_bits_to_f32, f32_to_f16_bits};
+use crate::model::precision::{F16_MAX, bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use crate::model::{Dims, LayerNormMode, Linear, MoeWeights, WeightPrecision};
 
 /// Packed weight storage, in the precision the backend was built with.
@@ -19,6 +19,10 @@ pub(crate) enum PanelStore {
     F32(Vec<f32>),
     /// IEEE binary16 bits.
     F16(Vec<u16>),
+    /// bfloat16 bits in `k` pairs (the bf16 kernels' layout): panel `p`
+    /// holds `ceil(k / 2)` rows of 32, `data[p * kp_len + kp * 32 + 2 j + t]
+    /// = W[p * NR + j][2 kp + t]`, zero past `n` and `k`, subnormals flushed.
+    Bf16(Vec<u16>),
 }
 
 /// `W^T` split into column panels of [`NR`] columns: panel `p` holds
@@ -33,25 +37,36 @@ pub(crate) struct PackedLinear {
     pub bias: Vec<f32>,
 }
 
-/// A weight that f16 cannot hold: the tensor's checkpoint name, the index
-/// inside it and the value.
+/// A weight that the reduced precision cannot hold: the precision, the
+/// tensor's checkpoint name, the index inside it and the value.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct NotFiniteInF16 {
+pub(crate) struct NotFiniteWhenRounded {
+    pub precision: WeightPrecision,
     pub tensor: String,
     pub index: usize,
     pub value: f32,
 }
 
-impl std::fmt::Display for NotFiniteInF16 {
+impl std::fmt::Display for NotFiniteWhenRounded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let max = match self.precision {
+            WeightPrecision::Bf16 => bf16_bits_to_f32(0x7f7f),
+            _ => F16_MAX,
+        };
         write!(
             f,
-            "model.weight_precision = \"f16\": weight tensor {} holds {:e} at index {}, which is not finite in f16 \
-             (|w| rounds past {F16_MAX}); serve this model with weight_precision = \"f32\"",
-            self.tensor, self.value, self.index
+            "model.weight_precision = \"{p}\": weight tensor {} holds {:e} at index {}, which is not finite in {p} \
+             (|w| rounds past {max:e}); serve this model with weight_precision = \"f32\"",
+            self.tensor,
+            self.value,
+            self.index,
+            p = self.precision
         )
     }
 }
+
+/// A 16-bit format's rounding from f32 and its (exact) expansion back.
+type RoundTrip = (fn(f32) -> u16, fn(u16) -> f32);
 
 /// Where `W[o][kk]` of a `k`-column tensor goes in the packed layout.
 fn packed_index(o: usize, kk: usize, k: usize) -> usize {
@@ -59,9 +74,19 @@ fn packed_index(o: usize, kk: usize, k: usize) -> usize {
     p * k * NR + kk * NR + j
 }
 
+/// Where `W[o][kk]` goes in the bf16 pair layout ([`PanelStore::Bf16`]).
+fn packed_index_bf16(o: usize, kk: usize, k: usize) -> usize {
+    let (p, j) = (o / NR, o % NR);
+    p * k.div_ceil(2) * 2 * NR + (kk / 2) * 2 * NR + 2 * j + kk % 2
+}
+
 impl PackedLinear {
     /// Packs `l` (named `name` in the checkpoint, for errors) in `precision`.
-    pub(crate) fn pack(l: Linear, precision: WeightPrecision, name: &str) -> Result<PackedLinear, NotFiniteInF16> {
+    pub(crate) fn pack(
+        l: Linear,
+        precision: WeightPrecision,
+        name: &str,
+    ) -> Result<PackedLinear, NotFiniteWhenRounded> {
         let (n, k) = (l.out_dim, l.in_dim);
         let panels = n.div_ceil(NR);
         let rows = l.weight.chunks_exact(k).enumerate().take(n);
@@ -75,56 +100,101 @@ impl PackedLinear {
                 }
                 PanelStore::F32(data)
             }
-            WeightPrecision::F16 => {
-                let mut data = vec![0u16; panels * k * NR];
+            WeightPrecision::F16 | WeightPrecision::Bf16 => {
+                let bf16 = precision == WeightPrecision::Bf16;
+                let (round, expand): RoundTrip = if bf16 {
+                    (f32_to_bf16_bits, bf16_bits_to_f32)
+                } else {
+                    (f32_to_f16_bits, f16_bits_to_f32)
+                };
+                let index = if bf16 { packed_index_bf16 } else { packed_index };
+                let len = if bf16 {
+                    panels * k.div_ceil(2) * 2 * NR
+                } else {
+                    panels * k * NR
+                };
+                let mut data = vec![0u16; len];
                 for (o, w_row) in rows {
                     for (kk, w) in w_row.iter().enumerate() {
-                        let h = f32_to_f16_bits(*w);
-                        if !f16_bits_to_f32(h).is_finite() {
-                            return Err(NotFiniteInF16 {
+                        let h = round(*w);
+                        if !expand(h).is_finite() {
+                            return Err(NotFiniteWhenRounded {
+                                precision,
                                 tensor: name.to_string(),
                                 index: o * k + kk,
                                 value: *w,
                             });
                         }
-                        data[packed_index(o, kk, k)] = h;
+                        data[index(o, kk, k)] = h;
                     }
                 }
-                PanelStore::F16(data)
+                if bf16 {
+                    PanelStore::Bf16(data)
+                } else {
+                    PanelStore::F16(data)
+                }
             }
         };
         drop(l.weight);
+        let mut bias = pad(l.bias, panels * NR, 0.0);
+        if precision == WeightPrecision::Bf16 {
+            // `vdpbf16ps` treats a denormal accumulator as zero; flushing
+            // here makes every path start each chain from the same value.
+            bias.iter_mut()
+                .filter(|b| b.abs() < f32::MIN_POSITIVE)
+                .for_each(|b| *b = f32::from_bits(b.to_bits() & 0x8000_0000));
+        }
         Ok(PackedLinear {
             n,
             k,
             panels,
             data,
-            bias: pad(l.bias, panels * NR, 0.0),
+            bias,
         })
     }
 
-    /// Panel `p`'s weights (`k * NR` values).
-    pub(crate) fn panel_data(&self, p: usize) -> WeightsRef<'_> {
-        let r = p * self.k * NR..(p + 1) * self.k * NR;
+    /// u16 elements per panel of bf16 pairs.
+    pub(crate) fn bf16_panel_len(&self) -> usize {
+        self.k.div_ceil(2) * 2 * NR
+    }
+
+    /// Panels `p .. p + count` of a bf16 store, contiguous.
+    pub(crate) fn bf16_panels(&self, p: usize, count: usize) -> &[u16] {
+        let len = self.bf16_panel_len();
         match &self.data {
-            PanelStore::F32(d) => WeightsRef::F32(&d[r]),
-            PanelStore::F16(d) => WeightsRef::F16(&d[r]),
+            PanelStore::Bf16(d) => &d[p * len..(p + count) * len],
+            _ => panic!("bf16_panels on a {} store", self.precision_name()),
         }
     }
 
-    /// Panels `p .. p + count`, contiguous (`count * k * NR` values).
+    fn precision_name(&self) -> &'static str {
+        match &self.data {
+            PanelStore::F32(_) => "f32",
+            PanelStore::F16(_) => "f16",
+            PanelStore::Bf16(_) => "bf16",
+        }
+    }
+
+    /// Panel `p`'s weights (`k * NR` values) of an f32 or f16 store.
+    pub(crate) fn panel_data(&self, p: usize) -> WeightsRef<'_> {
+        self.panels_data(p, 1)
+    }
+
+    /// Panels `p .. p + count` of an f32 or f16 store, contiguous
+    /// (`count * k * NR` values).
     pub(crate) fn panels_data(&self, p: usize, count: usize) -> WeightsRef<'_> {
         let r = p * self.k * NR..(p + count) * self.k * NR;
         match &self.data {
             PanelStore::F32(d) => WeightsRef::F32(&d[r]),
             PanelStore::F16(d) => WeightsRef::F16(&d[r]),
+            PanelStore::Bf16(_) => panic!("panels_data on a bf16 store (the bf16 kernels read bf16_panels)"),
         }
     }
 
     pub(crate) fn bytes(&self) -> usize {
         let data = match &self.data {
             PanelStore::F32(d) => d.len() * 4,
-            PanelStore::F16(d) => d.len() * 2,
+            PanelStore::F16(d) | PanelStore::Bf16(d) => d.len() * 2,
         };
         data + self.bias.len() * 4
     }
@@ -170,7 +240,7 @@ impl PackedModel {
         weights: MoeWeights,
         mode: LayerNormMode,
         precision: WeightPrecision,
-    ) -> Result<PackedModel, NotFiniteInF16> {
+    ) -> Result<PackedModel, NotFiniteWhenRounded> {
         let MoeWeights { dims, router, experts } = weights;
         let mut packed = Vec::with_capacity(experts.len());
         for (e, expert) in experts.into_iter().enumerate() {

@@ -122,6 +122,7 @@ pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath
             "accepted_datatypes": [FP32],
             "layernorm": m.layernorm,
             "weight_precision": m.weight_precision,
+            "isa": m.isa,
             "size": m.size,
             "checkpoint_step": m.checkpoint_step,
         },

@@ -1,10 +1,12 @@
-//! Every `unsafe` of the CPU backend lives here: the AVX2+FMA micro-kernel
-//! (f32 weights, or f16 weights expanded with F16C),
-//! the LayerNorm statistics and the LayerNorm-apply+GELU pass (with a
-//! vectorised `exp`/`tanh`), plus their portable scalar twins.
+//! Every `unsafe` of the CPU backend lives here: the AVX2+FMA micro-kernels
+//! (f32 weights, or f16 weights expanded with F16C), the AVX-512 ones
+//! ([`avx512`]), the bf16 kernels (`vdpbf16ps` and its bit-identical
+//! emulation, [`bf16`]), the LayerNorm statistics and the
+//! LayerNorm-apply+GELU pass (with a vectorised `exp`/`tanh`), plus their
+//! portable scalar twins.
 //!
-//! Owns: instruction-set selection ([`Isa`], decided once per backend) and the
-//! per-element arithmetic of the hot loops. Must not touch: routing, dispatch,
+//! Owns: the per-element arithmetic of the hot loops (the instruction set is
+//! chosen in `isa`; its tokens are what make the safe wrappers here sound). Must not touch: routing, dispatch,
 //! threading or the packed-weight structures (callers hand in plain slices;
 //! every safe wrapper checks the slice bounds before entering a kernel).
 //!
@@ -27,53 +29,14 @@ pub(crate) const MR: usize = 6;
 
 const LN_EPS: f32 = 1e-5;
 
+pub(crate) mod avx512;
+pub(crate) mod bf16;
+
+pub(crate) use super::isa::{Avx512, Isa};
+
 use crate::model::precision::f16_bits_to_f32;
 const GELU_C: f32 = 0.797_884_6;
 const GELU_A: f32 = 0.044715;
-
-/// Proof that AVX2, FMA and F16C were detected at run time. The private
-/// field means only [`Isa::detect`] can make one, which is what makes the
-/// safe wrappers below sound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Avx2Fma(());
-
-/// The instruction set the kernels use, chosen once at backend construction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Isa {
-    /// Portable code (plain mul + add, no fusing, software f16 expansion):
-    /// other CPUs, and tests.
-    Scalar,
-    /// AVX2 + FMA intrinsics, F16C for f16 weights.
-    Avx2(Avx2Fma),
-}
-
-impl Isa {
-    /// The best available instruction set, or [`Isa::Scalar`] when forced.
-    /// Every x86 CPU with AVX2 also has F16C; one without it gets the
-    /// portable kernels rather than a half-supported path.
-    pub(crate) fn detect(force_scalar: bool) -> Isa {
-        if force_scalar {
-            return Isa::Scalar;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                return Isa::Avx2(Avx2Fma(()));
-            }
-        }
-        Isa::Scalar
-    }
-
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            Isa::Avx2(_) => "avx2+fma+f16c",
-        }
-    }
-}
 
 /// Packed weights as the micro-kernel reads them: f32, or IEEE binary16 bits
 /// expanded to f32 (exactly) on load.
@@ -128,11 +91,11 @@ pub(crate) fn tile(
     if let Some(bias) = bias {
         assert!(bias.len() >= NR);
     }
-    match (isa, b) {
-        (Isa::Scalar, WeightsRef::F32(b)) => tile_scalar(mr, kc, a, a_pstride, b, |w| w, c, bias),
-        (Isa::Scalar, WeightsRef::F16(b)) => tile_scalar(mr, kc, a, a_pstride, b, f16_bits_to_f32, c, bias),
+    match (isa.avx2(), b) {
+        (None, WeightsRef::F32(b)) => tile_scalar(mr, kc, a, a_pstride, b, |w| w, c, bias),
+        (None, WeightsRef::F16(b)) => tile_scalar(mr, kc, a, a_pstride, b, f16_bits_to_f32, c, bias),
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2(_), WeightsRef::F32(b)) => {
+        (Some(_), WeightsRef::F32(b)) => {
             let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
             // SAFETY: the `Avx2Fma` token proves AVX2+FMA are available; the
@@ -151,7 +114,7 @@ pub(crate) fn tile(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2(_), WeightsRef::F16(b)) => {
+        (Some(_), WeightsRef::F16(b)) => {
             let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
             // SAFETY: the `Avx2Fma` token proves AVX2+FMA+F16C are available;
@@ -169,7 +132,7 @@ pub(crate) fn tile(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        (Isa::Avx2(_), _) => unreachable!(),
+        (Some(_), _) => unreachable!(),
     }
 }
 
@@ -217,7 +180,7 @@ pub(crate) fn tile_wide(
         assert!(bias.len() >= panels * NR);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Isa::Avx2(_) = isa {
+    if isa.avx2().is_some() {
         let bias_ptr = bias.map_or(std::ptr::null(), |s| s.as_ptr());
         let (ap, cp) = (a.as_ptr(), c.as_mut_ptr());
         // SAFETY: the `Avx2Fma` token proves AVX2+FMA+F16C are available; the
@@ -463,14 +426,14 @@ pub(crate) fn row_stats(isa: Isa, act: &[f32], m: usize, n: usize, r: usize) -> 
         act.len() >= (panels - 1) * m * NR + (r + 1) * NR,
         "activation slice too short"
     );
-    match isa {
-        Isa::Scalar => row_stats_scalar(act, m, n, r),
+    match isa.avx2() {
+        None => row_stats_scalar(act, m, n, r),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: token proves AVX2+FMA; the assert bounds every read (each
         // panel's NR floats of row r, up to the last panel).
-        Isa::Avx2(_) => unsafe { row_stats_avx2(act.as_ptr(), m, n, r) },
+        Some(_) => unsafe { row_stats_avx2(act.as_ptr(), m, n, r) },
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2(_) => unreachable!(),
+        Some(_) => unreachable!(),
     }
 }
 
@@ -563,8 +526,8 @@ pub(crate) fn ln_gelu_panel(
     if let Some((g, b)) = affine {
         assert!(g.len() >= NR && b.len() >= NR);
     }
-    match isa {
-        Isa::Scalar => {
+    match isa.avx2() {
+        None => {
             for r in 0..m {
                 let (mean, inv) = stats[r];
                 for j in 0..NR {
@@ -582,14 +545,14 @@ pub(crate) fn ln_gelu_panel(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2(_) => {
+        Some(_) => {
             let (gp, bp) = affine.map_or((std::ptr::null(), std::ptr::null()), |(g, b)| (g.as_ptr(), b.as_ptr()));
             // SAFETY: token proves AVX2+FMA; the asserts bound the m rows of
             // NR floats written, the m stats read, and the NR gamma/beta read.
             unsafe { ln_gelu_panel_avx2(panel.as_mut_ptr(), m, valid, stats.as_ptr(), gp, bp) }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2(_) => unreachable!(),
+        Some(_) => unreachable!(),
     }
 }
 
@@ -777,10 +740,10 @@ unsafe fn gelu_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
 /// tanh over a slice with the selected ISA (tests).
 #[cfg(test)]
 pub(crate) fn tanh_slice(isa: Isa, xs: &mut [f32]) {
-    match isa {
-        Isa::Scalar => xs.iter_mut().for_each(|x| *x = tanh_scalar(*x)),
+    match isa.avx2() {
+        None => xs.iter_mut().for_each(|x| *x = tanh_scalar(*x)),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2(_) => {
+        Some(_) => {
             use std::arch::x86_64::*;
             for chunk in xs.chunks_mut(8) {
                 let mut buf = [0.0f32; 8];
@@ -795,7 +758,7 @@ pub(crate) fn tanh_slice(isa: Isa, xs: &mut [f32]) {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2(_) => unreachable!(),
+        Some(_) => unreachable!(),
     }
 }
 
@@ -804,11 +767,10 @@ mod tests {
     use super::*;
 
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if let a @ Isa::Avx2(_) = Isa::detect(false) {
-            v.push(a);
-        }
-        v
+        super::super::isa::CpuIsa::available()
+            .into_iter()
+            .map(|i| Isa::select(i).unwrap())
+            .collect()
     }
 
     #[test]
@@ -865,7 +827,7 @@ mod tests {
     #[test]
     fn software_f16_matches_f16c() {
         use crate::model::precision::f32_to_f16_bits;
-        if Isa::detect(false) == Isa::Scalar {
+        if Isa::select(super::super::isa::CpuIsa::Auto).unwrap() == Isa::Scalar {
             return;
         }
         #[target_feature(enable = "avx2,f16c")]
