@@ -11,7 +11,7 @@
 //! chain starting at its bias.
 
 use super::pack::{PackedLinear, PanelStore};
-use super::simd::{self, Isa, MR, NR, avx512, bf16};
+use super::simd::{self, Isa, MR, NR, WeightsRef, avx512, bf16};
 
 /// Depth of a `k` block (a multiple of [`NR`]): a 6 x 256 A sliver (6 KB) and
 /// a 256 x 16 B block (16 KB) fit L1, the M x 256 A block stays in L2.
@@ -133,6 +133,8 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
     };
     let b_pstride = w.k * NR;
     let tallest = m.div_ceil(m.div_ceil(avx512::MR));
+    // One panel group's f32 sliver (f16 weights only; 30 KB, on the stack).
+    let mut expanded = [0.0f32; KC_AVX512 * 3 * NR];
     let mut kb = 0;
     while kb < w.k {
         let kl = kc.min(w.k - kb);
@@ -147,6 +149,17 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
             let b = w
                 .panels_data(p0 + q, group)
                 .slice(kb * NR..(group - 1) * b_pstride + (kb + kl) * NR);
+            // Several row tiles share this sliver: expand f16 weights to f32
+            // once (exactly, so the same bits) instead of once per tile.
+            let (b, b_ps) = match b {
+                WeightsRef::F16(h) if m > avx512::MR => {
+                    for (pq, dst) in expanded.chunks_exact_mut(kl * NR).take(group).enumerate() {
+                        simd::expand_f16(Isa::Avx512(t), &h[pq * b_pstride..pq * b_pstride + kl * NR], dst);
+                    }
+                    (WeightsRef::F32(&expanded[..group * kl * NR]), kl * NR)
+                }
+                b => (b, b_pstride),
+            };
             let bias = (kb == 0).then(|| &w.bias[(p0 + q) * NR..(p0 + q + group) * NR]);
             for (r, mr) in row_tiles(m, avx512::MR) {
                 let panels = if group == 1 { 1 } else { avx512::panels_for(mr) };
@@ -162,8 +175,8 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
                         kl,
                         &a_blk[r * NR..],
                         pstride,
-                        b.slice(done * b_pstride..b.len()),
-                        b_pstride,
+                        b.slice(done * b_ps..b.len()),
+                        b_ps,
                         &mut c[(q + done) * pstride + r * NR..],
                         pstride,
                         bias.map(|s| &s[done * NR..]),

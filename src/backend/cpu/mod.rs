@@ -381,7 +381,7 @@ fn layer(isa: Isa, par: Par, w: &PackedLinear, src: &[f32], m: usize, dst: &mut 
         if pairs.len() < len {
             pairs.resize(len, 0);
         }
-        simd::bf16::round_pairs(&src[..2 * len], &mut pairs[..len]);
+        simd::bf16::round_pairs(isa, &src[..2 * len], &mut pairs[..len]);
     }
     let pairs: &[u32] = pairs;
     let run = |p0: usize, c: &mut [f32]| {

@@ -415,6 +415,39 @@ avx2_wide_kernel!(wide_avx2_f16, u16, "avx2,fma,f16c", |p| _mm256_cvtph_ps(
     _mm_loadu_si128(p as *const __m128i)
 ));
 
+// ------------------------------------------------------------------ f16 expansion
+
+/// `dst[i] = f16(src[i])` as f32, exactly (F16C where the path has it): a
+/// weight sliver expanded once and reused by every row tile of a batch.
+pub(crate) fn expand_f16(isa: Isa, src: &[u16], dst: &mut [f32]) {
+    assert!(src.len() >= dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2().is_some() {
+        done = dst.len() / 8 * 8;
+        // SAFETY: the token proves F16C; `done` halves are read and `done`
+        // floats written, within both slices (assert above).
+        unsafe { expand_f16_f16c(src.as_ptr(), dst.as_mut_ptr(), done) };
+    }
+    let _ = isa;
+    for (d, h) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = f16_bits_to_f32(*h);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn expand_f16_f16c(src: *const u16, dst: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller bounds `n` (a multiple of 8) reads and writes.
+    unsafe {
+        for i in (0..n).step_by(8) {
+            let h = _mm_loadu_si128(src.add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(h));
+        }
+    }
+}
+
 // ------------------------------------------------------------------ LayerNorm statistics
 
 /// `(mean, 1 / sqrt(var + eps))` of row `r` over its first `n` columns, in a
