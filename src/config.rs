@@ -561,7 +561,11 @@ impl ServerConfig {
     fn validate_browser_lists(&self) -> Result<(), ConfigError> {
         const MAX_ENTRIES: usize = 256;
         let lists = [
-            ("server.allowed_origins", &self.allowed_origins, origin_ok as fn(&str) -> bool),
+            (
+                "server.allowed_origins",
+                &self.allowed_origins,
+                origin_ok as fn(&str) -> bool,
+            ),
             ("server.allowed_hosts", &self.allowed_hosts, host_ok),
         ];
         for (setting, list, ok) in lists {
@@ -662,12 +666,7 @@ impl BatchingConfig {
             1..=MAX_REQUEST_ROWS,
             "",
         )?;
-        in_range(
-            "batching.max_queue_rows",
-            self.max_queue_rows,
-            1..=MAX_QUEUE_ROWS,
-            "",
-        )?;
+        in_range("batching.max_queue_rows", self.max_queue_rows, 1..=MAX_QUEUE_ROWS, "")?;
         if self.max_queue_rows < self.max_request_rows {
             return bad(
                 "batching.max_queue_rows",
@@ -843,13 +842,41 @@ mod tests {
     fn settings_past_their_bounds_are_refused_naming_the_setting_and_the_bound() {
         let err = |k: &str, v: &str| Config::load(None, env(&[(k, v)]), &[]).unwrap_err().to_string();
         for (var, setting, bound) in [
-            ("TOKITAI_BATCHING_MAX_REQUEST_ROWS", "batching.max_request_rows", "1..=1048576"),
-            ("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "batching.max_queue_rows", "1..=4194304"),
-            ("TOKITAI_SERVER_MAX_BODY_BYTES", "server.max_body_bytes", "1024..=1073741824"),
-            ("TOKITAI_SERVER_REQUEST_TIMEOUT_MS", "server.request_timeout_ms", "1..=3600000"),
-            ("TOKITAI_SERVER_SHUTDOWN_TIMEOUT_SECS", "server.shutdown_timeout_secs", "0..=3600"),
-            ("TOKITAI_GRPC_HANDSHAKE_TIMEOUT_MS", "grpc.handshake_timeout_ms", "1..=60000"),
-            ("TOKITAI_GRPC_MAX_HANDSHAKING_CONNECTIONS", "grpc.max_handshaking_connections", "1..=65536"),
+            (
+                "TOKITAI_BATCHING_MAX_REQUEST_ROWS",
+                "batching.max_request_rows",
+                "1..=1048576",
+            ),
+            (
+                "TOKITAI_BATCHING_MAX_QUEUE_ROWS",
+                "batching.max_queue_rows",
+                "1..=4194304",
+            ),
+            (
+                "TOKITAI_SERVER_MAX_BODY_BYTES",
+                "server.max_body_bytes",
+                "1024..=1073741824",
+            ),
+            (
+                "TOKITAI_SERVER_REQUEST_TIMEOUT_MS",
+                "server.request_timeout_ms",
+                "1..=3600000",
+            ),
+            (
+                "TOKITAI_SERVER_SHUTDOWN_TIMEOUT_SECS",
+                "server.shutdown_timeout_secs",
+                "0..=3600",
+            ),
+            (
+                "TOKITAI_GRPC_HANDSHAKE_TIMEOUT_MS",
+                "grpc.handshake_timeout_ms",
+                "1..=60000",
+            ),
+            (
+                "TOKITAI_GRPC_MAX_HANDSHAKING_CONNECTIONS",
+                "grpc.max_handshaking_connections",
+                "1..=65536",
+            ),
             ("TOKITAI_WORKERS_COUNT", "workers.count", "0..=256"),
             ("TOKITAI_GRPC_THREADS", "grpc.threads", "1..=64"),
         ] {
@@ -871,20 +898,34 @@ mod tests {
         batching.insert("max_request_rows".into(), toml::Value::Integer(i64::MAX));
         overlay.insert("batching".into(), toml::Value::Table(batching));
         let msg = Config::default().layered(&overlay).unwrap_err().to_string();
-        assert!(msg.contains("batching.max_request_rows") && msg.contains("1..=1048576"), "{msg}");
+        assert!(
+            msg.contains("batching.max_request_rows") && msg.contains("1..=1048576"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn browser_lists_are_toml_arrays_of_origins_and_host_names() {
         let e = env(&[
-            ("TOKITAI_SERVER_ALLOWED_ORIGINS", r#"["https://app.example:8443", "http://localhost:3000"]"#),
+            (
+                "TOKITAI_SERVER_ALLOWED_ORIGINS",
+                r#"["https://app.example:8443", "http://localhost:3000"]"#,
+            ),
             ("TOKITAI_SERVER_ALLOWED_HOSTS", r#"["engine.internal", "[fd00::1]"]"#),
         ]);
         let c = Config::load(None, e, &[]).unwrap();
-        assert_eq!(c.server.allowed_origins, ["https://app.example:8443", "http://localhost:3000"]);
+        assert_eq!(
+            c.server.allowed_origins,
+            ["https://app.example:8443", "http://localhost:3000"]
+        );
         assert_eq!(c.server.allowed_hosts, ["engine.internal", "[fd00::1]"]);
         let err = |k: &str, v: &str| Config::load(None, env(&[(k, v)]), &[]).unwrap_err().to_string();
-        for bad in [r#"["*"]"#, r#"["https://a.example/"]"#, r#"["a.example"]"#, r#"["http://*.example"]"#] {
+        for bad in [
+            r#"["*"]"#,
+            r#"["https://a.example/"]"#,
+            r#"["a.example"]"#,
+            r#"["http://*.example"]"#,
+        ] {
             let msg = err("TOKITAI_SERVER_ALLOWED_ORIGINS", bad);
             assert!(msg.contains("server.allowed_origins"), "{bad}: {msg}");
         }

@@ -486,7 +486,9 @@ fn silent_connections_cannot_lock_out_grpc_and_are_closed_after_the_handshake_ti
     // The server keeps serving.
     runtime().block_on(async {
         let mut c = client(addr).await;
-        c.model_infer(request(1)).await.expect("served after the silent sockets");
+        c.model_infer(request(1))
+            .await
+            .expect("served after the silent sockets");
     });
     server.shutdown();
 }

@@ -1301,8 +1301,8 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
     let reference = Reference::take(addr, &fixture);
     let body = reference.infer_body.clone();
     let post = |extra: &str, tail: &[u8]| {
-        let mut r =
-            format!("POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}\r\n").into_bytes();
+        let mut r = format!("POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}\r\n")
+            .into_bytes();
         r.extend_from_slice(tail);
         r
     };

@@ -54,7 +54,10 @@ fn sidecar_body() -> String {
 /// One request over a fresh connection, with exactly the `Host` given
 /// (`None`: no `Host` at all) and the extra headers.
 fn send(addr: SocketAddr, method: &str, path: &str, host: Option<&str>, headers: &[(&str, &str)], body: &str) -> Reply {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if let Some(host) = host {
         head.push_str(&format!("Host: {host}\r\n"));
     }
@@ -126,10 +129,9 @@ fn foreign_origins_cross_site_requests_and_rebinding_hosts_get_403_on_every_rout
     // Nothing was computed and the model is still loaded.
     assert!(model_ready(&server), "a refused unload took the model down");
     assert_eq!(rows_computed(&server), before, "a refused request was computed");
-    let refused = server.metrics().sum(
-        "tokitai_request_failures_total",
-        &[("reason", "forbidden")],
-    );
+    let refused = server
+        .metrics()
+        .sum("tokitai_request_failures_total", &[("reason", "forbidden")]);
     assert!(refused >= 18.0, "forbidden failures counted: {refused}");
 
     // What is allowed: the listed origin (any case), same-site fetch
@@ -137,7 +139,10 @@ fn foreign_origins_cross_site_requests_and_rebinding_hosts_get_403_on_every_rout
     // (Triton's: v2 infer without a content type).
     for (host, headers) in [
         (Some(local.as_str()), vec![("Origin", "https://APP.example:8443")]),
-        (Some(local.as_str()), vec![("Origin", allowed.as_str()), ("Sec-Fetch-Site", "cross-site")]),
+        (
+            Some(local.as_str()),
+            vec![("Origin", allowed.as_str()), ("Sec-Fetch-Site", "cross-site")],
+        ),
         (Some(local.as_str()), vec![("Sec-Fetch-Site", "same-origin")]),
         (Some("localhost"), vec![]),
         (Some("[::1]:9"), vec![]),
@@ -159,7 +164,10 @@ fn allowed_hosts_extend_the_loopback_names_and_other_binds_do_not_check_host() {
     config.server.allowed_hosts = vec!["engine.internal".into()];
     let server = TestServer::start(config);
     let addr = server.addr();
-    assert_eq!(send(addr, "GET", "/healthz", Some("engine.internal:9100"), &[], "").status, 200);
+    assert_eq!(
+        send(addr, "GET", "/healthz", Some("engine.internal:9100"), &[], "").status,
+        200
+    );
     send(addr, "GET", "/healthz", Some("other.internal"), &[], "").assert_error(403, "forbidden", "host");
     server.shutdown();
     // Bound to every address (a pod): the kubelet's probes send the pod IP
@@ -179,7 +187,14 @@ fn allowed_hosts_extend_the_loopback_names_and_other_binds_do_not_check_host() {
     });
     assert!(ready, "the 0.0.0.0 server never became ready");
     assert_eq!(send(addr, "GET", "/readyz", Some("10.1.2.3:9100"), &[], "").status, 200);
-    let r = send(addr, "GET", "/readyz", Some("10.1.2.3:9100"), &[("Origin", "http://x.example")], "");
+    let r = send(
+        addr,
+        "GET",
+        "/readyz",
+        Some("10.1.2.3:9100"),
+        &[("Origin", "http://x.example")],
+        "",
+    );
     r.assert_error(403, "forbidden", "origin on 0.0.0.0");
     server.stop().unwrap();
 }
@@ -335,14 +350,21 @@ fn a_real_browser_page_on_another_origin_cannot_drive_the_engine() {
     let repo = tempfile::tempdir().unwrap();
     let server = TestServer::start(explicit_config(repo.path(), std::slice::from_ref(&listed)));
     let engine = server.addr().port();
-    let forbidden = |s: &TestServer| s.metrics().sum("tokitai_request_failures_total", &[("reason", "forbidden")]);
+    let forbidden = |s: &TestServer| {
+        s.metrics()
+            .sum("tokitai_request_failures_total", &[("reason", "forbidden")])
+    };
     let before = rows_computed(&server);
 
     let foreign = format!("http://127.0.0.1:{}/page?engine={engine}&unload=1", pages.port);
     let report = run_page(&chromium, &pages, &foreign);
     assert_eq!(report.split(';').count(), 6, "{report}");
     assert!(model_ready(&server), "the page unloaded the model: {report}");
-    assert_eq!(rows_computed(&server), before, "the page's request was computed: {report}");
+    assert_eq!(
+        rows_computed(&server),
+        before,
+        "the page's request was computed: {report}"
+    );
     // The requests did reach the engine and were refused there (the CORS
     // preflight counts as one: the JSON POST itself is never sent).
     let refused = forbidden(&server);

@@ -181,7 +181,7 @@ impl Handshakes {
     }
 
     /// Connections in their handshake now.
-    pub fn len(&self) -> usize {
+    pub fn in_progress(&self) -> usize {
         self.open().by_age.len()
     }
 }
@@ -221,15 +221,15 @@ mod tests {
         let handshakes = Handshakes::new(2);
         let mut first = handshakes.begin();
         let second = handshakes.begin();
-        assert_eq!(handshakes.len(), 2);
+        assert_eq!(handshakes.in_progress(), 2);
         let third = handshakes.begin();
         // The first was closed to make room; its ticket says so at once.
         first.evicted().await;
         assert!(!first.finish());
         assert!(second.finish());
-        assert_eq!(handshakes.len(), 1);
+        assert_eq!(handshakes.in_progress(), 1);
         drop(third);
-        assert_eq!(handshakes.len(), 0);
+        assert_eq!(handshakes.in_progress(), 0);
         let mut fourth = handshakes.begin();
         handshakes.close_all();
         fourth.evicted().await;
@@ -265,13 +265,22 @@ mod tests {
         let read = preface_of(valid.clone(), false).await.unwrap();
         assert!(valid.starts_with(&read) && read.len() >= valid.len() - 4, "{read:?}");
         let http1 = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-        assert!(matches!(preface_of(http1, false).await, Err(HandshakeError::NotHttp2(_))));
+        assert!(matches!(
+            preface_of(http1, false).await,
+            Err(HandshakeError::NotHttp2(_))
+        ));
         let mut headers_first = PREFACE.to_vec();
         headers_first.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 1]);
-        assert!(matches!(preface_of(headers_first, false).await, Err(HandshakeError::NotHttp2(_))));
+        assert!(matches!(
+            preface_of(headers_first, false).await,
+            Err(HandshakeError::NotHttp2(_))
+        ));
         let mut huge = PREFACE.to_vec();
         huge.extend_from_slice(&[0xff, 0xff, 0xff, SETTINGS_FRAME, 0, 0, 0, 0, 0]);
-        assert!(matches!(preface_of(huge, false).await, Err(HandshakeError::NotHttp2(_))));
+        assert!(matches!(
+            preface_of(huge, false).await,
+            Err(HandshakeError::NotHttp2(_))
+        ));
         let cut = PREFACE[..10].to_vec();
         assert!(matches!(preface_of(cut, true).await, Err(HandshakeError::Closed)));
     }

@@ -180,7 +180,10 @@ mod tests {
         assert!(ok(&[("host", "127.0.0.1:9100")]));
         assert!(!ok(&[("host", "127.0.0.1:9100"), ("origin", "http://evil.example")]));
         assert!(!ok(&[("host", "127.0.0.1:9100"), ("origin", "null")]));
-        assert!(ok(&[("host", "127.0.0.1:9100"), ("origin", "HTTPS://APP.EXAMPLE:8443")]));
+        assert!(ok(&[
+            ("host", "127.0.0.1:9100"),
+            ("origin", "HTTPS://APP.EXAMPLE:8443")
+        ]));
         // Every Origin must be listed.
         assert!(!ok(&[
             ("origin", "https://app.example:8443"),
@@ -231,6 +234,9 @@ mod tests {
         // Bound to every address (a pod): probes send the pod IP.
         let g = guard("0.0.0.0:9100", &[], &[]);
         assert!(g.check(&head(&[("host", "10.1.2.3:9100")])).is_ok());
-        assert!(g.check(&head(&[("host", "10.1.2.3:9100"), ("origin", "http://x.example")])).is_err());
+        assert!(
+            g.check(&head(&[("host", "10.1.2.3:9100"), ("origin", "http://x.example")]))
+                .is_err()
+        );
     }
 }
