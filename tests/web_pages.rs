@@ -376,7 +376,17 @@ fn a_real_browser_page_on_another_origin_cannot_drive_the_engine() {
     let rule = "--host-resolver-rules=MAP rebind.example 127.0.0.1";
     let url = format!("http://rebind.example:{engine}/metrics");
     let child = browse(&chromium, profile.path(), &url, &[rule, "--dump-dom"]);
-    let out = child.wait_with_output().expect("chromium --dump-dom");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(90)) else {
+        // SAFETY: kill(2) on the chromium this test spawned and has not reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("chromium --dump-dom {url} did not exit within 90 s");
+    };
+    let out = out.expect("chromium --dump-dom");
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(dom.contains("forbidden") && !dom.contains("tokitai_"), "{dom}");
     assert!(forbidden(&server) > refused, "the rebinding request was not refused");
