@@ -79,6 +79,13 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest request head (header names and values); larger gets 431.
     pub max_header_bytes: usize,
+    /// Origins (`scheme://host[:port]`, as browsers send them) whose
+    /// requests are served; any other `Origin`, or `Sec-Fetch-Site:
+    /// cross-site` without a listed origin, gets 403 on every route.
+    pub allowed_origins: Vec<String>,
+    /// Host names (no port) accepted in `Host` besides the loopback ones
+    /// when the server is bound to a loopback address (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[grpc]`: Triton's `GRPCInferenceService` on a port of its own. Message
@@ -100,6 +107,12 @@ pub struct GrpcConfig {
     pub keepalive_interval_secs: u64,
     /// A connection whose ping is not answered within this is closed.
     pub keepalive_timeout_secs: u64,
+    /// Time a new connection has to send the HTTP/2 preface and its first
+    /// SETTINGS frame; then it is closed.
+    pub handshake_timeout_ms: u64,
+    /// Most connections in their handshake at once, besides
+    /// `max_connections`; past it the oldest one is closed for the new one.
+    pub max_handshaking_connections: usize,
 }
 
 impl Default for GrpcConfig {
@@ -112,6 +125,8 @@ impl Default for GrpcConfig {
             max_connections: 1024,
             keepalive_interval_secs: 60,
             keepalive_timeout_secs: 20,
+            handshake_timeout_ms: 5_000,
+            max_handshaking_connections: 128,
         }
     }
 }
@@ -139,6 +154,18 @@ impl GrpcConfig {
             "grpc.keepalive_timeout_secs",
             self.keepalive_timeout_secs as usize,
             1..=3600,
+            "",
+        )?;
+        in_range(
+            "grpc.handshake_timeout_ms",
+            self.handshake_timeout_ms as usize,
+            1..=60_000,
+            "",
+        )?;
+        in_range(
+            "grpc.max_handshaking_connections",
+            self.max_handshaking_connections,
+            1..=65_536,
             "",
         )
     }
@@ -303,6 +330,8 @@ impl Default for ServerConfig {
             keep_alive_secs: 30,
             max_connections: 8192,
             max_header_bytes: 16 * 1024,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -488,16 +517,25 @@ impl ServerConfig {
             return bad("server.bind", format!("{:?} is not an IP:port address", self.bind));
         }
         in_range("server.http_workers", self.http_workers, 1..=64, "")?;
-        if self.max_body_bytes < 1024 {
-            return bad(
-                "server.max_body_bytes",
-                format!("{} is below the minimum of 1024", self.max_body_bytes),
-            );
-        }
-        if self.request_timeout_ms == 0 {
-            return bad("server.request_timeout_ms", "must be at least 1");
-        }
+        in_range(
+            "server.max_body_bytes",
+            self.max_body_bytes,
+            1024..=MAX_BODY_BYTES,
+            " (1 KiB to 1 GiB)",
+        )?;
         let hour_ms = 3_600_000;
+        in_range(
+            "server.request_timeout_ms",
+            self.request_timeout_ms as usize,
+            1..=hour_ms,
+            "",
+        )?;
+        in_range(
+            "server.shutdown_timeout_secs",
+            self.shutdown_timeout_secs as usize,
+            0..=3600,
+            "",
+        )?;
         in_range(
             "server.header_timeout_ms",
             self.header_timeout_ms as usize,
@@ -518,8 +556,65 @@ impl ServerConfig {
             self.max_connections,
             workers.max(1)..=1_000_000,
             " (at least one per HTTP thread)",
-        )
+        )?;
+        self.validate_browser_lists()
     }
+
+    /// `allowed_origins`: each an origin as a browser writes it
+    /// (`scheme://host[:port]`, no path, no wildcard); `allowed_hosts`:
+    /// each a host name or address without a port. At most 256 of each.
+    fn validate_browser_lists(&self) -> Result<(), ConfigError> {
+        const MAX_ENTRIES: usize = 256;
+        let lists = [
+            (
+                "server.allowed_origins",
+                &self.allowed_origins,
+                origin_ok as fn(&str) -> bool,
+            ),
+            ("server.allowed_hosts", &self.allowed_hosts, host_ok),
+        ];
+        for (setting, list, ok) in lists {
+            if list.len() > MAX_ENTRIES {
+                return bad(
+                    setting,
+                    format!("{} entries is over the maximum of {MAX_ENTRIES}", list.len()),
+                );
+            }
+            if let Some(entry) = list.iter().find(|e| !ok(e)) {
+                let shown: String = entry.chars().take(100).collect();
+                let want = if setting == "server.allowed_origins" {
+                    "an origin such as \"https://app.example:8443\" (scheme://host[:port], no path, no wildcard)"
+                } else {
+                    "a host name or IP address without a port, such as \"engine.internal\""
+                };
+                return bad(setting, format!("{shown:?} is not {want}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Largest `server.max_body_bytes`: 1 GiB.
+const MAX_BODY_BYTES: usize = 1 << 30;
+
+/// An origin as browsers serialize it: `scheme://host[:port]`.
+fn origin_ok(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        && !rest.is_empty()
+        && origin.len() <= 256
+        && rest.bytes().all(|b| b.is_ascii_graphic() && !b"/*?#@".contains(&b))
+}
+
+/// A host name or address as `Host` carries it, without the port.
+fn host_ok(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        && (host.starts_with('[') || !host.contains(':'))
 }
 
 impl ModelConfig {
@@ -570,9 +665,13 @@ pub fn model_name_ok(n: &str) -> bool {
 impl BatchingConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         in_range("batching.max_batch_rows", self.max_batch_rows, 1..=65_536, "")?;
-        if self.max_request_rows == 0 {
-            return bad("batching.max_request_rows", "must be at least 1");
-        }
+        in_range(
+            "batching.max_request_rows",
+            self.max_request_rows,
+            1..=MAX_REQUEST_ROWS,
+            "",
+        )?;
+        in_range("batching.max_queue_rows", self.max_queue_rows, 1..=MAX_QUEUE_ROWS, "")?;
         if self.max_queue_rows < self.max_request_rows {
             return bad(
                 "batching.max_queue_rows",
@@ -598,6 +697,13 @@ impl BatchingConfig {
     }
 }
 
+/// Largest `batching.max_request_rows` (2^20): far past any body
+/// `server.max_body_bytes` allows, and small enough that rows times any
+/// row width times 4 bytes cannot overflow.
+pub const MAX_REQUEST_ROWS: usize = 1 << 20;
+/// Largest `batching.max_queue_rows` (2^22: 1.5 GiB of 96-wide f32 rows).
+pub const MAX_QUEUE_ROWS: usize = 1 << 22;
+
 impl WorkersConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let gpus = &self.gpus;
@@ -608,6 +714,7 @@ impl WorkersConfig {
         {
             return bad("workers.gpus", format!("device {dup} is listed twice"));
         }
+        in_range("workers.gpus", gpus.len(), 0..=256, " devices")?;
         in_range("workers.streams_per_gpu", self.streams_per_gpu, 1..=64, "")?;
         let backend_choice = " (0: chosen by the backend)";
         in_range("workers.count", self.count, 0..=256, backend_choice)?;
@@ -768,6 +875,106 @@ mod tests {
         let c = Config::load(None, env(&[("TOKITAI_GRPC_ENABLED", "false")]), &[]).unwrap();
         assert!(!c.grpc.enabled);
         assert_eq!(Config::default().grpc.bind, "127.0.0.1:9101");
+    }
+
+    #[test]
+    fn settings_past_their_bounds_are_refused_naming_the_setting_and_the_bound() {
+        let err = |k: &str, v: &str| Config::load(None, env(&[(k, v)]), &[]).unwrap_err().to_string();
+        for (var, setting, bound) in [
+            (
+                "TOKITAI_BATCHING_MAX_REQUEST_ROWS",
+                "batching.max_request_rows",
+                "1..=1048576",
+            ),
+            (
+                "TOKITAI_BATCHING_MAX_QUEUE_ROWS",
+                "batching.max_queue_rows",
+                "1..=4194304",
+            ),
+            (
+                "TOKITAI_SERVER_MAX_BODY_BYTES",
+                "server.max_body_bytes",
+                "1024..=1073741824",
+            ),
+            (
+                "TOKITAI_SERVER_REQUEST_TIMEOUT_MS",
+                "server.request_timeout_ms",
+                "1..=3600000",
+            ),
+            (
+                "TOKITAI_SERVER_SHUTDOWN_TIMEOUT_SECS",
+                "server.shutdown_timeout_secs",
+                "0..=3600",
+            ),
+            (
+                "TOKITAI_GRPC_HANDSHAKE_TIMEOUT_MS",
+                "grpc.handshake_timeout_ms",
+                "1..=60000",
+            ),
+            (
+                "TOKITAI_GRPC_MAX_HANDSHAKING_CONNECTIONS",
+                "grpc.max_handshaking_connections",
+                "1..=65536",
+            ),
+            ("TOKITAI_WORKERS_COUNT", "workers.count", "0..=256"),
+            ("TOKITAI_GRPC_THREADS", "grpc.threads", "1..=64"),
+        ] {
+            // i64::MAX: the largest integer TOML holds.
+            let msg = err(var, "9223372036854775807");
+            assert!(msg.contains(setting) && msg.contains(bound), "{var}: {msg}");
+        }
+        // The largest allowed values load (queue rows at least request rows).
+        let at_bounds = env(&[
+            ("TOKITAI_BATCHING_MAX_REQUEST_ROWS", "1048576"),
+            ("TOKITAI_BATCHING_MAX_QUEUE_ROWS", "4194304"),
+            ("TOKITAI_GRPC_HANDSHAKE_TIMEOUT_MS", "60000"),
+        ]);
+        let c = Config::load(None, at_bounds, &[]).unwrap();
+        assert_eq!(c.batching.max_request_rows, MAX_REQUEST_ROWS);
+        // A model's config.toml is validated by the same rules.
+        let mut overlay = toml::Table::new();
+        let mut batching = toml::Table::new();
+        batching.insert("max_request_rows".into(), toml::Value::Integer(i64::MAX));
+        overlay.insert("batching".into(), toml::Value::Table(batching));
+        let msg = Config::default().layered(&overlay).unwrap_err().to_string();
+        assert!(
+            msg.contains("batching.max_request_rows") && msg.contains("1..=1048576"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn browser_lists_are_toml_arrays_of_origins_and_host_names() {
+        let e = env(&[
+            (
+                "TOKITAI_SERVER_ALLOWED_ORIGINS",
+                r#"["https://app.example:8443", "http://localhost:3000"]"#,
+            ),
+            ("TOKITAI_SERVER_ALLOWED_HOSTS", r#"["engine.internal", "[fd00::1]"]"#),
+        ]);
+        let c = Config::load(None, e, &[]).unwrap();
+        assert_eq!(
+            c.server.allowed_origins,
+            ["https://app.example:8443", "http://localhost:3000"]
+        );
+        assert_eq!(c.server.allowed_hosts, ["engine.internal", "[fd00::1]"]);
+        let err = |k: &str, v: &str| Config::load(None, env(&[(k, v)]), &[]).unwrap_err().to_string();
+        for bad in [
+            r#"["*"]"#,
+            r#"["https://a.example/"]"#,
+            r#"["a.example"]"#,
+            r#"["http://*.example"]"#,
+        ] {
+            let msg = err("TOKITAI_SERVER_ALLOWED_ORIGINS", bad);
+            assert!(msg.contains("server.allowed_origins"), "{bad}: {msg}");
+        }
+        for bad in [r#"["a.example:80"]"#, r#"["http://a.example"]"#, r#"[""]"#] {
+            let msg = err("TOKITAI_SERVER_ALLOWED_HOSTS", bad);
+            assert!(msg.contains("server.allowed_hosts"), "{bad}: {msg}");
+        }
+        // A bare string is not a list: the loader names the setting.
+        let msg = err("TOKITAI_SERVER_ALLOWED_ORIGINS", "https://a.example");
+        assert!(msg.contains("allowed_origins"), "{msg}");
     }
 
     #[test]

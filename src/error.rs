@@ -59,6 +59,9 @@ pub enum ServeError {
     Backend(BackendError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A request a web page made, or a DNS-rebinding `Host` (`http/browser.rs`).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 impl ServeError {
@@ -82,6 +85,7 @@ impl ServeError {
             ServeError::ModelNotReady { .. } => FailureReason::NotReady,
             ServeError::MethodNotAllowed { .. } => FailureReason::MethodNotAllowed,
             ServeError::Backend(_) | ServeError::Internal(_) => FailureReason::Internal,
+            ServeError::Forbidden(_) => FailureReason::Forbidden,
         }
     }
 }

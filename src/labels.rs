@@ -193,6 +193,8 @@ label_enum! {
         NotFound => "not_found",
         MethodNotAllowed => "method_not_allowed",
         Internal => "internal",
+        /// A web page's request, or a foreign `Host` on a loopback bind (403).
+        Forbidden => "forbidden",
     }
 }
 

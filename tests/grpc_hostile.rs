@@ -6,7 +6,8 @@
 //! call the client abandons, and a client that opens every stream it may and
 //! stalls. Each gets a client-class status (never a panic, never INTERNAL),
 //! its rows are not computed, memory stays bounded, and the server keeps
-//! serving others. Also: the statistics extension agrees between HTTP and
+//! serving others. Sockets that never speak are closed after the handshake
+//! timeout and never keep a real client out. Also: the statistics extension agrees between HTTP and
 //! gRPC, and SIGTERM drains gRPC calls in flight.
 
 mod common;
@@ -410,4 +411,84 @@ fn sigterm_drains_grpc_calls_in_flight() {
     });
     let status = server.wait_exit(Duration::from_secs(20)).expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}");
+}
+
+/// How long a silent socket lasts: from its connect until the server closes
+/// it (EOF or reset); `None` when it was still open after `bound`.
+fn time_until_closed(mut socket: std::net::TcpStream, opened: std::time::Instant, bound: Duration) -> Option<Duration> {
+    use std::io::Read;
+    socket.set_read_timeout(Some(bound)).unwrap();
+    let mut byte = [0u8; 64];
+    loop {
+        match socket.read(&mut byte) {
+            Ok(0) => return Some(opened.elapsed()),
+            // The server's SETTINGS frame: HTTP/2 servers speak at once.
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return None;
+            }
+            Err(_) => return Some(opened.elapsed()),
+        }
+    }
+}
+
+/// Issue 21: `grpc.max_connections` sockets that never speak used to hold
+/// every slot, and a real client went unanswered for over a minute. Now a
+/// connection still in its handshake is in a class of its own (the oldest
+/// closed for a newer one) and is closed after `grpc.handshake_timeout_ms`.
+#[test]
+fn silent_connections_cannot_lock_out_grpc_and_are_closed_after_the_handshake_timeout() {
+    const MAX_CONNECTIONS: usize = 32;
+    let handshake_timeout = Duration::from_millis(1000);
+    let mut config = base_config();
+    config.grpc.max_connections = MAX_CONNECTIONS;
+    config.grpc.max_handshaking_connections = 8;
+    config.grpc.handshake_timeout_ms = handshake_timeout.as_millis() as u64;
+    let server = TestServer::start(config);
+    let addr = server.grpc_addr();
+    let silent: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| (std::net::TcpStream::connect(addr).unwrap(), std::time::Instant::now()))
+        .collect();
+    // A real client, behind every silent socket in the accept queue. The
+    // bound is far above what it takes (milliseconds), and far below the
+    // minute it took before.
+    let started = std::time::Instant::now();
+    let answered = runtime().block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            client(addr).await.model_infer(request(1)).await
+        })
+        .await
+    });
+    let real_call = started.elapsed();
+    let answer = answered.expect("the real call was answered while silent sockets were open");
+    assert_eq!(answer.expect("the real call succeeded").into_inner().outputs.len(), 2);
+    // Every silent socket is closed: the ones made room for at once, the
+    // newest ones when the handshake timeout passes (never before it: the
+    // timer starts after their connect).
+    let bound = Duration::from_secs(30);
+    let closed: Vec<Duration> = silent
+        .into_iter()
+        .map(|(socket, opened)| time_until_closed(socket, opened, bound).expect("a silent socket was closed"))
+        .collect();
+    let slowest = closed.iter().max().unwrap();
+    assert!(*slowest >= handshake_timeout, "{closed:?}");
+    let mut sorted = closed.clone();
+    sorted.sort();
+    eprintln!(
+        "real call answered in {} ms with {MAX_CONNECTIONS} silent sockets open; silent sockets closed after \
+         {} ms (first), {} ms (median), {} ms (last); grpc.handshake_timeout_ms = {}",
+        real_call.as_millis(),
+        sorted[0].as_millis(),
+        sorted[sorted.len() / 2].as_millis(),
+        slowest.as_millis(),
+        handshake_timeout.as_millis()
+    );
+    // The server keeps serving.
+    runtime().block_on(async {
+        let mut c = client(addr).await;
+        c.model_infer(request(1))
+            .await
+            .expect("served after the silent sockets");
+    });
+    server.shutdown();
 }

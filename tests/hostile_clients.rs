@@ -317,7 +317,7 @@ impl Reference {
 /// `POST` to the v2 infer route with exactly `headers` (no content type
 /// unless given).
 fn raw_v2(headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut head = format!("POST {V2_INFER} HTTP/1.1\r\nHost: test\r\n");
+    let mut head = format!("POST {V2_INFER} HTTP/1.1\r\nHost: localhost\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -630,7 +630,7 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
             let path = if i % 2 == 0 { "/infer" } else { V2_INFER };
             let sends_prefix = (i / 2) % 2 == 0;
             let head = format!(
-                "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {MAX_BODY_DEFAULT}\r\n\r\n"
+                "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {MAX_BODY_DEFAULT}\r\n\r\n"
             );
             let mut request = head.into_bytes();
             if sends_prefix {
@@ -646,7 +646,7 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
         Stalled::open(
             addr,
             "half the headers".into(),
-            b"POST /infer HTTP/1.1\r\nHost: test\r\nContent-Ty",
+            b"POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Ty",
         ),
         Stalled::open(addr, "the request line only".into(), b"GET /healthz HTTP/1.1\r\n"),
         Stalled::open(addr, "nothing at all".into(), b""),
@@ -904,7 +904,7 @@ fn expect_continued(addr: SocketAddr, head: &str, body: &[u8], context: &str) ->
 
 fn expect_head(path: &str, content_type: &str, length: usize) -> String {
     format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
     )
 }
 
@@ -1005,13 +1005,13 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
 
     // Too large, sent whole without Expect (raw TCP): the client reads the
     // 413, and the body is never parsed as further requests.
-    let pipelined = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+    let pipelined = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let smuggling: Vec<u8> = pipelined.iter().copied().cycle().take(1024 * 1024).collect();
     for path in ["/infer", V2_INFER] {
         let context = format!("a 1 MiB body of pipelined requests to {path} (limit {SMALL_MAX_BODY})");
         let mut stream = connect(addr);
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             smuggling.len()
         );
         let write = stream
@@ -1301,12 +1301,12 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
     let reference = Reference::take(addr, &fixture);
     let body = reference.infer_body.clone();
     let post = |extra: &str, tail: &[u8]| {
-        let mut r =
-            format!("POST /infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{extra}\r\n").into_bytes();
+        let mut r = format!("POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}\r\n")
+            .into_bytes();
         r.extend_from_slice(tail);
         r
     };
-    let healthz = b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     let big = "a".repeat(100 * 1024);
     let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     let len = body.len();
@@ -1376,7 +1376,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
         (
             "HTTP/9.9",
             Broken,
-            b"GET /healthz HTTP/9.9\r\nHost: test\r\n\r\n".to_vec(),
+            b"GET /healthz HTTP/9.9\r\nHost: localhost\r\n\r\n".to_vec(),
         ),
         (
             "a chunk larger than what is sent, then EOF",
@@ -1409,7 +1409,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
         (
             "a 100 KB path",
             Refused,
-            format!("GET /{big} HTTP/1.1\r\nHost: test\r\n\r\n").into_bytes(),
+            format!("GET /{big} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes(),
         ),
         (
             "a 100 KB header line",

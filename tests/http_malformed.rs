@@ -424,7 +424,7 @@ fn declared_50_mb_body_is_refused_before_it_is_sent() {
     let mut stream = TcpStream::connect(server.addr()).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let head =
-        "POST /infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n";
+        "POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n";
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(br#"{"features": [[0.5, 0.25, "#).unwrap();
     // Nothing more is sent: the answer must come from the header alone.
@@ -443,7 +443,7 @@ fn unparseable_content_length_is_refused_and_the_server_survives() {
     let server = server();
     for length in ["lots", "-1", "5\r\nContent-Length: 6"] {
         let request = format!(
-            "POST /infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{}}"
+            "POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{}}"
         );
         // actix's HTTP/1 parser refuses these before any handler runs, with
         // a bare 400 (empty body: no engine code sees the request).

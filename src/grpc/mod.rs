@@ -4,13 +4,15 @@
 //! Owns: the generated messages and service ([`pb`], from proto/*.proto at
 //! build time, no system `protoc`), the handlers (`service.rs`,
 //! `stream.rs`), request parsing and answers (`request.rs`, `response.rs`),
-//! deadlines (`deadline.rs`), the status mapping (`status.rs`, the one
+//! deadlines (`deadline.rs`), the HTTP/2 handshake a connection must finish
+//! in time (`handshake.rs`), the status mapping (`status.rs`, the one
 //! place), the adapter through which every call reaches the engine
 //! (`model.rs`) and the server with its own runtime and limits
 //! (`server.rs`). The tensor rules are shared with HTTP v2 (`oip.rs`).
 //! Must not touch: batching, compute, the HTTP layer.
 
 pub mod deadline;
+pub mod handshake;
 pub mod model;
 pub mod pb;
 pub mod request;

@@ -46,16 +46,15 @@ pub fn parse_infer(req: ModelInferRequest, limits: &InputLimits) -> Result<Infer
     }
     let tensor = inputs.swap_remove(0);
     oip::check_input(&tensor.name, &tensor.datatype)?;
-    let n_rows = oip::declared_rows(&tensor.shape, limits)?;
-    let expected = n_rows * limits.row_len;
+    let declared = oip::declared_shape(&tensor.shape, limits)?;
     let values = match (raw.as_slice(), tensor.contents) {
         ([], None) => {
             return Err(invalid(format!(
                 "input '{INPUT}' has neither contents nor raw_input_contents"
             )));
         }
-        ([], Some(contents)) => typed_values(contents, expected, &tensor.shape)?,
-        ([bytes], None) => oip::raw_values(bytes, expected, &tensor.shape, "raw_input_contents[0]")?,
+        ([], Some(contents)) => typed_values(contents, declared.values, &tensor.shape)?,
+        ([bytes], None) => oip::raw_values(bytes, &declared, &tensor.shape, "raw_input_contents[0]")?,
         ([_], Some(_)) => {
             return Err(invalid(format!(
                 "input '{INPUT}' has both contents and raw_input_contents"
@@ -153,10 +152,16 @@ mod tests {
         let m = message(parse_infer(request(vec![1, 2], None, None), &LIMITS));
         assert!(m.contains("neither"), "{m}");
         let m = message(parse_infer(
-            request(vec![i64::MAX, 2], Some(vec![1.0; 2]), None),
+            request(vec![1 << 40, 2], Some(vec![1.0; 2]), None),
             &LIMITS,
         ));
         assert!(m.contains("limit of 4"), "{m}");
+        // A size that overflows is refused naming the shape (issue 21).
+        let m = message(parse_infer(
+            request(vec![(1 << 62) + 1, 2], Some(vec![1.0; 2]), None),
+            &LIMITS,
+        ));
+        assert!(m.contains("[4611686018427387905, 2]") && m.contains("overflows"), "{m}");
         let mut r = request(vec![1, 2], None, None);
         r.inputs[0].contents = Some(InferTensorContents {
             int_contents: vec![1, 2],

@@ -5,7 +5,10 @@
 //! `grpc.threads` workers; the engine's batcher and workers are actors on
 //! other threads, reached through `Engine::infer`, whose message send and
 //! reply channel do not care which runtime awaits them), the accept loop
-//! (at most `grpc.max_connections` connections), HTTP/2 settings (most
+//! and the connection classes ([`Slots`]: at most `grpc.max_connections`
+//! connections that spoke, and apart from them at most
+//! `grpc.max_handshaking_connections` still in their handshake, which
+//! `handshake.rs` bounds in time), HTTP/2 settings (most
 //! concurrent streams, header list size, keep-alive pings, reset-stream
 //! limits), the message size limit (`server.max_body_bytes`), the per-call
 //! metrics (`tokitai_grpc_requests_total` by method and status code), a
@@ -27,11 +30,12 @@ use std::time::{Duration, Instant};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::sync::{Semaphore, oneshot};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Code, Status};
 
 use super::deadline::{GRPC_TIMEOUT, MAX_TIMEOUT, parse_grpc_timeout};
+use super::handshake::{Handshakes, Replay, read_preface};
 use super::model::Served;
 use super::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::InferenceService;
@@ -52,6 +56,8 @@ struct Limits {
     max_header_bytes: u32,
     max_concurrent_streams: u32,
     max_connections: usize,
+    handshake_timeout: Duration,
+    max_handshaking: usize,
     keepalive_interval: Option<Duration>,
     keepalive_timeout: Duration,
     body_timeout: Duration,
@@ -67,6 +73,8 @@ impl Limits {
             max_header_bytes: u32::try_from(config.server.max_header_bytes).unwrap_or(u32::MAX),
             max_concurrent_streams: g.max_concurrent_streams,
             max_connections: g.max_connections,
+            handshake_timeout: Duration::from_millis(g.handshake_timeout_ms),
+            max_handshaking: g.max_handshaking_connections,
             keepalive_interval: (g.keepalive_interval_secs > 0).then(|| Duration::from_secs(g.keepalive_interval_secs)),
             keepalive_timeout: Duration::from_secs(g.keepalive_timeout_secs),
             body_timeout: config.body_timeout(),
@@ -134,6 +142,37 @@ pub fn start(listener: TcpListener, engine: Engine, config: &Config) -> std::io:
     })
 }
 
+/// The connection classes: every accepted socket holds a `socket` slot
+/// (`max_connections` + `max_handshaking`, so past it new connections wait
+/// in the backlog); one still in its handshake is in `handshakes` (at most
+/// `max_handshaking`, the oldest closed for a new one, each for at most
+/// `handshake_timeout`); one that spoke waits for a `live` slot
+/// (`max_connections`) and is then served. Silent sockets can therefore
+/// never hold a slot that live traffic needs.
+#[derive(Clone)]
+struct Slots {
+    socket: Arc<Semaphore>,
+    live: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
+}
+
+impl Slots {
+    fn new(limits: &Limits) -> Slots {
+        Slots {
+            socket: Arc::new(Semaphore::new(limits.max_connections + limits.max_handshaking)),
+            live: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Handshakes::new(limits.max_handshaking),
+        }
+    }
+
+    /// Stopping: handshakes in progress and connections waiting for a live
+    /// slot end at once.
+    fn close(&self) {
+        self.handshakes.close_all();
+        self.live.close();
+    }
+}
+
 /// The accept loop, then the drain.
 async fn serve(
     listener: TcpListener,
@@ -161,10 +200,10 @@ async fn serve(
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Slots::new(&limits);
     loop {
         let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
+            p = Arc::clone(&slots.socket).acquire_owned() => p.expect("the socket semaphore is never closed"),
             _ = &mut stop => break,
         };
         let accepted = tokio::select! {
@@ -181,14 +220,17 @@ async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let connection = http2.serve_connection(TokioIo::new(tcp), observed.clone());
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = connection.await;
-            drop(permit);
-        });
+        let connection = Connection {
+            slots: slots.clone(),
+            http2: http2.clone(),
+            service: observed.clone(),
+            watcher: graceful.watcher(),
+            handshake_timeout: limits.handshake_timeout,
+        };
+        tokio::spawn(connection.run(tcp, permit));
     }
     drop(listener);
+    slots.close();
     tracing::info!("gRPC: draining");
     if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
         .await
@@ -197,6 +239,60 @@ async fn serve(
         tracing::warn!("gRPC: calls still running after server.shutdown_timeout_secs were cut off");
     }
     Ok(())
+}
+
+/// One accepted connection: its handshake, its wait for a live slot, then
+/// HTTP/2 served by hyper.
+struct Connection<S> {
+    slots: Slots,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    service: S,
+    watcher: Watcher,
+    handshake_timeout: Duration,
+}
+
+impl<S> Connection<S>
+where
+    S: hyper::service::HttpService<Incoming> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as Body>::Data: Send,
+    <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Holds `socket` (a slot of the socket class) until the connection ends.
+    async fn run(self, mut tcp: tokio::net::TcpStream, socket: OwnedSemaphorePermit) {
+        let mut ticket = self.slots.handshakes.begin();
+        let preface = tokio::select! {
+            read = tokio::time::timeout(self.handshake_timeout, read_preface(&mut tcp)) => read,
+            () = ticket.evicted() => return,
+        };
+        let preface = match preface {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "gRPC: connection closed in its handshake");
+                return;
+            }
+            Err(_elapsed) => {
+                tracing::debug!(
+                    timeout_ms = self.handshake_timeout.as_millis() as u64,
+                    "gRPC: connection closed: no HTTP/2 preface and SETTINGS within grpc.handshake_timeout_ms"
+                );
+                return;
+            }
+        };
+        if !ticket.finish() {
+            return;
+        }
+        // It spoke: from here it is live traffic, which waits for a slot of
+        // its own class (closed only when the server stops).
+        let Ok(live) = Arc::clone(&self.slots.live).acquire_owned().await else {
+            return;
+        };
+        let io = TokioIo::new(Replay::new(preface, tcp));
+        let connection = self.http2.serve_connection(io, self.service);
+        let _ = self.watcher.watch(connection).await;
+        drop((live, socket));
+    }
 }
 
 // ---- per-call observation ---------------------------------------------------

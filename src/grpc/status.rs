@@ -57,6 +57,7 @@ impl GrpcError {
                 ServeError::ModelNotReady { .. } => Code::Unavailable,
                 ServeError::MethodNotAllowed { .. } => Code::Unimplemented,
                 ServeError::Backend(_) | ServeError::Internal(_) => Code::Internal,
+                ServeError::Forbidden(_) => Code::PermissionDenied,
             },
         }
     }

@@ -48,6 +48,7 @@ impl ResponseError for ServeError {
             ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -137,6 +138,8 @@ impl ResponseError for V2Error {
                 ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
                 ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
                 ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                // Not Triton's (it has no such rule), but what the refusal is.
+                ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
             },
         }
     }

@@ -9,6 +9,7 @@
 //! inference (handed to [`Engine::infer`] as a validated input), batching
 //! policy, or metric definitions (see `metrics.rs`).
 
+pub mod browser;
 pub mod error;
 pub mod extract;
 pub mod routes;
@@ -27,6 +28,7 @@ use actix_web::middleware::Next;
 use actix_web::{HttpResponseBuilder, ResponseError, web};
 use tracing::Instrument;
 
+use self::browser::BrowserGuard;
 use self::extract::{check_head, reject_browser_forms};
 use self::server::ConnectionGuard;
 use crate::config::Config;
@@ -142,8 +144,10 @@ fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), S
     if guard.is_some_and(ConnectionGuard::is_poisoned) {
         return Err(ServeError::AmbiguousLength);
     }
-    let verdict =
-        check_head(req.headers(), max_header_bytes).and_then(|()| reject_browser_forms(req.method(), req.headers()));
+    let browser = req.app_data::<web::Data<BrowserGuard>>();
+    let verdict = check_head(req.headers(), max_header_bytes)
+        .and_then(|()| browser.map_or(Ok(()), |b| b.check(req.headers())))
+        .and_then(|()| reject_browser_forms(req.method(), req.headers()));
     if let (Err(ServeError::AmbiguousLength), Some(guard)) = (&verdict, guard) {
         guard.poison();
     }
@@ -151,8 +155,8 @@ fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), S
 }
 
 /// Request id, tracing span, the refusals made on the head alone (too large,
-/// ambiguous body length, browser-form content type), and request metrics
-/// for every route.
+/// ambiguous body length, a web page's request or a rebinding `Host`,
+/// browser-form content type), and request metrics for every route.
 async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,

@@ -5,7 +5,8 @@
 //! connection cap, header / keep-alive timeouts, graceful stop) and the
 //! `Expect: 100-continue` gate: a request that will be refused for its
 //! declared size (413; 400 on v2 routes, as their handlers answer it), its
-//! head (431, ambiguous length) or a browser-form content type (415) is
+//! head (431, ambiguous length), a web page's origin or a rebinding `Host`
+//! (403, `browser.rs`) or a browser-form content type (415) is
 //! refused before `100 Continue`, so the client never uploads a body that would be
 //! thrown away. Such a refusal closes the connection (an unread body must
 //! never be parsed as the next request). Must not touch: routes and their
@@ -21,6 +22,7 @@ use actix_service::{IntoServiceFactory as _, ServiceFactoryExt as _, fn_service,
 use actix_web::dev::AppConfig;
 use actix_web::{App, ResponseError, web};
 
+use super::browser::BrowserGuard;
 use super::error::V2Error;
 use super::extract::{check_declared_length, check_head, reject_browser_forms};
 use super::{HttpSettings, configure, observe, routes};
@@ -34,13 +36,18 @@ use crate::metrics::Metrics;
 /// handled here: the caller's shutdown future drives a graceful stop.
 pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io::Result<Server> {
     let settings = web::Data::new(HttpSettings::from_config(config));
+    let local_addr = listener.local_addr()?;
+    // On the listener's real address: a port-0 or loopback bind is what
+    // decides whether `Host` is checked.
+    let browser = BrowserGuard::new(config, local_addr);
     let gate = ExpectGate {
         max_body_bytes: config.server.max_body_bytes,
         max_header_bytes: config.server.max_header_bytes,
+        browser: browser.clone(),
         metrics: Arc::clone(&engine.metrics),
     };
+    let browser = web::Data::new(browser);
     let engine = web::Data::new(engine);
-    let local_addr = listener.local_addr()?;
     let header_timeout = config.header_timeout();
     let keep_alive = match config.server.keep_alive_secs {
         0 => KeepAlive::Disabled,
@@ -58,6 +65,7 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
             let app = App::new()
                 .app_data(engine)
                 .app_data(settings)
+                .app_data(browser.clone())
                 .wrap(actix_web::middleware::from_fn(observe))
                 .configure(configure)
                 .default_service(web::to(routes::not_found))
@@ -111,6 +119,7 @@ impl ConnectionGuard {
 struct ExpectGate {
     max_body_bytes: usize,
     max_header_bytes: usize,
+    browser: BrowserGuard,
     metrics: Arc<Metrics>,
 }
 
@@ -121,6 +130,7 @@ impl ExpectGate {
         let start = Instant::now();
         let headers = req.headers();
         let verdict = check_head(headers, self.max_header_bytes)
+            .and_then(|()| self.browser.check(headers))
             .and_then(|()| reject_browser_forms(req.method(), headers))
             .and_then(|()| check_declared_length(headers, self.max_body_bytes));
         let Err(error) = verdict else {

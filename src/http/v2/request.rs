@@ -24,7 +24,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use super::{INPUT, invalid};
 use crate::http::error::V2Error;
 use crate::input::{ErrorSlot, InferInput, InputLimits, RequestError, clip};
-use crate::oip;
+use crate::oip::{self, Declared};
 
 /// Most dimensions a `shape` may list (the model's input has 2).
 const MAX_SHAPE_RANK: usize = 8;
@@ -118,12 +118,11 @@ impl Header {
         };
         input.check_identity()?;
         let shape = input.shape.clone().unwrap_or_default();
-        let n_rows = declared_rows(&shape, limits)?;
-        let expected = n_rows * limits.row_len;
+        let declared = declared_shape(&shape, limits)?;
         let values = match (input.binary_data_size, input.data) {
             (Some(_), Some(_)) => return Err(invalid(format!("input '{INPUT}' has both binary_data_size and data"))),
-            (Some(size), None) => binary_values(&shape, size, binary, expected)?,
-            (None, Some(values)) => json_values(&shape, values, binary, expected)?,
+            (Some(size), None) => binary_values(&shape, size, binary, &declared)?,
+            (None, Some(values)) => json_values(&shape, values, binary, declared.values)?,
             (None, None) => {
                 return Err(invalid(format!(
                     "input '{INPUT}' has neither data nor binary_data_size"
@@ -142,25 +141,22 @@ impl InputTensor {
     }
 }
 
-/// The batch size `shape` declares, within the row limit.
-fn declared_rows(shape: &[i64], limits: &InputLimits) -> Result<usize, V2Error> {
-    Ok(oip::declared_rows(shape, limits)?)
+/// The rows, elements and bytes `shape` declares (sizes checked for
+/// overflow), within the row limit.
+fn declared_shape(shape: &[i64], limits: &InputLimits) -> Result<Declared, V2Error> {
+    Ok(oip::declared_shape(shape, limits)?)
 }
 
 /// Values from the binary part: exactly the shape's bytes, little-endian.
-fn binary_values(shape: &[i64], size: u64, binary: &[u8], expected: usize) -> Result<Vec<f32>, V2Error> {
-    if size != binary.len() as u64 || size != (expected * 4) as u64 {
+fn binary_values(shape: &[i64], size: u64, binary: &[u8], declared: &Declared) -> Result<Vec<f32>, V2Error> {
+    if size != binary.len() as u64 || size != declared.bytes as u64 {
         return Err(invalid(format!(
             "input '{INPUT}' binary_data_size is {size}, the binary part is {} bytes, and shape {shape:?} needs {} bytes",
             binary.len(),
-            expected * 4
+            declared.bytes
         )));
     }
-    // Finiteness is checked once, by `InferInput::new`.
-    Ok(binary
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(oip::raw_values(binary, declared, shape, "the binary part")?)
 }
 
 /// Values from JSON `data`: exactly the shape's count, no binary part.
@@ -331,8 +327,8 @@ impl TensorSeed<'_> {
         let row_len = self.limits.row_len;
         let declared = shape
             .as_deref()
-            .and_then(|s| declared_rows(s, self.limits).ok())
-            .map(|rows| rows * row_len);
+            .and_then(|s| declared_shape(s, self.limits).ok())
+            .map(|d| d.values);
         match declared {
             Some(n) => (n, DataCap::Shape),
             None => (self.limits.max_rows.saturating_mul(row_len), DataCap::RowLimit),
