@@ -1,8 +1,10 @@
-//! `model.weight_precision = "f16"` end to end: a fixture served over HTTP in
-//! f16 (answers within 5e-3 of the fp32 oracle), the precision shown in
-//! `/healthz`, the v2 model metadata and `tokitai_model_info`; and start-up
-//! refusing, exit 1 with the reason, a weight that f16 cannot hold (named by
-//! tensor) and f16 on the hip backend.
+//! `model.weight_precision = "f16"` and `"bf16"` end to end: a fixture served
+//! over HTTP (answers within 5e-3 / 3e-2 of the fp32 oracle), the precision
+//! and the CPU kernels (`isa`) shown in `/healthz`, the v2 model metadata and
+//! `tokitai_model_info`; `--cpu-isa` serving every path the CPU has, with the
+//! same bits on AVX2 and AVX-512; and start-up refusing, exit 1 with the
+//! reason, a weight that f16 cannot hold (named by tensor) and f16 or bf16 on
+//! the hip backend.
 //!
 //! Owns: nothing but tests. Must not touch: fixtures (read-only).
 
@@ -11,25 +13,47 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::{BIN, Fixture, TestServer, agent, batch_body, f32_row, fixture_config, get, max_abs_diff, post};
+use tokitai_serve::backend::cpu::CpuIsa;
 use tokitai_serve::model::synth::synth_weights;
 use tokitai_serve::model::{Arch, LayerNormMode, ModelSize, WeightPrecision, write_checkpoint};
 
 #[test]
-fn f16_fixture_over_http_and_the_precision_everywhere_it_is_described() {
+fn f16_and_bf16_fixtures_over_http_and_the_precision_everywhere_it_is_described() {
+    for (precision, tolerance) in [(WeightPrecision::F16, 5e-3), (WeightPrecision::Bf16, 3e-2)] {
+        for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
+            serve_fixture_in(precision, mode, tolerance);
+        }
+    }
+}
+
+fn serve_fixture_in(precision: WeightPrecision, mode: LayerNormMode, tolerance: f64) {
     let name = "nano-s12";
     let fixture = Fixture::load(name);
-    for mode in [LayerNormMode::Identity, LayerNormMode::Stored] {
+    let p = precision.as_str();
+    {
         let mut config = fixture_config(name, mode);
-        config.model.weight_precision = WeightPrecision::F16;
+        config.model.weight_precision = precision;
         let server = TestServer::start(config);
         let agent = agent();
         let health = get(&agent, &server.url("/healthz")).json();
-        assert_eq!(health["weight_precision"], "f16", "{health}");
-        assert!(health["devices"].as_str().unwrap().contains("f16 weights"), "{health}");
+        assert_eq!(health["weight_precision"], p, "{health}");
+        assert!(
+            health["devices"].as_str().unwrap().contains(&format!("{p} weights")),
+            "{health}"
+        );
+        let isa = health["isa"].as_str().unwrap().to_string();
+        assert!(
+            ["avx512_bf16", "avx512", "avx2", "scalar"].contains(&isa.as_str()),
+            "{health}"
+        );
         let meta = get(&agent, &server.url("/v2/models/tokitai-moe")).json();
-        assert_eq!(meta["parameters"]["weight_precision"], "f16", "{meta}");
+        assert_eq!(meta["parameters"]["weight_precision"], p, "{meta}");
+        assert_eq!(meta["parameters"]["isa"], isa.as_str(), "{meta}");
         let metrics = server.metrics();
-        assert_eq!(metrics.sum("tokitai_model_info", &[("weight_precision", "f16")]), 1.0);
+        assert_eq!(
+            metrics.sum("tokitai_model_info", &[("weight_precision", p), ("isa", &isa)]),
+            1.0
+        );
 
         let reply = post(&agent, &server.url("/infer"), &batch_body(&fixture.inputs), &[]);
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -44,9 +68,54 @@ fn f16_fixture_over_http_and_the_precision_everywhere_it_is_described() {
                 "row {r} router weights"
             );
         }
-        assert!(worst <= 5e-3, "{name} {mode}: f16 max |logit diff| {worst:e}");
+        assert!(worst <= tolerance, "{name} {mode}: {p} max |logit diff| {worst:e}");
         server.shutdown();
     }
+}
+
+/// `--cpu-isa` serves on every path this CPU has and says which in
+/// `/healthz`; AVX2 and AVX-512 answer with the same bits in every precision
+/// (a fleet of mixed machines answers alike); a value that names no path is
+/// a usage error (exit 2) naming it.
+#[test]
+fn cpu_isa_serves_every_path_the_cpu_has_with_the_same_bits() {
+    let fixture = Fixture::load("nano-s11");
+    let body = batch_body(&fixture.inputs);
+    for precision in ["f32", "f16", "bf16"] {
+        let mut answers: Vec<(CpuIsa, String)> = Vec::new();
+        for isa in CpuIsa::available() {
+            let server = common::ProcessServer::start(
+                &["serve", "--cpu-isa", isa.as_str(), "--weight-precision", precision],
+                &[("TOKITAI_WORKERS_BACKEND", "cpu")],
+            );
+            let agent = agent();
+            let health = get(&agent, &server.url("/healthz")).json();
+            let served = health["isa"].as_str().unwrap();
+            assert!(served.starts_with(isa.as_str()), "--cpu-isa {isa}: served {served}");
+            let reply = post(&agent, &server.url("/infer"), &body, &[]);
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            answers.push((isa, reply.text()));
+            drop(server);
+        }
+        let vector: Vec<&(CpuIsa, String)> = answers.iter().filter(|(i, _)| *i != CpuIsa::Scalar).collect();
+        for pair in vector.windows(2) {
+            assert_eq!(
+                pair[0].1, pair[1].1,
+                "{precision}: {} and {} answered differently",
+                pair[0].0, pair[1].0
+            );
+        }
+        if vector.len() < 2 {
+            eprintln!("SKIP {precision} AVX2/AVX-512 identity over HTTP: this CPU has only {answers:?}");
+        }
+    }
+    let out = Command::new(BIN)
+        .args(["infer", "--cpu-isa", "sse9"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("sse9"), "{}", stderr_of(&out));
 }
 
 #[test]
@@ -108,18 +177,24 @@ fn start_up_refuses_what_f16_cannot_serve() {
             "{err}"
         );
     }
-    // f16 on the hip backend: refused before any device is touched.
-    let out = run(
-        &[&["serve"], &model[..], &["--weight-precision", "f16"]].concat(),
-        &[("TOKITAI_WORKERS_BACKEND", "hip")],
-    );
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("not supported by the hip backend"), "{err}");
+    // f16 and bf16 on the hip backend: refused by name before any device
+    // is touched.
+    for precision in ["f16", "bf16"] {
+        let out = run(
+            &[&["serve"], &model[..], &["--weight-precision", precision]].concat(),
+            &[("TOKITAI_WORKERS_BACKEND", "hip")],
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("not supported by the hip backend") && err.contains(&format!("\"{precision}\"")),
+            "{err}"
+        );
+    }
     // A bad value is a usage error naming the setting.
     let out = run(
         &[&["serve"], &model[..]].concat(),
-        &[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf16")],
+        &[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf8")],
     );
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr_of(&out).contains("weight_precision"), "{}", stderr_of(&out));
