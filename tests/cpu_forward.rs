@@ -158,7 +158,7 @@ fn fixtures_in_bf16_stay_close_to_the_fp32_oracle() {
 fn wide_dims() -> Dims {
     Dims {
         input: 96,
-        hidden: 333,
+        hidden: 600,
         output: 20,
         experts: 4,
         top_k: 2,
