@@ -112,6 +112,11 @@ const KC_AVX512: usize = 512;
 /// 1.3-1.6x faster unblocked than with 160-deep blocks).
 const STREAM_ROWS_AVX512: usize = 64;
 
+thread_local! {
+    /// [`gemm_panels_avx512`]'s expanded f16 sliver, grown once per thread.
+    static EXPANDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Balanced row tiles of at most `max` rows (e.g. 10 rows = 5 + 5, not
 /// 8 + 2: a short tile has too few chains in flight): `(first row, rows)`.
 fn row_tiles(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -139,9 +144,13 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
     };
     let b_pstride = w.k * NR;
     let tallest = m.div_ceil(m.div_ceil(avx512::MR));
-    // One panel group's f32 sliver (f16 weights, blocked batches only:
-    // 96 KB, on the stack).
-    let mut expanded = [0.0f32; KC_AVX512 * 3 * NR];
+    // One panel group's f32 sliver (f16 weights, blocked batches only),
+    // kept per thread: zeroing 96 KB per call would cost more than a small
+    // batch's whole layer.
+    let mut expanded = EXPANDED.take();
+    if matches!(w.data, PanelStore::F16(_)) && m > STREAM_ROWS_AVX512 {
+        expanded.resize(KC_AVX512 * 3 * NR, 0.0);
+    }
     let mut kb = 0;
     while kb < w.k {
         let kl = kc.min(w.k - kb);
@@ -159,7 +168,7 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
             // Several row tiles share this sliver: expand f16 weights to f32
             // once (exactly, so the same bits) instead of once per tile.
             let (b, b_ps) = match b {
-                WeightsRef::F16(h) if kl <= KC_AVX512 && m > avx512::MR => {
+                WeightsRef::F16(h) if m > STREAM_ROWS_AVX512 => {
                     for (pq, dst) in expanded.chunks_exact_mut(kl * NR).take(group).enumerate() {
                         simd::expand_f16(Isa::Avx512(t), &h[pq * b_pstride..pq * b_pstride + kl * NR], dst);
                     }
@@ -195,6 +204,7 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
         }
         kb += kl;
     }
+    EXPANDED.set(expanded);
 }
 
 /// Depth of a `k` block of the bf16 path, in pairs (512 values of `k`, as
