@@ -78,6 +78,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest request head (header names and values); larger gets 431.
     pub max_header_bytes: usize,
+    /// Time an answer has to drain to a client that stopped taking it (or
+    /// its request's deadline, if later): past it the HTTP connection is
+    /// closed / the gRPC stream reset.
+    pub send_timeout_ms: u64,
+    /// Answer bytes waiting for clients to take them, all connections of
+    /// both protocols together; past it new inference requests get 503 /
+    /// UNAVAILABLE.
+    pub max_pending_answer_bytes: usize,
 }
 
 /// `[grpc]`: Triton's `GRPCInferenceService` on a port of its own. Message
@@ -299,6 +307,8 @@ impl Default for ServerConfig {
             keep_alive_secs: 30,
             max_connections: 8192,
             max_header_bytes: 16 * 1024,
+            send_timeout_ms: 10_000,
+            max_pending_answer_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -426,6 +436,10 @@ impl Config {
         Duration::from_millis(self.server.request_timeout_ms)
     }
 
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.send_timeout_ms)
+    }
+
     pub fn max_queue_delay(&self) -> Duration {
         Duration::from_micros(self.batching.max_queue_delay_us)
     }
@@ -451,6 +465,15 @@ impl Config {
         Ok(config)
     }
 }
+
+/// `server.send_timeout_ms` at most: one hour, like the other timeouts.
+const MAX_SEND_TIMEOUT_MS: usize = 3_600_000;
+/// `server.max_pending_answer_bytes` at least: 1 MiB. (A request is refused
+/// only while the answers already held reach the budget, so one answer
+/// larger than it is still served.)
+const MIN_PENDING_ANSWER_BYTES: usize = 1024 * 1024;
+/// `server.max_pending_answer_bytes` at most: 64 GiB.
+const MAX_PENDING_ANSWER_BYTES: usize = 64 << 30;
 
 /// An invalid setting.
 fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
@@ -513,6 +536,23 @@ impl ServerConfig {
             self.max_connections,
             workers.max(1)..=1_000_000,
             " (at least one per HTTP thread)",
+        )?;
+        self.validate_send_limits()
+    }
+
+    /// `server.send_timeout_ms` and `server.max_pending_answer_bytes`.
+    fn validate_send_limits(&self) -> Result<(), ConfigError> {
+        in_range(
+            "server.send_timeout_ms",
+            usize::try_from(self.send_timeout_ms).unwrap_or(usize::MAX),
+            1..=MAX_SEND_TIMEOUT_MS,
+            "",
+        )?;
+        in_range(
+            "server.max_pending_answer_bytes",
+            self.max_pending_answer_bytes,
+            MIN_PENDING_ANSWER_BYTES..=MAX_PENDING_ANSWER_BYTES,
+            "",
         )
     }
 }
