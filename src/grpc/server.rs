@@ -360,7 +360,7 @@ impl Body for ObservedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match polled {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => return Poll::Ready(Some(Ok(Frame::data(self.held.start(data))))),
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(self.held.start(data))))),
                 Err(frame) => {
                     self.held.done();
                     if let Some(code) = frame.trailers_ref().and_then(grpc_status) {

@@ -4,7 +4,9 @@
 //! Owns: the app's routing table (one resource per [`Route`], registered
 //! from the enum so a route and its metric label cannot drift apart) and
 //! per-request observation (request id, tracing span, request count and
-//! duration by route and status, failures by reason). The handlers run on
+//! duration by route and status, failures by reason, the request marked in
+//! flight on its connection, a large answer handed over in pieces; see
+//! `conn.rs`). The handlers run on
 //! actix-web's HTTP worker threads; they are not actors. Must not touch:
 //! inference (handed to [`Engine::infer`] as a validated input), batching
 //! policy, or metric definitions (see `metrics.rs`).

@@ -2,7 +2,8 @@
 //! checks made before a body is read.
 //!
 //! Owns: building the actix server on a bound listener (worker threads, the
-//! connection cap, header / keep-alive timeouts, graceful stop) and the
+//! connection cap, header / keep-alive timeouts, graceful stop; every
+//! accepted connection goes through `conn.rs`'s guard) and the
 //! `Expect: 100-continue` gate: a request that will be refused for its
 //! declared size (413; 400 on v2 routes, as their handlers answer it), its
 //! head (431, ambiguous length) or a browser-form content type (415) is
