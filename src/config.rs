@@ -755,6 +755,12 @@ mod tests {
         assert!(err(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "0")]).contains("batching.max_batch_rows"));
         assert!(err(&[("TOKITAI_SERVER_BIND", "nowhere")]).contains("server.bind"));
         assert!(err(&[("TOKITAI_WORKERS_COUNT", "300")]).contains("workers.count"));
+        assert!(err(&[("TOKITAI_SERVER_SEND_TIMEOUT_MS", "0")]).contains("server.send_timeout_ms"));
+        assert!(err(&[("TOKITAI_SERVER_SEND_TIMEOUT_MS", "3600001")]).contains("server.send_timeout_ms"));
+        let small = err(&[("TOKITAI_SERVER_MAX_PENDING_ANSWER_BYTES", "1000")]);
+        assert!(small.contains("server.max_pending_answer_bytes"), "{small}");
+        let c = Config::load(None, env(&[("TOKITAI_SERVER_SEND_TIMEOUT_MS", "250")]), &[]).unwrap();
+        assert_eq!(c.send_timeout(), Duration::from_millis(250));
         assert!(err(&[("TOKITAI_MODEL_LAYERNORM", "both")]).contains("layernorm"));
         assert!(err(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf16")]).contains("weight_precision"));
         assert!(err(&[("TOKITAI_MODEL_ARCH", "/a.json")]).contains("model.checkpoint"));
