@@ -86,6 +86,14 @@ pub struct ServerConfig {
     /// Host names (no port) accepted in `Host` besides the loopback ones
     /// when the server is bound to a loopback address (DNS rebinding).
     pub allowed_hosts: Vec<String>,
+    /// Time an answer has to drain to a client that stopped taking it (or
+    /// its request's deadline, if later): past it the HTTP connection is
+    /// closed / the gRPC stream reset.
+    pub send_timeout_ms: u64,
+    /// Answer bytes waiting for clients to take them, all connections of
+    /// both protocols together; past it new inference requests get 503 /
+    /// UNAVAILABLE.
+    pub max_pending_answer_bytes: usize,
 }
 
 /// `[grpc]`: Triton's `GRPCInferenceService` on a port of its own. Message
@@ -332,6 +340,8 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            send_timeout_ms: 10_000,
+            max_pending_answer_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -460,6 +470,10 @@ impl Config {
         Duration::from_millis(self.server.request_timeout_ms)
     }
 
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.send_timeout_ms)
+    }
+
     pub fn max_queue_delay(&self) -> Duration {
         Duration::from_micros(self.batching.max_queue_delay_us)
     }
@@ -485,6 +499,15 @@ impl Config {
         Ok(config)
     }
 }
+
+/// `server.send_timeout_ms` at most: one hour, like the other timeouts.
+const MAX_SEND_TIMEOUT_MS: usize = 3_600_000;
+/// `server.max_pending_answer_bytes` at least: 1 MiB. (A request is refused
+/// only while the answers already held reach the budget, so one answer
+/// larger than it is still served.)
+const MIN_PENDING_ANSWER_BYTES: usize = 1024 * 1024;
+/// `server.max_pending_answer_bytes` at most: 64 GiB.
+const MAX_PENDING_ANSWER_BYTES: usize = 64 << 30;
 
 /// An invalid setting.
 fn bad(setting: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
@@ -557,7 +580,24 @@ impl ServerConfig {
             workers.max(1)..=1_000_000,
             " (at least one per HTTP thread)",
         )?;
-        self.validate_browser_lists()
+        self.validate_browser_lists()?;
+        self.validate_send_limits()
+    }
+
+    /// `server.send_timeout_ms` and `server.max_pending_answer_bytes`.
+    fn validate_send_limits(&self) -> Result<(), ConfigError> {
+        in_range(
+            "server.send_timeout_ms",
+            usize::try_from(self.send_timeout_ms).unwrap_or(usize::MAX),
+            1..=MAX_SEND_TIMEOUT_MS,
+            "",
+        )?;
+        in_range(
+            "server.max_pending_answer_bytes",
+            self.max_pending_answer_bytes,
+            MIN_PENDING_ANSWER_BYTES..=MAX_PENDING_ANSWER_BYTES,
+            "",
+        )
     }
 
     /// `allowed_origins`: each an origin as a browser writes it
@@ -860,6 +900,12 @@ mod tests {
         assert!(err(&[("TOKITAI_BATCHING_MAX_BATCH_ROWS", "0")]).contains("batching.max_batch_rows"));
         assert!(err(&[("TOKITAI_SERVER_BIND", "nowhere")]).contains("server.bind"));
         assert!(err(&[("TOKITAI_WORKERS_COUNT", "300")]).contains("workers.count"));
+        assert!(err(&[("TOKITAI_SERVER_SEND_TIMEOUT_MS", "0")]).contains("server.send_timeout_ms"));
+        assert!(err(&[("TOKITAI_SERVER_SEND_TIMEOUT_MS", "3600001")]).contains("server.send_timeout_ms"));
+        let small = err(&[("TOKITAI_SERVER_MAX_PENDING_ANSWER_BYTES", "1000")]);
+        assert!(small.contains("server.max_pending_answer_bytes"), "{small}");
+        let c = Config::load(None, env(&[("TOKITAI_SERVER_SEND_TIMEOUT_MS", "250")]), &[]).unwrap();
+        assert_eq!(c.send_timeout(), Duration::from_millis(250));
         assert!(err(&[("TOKITAI_MODEL_LAYERNORM", "both")]).contains("layernorm"));
         assert!(err(&[("TOKITAI_MODEL_WEIGHT_PRECISION", "bf8")]).contains("weight_precision"));
         assert!(err(&[("TOKITAI_WORKERS_CPU_ISA", "sse2")]).contains("workers.cpu_isa"));

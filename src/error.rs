@@ -40,6 +40,13 @@ pub enum ServeError {
         limit: usize,
         retry_after_secs: u64,
     },
+    /// Answers already computed for clients that do not take them hold the
+    /// whole `server.max_pending_answer_bytes`: nothing more is computed.
+    #[error(
+        "answers waiting for their clients hold {held} bytes, the limit is {limit} \
+         (server.max_pending_answer_bytes); retry later"
+    )]
+    AnswersHeld { held: usize, limit: usize },
     #[error("server is not ready: {0}")]
     NotReady(&'static str),
     #[error("deadline of {timeout_ms} ms passed before the request was computed")]
@@ -78,7 +85,7 @@ impl ServeError {
             | ServeError::BodyIncomplete { .. } => FailureReason::Invalid,
             ServeError::UnsupportedMediaType { .. } => FailureReason::UnsupportedMediaType,
             ServeError::BodyTimeout { .. } => FailureReason::BodyTimeout,
-            ServeError::Overloaded { .. } => FailureReason::Overloaded,
+            ServeError::Overloaded { .. } | ServeError::AnswersHeld { .. } => FailureReason::Overloaded,
             ServeError::NotReady(_) => FailureReason::NotReady,
             ServeError::DeadlineExceeded { .. } => FailureReason::Timeout,
             ServeError::NotFound(_) | ServeError::UnknownModel { .. } => FailureReason::NotFound,

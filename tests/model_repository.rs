@@ -466,6 +466,12 @@ fn explicit_mode_loads_and_unloads_through_the_api_and_sighup_and_drains_an_unlo
     assert_eq!(answer_bits(&r.json()), beta_bits[0]);
     let r = post(&a, &server.url("/v2/repository/models/nope/load"), "", &[]);
     assert_eq!(r.status, 404, "{}", r.text());
+    assert!(r.text().contains("failed to load 'nope'"), "{}", r.text());
+    // The unload route's errors speak of unloading (issue 21, item 6).
+    let r = post(&a, &server.url("/v2/repository/models/nope/unload"), "", &[]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(r.text().contains("failed to unload 'nope'"), "{}", r.text());
+    assert!(!r.text().contains("failed to load"), "{}", r.text());
     // A load whose files are bad fails with the reason, and what served serves.
     let bad = repo.path().join(".staging-alpha-3");
     write_model_dir(&bad, ModelSize::Nano, 4, false).unwrap();

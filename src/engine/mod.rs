@@ -12,6 +12,7 @@
 //! [`InferInput`], then call `infer`), batching rules (batcher), kernels
 //! (backends), which version serves (the repository).
 
+pub mod held;
 pub mod startup;
 pub mod version;
 
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use self::held::{DrainSignal, HeldAnswers};
 pub use self::startup::{build_backend, load_model, pool_shape, prepare, start_pool, timed};
 use self::version::ServedVersion;
 pub use crate::batcher::job::InferOutput;
@@ -111,6 +113,11 @@ pub struct Engine {
     pub registry: Arc<Registry>,
     /// Loads, swaps and unloads versions.
     pub controller: Arc<Controller>,
+    /// Answer bytes computed but not yet taken by their clients, against
+    /// `server.max_pending_answer_bytes` (every protocol's).
+    pub held: Arc<HeldAnswers>,
+    /// Raised by [`Engine::start_draining`]; open connections watch it.
+    pub drain: DrainSignal,
 }
 
 impl Engine {
@@ -131,6 +138,8 @@ impl Engine {
             metrics,
             registry,
             controller,
+            held: HeldAnswers::new(config.server.max_pending_answer_bytes),
+            drain: DrainSignal::default(),
         })
     }
 
@@ -226,6 +235,7 @@ impl Engine {
     /// Shutting down: every version stops taking work; nothing loads.
     pub fn start_draining(&self) {
         self.registry.start_draining();
+        self.drain.raise();
     }
 }
 

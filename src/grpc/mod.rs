@@ -8,11 +8,13 @@
 //! in time (`handshake.rs`), the status mapping (`status.rs`, the one
 //! place), the adapter through which every call reaches the engine
 //! (`model.rs`) and the server with its own runtime and limits
-//! (`server.rs`). The tensor rules are shared with HTTP v2 (`oip.rs`).
+//! (`server.rs`), and the bound on answers a client does not take
+//! (`held.rs`). The tensor rules are shared with HTTP v2 (`oip.rs`).
 //! Must not touch: batching, compute, the HTTP layer.
 
 pub mod deadline;
 pub mod handshake;
+pub mod held;
 pub mod model;
 pub mod pb;
 pub mod request;

@@ -97,6 +97,11 @@ impl Served {
         &self.engine.metrics
     }
 
+    /// The account of answer bytes waiting for their clients.
+    pub fn held(&self) -> &Arc<crate::engine::held::HeldAnswers> {
+        &self.engine.held
+    }
+
     /// Ready as HTTP's `/readyz` and `/v2/health/ready` say.
     pub fn is_ready(&self) -> bool {
         self.engine.is_ready()

@@ -29,19 +29,22 @@ use std::time::{Duration, Instant};
 
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Code, Status};
 
 use super::deadline::{GRPC_TIMEOUT, MAX_TIMEOUT, parse_grpc_timeout};
 use super::handshake::{Handshakes, Replay, read_preface};
+use super::held::{HeldData, StreamExecutor, current_stream};
 use super::model::Served;
 use super::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::InferenceService;
 use super::status::code_name;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::engine::held::HeldAnswers;
+use crate::grpc::status::GrpcError;
 use crate::labels::GrpcMethod;
 use crate::metrics::Metrics;
 
@@ -63,6 +66,8 @@ struct Limits {
     body_timeout: Duration,
     default_timeout: Duration,
     shutdown_timeout: Duration,
+    /// `server.send_timeout_ms`.
+    send_timeout: Duration,
 }
 
 impl Limits {
@@ -80,6 +85,7 @@ impl Limits {
             body_timeout: config.body_timeout(),
             default_timeout: config.default_timeout(),
             shutdown_timeout: Duration::from_secs(config.server.shutdown_timeout_secs),
+            send_timeout: config.send_timeout(),
         }
     }
 }
@@ -182,6 +188,7 @@ async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let metrics = Arc::clone(served.metrics());
+    let held = Arc::clone(served.held());
     let service = GrpcInferenceServiceServer::new(InferenceService::new(served))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -189,8 +196,13 @@ async fn serve(
         inner: service,
         metrics,
         limits: limits.clone(),
+        held: Arc::clone(&held),
     };
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let executor = StreamExecutor {
+        send_timeout: limits.send_timeout,
+        held,
+    };
+    let mut http2 = hyper::server::conn::http2::Builder::new(executor);
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -245,7 +257,7 @@ async fn serve(
 /// HTTP/2 served by hyper.
 struct Connection<S> {
     slots: Slots,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    http2: hyper::server::conn::http2::Builder<StreamExecutor>,
     service: S,
     watcher: Watcher,
     handshake_timeout: Duration,
@@ -304,9 +316,27 @@ struct Observed<S> {
     inner: S,
     metrics: Arc<Metrics>,
     limits: Limits,
+    held: Arc<HeldAnswers>,
 }
 
 impl<S> Observed<S> {
+    /// The call's deadline: `grpc-timeout`, or the default.
+    fn timeout(&self, headers: &http::HeaderMap) -> Duration {
+        headers
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.limits.default_timeout, |t| t.min(MAX_TIMEOUT))
+    }
+
+    /// UNAVAILABLE for an inference call while the answers waiting for
+    /// their clients hold all of `server.max_pending_answer_bytes`.
+    fn refuse_when_full(&self, method: GrpcMethod) -> Option<http::Response<tonic::body::Body>> {
+        let inference = matches!(method, GrpcMethod::ModelInfer | GrpcMethod::ModelStreamInfer);
+        let refusal = self.held.admit().err().filter(|_| inference)?;
+        Some(GrpcError::Serve(refusal).into_status(method, &self.metrics).into_http())
+    }
+
     /// Longest a unary call may take: its deadline, plus the time its
     /// message has to arrive. Past it the call is ended (the engine answers
     /// DEADLINE_EXCEEDED at the deadline itself; this catches a message that
@@ -315,12 +345,7 @@ impl<S> Observed<S> {
         if method == GrpcMethod::ModelStreamInfer {
             return None;
         }
-        let deadline = headers
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .map_or(self.limits.default_timeout, |t| t.min(MAX_TIMEOUT));
-        Some(deadline + self.limits.body_timeout)
+        Some(self.timeout(headers) + self.limits.body_timeout)
     }
 }
 
@@ -345,13 +370,20 @@ where
         let start = Instant::now();
         let method = GrpcMethod::from_path(req.uri().path());
         let backstop = self.backstop(method, req.headers());
+        let deadline = start + self.timeout(req.headers());
         let metrics = Arc::clone(&self.metrics);
         // The generated service is always ready (`poll_ready` is a no-op).
-        let call = self.inner.clone().call(req);
+        let call = match self.refuse_when_full(method) {
+            Some(refusal) => Err(refusal),
+            None => Ok(self.inner.clone().call(req)),
+        };
         Box::pin(async move {
-            let response = match backstop {
-                None => call.await?,
-                Some(limit) => match tokio::time::timeout(limit, call).await {
+            // Polled on the stream's own task, where its send state lives.
+            let held = HeldData::new(current_stream(deadline));
+            let response = match (call, backstop) {
+                (Err(refusal), _) => refusal,
+                (Ok(call), None) => call.await?,
+                (Ok(call), Some(limit)) => match tokio::time::timeout(limit, call).await {
                     Ok(response) => response?,
                     Err(_) => Status::deadline_exceeded(format!(
                         "the request message did not arrive within {} ms",
@@ -366,11 +398,16 @@ where
             Ok(match grpc_status(response.headers()) {
                 Some(code) => {
                     watch.count(code);
-                    response.map(|inner| ObservedBody { inner, watch: None })
+                    response.map(|inner| ObservedBody {
+                        inner,
+                        watch: None,
+                        held,
+                    })
                 }
                 None => response.map(|inner| ObservedBody {
                     inner,
                     watch: Some(watch),
+                    held,
                 }),
             })
         })
@@ -397,10 +434,12 @@ impl CallWatch {
 }
 
 /// A response body that counts its call when the trailers go out, or as
-/// CANCELLED when the client leaves first.
+/// CANCELLED when the client leaves first, and hands its data over in
+/// pieces counted as held until hyper takes them (`held.rs`).
 pub struct ObservedBody {
     inner: tonic::body::Body,
     watch: Option<CallWatch>,
+    held: HeldData,
 }
 
 impl Body for ObservedBody {
@@ -411,30 +450,46 @@ impl Body for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some(piece) = self.held.next_piece() {
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status)
-                    && let Some(watch) = self.watch.take()
-                {
-                    watch.count(code);
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(self.held.start(data))))),
+                Err(frame) => {
+                    self.held.done();
+                    if let Some(code) = frame.trailers_ref().and_then(grpc_status)
+                        && let Some(watch) = self.watch.take()
+                    {
+                        watch.count(code);
+                    }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-            }
+            },
             Poll::Ready(Some(Err(status))) => {
+                self.held.done();
                 if let Some(watch) = self.watch.take() {
                     watch.count(status.code());
                 }
+                Poll::Ready(Some(Err(status)))
             }
-            Poll::Ready(None) | Poll::Pending => {}
+            Poll::Ready(None) => {
+                self.held.done();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        !self.held.has_rest() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
+        if self.held.has_rest() {
+            return http_body::SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }

@@ -38,7 +38,7 @@ impl GrpcError {
             GrpcError::NotFound(_) => Code::NotFound,
             GrpcError::Unimplemented(_) => Code::Unimplemented,
             GrpcError::Repository(e) => match e {
-                RepositoryError::UnknownModel(_) => Code::NotFound,
+                RepositoryError::UnknownModel { .. } => Code::NotFound,
                 RepositoryError::NotAllowed(_) | RepositoryError::Draining => Code::Unavailable,
                 RepositoryError::LoadFailed { .. } => Code::InvalidArgument,
                 RepositoryError::Unreadable(_) => Code::Internal,
@@ -51,7 +51,9 @@ impl GrpcError {
                 | ServeError::UnsupportedMediaType { .. }
                 | ServeError::AmbiguousLength
                 | ServeError::BodyIncomplete { .. } => Code::InvalidArgument,
-                ServeError::Overloaded { .. } | ServeError::NotReady(_) => Code::Unavailable,
+                ServeError::Overloaded { .. } | ServeError::AnswersHeld { .. } | ServeError::NotReady(_) => {
+                    Code::Unavailable
+                }
                 ServeError::DeadlineExceeded { .. } | ServeError::BodyTimeout { .. } => Code::DeadlineExceeded,
                 ServeError::NotFound(_) | ServeError::UnknownModel { .. } => Code::NotFound,
                 ServeError::ModelNotReady { .. } => Code::Unavailable,
@@ -68,7 +70,7 @@ impl GrpcError {
             GrpcError::Serve(e) => e.reason(),
             GrpcError::NotFound(_) => FailureReason::NotFound,
             GrpcError::Unimplemented(_) => FailureReason::MethodNotAllowed,
-            GrpcError::Repository(RepositoryError::UnknownModel(_)) => FailureReason::NotFound,
+            GrpcError::Repository(RepositoryError::UnknownModel { .. }) => FailureReason::NotFound,
             GrpcError::Repository(RepositoryError::LoadFailed { .. }) => FailureReason::Invalid,
             GrpcError::Repository(_) => FailureReason::NotReady,
         }

@@ -43,7 +43,9 @@ impl ResponseError for ServeError {
             ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
             ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } | ServeError::AnswersHeld { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -59,7 +61,7 @@ impl ResponseError for ServeError {
             ServeError::Overloaded { retry_after_secs, .. } => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
             }
-            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } => {
+            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } | ServeError::AnswersHeld { .. } => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
             }
             // The rest of a stalled or refused body may still arrive: never
@@ -102,7 +104,7 @@ impl V2Error {
             V2Error::Serve(e) => e.reason(),
             V2Error::NotFound(_) => FailureReason::NotFound,
             V2Error::Repository(e) => match e {
-                RepositoryError::UnknownModel(_) => FailureReason::NotFound,
+                RepositoryError::UnknownModel { .. } => FailureReason::NotFound,
                 RepositoryError::NotAllowed(_) | RepositoryError::Draining => FailureReason::NotReady,
                 RepositoryError::LoadFailed { .. } => FailureReason::Invalid,
                 RepositoryError::Unreadable(_) => FailureReason::Internal,
@@ -117,7 +119,7 @@ impl ResponseError for V2Error {
             V2Error::NotFound(_) => StatusCode::NOT_FOUND,
             // Triton's codes: NOT_FOUND, UNAVAILABLE, INVALID_ARG, INTERNAL.
             V2Error::Repository(e) => match e {
-                RepositoryError::UnknownModel(_) => StatusCode::NOT_FOUND,
+                RepositoryError::UnknownModel { .. } => StatusCode::NOT_FOUND,
                 RepositoryError::NotAllowed(_) | RepositoryError::Draining => StatusCode::SERVICE_UNAVAILABLE,
                 RepositoryError::LoadFailed { .. } => StatusCode::BAD_REQUEST,
                 RepositoryError::Unreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,6 +134,7 @@ impl ResponseError for V2Error {
                 ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
                 ServeError::Overloaded { .. }
+                | ServeError::AnswersHeld { .. }
                 | ServeError::NotReady(_)
                 | ServeError::ModelNotReady { .. }
                 | ServeError::DeadlineExceeded { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -149,6 +152,9 @@ impl ResponseError for V2Error {
         match self {
             V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
+            }
+            V2Error::Serve(ServeError::AnswersHeld { .. }) => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
             }
             V2Error::Serve(e) if e.closes_connection() => {
                 response.force_close();

@@ -4,12 +4,15 @@
 //! Owns: the app's routing table (one resource per [`Route`], registered
 //! from the enum so a route and its metric label cannot drift apart) and
 //! per-request observation (request id, tracing span, request count and
-//! duration by route and status, failures by reason). The handlers run on
+//! duration by route and status, failures by reason, the request marked in
+//! flight on its connection, a large answer handed over in pieces; see
+//! `conn.rs`). The handlers run on
 //! actix-web's HTTP worker threads; they are not actors. Must not touch:
 //! inference (handed to [`Engine::infer`] as a validated input), batching
 //! policy, or metric definitions (see `metrics.rs`).
 
 pub mod browser;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod routes;
@@ -21,7 +24,7 @@ pub use self::server::server;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
@@ -29,7 +32,8 @@ use actix_web::{HttpResponseBuilder, ResponseError, web};
 use tracing::Instrument;
 
 use self::browser::BrowserGuard;
-use self::extract::{check_head, reject_browser_forms};
+use self::conn::{ConnHandle, InFlight, Pieces};
+use self::extract::{TIMEOUT_HEADER, check_head, numeric_header, reject_browser_forms};
 use self::server::ConnectionGuard;
 use crate::config::Config;
 use crate::engine::{Engine, InferOutput, ModelDescription};
@@ -154,13 +158,30 @@ fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), S
     verdict
 }
 
+/// Marks the request in flight on its connection: a draining server waits
+/// for it, and its answer may take until its deadline to drain. (The
+/// inference handlers refuse a request while held answers fill
+/// `server.max_pending_answer_bytes`, once its body is read: a body left
+/// unread would close the connection before the client read the 503.)
+fn admit(req: &ServiceRequest, start: Instant) -> Option<InFlight> {
+    let settings = req.app_data::<web::Data<HttpSettings>>();
+    let default = settings.map_or(Duration::ZERO, |s| s.default_timeout);
+    // A malformed header is the handler's 400; here it only stretches nothing.
+    let timeout = match numeric_header(req.headers(), TIMEOUT_HEADER, 1..=extract::MAX_TIMEOUT_MS) {
+        Some(Ok(ms)) => Duration::from_millis(ms),
+        _ => default,
+    };
+    req.conn_data::<ConnHandle>().map(|c| c.start_request(start + timeout))
+}
+
 /// Request id, tracing span, the refusals made on the head alone (too large,
 /// ambiguous body length, a web page's request or a rebinding `Host`,
-/// browser-form content type), and request metrics for every route.
+/// browser-form content type) or on the answers held for slow readers, and
+/// request metrics for every route.
 async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<actix_web::body::EitherBody<impl MessageBody + 'static>>, actix_web::Error> {
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let start = Instant::now();
     let id = request_id(&req);
     let engine = req.app_data::<web::Data<Engine>>().cloned();
@@ -175,10 +196,18 @@ async fn observe(
         .app_data::<web::Data<HttpSettings>>()
         .map_or(usize::MAX, |s| s.max_header_bytes);
     let refusal = refuse_on_head(&req, max_header_bytes);
+    let _in_flight = admit(&req, start);
     let mut res = match refusal {
         // Refused before routing, so no handler (and no extractor) runs.
-        Err(refusal) => req.into_response(refusal.error_response()).map_into_right_body(),
-        Ok(()) => next.call(req).instrument(span.clone()).await?.map_into_left_body(),
+        Err(refusal) => req.into_response(refusal.error_response()),
+        Ok(()) => {
+            let res = next.call(req).instrument(span.clone()).await?;
+            match &engine {
+                // A large answer is written in pieces (see `conn.rs`).
+                Some(engine) => res.map_body(|_, body| Pieces::wrap(body, &engine.held)),
+                None => res.map_into_boxed_body(),
+            }
+        }
     };
     res.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
     let status = res.status();

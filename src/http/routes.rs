@@ -31,6 +31,7 @@ pub async fn infer(
     require_json(&req)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
+    engine.held.admit()?;
     let version = engine.resolve(&ModelTarget::DEFAULT)?;
     let request = parse_infer_request(&body, &version.limits)?;
     drop(body);

@@ -2,7 +2,8 @@
 //! checks made before a body is read.
 //!
 //! Owns: building the actix server on a bound listener (worker threads, the
-//! connection cap, header / keep-alive timeouts, graceful stop) and the
+//! connection cap, header / keep-alive timeouts, graceful stop; every
+//! accepted connection goes through `conn.rs`'s guard) and the
 //! `Expect: 100-continue` gate: a request that will be refused for its
 //! declared size (413; 400 on v2 routes, as their handlers answer it), its
 //! head (431, ambiguous length), a web page's origin or a rebinding `Host`
@@ -23,6 +24,7 @@ use actix_web::dev::AppConfig;
 use actix_web::{App, ResponseError, web};
 
 use super::browser::BrowserGuard;
+use super::conn::{ConnSettings, GuardedIo, guard};
 use super::error::V2Error;
 use super::extract::{check_declared_length, check_head, reject_browser_forms};
 use super::{HttpSettings, configure, observe, routes};
@@ -53,6 +55,11 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
         0 => KeepAlive::Disabled,
         secs => KeepAlive::Timeout(Duration::from_secs(secs)),
     };
+    let conn_settings = ConnSettings {
+        send_timeout: config.send_timeout(),
+        held: Arc::clone(&engine.held),
+        drain: engine.drain.clone(),
+    };
     let http_workers = config.server.http_workers;
     let per_worker = config.server.max_connections.div_ceil(http_workers).max(1);
     let server = Server::build()
@@ -62,6 +69,7 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
         .disable_signals()
         .listen("tokitai-http", listener, move || {
             let (engine, settings, gate) = (engine.clone(), settings.clone(), gate.clone());
+            let conn_settings = conn_settings.clone();
             let app = App::new()
                 .app_data(engine)
                 .app_data(settings)
@@ -71,7 +79,7 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
                 .default_service(web::to(routes::not_found))
                 .into_factory()
                 .map_err(|err: actix_web::Error| err.error_response());
-            HttpService::build()
+            let http = HttpService::build()
                 .keep_alive(keep_alive)
                 .client_request_timeout(header_timeout)
                 .client_disconnect_timeout(Duration::from_secs(1))
@@ -83,15 +91,18 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
                 // does not allow half-closure either.
                 .h1_allow_half_closed(false)
                 .local_addr(local_addr)
-                .on_connect_ext(|_io: &_, ext: &mut actix_http::Extensions| {
+                .on_connect_ext(|io: &GuardedIo, ext: &mut actix_http::Extensions| {
                     ext.insert(ConnectionGuard::default());
+                    ext.insert(io.handle());
                 })
                 .expect(fn_service(move |req: Request| {
                     let gate = gate.clone();
                     async move { gate.check(req) }
                 }))
-                .finish(map_config(app, |_| AppConfig::default()))
-                .tcp()
+                .finish(map_config(app, |_| AppConfig::default()));
+            // Every connection through its guard (slow readers, send
+            // timeout, drain), instead of actix-http's plain `.tcp()`.
+            guard(http, conn_settings)
         })?
         .run();
     Ok(server)

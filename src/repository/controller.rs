@@ -188,7 +188,10 @@ impl Controller {
         self.check_explicit()?;
         let _one = self.lock.lock().await;
         if !self.model_exists(name)? {
-            return Err(RepositoryError::UnknownModel(name.to_string()));
+            return Err(RepositoryError::UnknownModel {
+                action: "load",
+                model: name.to_string(),
+            });
         }
         match self.sync_model(name, true).await {
             Outcome::Failed(reason) => Err(RepositoryError::LoadFailed {
@@ -206,10 +209,10 @@ impl Controller {
     pub async fn unload(&self, name: &str) -> Result<(), RepositoryError> {
         self.check_explicit()?;
         let _one = self.lock.lock().await;
-        let slot = self
-            .registry
-            .slot(name)
-            .ok_or_else(|| RepositoryError::UnknownModel(name.to_string()))?;
+        let slot = self.registry.slot(name).ok_or_else(|| RepositoryError::UnknownModel {
+            action: "unload",
+            model: name.to_string(),
+        })?;
         self.drain_out(&slot).await;
         Ok(())
     }

@@ -30,9 +30,10 @@ use crate::config::ControlMode;
 /// Why a repository request (load, unload, index) failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RepositoryError {
-    /// No such model folder in the repository (or not the served model).
-    #[error("failed to load '{0}': no such model in the model repository")]
-    UnknownModel(String),
+    /// No such model folder in the repository (or not the served model);
+    /// `action` is what was asked (`load` or `unload`).
+    #[error("failed to {action} '{model}': no such model in the model repository")]
+    UnknownModel { action: &'static str, model: String },
     /// Load and unload are for `explicit` mode only.
     #[error(
         "explicit model load / unload is not allowed in model control mode `{}` (start with --model-control-mode explicit)",

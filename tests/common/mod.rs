@@ -12,6 +12,8 @@
 //! - [`prom`]: a small Prometheus text parser ([`Metrics`]).
 //! - [`prometheus`]: a real `prometheus` server ([`Prometheus`]), the tool
 //!   lookup ([`tool`]) and a bounded poll ([`wait_for`]).
+//! - [`slow`]: clients that stop reading ([`slow::slow_reader`]) and the
+//!   server process's CPU time and resident memory from `/proc`.
 //! - [`triton`]: Triton's Python client and perf_analyzer ([`venv`],
 //!   [`run_python`], [`perf_analyzer`]).
 //!
@@ -28,6 +30,7 @@ pub mod prom;
 pub mod prometheus;
 pub mod raw;
 pub mod server;
+pub mod slow;
 pub mod triton;
 
 // The whole harness as `common::Name`, whichever part a test binary uses.

@@ -190,6 +190,7 @@ pub async fn infer(
     // The body is read first: an answer that leaves it unread closes the
     // connection, and a keep-alive client would see that as a failure.
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
+    engine.held.admit()?;
     let version = engine.resolve(&path.target()?)?;
     let json_len = json_part_len(&req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
