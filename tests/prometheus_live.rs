@@ -281,7 +281,7 @@ fn exported_names() -> BTreeSet<String> {
     metrics.observe_queue_wait(Duration::from_micros(10));
     metrics
         .model_info
-        .with_label_values(&["m", "1", "Nano", "identity", "f32", "1", "x", "cpu", "cpu"])
+        .with_label_values(&["m", "1", "Nano", "identity", "f32", "1", "x", "cpu", "cpu", "avx2"])
         .set(1);
     metrics.model_known("m");
     metrics.model_version.with_label_values(&["m"]).set(1);
