@@ -355,7 +355,8 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     );
     // An idle keep-alive connection: one request answered, then silence.
     let mut idle = TcpStream::connect(server.addr).unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let reply = read_response(&mut idle, None);
     assert!(

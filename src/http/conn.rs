@@ -337,9 +337,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if let Some(drain) = &mut this.drain
-            && drain.as_mut().poll(cx).is_ready() {
-                this.drain = None;
-            }
+            && drain.as_mut().poll(cx).is_ready()
+        {
+            this.drain = None;
+        }
         let draining = this.drain.is_none();
         if draining && this.state.is_idle() {
             // Only requests in flight deserve the drain; an idle keep-alive
