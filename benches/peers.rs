@@ -15,11 +15,18 @@
 //! cargo bench --bench peers                        # Nano + Tiny, all modes, peers, probes
 //! cargo bench --bench peers -- --quick             # fewer, shorter repetitions (~5 minutes)
 //! cargo bench --bench peers -- --sizes tiny --accuracy
-//! TOKITAI_BENCH_DIR=/data cargo bench --bench peers -- --sizes nano,tiny,full --accuracy
+//! TOKITAI_BENCH_DIR=/data cargo bench --bench peers -- --sizes tiny,full,nano --accuracy
 //! ```
 //!
-//! Flags: `--sizes nano,tiny,medium,full` (default `nano,tiny`, plus `full`
-//! when `TOKITAI_BENCH_DIR` is set or with `--full`); `--quick`;
+//! Each size runs the engine, then the peers, then (with `--accuracy`) the
+//! accuracy rows, and prints its tables; all tables are printed again at the
+//! end. On a 2-core machine the last command takes about half an hour (Full:
+//! writing its 3.2 GB of synthetic weights once, packing each mode, and each
+//! peer building its 3.2 GB ONNX graph).
+//!
+//! Flags: `--sizes nano,tiny,medium,full` (run in that order; default
+//! `nano,tiny`, plus `full` when `TOKITAI_BENCH_DIR` is set or with
+//! `--full`); `--quick`;
 //! `--accuracy` (also the accuracy table) or `--accuracy-only`;
 //! `--no-peers`, `--no-probes`; `--precisions f32,f16,bf16`;
 //! `--isas avx512,avx2,scalar`; `--batches 1,16,64,256`.
@@ -781,9 +788,14 @@ fn main() {
         }
     }
 
+    if o.accuracy && env.is_none() {
+        println!("accuracy skipped: it needs the peers' Python environment (see above)");
+    }
+    // Size by size: the engine, then the peers, then the accuracy rows.
     let mut tables = Vec::new();
-    if o.speed {
-        for &size in &o.sizes {
+    let mut acc_rows = Vec::new();
+    for &size in &o.sizes {
+        if o.speed {
             println!("\n## {} (engine)", size.as_str());
             let eng = bench_engine(size, &o, t, &mut jsonl);
             let peers = match (&env, o.peers) {
@@ -796,31 +808,21 @@ fn main() {
             print_size_tables(size, &eng, &peers, &probe_results, t);
             tables.push((size, eng, peers));
         }
-    }
-
-    let mut acc_rows = Vec::new();
-    if o.accuracy {
-        match &env {
-            None => println!("accuracy skipped: it needs the peers' Python environment (see above)"),
-            Some(env) => {
-                let root = target.join("peers/accuracy");
-                for &size in &o.sizes {
-                    let isas: Vec<CpuIsa> = isas_for(size, &o)
-                        .into_iter()
-                        .filter(|&i| i != CpuIsa::Scalar || size != ModelSize::Full)
-                        .collect();
-                    let t0 = Instant::now();
-                    match accuracy::run(env, size, &root, 256, &isas) {
-                        Ok(rows) => {
-                            println!("accuracy {}: {:.0} s", size.as_str(), t0.elapsed().as_secs_f64());
-                            for r in &rows {
-                                jsonl.write("accuracy", r);
-                            }
-                            acc_rows.extend(rows);
-                        }
-                        Err(e) => println!("accuracy {}: failed: {e}", size.as_str()),
+        if let (true, Some(env)) = (o.accuracy, &env) {
+            let isas: Vec<CpuIsa> = isas_for(size, &o)
+                .into_iter()
+                .filter(|&i| i != CpuIsa::Scalar || size != ModelSize::Full)
+                .collect();
+            let t0 = Instant::now();
+            match accuracy::run(env, size, &target.join("peers/accuracy"), 256, &isas) {
+                Ok(rows) => {
+                    println!("accuracy {}: {:.0} s", size.as_str(), t0.elapsed().as_secs_f64());
+                    for r in &rows {
+                        jsonl.write("accuracy", r);
                     }
+                    acc_rows.extend(rows);
                 }
+                Err(e) => println!("accuracy {}: failed: {e}", size.as_str()),
             }
         }
     }
