@@ -63,7 +63,9 @@
 //!   uses (`fma_avx512`, `fma_avx2`, or `dpbf16_avx512` for bf16 on
 //!   AVX512_BF16) at the same thread count; weight GB/s (packed bytes of the
 //!   experts a batch uses, read once per forward) against the DRAM read rate
-//!   at the same thread count.
+//!   at the same thread count ("in cache" when they fit the last-level
+//!   cache). The probes run before the first size and after each one; a
+//!   limit is the best any of those runs measured (the machine is shared).
 //! - Results also go to `target/peers/run-<unix time>.jsonl`, one JSON
 //!   object per probe, engine point, peer point and accuracy row.
 //!
@@ -469,11 +471,22 @@ fn fmt_rate(v: f64) -> String {
     out
 }
 
+/// The best rate any probe run measured for `name` on `threads` threads.
 fn peak(probes: &[Probe], name: &str, threads: usize) -> Option<f64> {
     probes
         .iter()
-        .find(|p| p.name == name && p.threads == threads)
+        .filter(|p| p.name == name && p.threads == threads)
         .map(|p| p.value)
+        .reduce(f64::max)
+}
+
+/// The worst run's rate (how far the shared machine drifted).
+fn low(probes: &[Probe], name: &str, threads: usize) -> Option<f64> {
+    probes
+        .iter()
+        .filter(|p| p.name == name && p.threads == threads)
+        .map(|p| p.value)
+        .reduce(f64::min)
 }
 
 /// Which multiply-add peak a mode is held against.
@@ -697,7 +710,14 @@ fn print_probes(probes: &[Probe]) {
     if probes.is_empty() {
         return;
     }
-    println!("\n### Machine limits (best of {} rounds)\n", probes::ROUNDS);
+    let runs = probes
+        .iter()
+        .filter(|p| p.name == "dram_read" && p.threads == 1)
+        .count();
+    println!(
+        "\n### Machine limits: best of {runs} probe run(s), each the best of {} rounds (lowest run in brackets)\n",
+        probes::ROUNDS
+    );
     println!("| probe | 1 thread | 2 threads |");
     println!("|---|---|---|");
     let mut names: Vec<&str> = Vec::new();
@@ -708,7 +728,11 @@ fn print_probes(probes: &[Probe]) {
     }
     for n in names {
         let unit = probes.iter().find(|p| p.name == n).map_or("", |p| p.unit);
-        let v = |th| peak(probes, n, th).map_or("-".into(), |v| format!("{v:.1} {unit}"));
+        let v = |th| match (peak(probes, n, th), low(probes, n, th)) {
+            (Some(v), Some(l)) if runs > 1 => format!("{v:.1} {unit} [{l:.1}]"),
+            (Some(v), _) => format!("{v:.1} {unit}"),
+            _ => "-".into(),
+        };
         println!("| {n} | {} | {} |", v(1), v(2));
     }
 }
@@ -775,17 +799,28 @@ fn main() {
         None
     };
 
+    // The probes run before the first size and again after each: the
+    // machine is shared, so a limit is the best any run saw.
     let mut probe_results = Vec::new();
-    if o.probes && o.speed {
+    let probing = o.probes && o.speed;
+    let run_probes = |all: &mut Vec<Probe>, jsonl: &mut Jsonl| {
         let dur = Duration::from_millis(if o.quick { 100 } else { 200 });
         let t0 = Instant::now();
-        probe_results.extend(probes::fma_peaks(dur));
-        probe_results.extend(probes::dram_read(if o.quick { 256 } else { 1024 }, dur));
-        println!("probes: {:.0} s", t0.elapsed().as_secs_f64());
-        print_probes(&probe_results);
-        for p in &probe_results {
+        let mut fresh = probes::fma_peaks(dur);
+        fresh.extend(probes::dram_read(if o.quick { 256 } else { 1024 }, dur));
+        let line: Vec<String> = fresh
+            .iter()
+            .map(|p| format!("{} {}t {:.1}", p.name, p.threads, p.value))
+            .collect();
+        println!("probes ({:.0} s): {}", t0.elapsed().as_secs_f64(), line.join(", "));
+        for p in &fresh {
             jsonl.write("probe", p);
         }
+        all.extend(fresh);
+    };
+    if probing {
+        run_probes(&mut probe_results, &mut jsonl);
+        print_probes(&probe_results);
     }
 
     if o.accuracy && env.is_none() {
@@ -805,6 +840,9 @@ fn main() {
                 }
                 _ => Vec::new(),
             };
+            if probing {
+                run_probes(&mut probe_results, &mut jsonl);
+            }
             print_size_tables(size, &eng, &peers, &probe_results, t);
             tables.push((size, eng, peers));
         }
