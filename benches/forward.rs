@@ -22,51 +22,15 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use tokitai_serve::backend::cpu::{CpuBackend, CpuOptions};
 use tokitai_serve::backend::{Backend, ForwardOutput, SessionConfig};
-use tokitai_serve::model::synth::synth_weights;
-use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights, WeightPrecision};
+use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, WeightPrecision};
+
+mod common;
+use common::{expert_flops, expert_layers, inputs, rows_per_expert, rss_bytes, weight_bytes_read};
 
 const BATCHES: [usize; 4] = [1, 16, 64, 256];
 const THREADS: [usize; 2] = [1, 2];
 const FULL_BATCHES: [usize; 3] = [1, 16, 64];
 const FULL_THREADS: [usize; 1] = [2];
-
-fn inputs(rows: usize, width: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..rows * width)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            // Sum of 4 uniforms: roughly normal, like the peer's inputs.
-            (0..4)
-                .map(|i| ((s >> (16 * i)) & 0xFFFF) as f32 / 65536.0 - 0.5)
-                .sum::<f32>()
-                * 1.7
-        })
-        .collect()
-}
-
-/// Layer shapes `(k, n)` of one expert.
-fn expert_layers(d: &Dims) -> Vec<(usize, usize)> {
-    let mut v = vec![(d.input, d.hidden)];
-    v.extend(std::iter::repeat_n((d.hidden, d.hidden), d.depth));
-    v.push((d.hidden, d.output));
-    v
-}
-
-/// Rows per expert for this batch (from the forward's own routing).
-fn rows_per_expert(d: &Dims, out: &ForwardOutput) -> Vec<usize> {
-    let mut m = vec![0; d.experts];
-    for &e in &out.top_k {
-        m[e as usize] += 1;
-    }
-    m
-}
-
-fn expert_flops(d: &Dims, rows: &[usize]) -> f64 {
-    let per_row: usize = expert_layers(d).iter().map(|(k, n)| 2 * k * n).sum();
-    rows.iter().map(|&m| (m * per_row) as f64).sum()
-}
 
 /// One reference product: rows `m`, `a [m, k]`, `b [k, n]`, `c [m, n]`.
 type GemmCase = (usize, Vec<f32>, Vec<f32>, Vec<f32>);
@@ -138,46 +102,6 @@ fn reference_gemm_gflops(d: &Dims, rows: &[usize], threads: usize) -> f64 {
     flops / best / 1e9
 }
 
-/// Expert weight bytes one forward streams: every expert with rows, once.
-fn weight_bytes_read(backend: &CpuBackend, rows: &[usize]) -> f64 {
-    let per_expert = backend.weight_bytes() as f64 / rows.len() as f64;
-    rows.iter().filter(|&&m| m > 0).count() as f64 * per_expert
-}
-
-/// `VmRSS` of this process, bytes.
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// The weights for `size`: in memory from [`synth_weights`], or for Full
-/// read from `TOKITAI_BENCH_DIR/full/` (written there first if missing);
-/// `None` for Full without `TOKITAI_BENCH_DIR`.
-fn weights_for(size: ModelSize) -> Option<MoeWeights> {
-    if size != ModelSize::Full {
-        return Some(synth_weights(Dims::for_size(size), 42));
-    }
-    let Some(dir) = std::env::var_os("TOKITAI_BENCH_DIR") else {
-        println!("full: skipped (set TOKITAI_BENCH_DIR to a folder with ~3.3 GB free)");
-        return None;
-    };
-    let dir = std::path::Path::new(&dir).join("full");
-    let (arch, ckpt) = (dir.join("arch.json"), dir.join("checkpoint.tkp1"));
-    if !ckpt.exists() {
-        let t = Instant::now();
-        tokitai_serve::model::write_model_dir(&dir, size, 42, false).expect("write the Full model files");
-        println!("full: wrote {} in {:.1} s", dir.display(), t.elapsed().as_secs_f64());
-    }
-    let model = tokitai_serve::model::load_model(&arch, &ckpt).expect("load the Full model files");
-    Some(model.weights)
-}
-
 fn bench_size(c: &mut Criterion, size: ModelSize, precision: WeightPrecision, summary: &mut Vec<String>) {
     let name = format!("{}-{precision}", size.as_str().to_lowercase());
     // Criterion's filter is applied per benchmark id; skip building the
@@ -190,7 +114,10 @@ fn bench_size(c: &mut Criterion, size: ModelSize, precision: WeightPrecision, su
     let dims = Dims::for_size(size);
     let rss0 = rss_bytes();
     let t0 = Instant::now();
-    let Some(weights) = weights_for(size) else { return };
+    let bench_dir = std::env::var_os("TOKITAI_BENCH_DIR").map(std::path::PathBuf::from);
+    let Some(weights) = common::weights_for(size, bench_dir.as_deref()) else {
+        return;
+    };
     let options = CpuOptions {
         precision,
         ..CpuOptions::default()
