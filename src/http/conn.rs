@@ -92,6 +92,9 @@ struct ConnState {
     read_held: Cell<bool>,
     /// Requests whose handler is running.
     in_flight: Cell<usize>,
+    /// Bytes were read since the last request was admitted: part of a
+    /// request the dispatcher has not handed to a handler yet.
+    read_since_admit: Cell<bool>,
     /// The latest deadline of a request on this connection.
     deadline: Cell<Option<Instant>>,
 }
@@ -104,8 +107,14 @@ impl ConnState {
         Some(self.deadline.get().map_or(deadline, |d| d.max(deadline)))
     }
 
+    /// Nothing in flight, unsent, read but not yet admitted, or waiting in
+    /// the socket: a draining server may close the connection at once
+    /// without losing a request the client already sent.
     fn is_idle(&self) -> bool {
-        self.in_flight.get() == 0 && self.unsent_since.get().is_none()
+        self.in_flight.get() == 0
+            && self.unsent_since.get().is_none()
+            && !self.read_since_admit.get()
+            && recv_queue(self.fd) == 0
     }
 
     /// The dispatcher's own buffer is written; what the kernel still
@@ -150,6 +159,18 @@ fn send_queue(fd: RawFd) -> usize {
     }
 }
 
+/// Bytes waiting in `fd`'s receive queue, not read yet.
+fn recv_queue(fd: RawFd) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int; `fd` is the connection's open socket.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut queued) };
+    if r == 0 {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// The connection's state as a request sees it (in the connection data).
 #[derive(Clone)]
 pub struct ConnHandle(Rc<ConnState>);
@@ -160,6 +181,7 @@ impl ConnHandle {
     pub fn start_request(&self, deadline: Instant) -> InFlight {
         let state = &self.0;
         state.in_flight.set(state.in_flight.get() + 1);
+        state.read_since_admit.set(false);
         state
             .deadline
             .set(Some(state.deadline.get().map_or(deadline, |d| d.max(deadline))));
@@ -172,7 +194,13 @@ pub struct InFlight(Rc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.set(self.0.in_flight.get().saturating_sub(1));
+        let left = self.0.in_flight.get().saturating_sub(1);
+        self.0.in_flight.set(left);
+        if left == 0 {
+            // What was read since its admission was its body (a request
+            // pipelined behind it in the same read is the one case missed).
+            self.0.read_since_admit.set(false);
+        }
     }
 }
 
@@ -199,7 +227,12 @@ impl AsyncRead for GuardedIo {
             self.state.read_held.set(true);
             return Poll::Pending;
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.read_since_admit.set(true);
+        }
+        polled
     }
 }
 
@@ -297,6 +330,7 @@ where
             unsent: RefCell::new(Holding::new(Arc::clone(&self.settings.held))),
             read_held: Cell::new(false),
             in_flight: Cell::new(0),
+            read_since_admit: Cell::new(false),
             deadline: Cell::new(None),
         });
         let io = GuardedIo {

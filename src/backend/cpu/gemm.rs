@@ -107,10 +107,25 @@ pub(crate) fn gemm_panels(isa: Isa, w: &PackedLinear, a: &[f32], m: usize, p0: u
 const KC_AVX512: usize = 512;
 /// Up to this many rows B is streamed once with no `k` blocking: one long
 /// sequential read per panel group (the DRAM-bound batches), reused from L2
-/// by the few row tiles. Short `k` blocks here cut each panel into runs too
-/// short for the hardware prefetcher (measured on Tiny: 16 and 64 rows ran
-/// 1.3-1.6x faster unblocked than with 160-deep blocks).
+/// by the few row tiles, as long as the group's whole B sliver and the A
+/// block fit [`STREAM_L2_BYTES`]. Short `k` blocks here cut each panel into
+/// runs too short for the hardware prefetcher (measured on Tiny: 16 and 64
+/// rows ran 1.3-1.6x faster unblocked than with 160-deep blocks).
 const STREAM_ROWS_AVX512: usize = 64;
+/// The L2 share an unblocked panel group may take (B sliver + A block):
+/// past it the second row tile would re-read B from L3 or DRAM (Full:
+/// 3 x 4096 x 64 B = 768 KB of f32 B alone).
+const STREAM_L2_BYTES: usize = 768 << 10;
+/// One tile of at most this many rows never reuses B: it is always streamed
+/// unblocked.
+const SINGLE_TILE_ROWS: usize = 8;
+
+/// Whether an AVX-512 or bf16 layer of `m` rows streams B unblocked (see
+/// [`STREAM_ROWS_AVX512`]); `b_bytes` and `a_bytes` are one full-`k` panel
+/// group's weights and the rows' inputs.
+fn stream_unblocked(m: usize, b_bytes: usize, a_bytes: usize) -> bool {
+    m <= SINGLE_TILE_ROWS || (m <= STREAM_ROWS_AVX512 && b_bytes + a_bytes <= STREAM_L2_BYTES)
+}
 
 thread_local! {
     /// [`gemm_panels_avx512`]'s expanded f16 sliver, grown once per thread.
@@ -137,10 +152,17 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
     let pstride = m * NR;
     let np = c.len() / pstride;
     debug_assert!(p0 + np <= w.panels && a.len() >= w.k.div_ceil(NR) * pstride);
-    let kc = if m <= STREAM_ROWS_AVX512 {
+    let elem = match w.data {
+        PanelStore::F16(_) => 2,
+        _ => 4,
+    };
+    let unblocked = stream_unblocked(m, 3 * w.k * NR * elem, m * w.k * 4);
+    // Blocks of the same bytes per panel run whatever the element size:
+    // f16 takes twice the rows (and expands them into a 192 KB sliver).
+    let kc = if unblocked {
         w.k.div_ceil(NR) * NR
     } else {
-        KC_AVX512
+        KC_AVX512 * 4 / elem
     };
     let b_pstride = w.k * NR;
     let tallest = m.div_ceil(m.div_ceil(avx512::MR));
@@ -148,8 +170,8 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
     // kept per thread: zeroing 96 KB per call would cost more than a small
     // batch's whole layer.
     let mut expanded = EXPANDED.take();
-    if matches!(w.data, PanelStore::F16(_)) && m > STREAM_ROWS_AVX512 {
-        expanded.resize(KC_AVX512 * 3 * NR, 0.0);
+    if matches!(w.data, PanelStore::F16(_)) && !unblocked {
+        expanded.resize(kc * 3 * NR, 0.0);
     }
     let mut kb = 0;
     while kb < w.k {
@@ -168,7 +190,7 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
             // Several row tiles share this sliver: expand f16 weights to f32
             // once (exactly, so the same bits) instead of once per tile.
             let (b, b_ps) = match b {
-                WeightsRef::F16(h) if m > STREAM_ROWS_AVX512 => {
+                WeightsRef::F16(h) if !unblocked => {
                     for (pq, dst) in expanded.chunks_exact_mut(kl * NR).take(group).enumerate() {
                         simd::expand_f16(Isa::Avx512(t), &h[pq * b_pstride..pq * b_pstride + kl * NR], dst);
                     }
@@ -225,7 +247,11 @@ pub(crate) fn gemm_panels_bf16(isa: Isa, w: &PackedLinear, a: &[u32], m: usize, 
     let b_pstride = w.bf16_panel_len();
     debug_assert!(p0 + np <= w.panels && a.len() >= kp_total.div_ceil(bf16::PAIRS) * a_pstride);
     let max_rows = bf16::max_rows(isa);
-    let kpc = if m <= STREAM_ROWS_AVX512 { kp_total } else { KC_PAIRS };
+    let kpc = if stream_unblocked(m, 3 * b_pstride * 2, m * w.k * 2) {
+        kp_total
+    } else {
+        KC_PAIRS
+    };
     let tallest = m.div_ceil(m.div_ceil(max_rows));
     let mut kb = 0;
     while kb < kp_total {

@@ -10,8 +10,9 @@
 //!
 //! The AVX2 and AVX-512 paths give the same bits for every precision (same
 //! chains, same LayerNorm/GELU code), so a fleet of mixed machines answers
-//! identically; the scalar path differs only in not fusing f32 multiply-adds
-//! (its bf16 mode is fused and identical too).
+//! identically. The scalar path is close, not bit-equal: it does not fuse
+//! f32 multiply-adds and its LayerNorm and GELU are its own code (its bf16
+//! dot products do match the instruction bit for bit, `simd::bf16` tests).
 //!
 //! Batch invariance (a row's outputs are bit-identical whatever batch, position,
 //! companions or thread count) holds by construction: routing is per row; an

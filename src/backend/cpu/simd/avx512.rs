@@ -107,6 +107,14 @@ pub(crate) fn tile(
     unreachable!("an Avx512 token exists only on x86_64")
 }
 
+/// Weight rows (k) ahead that a tile of [`PREFETCH_MIN_ROWS`] or more
+/// prefetches in each of its panel streams: with several rows per weight
+/// load the FMAs leave the load ports room, and a few KB ahead per stream
+/// covers DRAM latency better than the hardware prefetcher's short runs.
+pub(crate) const PREFETCH_ROWS: usize = 64;
+/// Shorter tiles (batch 1: a load per FMA) leave streaming to the hardware.
+pub(crate) const PREFETCH_MIN_ROWS: usize = 4;
+
 /// The kernel, once per weight type: `$load(ptr)` turns the `NR` packed
 /// elements at `ptr` into one f32 zmm (f16 expands exactly).
 macro_rules! avx512_kernel {
@@ -150,6 +158,13 @@ macro_rules! avx512_kernel {
                             for (q, v) in bv.iter_mut().enumerate() {
                                 let $p = bk.add(q * b_ps + $j * NR);
                                 *v = $load;
+                                if M >= PREFETCH_MIN_ROWS {
+                                    // Past the end is harmless: a prefetch
+                                    // never faults, and wrapping_add makes
+                                    // no out-of-bounds pointer claim.
+                                    let ahead = bk.wrapping_add(q * b_ps + ($j + PREFETCH_ROWS) * NR);
+                                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                                }
                             }
                             for (r, row) in acc.iter_mut().enumerate() {
                                 let av = _mm512_set1_ps(*ap.add(r * NR + $j));

@@ -264,6 +264,13 @@ unsafe fn native<const M: usize, const P: usize>(
                         *v = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
                             bk.add(q * b_ps + $j * 2 * NR) as *const _,
                         ));
+                        if M >= super::avx512::PREFETCH_MIN_ROWS {
+                            // As the f32 kernel (`avx512::PREFETCH_ROWS`):
+                            // a prefetch never faults, and wrapping_add
+                            // makes no out-of-bounds pointer claim.
+                            let ahead = bk.wrapping_add(q * b_ps + ($j + super::avx512::PREFETCH_ROWS) * 2 * NR);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                        }
                     }
                     for (r, row) in acc.iter_mut().enumerate() {
                         let av =
