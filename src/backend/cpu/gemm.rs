@@ -199,28 +199,23 @@ fn gemm_panels_avx512(t: simd::Avx512, w: &PackedLinear, a: &[f32], m: usize, p0
                 b => (b, b_pstride),
             };
             let bias = (kb == 0).then(|| &w.bias[(p0 + q) * NR..(p0 + q + group) * NR]);
+            // Every tile of the block takes the tallest one's group: one
+            // tile when m <= MR, else balanced tiles of 4..=8 rows, which
+            // share one panel count (`panels_for`).
             for (r, mr) in row_tiles(m, avx512::MR) {
-                let panels = if group == 1 { 1 } else { avx512::panels_for(mr) };
-                // A shorter tile of the same group may take fewer panels:
-                // run the group in as many calls as its shape needs.
-                let mut done = 0;
-                while done < group {
-                    let g = if group - done >= panels { panels } else { 1 };
-                    avx512::tile(
-                        t,
-                        mr,
-                        g,
-                        kl,
-                        &a_blk[r * NR..],
-                        pstride,
-                        b.slice(done * b_ps..b.len()),
-                        b_ps,
-                        &mut c[(q + done) * pstride + r * NR..],
-                        pstride,
-                        bias.map(|s| &s[done * NR..]),
-                    );
-                    done += g;
-                }
+                avx512::tile(
+                    t,
+                    mr,
+                    group,
+                    kl,
+                    &a_blk[r * NR..],
+                    pstride,
+                    b,
+                    b_ps,
+                    &mut c[q * pstride + r * NR..],
+                    pstride,
+                    bias,
+                );
             }
             q += group;
         }
@@ -263,26 +258,21 @@ pub(crate) fn gemm_panels_bf16(isa: Isa, w: &PackedLinear, a: &[u32], m: usize, 
             let group = if np - q >= wide { wide } else { 1 };
             let b = w.bf16_panels(p0 + q, group);
             let bias = (kb == 0).then(|| &w.bias[(p0 + q) * NR..(p0 + q + group) * NR]);
+            // As on the f32 path, every tile takes the tallest one's group.
             for (r, mr) in row_tiles(m, max_rows) {
-                let panels = if group == 1 { 1 } else { bf16::tile_shape(isa, mr) };
-                let mut done = 0;
-                while done < group {
-                    let g = if group - done >= panels { panels } else { 1 };
-                    bf16::tile(
-                        isa,
-                        mr,
-                        g,
-                        kl,
-                        &a_blk[r * bf16::PAIRS..],
-                        a_pstride,
-                        &b[done * b_pstride + kb * 2 * NR..],
-                        b_pstride,
-                        &mut c[(q + done) * pstride + r * NR..],
-                        pstride,
-                        bias.map(|s| &s[done * NR..]),
-                    );
-                    done += g;
-                }
+                bf16::tile(
+                    isa,
+                    mr,
+                    group,
+                    kl,
+                    &a_blk[r * bf16::PAIRS..],
+                    a_pstride,
+                    &b[kb * 2 * NR..],
+                    b_pstride,
+                    &mut c[q * pstride + r * NR..],
+                    pstride,
+                    bias,
+                );
             }
             q += group;
         }
