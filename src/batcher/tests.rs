@@ -26,6 +26,9 @@ use crate::readiness::Readiness;
 const ROW_LEN: usize = 2;
 const MAX_BATCH_ROWS: usize = 4;
 
+/// A batch as [(job id, first row, rows)].
+type Slices = Vec<(f32, usize, usize)>;
+
 /// What a fake worker records of each batch it is sent: its id, the batch,
 /// and the thread that handed it over.
 type Sent = (usize, Batch, ThreadId);
@@ -100,7 +103,7 @@ impl Harness {
     }
 
     /// Every batch dispatched so far, as (worker, [(job id, first row, rows)]).
-    fn dispatched(&mut self) -> Vec<(usize, Vec<(f32, usize, usize)>)> {
+    fn dispatched(&mut self) -> Vec<(usize, Slices)> {
         let mut out = Vec::new();
         while let Ok((worker, batch, _)) = self.batches.try_recv() {
             out.push((worker, slices(&batch)));
@@ -117,8 +120,7 @@ fn done(worker: usize, n_rows: usize) -> BatchDone {
     }
 }
 
-/// A batch as [(job id, first row, rows)].
-fn slices(batch: &Batch) -> Vec<(f32, usize, usize)> {
+fn slices(batch: &Batch) -> Slices {
     batch
         .slices
         .iter()

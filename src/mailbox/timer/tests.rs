@@ -124,7 +124,7 @@ fn many_alarms_armed_and_re_armed_from_several_threads_each_fire_once_not_before
                             // later one (odd ids). It must never fire.
                             let replaced = Instant::now() + ms(200) + jitter();
                             alarm.arm(replaced);
-                            let later = if id % 2 == 0 { ms(0) } else { ms(300) };
+                            let later = if id.is_multiple_of(2) { ms(0) } else { ms(300) };
                             let at = Instant::now() + later + jitter();
                             alarm.arm(at);
                             (alarm, replaced, at)
