@@ -42,7 +42,8 @@ impl Clock {
     }
 
     /// Fires timer `kind` at `at`, replacing the deadline armed before, if
-    /// any. Costs a lock and a heap push, no allocation and no message.
+    /// any. Costs a lock and a heap push (no allocation), and wakes the
+    /// timer thread only when `at` is the earliest deadline it holds.
     pub fn arm(&self, kind: TimerKind, at: Instant) {
         match kind {
             TimerKind::Delay => self.delay.arm(at),

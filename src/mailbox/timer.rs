@@ -14,12 +14,14 @@
 //! - [`Alarm`]: a re-armable timer that sends one message to one
 //!   [`Sender`]. Arming it again replaces its deadline, earlier or later;
 //!   [`Alarm::cancel`] and dropping it disarm it. Arming costs one lock of
-//!   the timer's mutex and a push on its heap (no allocation once the heap
-//!   has grown; the alarm's message and target are boxed once, when the
-//!   alarm is made), and wakes the timer thread only when the new deadline
-//!   is the earliest. A replaced or cancelled deadline stays in the heap,
-//!   ignored when it comes up; the heap is compacted when such entries are
-//!   most of it, so it stays within about twice the alarms armed.
+//!   the timer's mutex, two reference-count increments and a push on its
+//!   heap (no allocation once the heap has grown: the alarm's message and
+//!   target are allocated once, when the alarm is made), and wakes the timer
+//!   thread only when the new deadline is the earliest. A replaced or
+//!   cancelled deadline stays in the heap, ignored when it comes up; the
+//!   heap is compacted when such entries are most of it, so it stays within
+//!   about twice the alarms armed. No target's code ever runs under the
+//!   lock (nor a drop of it), so a target may arm or drop alarms freely.
 //!
 //! Messages are sent on the timer thread, outside its lock: a [`Mailbox`]'s
 //! handler may run right there and arm alarms again, and a slow handler
@@ -75,27 +77,28 @@ struct Inner {
     shutdown: bool,
 }
 
+/// Sends an alarm's message to its target.
+type Fire = dyn Fn() + Send + Sync;
+
 /// One arming of an alarm: it fires the alarm only if it is still the
-/// alarm's latest arming when its instant comes.
+/// alarm's latest arming when its instant comes. It holds nothing whose drop
+/// runs a target's code (the heap drops entries under the timer's lock).
 struct Entry {
     at: Instant,
     arm: u64,
-    alarm: Weak<AlarmState>,
+    /// The alarm's [`Alarm::live`].
+    live: Arc<AtomicU64>,
+    fire: Weak<Fire>,
 }
 
 /// A re-armable timer that sends one message to one [`Sender`] (see the
 /// module doc). Made with [`Timer::alarm`]; dropping it disarms it.
 pub struct Alarm {
     timer: Timer,
-    state: Arc<AlarmState>,
-}
-
-struct AlarmState {
     /// The arming that fires it (0: not armed). Written only under the
     /// timer's lock, so relaxed atomics suffice.
-    live: AtomicU64,
-    /// Sends the alarm's message to its target.
-    fire: Box<dyn Fn() + Send + Sync>,
+    live: Arc<AtomicU64>,
+    fire: Arc<Fire>,
 }
 
 impl Timer {
@@ -143,10 +146,8 @@ impl Timer {
     pub fn alarm<M: Clone + Send + Sync + 'static>(&self, target: Sender<M>, message: M) -> Alarm {
         Alarm {
             timer: self.clone(),
-            state: Arc::new(AlarmState {
-                live: AtomicU64::new(0),
-                fire: Box::new(move || target.send(message.clone())),
-            }),
+            live: Arc::new(AtomicU64::new(0)),
+            fire: Arc::new(move || target.send(message.clone())),
         }
     }
 
@@ -170,14 +171,15 @@ impl Alarm {
         let mut inner = state.inner.lock();
         inner.last_arm += 1;
         let arm = inner.last_arm;
-        if self.state.live.swap(arm, Relaxed) != 0 {
+        if self.live.swap(arm, Relaxed) != 0 {
             inner.stale += 1;
         }
         inner.compact_if_mostly_stale();
         inner.heap.push(Entry {
             at,
             arm,
-            alarm: Arc::downgrade(&self.state),
+            live: Arc::clone(&self.live),
+            fire: Arc::downgrade(&self.fire),
         });
         let earliest = inner.heap.peek().is_some_and(|e| e.arm == arm);
         drop(inner);
@@ -192,7 +194,7 @@ impl Alarm {
     /// may still arrive: receivers treat a fired timer as "look again".
     pub fn cancel(&self) {
         let mut inner = self.timer.state().inner.lock();
-        if self.state.live.swap(0, Relaxed) != 0 {
+        if self.live.swap(0, Relaxed) != 0 {
             inner.stale += 1;
         }
     }
@@ -206,20 +208,22 @@ impl Drop for Alarm {
 
 impl Inner {
     /// Moves the alarms due at `now` into `due` (earliest first), skipping
-    /// replaced and cancelled deadlines.
-    fn take_due(&mut self, now: Instant, due: &mut Vec<Arc<AlarmState>>) {
+    /// replaced and cancelled deadlines. `due` is dropped outside the lock:
+    /// an alarm dropped meanwhile leaves its target's last holder there.
+    fn take_due(&mut self, now: Instant, due: &mut Vec<Arc<Fire>>) {
         while let Some(top) = self.heap.peek_mut() {
             if top.at > now {
                 break;
             }
             let entry = PeekMut::pop(top);
-            match entry.alarm.upgrade() {
-                Some(alarm) if alarm.live.load(Relaxed) == entry.arm => {
-                    alarm.live.store(0, Relaxed);
-                    due.push(alarm);
-                }
-                _ => self.stale = self.stale.saturating_sub(1),
+            if !entry.is_live() {
+                self.stale = self.stale.saturating_sub(1);
+                continue;
             }
+            entry.live.store(0, Relaxed);
+            // Live: its alarm is not dropped yet (dropping disarms it under
+            // this lock first), so this succeeds.
+            due.extend(entry.fire.upgrade());
         }
     }
 
@@ -233,9 +237,7 @@ impl Inner {
 
 impl Entry {
     fn is_live(&self) -> bool {
-        self.alarm
-            .upgrade()
-            .is_some_and(|alarm| alarm.live.load(Relaxed) == self.arm)
+        self.live.load(Relaxed) == self.arm
     }
 }
 
@@ -256,8 +258,8 @@ fn run(state: &State) {
             continue;
         }
         MutexGuard::unlocked(&mut inner, || {
-            for alarm in due.drain(..) {
-                if catch_unwind(AssertUnwindSafe(|| (alarm.fire)())).is_err() {
+            for fire in due.drain(..) {
+                if catch_unwind(AssertUnwindSafe(|| fire())).is_err() {
                     tracing::error!("a timer's target panicked");
                 }
             }

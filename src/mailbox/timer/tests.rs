@@ -260,3 +260,34 @@ fn a_mailbox_actor_runs_on_the_timer_thread_and_re_arms_its_alarm_from_its_handl
     assert_eq!(ticks, 3);
     assert_eq!(thread.as_deref(), Some("tokitai-timer"));
 }
+
+/// Arms its alarm when dropped.
+struct ArmOnDrop(Arc<Alarm>);
+
+impl Drop for ArmOnDrop {
+    fn drop(&mut self) {
+        self.0.arm(Instant::now());
+    }
+}
+
+#[test]
+fn a_target_dropped_on_the_timer_thread_may_arm_the_same_timer_as_it_goes() {
+    let timer = Timer::new().unwrap();
+    let (target, fired) = recorder();
+    let after = Arc::new(timer.alarm(target, "after"));
+    // The alarm's own slot: its target empties it as it fires, so the timer
+    // thread lets go of the target's last holder, whose drop arms `after`.
+    let slot: Arc<Mutex<Option<Alarm>>> = Arc::default();
+    let guard = ArmOnDrop(Arc::clone(&after));
+    let own_slot = Arc::clone(&slot);
+    let own = timer.alarm(
+        Sender::from_fn(move |()| {
+            let _held_until_dropped = &guard;
+            own_slot.lock().take();
+        }),
+        (),
+    );
+    slot.lock().insert(own).arm(Instant::now());
+    assert_eq!(next(&fired).0, "after");
+    assert!(slot.lock().is_none());
+}
