@@ -1,21 +1,18 @@
-//! The batcher's timers: an actix actor, on the arbiter that started the
-//! model version (the system arbiter at start-up, the thread that ran a
-//! load later), that tells the batcher when a held batch may go or a queued
-//! request's deadline passes.
+//! The batcher's two timers: alarms on the process-wide timer thread
+//! ([`Timer::shared`]) that tell the batcher when a held batch may go or a
+//! queued request's deadline passes.
 //!
 //! Role: the batcher has no thread of its own (it runs on whichever thread
 //! sends it a message), so something that sleeps must wake it at an instant
-//! when no message may come. One timer per [`TimerKind`]; arming one again
-//! replaces it. The batcher arms a timer only when one can matter, since
-//! each [`Arm`] is a message to another thread.
+//! when no message may come. One alarm per [`TimerKind`]; arming one again
+//! replaces its deadline. When it fires, the batcher's handler runs on the
+//! timer thread. Needs no runtime: a batcher starts from any thread.
 //! Must not touch: what the batcher does when woken.
 
 use std::time::Instant;
 
-use actix::prelude::*;
-
 use super::Message as BatcherMessage;
-use crate::mailbox::Sender;
+use crate::mailbox::{Alarm, Sender, Timer};
 
 /// The batcher's two timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,58 +23,31 @@ pub enum TimerKind {
     Expiry,
 }
 
-// ---- messages -------------------------------------------------------------
-
-/// Fire timer `kind` at `at` (replacing the one armed before, if any).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Arm {
-    pub kind: TimerKind,
-    pub at: Instant,
-}
-
-// ---- actor ----------------------------------------------------------------
-
+/// The batcher's alarms, each sending [`BatcherMessage::Timer`] with its kind.
 pub struct Clock {
-    batcher: Sender<BatcherMessage>,
-    delay: Option<SpawnHandle>,
-    expiry: Option<SpawnHandle>,
+    delay: Alarm,
+    expiry: Alarm,
 }
 
 impl Clock {
-    pub fn new(batcher: Sender<BatcherMessage>) -> Clock {
-        Clock {
-            batcher,
-            delay: None,
-            expiry: None,
-        }
+    /// The alarms, on the shared timer thread (started here if none runs),
+    /// sending to `batcher`. Fails only if the OS refuses that thread.
+    pub fn new(batcher: Sender<BatcherMessage>) -> std::io::Result<Clock> {
+        let timer = Timer::shared()?;
+        let fired = batcher.map(BatcherMessage::Timer);
+        Ok(Clock {
+            delay: timer.alarm(fired.clone(), TimerKind::Delay),
+            expiry: timer.alarm(fired, TimerKind::Expiry),
+        })
     }
 
-    fn slot(&mut self, kind: TimerKind) -> &mut Option<SpawnHandle> {
+    /// Fires timer `kind` at `at`, replacing the deadline armed before, if
+    /// any. Costs a lock and a heap push (no allocation), and wakes the
+    /// timer thread only when `at` is the earliest deadline it holds.
+    pub fn arm(&self, kind: TimerKind, at: Instant) {
         match kind {
-            TimerKind::Delay => &mut self.delay,
-            TimerKind::Expiry => &mut self.expiry,
+            TimerKind::Delay => self.delay.arm(at),
+            TimerKind::Expiry => self.expiry.arm(at),
         }
-    }
-}
-
-impl Actor for Clock {
-    type Context = Context<Self>;
-}
-
-// ---- handlers -------------------------------------------------------------
-
-impl Handler<Arm> for Clock {
-    type Result = ();
-
-    fn handle(&mut self, Arm { kind, at }: Arm, ctx: &mut Context<Self>) {
-        if let Some(previous) = self.slot(kind).take() {
-            ctx.cancel_future(previous);
-        }
-        let handle = ctx.run_later(at.saturating_duration_since(Instant::now()), move |clock, _| {
-            *clock.slot(kind) = None;
-            clock.batcher.send(BatcherMessage::Timer(kind));
-        });
-        *self.slot(kind) = Some(handle);
     }
 }

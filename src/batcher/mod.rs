@@ -28,8 +28,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
-
 use self::clock::{Clock, TimerKind};
 use self::job::{Job, RunBatch};
 use self::policy::{BatchPolicy, Decision, Queued};
@@ -132,7 +130,7 @@ pub struct Batcher {
     /// Scratch for [`Batcher::free_worker`].
     loads: Vec<usize>,
     respawn: Option<Respawn>,
-    clock: Addr<Clock>,
+    clock: Clock,
     /// When each timer is armed for (`None`: not armed, or it fired).
     delay_at: Option<Instant>,
     expiry_at: Option<Instant>,
@@ -150,9 +148,11 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts a batcher (and its clock, on the current actix arbiter: call
-    /// inside a `System`). Workers are attached with
-    /// [`Message::AttachWorkers`].
+    /// Starts a batcher (its clock on the shared timer thread; any thread
+    /// may call this). Workers are attached with [`Message::AttachWorkers`].
+    ///
+    /// # Panics
+    /// If the timer thread is not running and the OS refuses to start it.
     pub fn start(policy: BatchPolicy, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> BatcherHandle {
         // The clock needs the batcher's sender and the batcher the clock's
         // address: the clock starts first, pointed at a mailbox filled in
@@ -167,7 +167,7 @@ impl Batcher {
                 }
             })
         };
-        let clock = Clock::new(clock_target).start();
+        let clock = Clock::new(clock_target).expect("the timer thread starts");
         let batcher = Batcher {
             policy,
             queue: VecDeque::new(),
@@ -259,7 +259,7 @@ impl Batcher {
             return;
         }
         *self.armed_at(kind) = Some(at);
-        self.clock.do_send(clock::Arm { kind, at });
+        self.clock.arm(kind, at);
     }
 
     /// Arms the expiry timer for the earliest deadline still queued. Only

@@ -1,14 +1,16 @@
 //! The batcher actor against fake workers: what it dispatches, in which
 //! order, to whom, and what happens after a worker fails a batch. The fakes
 //! record each batch and answer only when the test says so, so every step is
-//! driven by messages, never by time (regrouping and queue delay are off).
+//! driven by messages, never by time (regrouping and queue delay are off),
+//! except in the last two tests, where its timers fire: those check only
+//! that a timer fired, and not before its instant. No runtime is needed:
+//! the batcher starts and runs from a plain thread.
 
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::ThreadId;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::job::{Batch, Job, JobReply, RunBatch};
@@ -23,6 +25,9 @@ use crate::readiness::Readiness;
 
 const ROW_LEN: usize = 2;
 const MAX_BATCH_ROWS: usize = 4;
+
+/// A batch as [(job id, first row, rows)].
+type Slices = Vec<(f32, usize, usize)>;
 
 /// What a fake worker records of each batch it is sent: its id, the batch,
 /// and the thread that handed it over.
@@ -44,9 +49,14 @@ struct Harness {
 
 impl Harness {
     fn start(n_workers: usize) -> Harness {
+        Harness::with_delay(n_workers, Duration::ZERO)
+    }
+
+    /// A batcher with `max_queue_delay` set to `delay`.
+    fn with_delay(n_workers: usize, delay: Duration) -> Harness {
         let policy = BatchPolicy {
             max_batch_rows: MAX_BATCH_ROWS,
-            max_queue_delay: Duration::ZERO,
+            max_queue_delay: delay,
             max_queue_rows: 64,
             regroup_fraction: 0.0,
         };
@@ -68,23 +78,32 @@ impl Harness {
 
     /// Submits a job of `n_rows` rows whose every value is `id`. The batcher
     /// handles it before this returns (nothing else runs it meanwhile).
-    async fn submit(&self, id: f32, n_rows: usize) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+    fn submit(&self, id: f32, n_rows: usize) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+        self.submit_with_timeout(id, n_rows, Duration::from_secs(600))
+    }
+
+    fn submit_with_timeout(
+        &self,
+        id: f32,
+        n_rows: usize,
+        timeout: Duration,
+    ) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
         let limits = InputLimits {
             row_len: ROW_LEN,
             max_rows: 64,
         };
         let input = InferInput::new(vec![id; n_rows * ROW_LEN], &limits).unwrap();
-        let (job, reply) = Job::new(input, Duration::from_secs(600));
+        let (job, reply) = Job::new(input, timeout);
         self.batcher.submit(Arc::clone(&job));
         (job, reply)
     }
 
-    async fn done(&self, worker: usize, n_rows: usize) {
+    fn done(&self, worker: usize, n_rows: usize) {
         self.batcher.batch_done().send(done(worker, n_rows));
     }
 
     /// Every batch dispatched so far, as (worker, [(job id, first row, rows)]).
-    async fn dispatched(&mut self) -> Vec<(usize, Vec<(f32, usize, usize)>)> {
+    fn dispatched(&mut self) -> Vec<(usize, Slices)> {
         let mut out = Vec::new();
         while let Ok((worker, batch, _)) = self.batches.try_recv() {
             out.push((worker, slices(&batch)));
@@ -101,8 +120,7 @@ fn done(worker: usize, n_rows: usize) -> BatchDone {
     }
 }
 
-/// A batch as [(job id, first row, rows)].
-fn slices(batch: &Batch) -> Vec<(f32, usize, usize)> {
+fn slices(batch: &Batch) -> Slices {
     batch
         .slices
         .iter()
@@ -124,129 +142,159 @@ fn answer(job: &Job, first_row: usize, n_rows: usize) {
 
 #[test]
 fn one_batch_per_free_worker_in_arrival_order() {
-    System::new().block_on(async {
-        let mut h = Harness::start(2);
-        let (a, _ra) = h.submit(1.0, 1).await;
-        let (_b, _rb) = h.submit(2.0, 2).await;
-        // Both workers idle: one batch each, in arrival order.
-        assert_eq!(
-            h.dispatched().await,
-            vec![(0, vec![(1.0, 0, 1)]), (1, vec![(2.0, 0, 2)])]
-        );
-        // Both busy and less than a full batch queued: nothing is prepared.
-        let (_c, _rc) = h.submit(3.0, 1).await;
-        let (_d, _rd) = h.submit(4.0, 1).await;
-        assert_eq!(h.dispatched().await, vec![]);
-        // Worker 0 frees up: the queued requests ride together, in order.
-        answer(&a, 0, 1);
-        h.done(0, 1).await;
-        assert_eq!(h.dispatched().await, vec![(0, vec![(3.0, 0, 1), (4.0, 0, 1)])]);
-    });
+    let mut h = Harness::start(2);
+    let (a, _ra) = h.submit(1.0, 1);
+    let (_b, _rb) = h.submit(2.0, 2);
+    // Both workers idle: one batch each, in arrival order.
+    assert_eq!(h.dispatched(), vec![(0, vec![(1.0, 0, 1)]), (1, vec![(2.0, 0, 2)])]);
+    // Both busy and less than a full batch queued: nothing is prepared.
+    let (_c, _rc) = h.submit(3.0, 1);
+    let (_d, _rd) = h.submit(4.0, 1);
+    assert_eq!(h.dispatched(), vec![]);
+    // Worker 0 frees up: the queued requests ride together, in order.
+    answer(&a, 0, 1);
+    h.done(0, 1);
+    assert_eq!(h.dispatched(), vec![(0, vec![(3.0, 0, 1), (4.0, 0, 1)])]);
 }
 
 #[test]
 fn a_full_batch_is_prepared_for_a_busy_worker_and_large_requests_split() {
-    System::new().block_on(async {
-        let mut h = Harness::start(1);
-        let (_a, _ra) = h.submit(1.0, 1).await;
-        assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 1)])]);
-        // Six rows queued behind a busy worker: one full batch goes ahead
-        // (split at the batch limit), the rest waits.
-        let (_b, _rb) = h.submit(2.0, 6).await;
-        assert_eq!(h.dispatched().await, vec![(0, vec![(2.0, 0, 4)])]);
-        h.done(0, 1).await;
-        assert_eq!(h.dispatched().await, vec![], "the worker still has a batch");
-        h.done(0, 4).await;
-        assert_eq!(h.dispatched().await, vec![(0, vec![(2.0, 4, 2)])]);
-    });
+    let mut h = Harness::start(1);
+    let (_a, _ra) = h.submit(1.0, 1);
+    assert_eq!(h.dispatched(), vec![(0, vec![(1.0, 0, 1)])]);
+    // Six rows queued behind a busy worker: one full batch goes ahead
+    // (split at the batch limit), the rest waits.
+    let (_b, _rb) = h.submit(2.0, 6);
+    assert_eq!(h.dispatched(), vec![(0, vec![(2.0, 0, 4)])]);
+    h.done(0, 1);
+    assert_eq!(h.dispatched(), vec![], "the worker still has a batch");
+    h.done(0, 4);
+    assert_eq!(h.dispatched(), vec![(0, vec![(2.0, 4, 2)])]);
 }
 
 #[test]
 fn a_failed_batch_fails_its_requests_and_drops_their_remaining_rows() {
-    System::new().block_on(async {
-        let mut h = Harness::start(1);
-        let (a, ra) = h.submit(1.0, 6).await;
-        let (_b, _rb) = h.submit(2.0, 1).await;
-        assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 4)])]);
-        // The worker fails the first part of request 1.
-        a.fail(ServeError::Internal("injected".into()));
-        h.done(0, 4).await;
-        // Its last two rows are dropped, not computed; request 2 goes next.
-        assert_eq!(h.dispatched().await, vec![(0, vec![(2.0, 0, 1)])]);
-        assert!(matches!(ra.await.unwrap(), Err(ServeError::Internal(_))));
-        let text = String::from_utf8(h.metrics.render()).unwrap();
-        assert!(
-            text.contains("tokitai_rows_dropped_total{reason=\"failed\"} 2"),
-            "{text}"
-        );
-    });
+    let mut h = Harness::start(1);
+    let (a, ra) = h.submit(1.0, 6);
+    let (_b, _rb) = h.submit(2.0, 1);
+    assert_eq!(h.dispatched(), vec![(0, vec![(1.0, 0, 4)])]);
+    // The worker fails the first part of request 1.
+    a.fail(ServeError::Internal("injected".into()));
+    h.done(0, 4);
+    // Its last two rows are dropped, not computed; request 2 goes next.
+    assert_eq!(h.dispatched(), vec![(0, vec![(2.0, 0, 1)])]);
+    assert!(matches!(ra.blocking_recv().unwrap(), Err(ServeError::Internal(_))));
+    let text = String::from_utf8(h.metrics.render()).unwrap();
+    assert!(
+        text.contains("tokitai_rows_dropped_total{reason=\"failed\"} 2"),
+        "{text}"
+    );
 }
 
 #[test]
 fn an_exited_worker_gets_no_batches_until_it_is_replaced_and_is_counted() {
-    System::new().block_on(async {
-        let mut h = Harness::start(2);
-        let (_a, _ra) = h.submit(1.0, 1).await;
-        assert_eq!(h.dispatched().await, vec![(0, vec![(1.0, 0, 1)])]);
-        // Worker 0 ends with its batch in hand; a replacement takes its place
-        // (the fakes report themselves as their id, so it shows up as 0).
-        h.batcher.worker_exited().send(WorkerExited { worker: 0 });
-        let (_b, _rb) = h.submit(2.0, 1).await;
-        let (_c, _rc) = h.submit(3.0, 1).await;
-        // Both are idle now: the replacement (0) first, then 1.
-        let mut got = h.dispatched().await;
-        got.sort_by_key(|x| x.0);
-        assert_eq!(got, vec![(0, vec![(2.0, 0, 1)]), (1, vec![(3.0, 0, 1)])]);
-        let text = String::from_utf8(h.metrics.render()).unwrap();
-        assert!(text.contains("tokitai_worker_restarts_total{worker=\"0\"} 1"), "{text}");
-    });
+    let mut h = Harness::start(2);
+    let (_a, _ra) = h.submit(1.0, 1);
+    assert_eq!(h.dispatched(), vec![(0, vec![(1.0, 0, 1)])]);
+    // Worker 0 ends with its batch in hand; a replacement takes its place
+    // (the fakes report themselves as their id, so it shows up as 0).
+    h.batcher.worker_exited().send(WorkerExited { worker: 0 });
+    let (_b, _rb) = h.submit(2.0, 1);
+    let (_c, _rc) = h.submit(3.0, 1);
+    // Both are idle now: the replacement (0) first, then 1.
+    let mut got = h.dispatched();
+    got.sort_by_key(|x| x.0);
+    assert_eq!(got, vec![(0, vec![(2.0, 0, 1)]), (1, vec![(3.0, 0, 1)])]);
+    let text = String::from_utf8(h.metrics.render()).unwrap();
+    assert!(text.contains("tokitai_worker_restarts_total{worker=\"0\"} 1"), "{text}");
 }
 
 #[test]
 fn a_worker_reporting_done_takes_the_next_batch_on_its_own_thread_and_a_submit_dispatches_on_its() {
-    System::new().block_on(async {
-        let h = Harness::start(1);
-        let (_a, _ra) = h.submit(1.0, 1).await;
-        let (_, _, submitter) = h.batches.try_recv().expect("dispatched at once");
-        assert_eq!(
-            submitter,
-            std::thread::current().id(),
-            "the submitting thread dispatched it"
-        );
-        let (_b, _rb) = h.submit(2.0, 1).await;
-        assert!(h.batches.try_recv().is_err(), "the only worker is busy");
-        // The worker reports from its own thread: the next batch is handed
-        // over right there, not by another thread woken for it.
-        let report = h.batcher.batch_done();
-        let worker_thread = std::thread::spawn(move || {
-            report.send(done(0, 1));
-            std::thread::current().id()
-        })
-        .join()
-        .unwrap();
-        let (worker, batch, handed_over_on) = h.batches.try_recv().expect("the next batch");
-        assert_eq!((worker, slices(&batch)), (0, vec![(2.0, 0, 1)]));
-        assert_eq!(handed_over_on, worker_thread);
-    });
+    let h = Harness::start(1);
+    let (_a, _ra) = h.submit(1.0, 1);
+    let (_, _, submitter) = h.batches.try_recv().expect("dispatched at once");
+    assert_eq!(
+        submitter,
+        std::thread::current().id(),
+        "the submitting thread dispatched it"
+    );
+    let (_b, _rb) = h.submit(2.0, 1);
+    assert!(h.batches.try_recv().is_err(), "the only worker is busy");
+    // The worker reports from its own thread: the next batch is handed
+    // over right there, not by another thread woken for it.
+    let report = h.batcher.batch_done();
+    let worker_thread = std::thread::spawn(move || {
+        report.send(done(0, 1));
+        std::thread::current().id()
+    })
+    .join()
+    .unwrap();
+    let (worker, batch, handed_over_on) = h.batches.try_recv().expect("the next batch");
+    assert_eq!((worker, slices(&batch)), (0, vec![(2.0, 0, 1)]));
+    assert_eq!(handed_over_on, worker_thread);
 }
 
 #[test]
 fn only_a_request_left_queued_arms_the_expiry_timer() {
-    System::new().block_on(async {
-        let h = Harness::start(1);
-        let (_a, _ra) = h.submit(1.0, 1).await;
-        assert_eq!(h.batcher.armed_timers(), (None, None), "dispatched at once: no timer");
-        let (b, _rb) = h.submit(2.0, 1).await;
-        assert_eq!(
-            h.batcher.armed_timers(),
-            (None, Some(b.deadline)),
-            "left queued: its deadline"
-        );
-        let (_c, _rc) = h.submit(3.0, 1).await;
-        assert_eq!(
-            h.batcher.armed_timers(),
-            (None, Some(b.deadline)),
-            "a later deadline re-arms nothing"
-        );
+    let h = Harness::start(1);
+    let (_a, _ra) = h.submit(1.0, 1);
+    assert_eq!(h.batcher.armed_timers(), (None, None), "dispatched at once: no timer");
+    let (b, _rb) = h.submit(2.0, 1);
+    assert_eq!(
+        h.batcher.armed_timers(),
+        (None, Some(b.deadline)),
+        "left queued: its deadline"
+    );
+    let (_c, _rc) = h.submit(3.0, 1);
+    assert_eq!(
+        h.batcher.armed_timers(),
+        (None, Some(b.deadline)),
+        "a later deadline re-arms nothing"
+    );
+}
+
+/// Far longer than any timer here is set for: only a broken timer waits it out.
+const HANG: Duration = Duration::from_secs(30);
+
+/// The reply on `reply`, waited for at most [`HANG`].
+fn reply_or_hang(reply: oneshot::Receiver<JobReply>) -> JobReply {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(reply.blocking_recv());
     });
+    rx.recv_timeout(HANG).expect("an answer").expect("the job answered")
+}
+
+#[test]
+fn a_request_left_queued_past_its_deadline_is_failed_by_the_expiry_timer() {
+    let mut h = Harness::start(1);
+    // The only worker takes this one and never reports: nothing but the
+    // expiry timer can answer the next.
+    let (_a, _ra) = h.submit(1.0, 1);
+    let (b, rb) = h.submit_with_timeout(2.0, 1, Duration::from_millis(20));
+    let answer = reply_or_hang(rb);
+    assert!(Instant::now() >= b.deadline, "failed before its deadline");
+    assert!(matches!(answer, Err(ServeError::DeadlineExceeded { .. })), "{answer:?}");
+    // It was queued, not computed.
+    assert_eq!(h.dispatched().len(), 1);
+    assert_eq!(h.batcher.armed_timers(), (None, None), "nothing left to expire");
+}
+
+#[test]
+fn a_partial_batch_held_for_the_queue_delay_goes_when_the_delay_timer_fires() {
+    // Long enough that the submission cannot outlast it, however the test
+    // thread is scheduled.
+    let delay = Duration::from_millis(100);
+    let h = Harness::with_delay(1, delay);
+    // One row of a four-row batch, with the worker idle: held for the delay.
+    let (a, _ra) = h.submit(1.0, 1);
+    let (worker, batch, handed_over_on) = h.batches.recv_timeout(HANG).expect("released by the delay timer");
+    assert!(Instant::now() >= a.submitted_at + delay, "released before the delay");
+    assert_eq!((worker, slices(&batch)), (0, vec![(1.0, 0, 1)]));
+    assert_ne!(
+        handed_over_on,
+        std::thread::current().id(),
+        "the submission held it; the timer thread dispatched it"
+    );
 }

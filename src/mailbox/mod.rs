@@ -24,8 +24,17 @@
 //!   inbox (the workers: compute must not run on the async HTTP threads).
 //! - [`Sender`]: where to send messages of one type, whatever runs the
 //!   receiver, so each actor can be tested alone against fakes.
+//! - [`Timer`] and [`Alarm`] ([`timer`]): a message sent at an instant, for
+//!   an actor with no thread of its own to sleep on (the batcher's queue
+//!   delay and request expiry), from one timer thread for the process.
+//!   With these the engine's actors need no runtime: a model version starts
+//!   from any thread.
 //!
 //! Must not touch: what the actors do (batching policy, compute).
+
+pub mod timer;
+
+pub use timer::{Alarm, Timer};
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
