@@ -140,6 +140,19 @@ impl InferInput {
         InferInput::new(read.values, limits)
     }
 
+    /// `Err` unless this input, validated for one version's limits, fits
+    /// `limits` too (the version that computes it: a model unloaded and
+    /// loaded again may have changed shape in between).
+    pub fn fits(&self, limits: &InputLimits) -> Result<(), RequestError> {
+        if self.row_len != limits.row_len {
+            return Err(RequestError::Invalid(format!(
+                "rows have {} values, the model's input has {}",
+                self.row_len, limits.row_len
+            )));
+        }
+        limits.check_rows(self.n_rows)
+    }
+
     pub fn n_rows(&self) -> usize {
         self.n_rows
     }
@@ -256,5 +269,16 @@ mod tests {
         );
         let ok = InferInput::from_rows(read(vec![1.0; 6], 2, None), &LIMITS).unwrap();
         assert_eq!(ok.n_rows(), 2);
+        assert_eq!(ok.fits(&LIMITS), Ok(()));
+        let narrower = InputLimits {
+            row_len: 2,
+            max_rows: 3,
+        };
+        assert!(matches!(ok.fits(&narrower), Err(RequestError::Invalid(m)) if m.contains("has 2")));
+        let fewer = InputLimits {
+            row_len: 3,
+            max_rows: 1,
+        };
+        assert_eq!(ok.fits(&fewer), Err(RequestError::TooManyRows { rows: 2, limit: 1 }));
     }
 }

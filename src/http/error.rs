@@ -93,26 +93,6 @@ impl HttpError {
         )
     }
 
-    /// The status of a transport refusal, the same on every route but for
-    /// a body over the limit (413 here, 400 on `/v2` as Triton answers);
-    /// `None` for an engine outcome, whose status is its kind's.
-    fn transport_status(&self) -> Option<StatusCode> {
-        Some(match self {
-            HttpError::Engine(_) => return None,
-            HttpError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            HttpError::BadRequest(_) | HttpError::AmbiguousLength | HttpError::BodyIncomplete { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            HttpError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            HttpError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            HttpError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            HttpError::NotFound(_) => StatusCode::NOT_FOUND,
-            HttpError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            // Not Triton's (it has no such rule), but what the refusal is.
-            HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
-        })
-    }
-
     /// `Retry-After` on an engine outcome worth retrying, or
     /// `Connection: close` on a refusal that leaves a body unread.
     fn headers(&self, response: &mut HttpResponseBuilder, retry_unready: bool) {
@@ -167,11 +147,23 @@ pub fn v2_status(kind: ErrorKind) -> StatusCode {
 }
 
 impl ResponseError for HttpError {
+    /// An engine outcome's status is its kind's; a transport refusal's is
+    /// the same on every route but for a body over the limit (413 here, 400
+    /// on `/v2`, see [`V2Error`]).
     fn status_code(&self) -> StatusCode {
-        match (self, self.transport_status()) {
-            (HttpError::Engine(e), _) => sidecar_status(e.kind(), e.reason()),
-            (_, Some(status)) => status,
-            (_, None) => StatusCode::INTERNAL_SERVER_ERROR,
+        match self {
+            HttpError::Engine(e) => sidecar_status(e.kind(), e.reason()),
+            HttpError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::BadRequest(_) | HttpError::AmbiguousLength | HttpError::BodyIncomplete { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            HttpError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HttpError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            HttpError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HttpError::NotFound(_) => StatusCode::NOT_FOUND,
+            HttpError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            // Not Triton's (it has no such rule), but what the refusal is.
+            HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
