@@ -178,8 +178,9 @@ impl ResponseError for HttpError {
 }
 
 /// An engine error answered on `/infer` or a plain route: as
-/// [`HttpError::Engine`] (kept so callers holding an [`EngineError`] can
-/// answer it directly; the mapping is [`HttpError`]'s).
+/// [`HttpError::Engine`] (the mapping is [`HttpError`]'s). Kept for
+/// `tests/fuzz_parsers.rs`, which asks an `EngineError` for its status;
+/// remove once it asks `HttpError::from(error)`.
 impl ResponseError for EngineError {
     fn status_code(&self) -> StatusCode {
         HttpError::Engine(self.clone()).status_code()

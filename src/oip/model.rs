@@ -158,3 +158,23 @@ pub fn statistics(engine: &Engine, version: &ServedVersion) -> ModelStatistics {
         counts,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_is_empty_a_number_or_names_nothing() {
+        assert_eq!(target("m", None).unwrap(), ModelTarget::named("m", None));
+        assert_eq!(target("m", Some("")).unwrap(), ModelTarget::named("m", None));
+        assert_eq!(target("m", Some("7")).unwrap(), ModelTarget::named("m", Some(7)));
+        let err = target("m", Some("latest")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Request for unknown model: 'm' version latest is not found"
+        );
+        // A long name or version is clipped in the message.
+        let long = "v".repeat(1000);
+        assert!(target("m", Some(&long)).unwrap_err().to_string().len() < 300);
+    }
+}
