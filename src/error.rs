@@ -1,11 +1,15 @@
 //! The engine's typed errors.
 //!
-//! Owns: [`ServeError`], everything that can go wrong with one request, and
-//! its [`FailureReason`] (the JSON body's `type` and the failure metric's
-//! `reason`); [`StartError`], why the server could not start. The mapping to
-//! a protocol's status lives in exactly one place per protocol
-//! (`http/error.rs`). Model-loading errors are [`ModelError`]; configuration
-//! errors are [`crate::config::ConfigError`].
+//! Owns: [`EngineError`], every outcome of a request the engine decides
+//! (the client's input, a full queue, a deadline, an unknown model, a
+//! backend failure), with its Triton-like [`ErrorKind`] (the one fact each
+//! protocol maps to its status, in one place per protocol: `http/error.rs`,
+//! `grpc/status.rs`) and its [`FailureReason`] (the JSON body's `type` and
+//! the failure metric's `reason`); [`StartError`], why the server could not
+//! start. Model-loading errors are [`ModelError`]; configuration errors are
+//! [`crate::config::ConfigError`]. Must not touch: transport concerns (HTTP
+//! framing, routes, media types: `http/error.rs` has its own error type
+//! wrapping this one; gRPC's is `grpc/status.rs`), status codes.
 
 use crate::backend::BackendError;
 use crate::labels::FailureReason;
@@ -13,27 +17,32 @@ use crate::labels::FailureReason;
 pub use crate::input::RequestError;
 pub use crate::model::error::ModelError;
 
-/// Why a request did not get an answer.
+/// What kind of failure an error is, in Triton's terms (its
+/// `TRITONSERVER_Error_Code`, plus the two gRPC codes Triton's frontends
+/// use for a full queue and a passed deadline). Each protocol maps a kind to
+/// its status in exactly one function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The client's request is wrong; retrying it unchanged fails again.
+    InvalidArgument,
+    /// The model, version or route asked for does not exist.
+    NotFound,
+    /// The server or the model cannot take it now; retry later.
+    Unavailable,
+    /// The queue is full; retry after the time the error gives.
+    ResourceExhausted,
+    /// The request's deadline passed before it was computed.
+    DeadlineExceeded,
+    /// The server failed; not the client's fault.
+    Internal,
+}
+
+/// Why a request did not get an answer: an engine outcome, whichever
+/// protocol carried the request.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ServeError {
+pub enum EngineError {
     #[error("{0}")]
     Request(#[from] RequestError),
-    #[error("request body is larger than the limit of {limit} bytes")]
-    BodyTooLarge { limit: usize },
-    #[error("the request body did not arrive within {timeout_ms} ms")]
-    BodyTimeout { timeout_ms: u64 },
-    #[error("the request's headers are larger than the limit of {limit} bytes")]
-    HeadersTooLarge { limit: usize },
-    #[error("the request has both Content-Length and Transfer-Encoding: its body length is ambiguous")]
-    AmbiguousLength,
-    #[error("the request body ended after {received} of its declared {declared} bytes")]
-    BodyIncomplete { declared: usize, received: usize },
-    #[error(
-        "unsupported content type {found:?}: send `Content-Type: application/json` (or, on /v2, `application/octet-stream` for binary tensors)"
-    )]
-    UnsupportedMediaType { found: String },
-    #[error("{0}")]
-    BadRequest(String),
     #[error("queue is full ({queued_rows} rows queued, limit {limit}); retry after {retry_after_secs} s")]
     Overloaded {
         queued_rows: usize,
@@ -51,8 +60,6 @@ pub enum ServeError {
     NotReady(&'static str),
     #[error("deadline of {timeout_ms} ms passed before the request was computed")]
     DeadlineExceeded { timeout_ms: u64 },
-    #[error("no route for {0}")]
-    NotFound(String),
     /// The model (or that version of it) is not in the repository.
     #[error("Request for unknown model: '{model}'{} is not found", version_text(*version))]
     UnknownModel { model: String, version: Option<u64> },
@@ -60,39 +67,41 @@ pub enum ServeError {
     /// load failed), or the version asked for is not the one served.
     #[error("model '{model}' is not ready: {reason}")]
     ModelNotReady { model: String, reason: String },
-    #[error("method {method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
     #[error("internal error: forward failed: {0}")]
     Backend(BackendError),
     #[error("internal error: {0}")]
     Internal(String),
-    /// A request a web page made, or a DNS-rebinding `Host` (`http/browser.rs`).
-    #[error("forbidden: {0}")]
-    Forbidden(String),
 }
 
-impl ServeError {
+/// The engine's error under its name before issue 22; the lead renames the
+/// remaining uses (batcher, worker, engine, repository, readiness) at the
+/// merge and removes this alias.
+pub type ServeError = EngineError;
+
+impl EngineError {
+    /// What kind of failure this is; each protocol's status comes from it.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::Request(_) => ErrorKind::InvalidArgument,
+            EngineError::Overloaded { .. } => ErrorKind::ResourceExhausted,
+            EngineError::AnswersHeld { .. } | EngineError::NotReady(_) | EngineError::ModelNotReady { .. } => {
+                ErrorKind::Unavailable
+            }
+            EngineError::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+            EngineError::UnknownModel { .. } => ErrorKind::NotFound,
+            EngineError::Backend(_) | EngineError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
     /// Why the request failed, as a fixed label.
     pub fn reason(&self) -> FailureReason {
         match self {
-            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => {
-                FailureReason::TooLarge
-            }
-            ServeError::HeadersTooLarge { .. } => FailureReason::TooLarge,
-            ServeError::Request(_)
-            | ServeError::BadRequest(_)
-            | ServeError::AmbiguousLength
-            | ServeError::BodyIncomplete { .. } => FailureReason::Invalid,
-            ServeError::UnsupportedMediaType { .. } => FailureReason::UnsupportedMediaType,
-            ServeError::BodyTimeout { .. } => FailureReason::BodyTimeout,
-            ServeError::Overloaded { .. } | ServeError::AnswersHeld { .. } => FailureReason::Overloaded,
-            ServeError::NotReady(_) => FailureReason::NotReady,
-            ServeError::DeadlineExceeded { .. } => FailureReason::Timeout,
-            ServeError::NotFound(_) | ServeError::UnknownModel { .. } => FailureReason::NotFound,
-            ServeError::ModelNotReady { .. } => FailureReason::NotReady,
-            ServeError::MethodNotAllowed { .. } => FailureReason::MethodNotAllowed,
-            ServeError::Backend(_) | ServeError::Internal(_) => FailureReason::Internal,
-            ServeError::Forbidden(_) => FailureReason::Forbidden,
+            EngineError::Request(e) => e.reason(),
+            EngineError::Overloaded { .. } | EngineError::AnswersHeld { .. } => FailureReason::Overloaded,
+            EngineError::NotReady(_) | EngineError::ModelNotReady { .. } => FailureReason::NotReady,
+            EngineError::DeadlineExceeded { .. } => FailureReason::Timeout,
+            EngineError::UnknownModel { .. } => FailureReason::NotFound,
+            EngineError::Backend(_) | EngineError::Internal(_) => FailureReason::Internal,
         }
     }
 }
@@ -114,4 +123,43 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("model repository: {0}")]
     Repository(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_reasons_of_engine_outcomes() {
+        let too_many = EngineError::Request(RequestError::TooManyRows { rows: 9, limit: 8 });
+        assert_eq!(
+            (too_many.kind(), too_many.reason()),
+            (ErrorKind::InvalidArgument, FailureReason::TooLarge)
+        );
+        let full = EngineError::Overloaded {
+            queued_rows: 1,
+            limit: 1,
+            retry_after_secs: 1,
+        };
+        assert_eq!(
+            (full.kind(), full.reason()),
+            (ErrorKind::ResourceExhausted, FailureReason::Overloaded)
+        );
+        assert_eq!(EngineError::NotReady("draining").kind(), ErrorKind::Unavailable);
+        let late = EngineError::DeadlineExceeded { timeout_ms: 1 };
+        assert_eq!(
+            (late.kind(), late.reason()),
+            (ErrorKind::DeadlineExceeded, FailureReason::Timeout)
+        );
+        let unknown = EngineError::UnknownModel {
+            model: "m".into(),
+            version: Some(3),
+        };
+        assert_eq!(unknown.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            unknown.to_string(),
+            "Request for unknown model: 'm' version 3 is not found"
+        );
+        assert_eq!(EngineError::Internal("x".into()).kind(), ErrorKind::Internal);
+    }
 }

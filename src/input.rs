@@ -1,13 +1,20 @@
-//! The one validated input the engine accepts, whatever protocol it came in.
+//! The one validated input the engine accepts, whatever protocol it came in,
+//! and the one place its rules are checked.
 //!
 //! Owns: [`InferInput`] (row-major f32 rows, fields private, built only by
-//! [`InferInput::new`], which checks the row length, the row limit and that
-//! every value is finite), its limits ([`InputLimits`]), and
-//! [`RequestError`], the ways a client's input can be wrong. Protocol
-//! parsers (`sidecar_json.rs`, `http/v2/`) may reject earlier and with more
-//! precise messages, but nothing reaches the engine without passing through
-//! here, so the batcher and the workers never have to trust a length. Must
-//! not touch: wire formats, HTTP status codes (see `http/error.rs`).
+//! [`InferInput::new`] or, for a parser that reads rows one by one,
+//! [`InferInput::from_rows`]), which check the rules every input obeys: at
+//! least one row, every row `row_len` values long, at most
+//! `batching.max_request_rows` rows ([`InputLimits::check_rows`], also what
+//! a row count declared before the values, an Open Inference Protocol
+//! shape, is held to), every value finite. Also its limits
+//! ([`InputLimits`]) and [`RequestError`], the ways a client's input can be
+//! wrong. Protocol parsers (`sidecar_json.rs`, `http/v2/request.rs`,
+//! `grpc/request.rs`, `oip/`) only cap their memory (never storing more
+//! values than the limits allow, never allocating by a number the client
+//! sent) and build values; the verdict is given here, so the batcher and
+//! the workers never have to trust a length. Must not touch: wire formats,
+//! status codes (see `http/error.rs`, `grpc/status.rs`).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -21,6 +28,21 @@ pub enum RequestError {
     Invalid(String),
     #[error("request has {rows} rows, more than the limit of {limit}")]
     TooManyRows { rows: usize, limit: usize },
+    /// The request breaks its protocol's rules (an Open Inference Protocol
+    /// tensor that is not the model's, a header that does not parse); the
+    /// text is the whole message.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl RequestError {
+    /// Why the request failed, as the failure metric's label.
+    pub fn reason(&self) -> crate::labels::FailureReason {
+        match self {
+            RequestError::TooManyRows { .. } => crate::labels::FailureReason::TooLarge,
+            _ => crate::labels::FailureReason::Invalid,
+        }
+    }
 }
 
 /// What a valid input looks like: rows of `row_len` values, at most
@@ -54,6 +76,25 @@ pub struct InferInput {
     row_len: usize,
 }
 
+/// What a parser that reads rows one by one saw, before any rule is
+/// applied: the values it stored (at most `row_len` per row and
+/// `max_rows` rows: its memory cap), how many rows the client sent (counted
+/// past the cap without storing them), and the first row whose length was
+/// not `row_len`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowsRead {
+    pub values: Vec<f32>,
+    pub rows: usize,
+    pub ragged: Option<RaggedRow>,
+}
+
+/// A row of the wrong length: its index and how many values it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaggedRow {
+    pub row: usize,
+    pub len: usize,
+}
+
 impl InferInput {
     /// Validates `values` as whole rows under `limits`: at least one row, at
     /// most `limits.max_rows`, every value finite.
@@ -72,9 +113,10 @@ impl InferInput {
         limits.check_rows(n_rows)?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(RequestError::Invalid(format!(
-                "row {}, feature {}: the value is not finite (NaN or infinity)",
+                "row {}, feature {}: {} is not finite as f32 (NaN or infinity)",
                 i / row_len,
-                i % row_len
+                i % row_len,
+                values[i]
             )));
         }
         Ok(InferInput {
@@ -82,6 +124,33 @@ impl InferInput {
             n_rows,
             row_len,
         })
+    }
+
+    /// Validates rows a parser read one by one: a row of the wrong length
+    /// is refused naming it, then the row count (all the rows sent, stored
+    /// or not) against the limit, then the values as [`InferInput::new`].
+    pub fn from_rows(read: RowsRead, limits: &InputLimits) -> Result<InferInput, RequestError> {
+        if let Some(RaggedRow { row, len }) = read.ragged {
+            return Err(RequestError::Invalid(format!(
+                "row {row} has {len} features, expected {}",
+                limits.row_len
+            )));
+        }
+        limits.check_rows(read.rows)?;
+        InferInput::new(read.values, limits)
+    }
+
+    /// `Err` unless this input, validated for one version's limits, fits
+    /// `limits` too (the version that computes it: a model unloaded and
+    /// loaded again may have changed shape in between).
+    pub fn fits(&self, limits: &InputLimits) -> Result<(), RequestError> {
+        if self.row_len != limits.row_len {
+            return Err(RequestError::Invalid(format!(
+                "rows have {} values, the model's input has {}",
+                self.row_len, limits.row_len
+            )));
+        }
+        limits.check_rows(self.n_rows)
     }
 
     pub fn n_rows(&self) -> usize {
@@ -182,6 +251,34 @@ mod tests {
         let mut v = vec![1.0; 6];
         v[4] = f32::NAN;
         assert!(matches!(err(v), RequestError::Invalid(m) if m.contains("row 1, feature 1")));
-        assert!(matches!(err(vec![1.0, f32::INFINITY, 0.0]), RequestError::Invalid(_)));
+        assert!(matches!(err(vec![1.0, f32::INFINITY, 0.0]), RequestError::Invalid(m) if m.contains("not finite")));
+    }
+
+    #[test]
+    fn rows_read_are_held_to_the_same_rules_ragged_first() {
+        let read = |values: Vec<f32>, rows, ragged| RowsRead { values, rows, ragged };
+        let ragged = Some(RaggedRow { row: 1, len: 2 });
+        assert_eq!(
+            InferInput::from_rows(read(vec![1.0; 5], 9, ragged), &LIMITS).unwrap_err(),
+            RequestError::Invalid("row 1 has 2 features, expected 3".into())
+        );
+        // Rows counted past the stored ones still count.
+        assert_eq!(
+            InferInput::from_rows(read(vec![1.0; 6], 9, None), &LIMITS).unwrap_err(),
+            RequestError::TooManyRows { rows: 9, limit: 2 }
+        );
+        let ok = InferInput::from_rows(read(vec![1.0; 6], 2, None), &LIMITS).unwrap();
+        assert_eq!(ok.n_rows(), 2);
+        assert_eq!(ok.fits(&LIMITS), Ok(()));
+        let narrower = InputLimits {
+            row_len: 2,
+            max_rows: 3,
+        };
+        assert!(matches!(ok.fits(&narrower), Err(RequestError::Invalid(m)) if m.contains("has 2")));
+        let fewer = InputLimits {
+            row_len: 3,
+            max_rows: 1,
+        };
+        assert_eq!(ok.fits(&fewer), Err(RequestError::TooManyRows { rows: 2, limit: 1 }));
     }
 }

@@ -1,19 +1,23 @@
 //! The old sidecar's `/infer` JSON wire format: request parsing and response
 //! writing.
 //!
-//! Owns: turning a request body into an [`InferInput`], and writing outputs
-//! back as the sidecar did (`null` for NaN, `1e99` / `-1e99` for
+//! Owns: turning a request body into the rows it holds ([`RowsRead`]) and
+//! handing them to [`InferInput::from_rows`], the one validator (row
+//! length, row limit, finiteness are checked there, not here); writing
+//! outputs back as the sidecar did (`null` for NaN, `1e99` / `-1e99` for
 //! infinities). Shared by `POST /infer` and `tokitai-serve infer`, so both
 //! accept and answer exactly the same bytes. Must not touch: queueing,
-//! compute, HTTP status codes (errors here are [`RequestError`] values; the
-//! HTTP layer maps them in one place).
+//! compute, the input rules (`input.rs`), HTTP status codes (errors here
+//! are [`RequestError`] values; the HTTP layer maps them in one place).
 //!
 //! The request is parsed with a streaming serde visitor rather than through a
-//! `serde_json::Value`: it writes numbers straight into the flat buffer, stops
-//! at the first bad row, and can say exactly which row and feature is wrong.
-//! The visitors record that typed error in an `ErrorSlot` and hand serde
-//! only a placeholder to unwind with, so no error is ever parsed back out of
-//! a message.
+//! `serde_json::Value`: it writes numbers straight into the flat buffer and
+//! caps its memory: it stores at most `row_len` values per row and
+//! `max_rows` rows, counting the rest without storing them, and after a row
+//! of the wrong length it stores nothing more. What is not JSON or not a
+//! number builds no value: the visitors record that typed error (naming the
+//! row and feature) in an `ErrorSlot` and hand serde only a placeholder to
+//! unwind with, so no error is ever parsed back out of a message.
 
 use std::fmt;
 
@@ -22,7 +26,7 @@ use serde::ser::{SerializeSeq, SerializeStruct};
 use serde::{Deserializer, Serialize, Serializer};
 
 pub use crate::input::RequestError;
-use crate::input::{ErrorSlot, InferInput, InputLimits, clip};
+use crate::input::{ErrorSlot, InferInput, InputLimits, RaggedRow, RowsRead, clip};
 
 /// A parsed `/infer` request.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,8 +41,7 @@ pub struct SidecarRequest {
 /// Parses an `/infer` body: `{"features": [row]}` or `{"features": [[row], ...]}`.
 ///
 /// `limits.row_len` comes from the model's arch; `limits.max_rows` bounds
-/// the batch before its rows are stored (a request over it is rejected
-/// without buffering it).
+/// the rows stored (a request over it is rejected without buffering it).
 pub fn parse_infer_request(body: &[u8], limits: &InputLimits) -> Result<SidecarRequest, RequestError> {
     let slot = ErrorSlot::<RequestError>::default();
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -47,9 +50,9 @@ pub fn parse_infer_request(body: &[u8], limits: &InputLimits) -> Result<SidecarR
         slot: &slot,
     };
     let parsed = seed.deserialize(&mut de).and_then(|f| de.end().map(|()| f));
-    let (values, single_row) = parsed.map_err(|e| slot.take().unwrap_or_else(|| json_error(e)))?;
+    let (rows, single_row) = parsed.map_err(|e| slot.take().unwrap_or_else(|| json_error(e)))?;
     Ok(SidecarRequest {
-        input: InferInput::new(values, limits)?,
+        input: InferInput::from_rows(rows, limits)?,
         single_row,
     })
 }
@@ -63,8 +66,8 @@ fn json_error(e: serde_json::Error) -> RequestError {
     }
 }
 
-/// Rows as parsed: the flat values and whether the body used the one-row form.
-type Parsed = (Vec<f32>, bool);
+/// Rows as parsed, and whether the body used the one-row form.
+type Parsed = (RowsRead, bool);
 
 struct RequestSeed<'s> {
     limits: InputLimits,
@@ -118,8 +121,9 @@ impl<'de> DeserializeSeed<'de> for FeaturesSeed<'_> {
 }
 
 impl FeaturesSeed<'_> {
-    /// The rest of a flat single row whose first number is already stored.
-    fn flat_row<'de, A: SeqAccess<'de>>(&self, mut seq: A, values: &mut Vec<f32>) -> Result<(), A::Error> {
+    /// The rest of a flat single row whose first number is already stored;
+    /// its length.
+    fn flat_row<'de, A: SeqAccess<'de>>(&self, mut seq: A, values: &mut Vec<f32>) -> Result<usize, A::Error> {
         let row_len = self.limits.row_len;
         let mut index = 1;
         while seq
@@ -141,33 +145,30 @@ impl FeaturesSeed<'_> {
                 break;
             }
         }
-        check_len(self.slot, 0, index, row_len)
+        Ok(index)
     }
 
-    /// The rest of a batch whose first row is already stored.
-    fn batch_rows<'de, A: SeqAccess<'de>>(&self, mut seq: A, values: &mut Vec<f32>) -> Result<(), A::Error> {
-        let max_rows = self.limits.max_rows;
-        let mut n_rows = 1;
+    /// The rest of a batch whose first row is already in `read`. Past
+    /// `max_rows` rows, or after a row of the wrong length, the rest are
+    /// only counted (the memory cap); the verdict is the validator's.
+    fn batch_rows<'de, A: SeqAccess<'de>>(&self, mut seq: A, read: &mut RowsRead) -> Result<(), A::Error> {
         loop {
-            if n_rows >= max_rows {
-                // One more row would exceed the limit: count the rest
-                // without storing them, then reject as too large.
-                let mut total = n_rows;
+            if read.rows >= self.limits.max_rows || read.ragged.is_some() {
                 while seq.next_element::<IgnoredAny>()?.is_some() {
-                    total += 1;
+                    read.rows += 1;
                 }
-                return self.limits.check_rows(total).map_err(|e| self.slot.reject(e));
+                return Ok(());
             }
             let seed = RowSeed {
-                values: &mut *values,
-                row: n_rows,
+                values: &mut read.values,
+                row: read.rows,
                 row_len: self.limits.row_len,
                 slot: self.slot,
             };
-            if seq.next_element_seed(seed)?.is_none() {
+            let Some(len) = seq.next_element_seed(seed)? else {
                 return Ok(());
-            }
-            n_rows += 1;
+            };
+            read.note_row(len, self.limits.row_len);
         }
     }
 
@@ -189,23 +190,29 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Parsed, A::Error> {
-        let mut values: Vec<f32> = Vec::with_capacity(self.limits.row_len);
+        let row_len = self.limits.row_len;
+        let mut read = RowsRead {
+            values: Vec::with_capacity(row_len),
+            ..RowsRead::default()
+        };
         // The first element decides the form: a number means one flat row,
         // an array means a batch of rows.
         let first = seq.next_element_seed(FirstElement {
-            values: &mut values,
-            row_len: self.limits.row_len,
+            values: &mut read.values,
+            row_len,
             slot: self.slot,
         })?;
         match first {
             None => Err(self.slot.invalid("`features` is empty: expected at least one row")),
             Some(First::Number) => {
-                self.flat_row(seq, &mut values)?;
-                Ok((values, true))
+                let len = self.flat_row(seq, &mut read.values)?;
+                read.note_row(len, row_len);
+                Ok((read, true))
             }
-            Some(First::Row) => {
-                self.batch_rows(seq, &mut values)?;
-                Ok((values, false))
+            Some(First::Row(len)) => {
+                read.note_row(len, row_len);
+                self.batch_rows(seq, &mut read)?;
+                Ok((read, false))
             }
         }
     }
@@ -233,29 +240,26 @@ impl<'de> Visitor<'de> for FeaturesSeed<'_> {
     }
 }
 
-fn check_len<E: de::Error>(slot: &ErrorSlot<RequestError>, row: usize, len: usize, row_len: usize) -> Result<(), E> {
-    if len == row_len {
-        Ok(())
-    } else {
-        Err(slot.invalid(format_args!("row {row} has {len} features, expected {row_len}")))
-    }
+/// Counting rows as they are read.
+trait NoteRow {
+    /// Counts one more row of `len` values; the first of a length other
+    /// than `row_len` is remembered.
+    fn note_row(&mut self, len: usize, row_len: usize);
 }
 
-/// Converts a JSON number to f32, rejecting values that are not finite as f32.
-fn to_f32<E: de::Error>(slot: &ErrorSlot<RequestError>, v: f64, row: usize, index: usize) -> Result<f32, E> {
-    let x = v as f32;
-    if x.is_finite() {
-        Ok(x)
-    } else {
-        Err(slot.invalid(format_args!(
-            "row {row}, feature {index}: {v} is not a finite f32 value"
-        )))
+impl NoteRow for RowsRead {
+    fn note_row(&mut self, len: usize, row_len: usize) {
+        if len != row_len && self.ragged.is_none() {
+            self.ragged = Some(RaggedRow { row: self.rows, len });
+        }
+        self.rows += 1;
     }
 }
 
 enum First {
     Number,
-    Row,
+    /// A row, and its length.
+    Row(usize),
 }
 
 /// The first element of `features`: a number (flat row) or an array (batch).
@@ -278,7 +282,8 @@ impl<'de> Visitor<'de> for FirstElement<'_> {
         f.write_str("a number or an array of numbers")
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<First, E> {
-        self.values.push(to_f32(self.slot, v, 0, 0)?);
+        // Finiteness as f32 is the validator's rule (`InferInput::new`).
+        self.values.push(v as f32);
         Ok(First::Number)
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<First, E> {
@@ -288,14 +293,14 @@ impl<'de> Visitor<'de> for FirstElement<'_> {
         self.visit_f64(v as f64)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<First, A::Error> {
-        RowSeed {
+        let len = RowSeed {
             values: self.values,
             row: 0,
             row_len: self.row_len,
             slot: self.slot,
         }
         .visit_seq(seq)?;
-        Ok(First::Row)
+        Ok(First::Row(len))
     }
     fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<First, A::Error> {
         Err(self.slot.invalid("row 0 must be an array of numbers, not an object"))
@@ -311,7 +316,7 @@ impl<'de> Visitor<'de> for FirstElement<'_> {
     }
 }
 
-/// One row of a batch: exactly `row_len` numbers.
+/// One row of a batch: its numbers (at most `row_len` stored) and its length.
 struct RowSeed<'a> {
     values: &'a mut Vec<f32>,
     row: usize,
@@ -320,19 +325,18 @@ struct RowSeed<'a> {
 }
 
 impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for RowSeed<'_> {
-    type Value = ();
+    type Value = usize;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "row {} as an array of {} numbers", self.row, self.row_len)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let start = self.values.len();
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
         let mut index = 0;
         while index < self.row_len {
             let seed = Number {
@@ -352,29 +356,27 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
                 index += 1;
             }
         }
-        check_len(self.slot, self.row, index, self.row_len)?;
-        debug_assert_eq!(self.values.len() - start, self.row_len);
-        Ok(())
+        Ok(index)
     }
-    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<(), E> {
+    fn visit_f64<E: de::Error>(self, _v: f64) -> Result<usize, E> {
         Err(self.not_a_row("a number"))
     }
-    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<(), E> {
+    fn visit_i64<E: de::Error>(self, _v: i64) -> Result<usize, E> {
         Err(self.not_a_row("a number"))
     }
-    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<(), E> {
+    fn visit_u64<E: de::Error>(self, _v: u64) -> Result<usize, E> {
         Err(self.not_a_row("a number"))
     }
-    fn visit_str<E: de::Error>(self, _v: &str) -> Result<(), E> {
+    fn visit_str<E: de::Error>(self, _v: &str) -> Result<usize, E> {
         Err(self.not_a_row("a string"))
     }
-    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<(), E> {
+    fn visit_bool<E: de::Error>(self, _v: bool) -> Result<usize, E> {
         Err(self.not_a_row("a boolean"))
     }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+    fn visit_unit<E: de::Error>(self) -> Result<usize, E> {
         Err(self.not_a_row("null"))
     }
-    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, _map: A) -> Result<usize, A::Error> {
         Err(self.not_a_row("an object"))
     }
 }
@@ -411,7 +413,8 @@ impl<'de> Visitor<'de> for Number<'_> {
         write!(f, "a number at row {}, feature {}", self.row, self.index)
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-        self.values.push(to_f32(self.slot, v, self.row, self.index)?);
+        // Finiteness as f32 is the validator's rule (`InferInput::new`).
+        self.values.push(v as f32);
         Ok(())
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
@@ -575,7 +578,10 @@ mod tests {
                 r#"{"features": [[1, 2, 3, null]]}"#,
                 "row 0, feature 3 is not a number (null)",
             ),
-            (r#"{"features": [1, 2, 3, 1e39]}"#, "not a finite f32"),
+            (
+                r#"{"features": [1, 2, 3, 1e39]}"#,
+                "row 0, feature 3: inf is not finite",
+            ),
             (r#"{"features": []}"#, "empty"),
             (r#"{"features": {}}"#, "must be an array"),
             (r#"{"features": [[1,2,3,4], 5]}"#, "row 1 must be an array"),

@@ -12,7 +12,6 @@ use std::time::Duration;
 use tonic::metadata::MetadataMap;
 
 use super::status::GrpcError;
-use crate::error::ServeError;
 
 /// The header gRPC clients send their deadline in.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -28,9 +27,9 @@ pub fn call_timeout(metadata: &MetadataMap, default: Duration) -> Result<Duratio
     let parsed = value.to_str().ok().and_then(parse_grpc_timeout);
     match parsed {
         Some(t) => Ok(t.min(MAX_TIMEOUT)),
-        None => Err(GrpcError::Serve(ServeError::BadRequest(
+        None => Err(GrpcError::InvalidArgument(
             "grpc-timeout must be 1 to 8 digits followed by H, M, S, m, u or n".into(),
-        ))),
+        )),
     }
 }
 

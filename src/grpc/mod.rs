@@ -9,7 +9,7 @@
 //! place), the adapter through which every call reaches the engine
 //! (`model.rs`) and the server with its own runtime and limits
 //! (`server.rs`), and the bound on answers a client does not take
-//! (`held.rs`). The tensor rules are shared with HTTP v2 (`oip.rs`).
+//! (`held.rs`). The protocol itself (model resolution, tensor rules, metadata, config, statistics) is the core shared with HTTP v2 (`oip/`).
 //! Must not touch: batching, compute, the HTTP layer.
 
 pub mod deadline;

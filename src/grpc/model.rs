@@ -1,13 +1,14 @@
 //! The engine as the gRPC service sees it: the one adapter through which
 //! every call reaches [`Engine`].
 //!
-//! Owns: which model version a request names (`model_name` and
-//! `model_version`, resolved by the engine's registry: NOT_FOUND for an
-//! unknown one, UNAVAILABLE for one that serves nothing now), each version's
-//! metadata, configuration and statistics as Triton's messages, inference
-//! through [`Engine::infer`] (the one submit path), and the repository
-//! calls; nothing else in `grpc/` touches the engine. Must not touch: wire
-//! parsing (`request.rs`), status codes (`status.rs`).
+//! Owns: the call's model (`model_name` and `model_version`, resolved by
+//! the protocol core, `oip::target`, and the engine's registry: NOT_FOUND
+//! for an unknown one, UNAVAILABLE for one that serves nothing now), the
+//! protocol core's metadata, configuration and statistics rendered as
+//! Triton's messages, inference through [`Engine::infer`] (the one submit
+//! path), and the repository calls; nothing else in `grpc/` touches the
+//! engine. Must not touch: wire parsing (`request.rs`), status codes
+//! (`status.rs`), what metadata, config and statistics say (`oip/`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +21,10 @@ use super::response::{Answerer, infer_response};
 use super::status::GrpcError;
 use crate::engine::version::ServedVersion;
 use crate::engine::{Engine, InferOptions, ModelTarget};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::labels::GrpcMethod;
 use crate::metrics::Metrics;
-use crate::oip::{self, FP32, INPUT, OutputName, PLATFORM};
+use crate::oip::{self, TensorInfo};
 
 /// The served engine, for the gRPC service.
 #[derive(Clone)]
@@ -46,18 +47,7 @@ pub struct Named<'a> {
 
 impl Named<'_> {
     fn target(&self) -> Result<ModelTarget<'_>, GrpcError> {
-        let shown = |s: &str| s.chars().take(64).collect::<String>();
-        let version = match self.version {
-            "" => None,
-            v => Some(v.parse::<u64>().map_err(|_| {
-                GrpcError::NotFound(format!(
-                    "Request for unknown model: '{}' version {} is not found",
-                    shown(self.name),
-                    shown(v)
-                ))
-            })?),
-        };
-        Ok(ModelTarget::named(self.name, version))
+        Ok(oip::target(self.name, Some(self.version))?)
     }
 }
 
@@ -87,10 +77,10 @@ impl Served {
             });
         });
         if !spawned {
-            return Err(ServeError::NotReady("shutting down").into());
+            return Err(EngineError::NotReady("shutting down").into());
         }
         rx.await
-            .map_err(|_| ServeError::Internal("the repository call was dropped".into()).into())
+            .map_err(|_| EngineError::Internal("the repository call was dropped".into()).into())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -117,9 +107,14 @@ impl Served {
     pub fn model_ready(&self, named: &Named) -> Result<bool, GrpcError> {
         match self.resolve(named) {
             Ok(version) => Ok(version.readiness.is_ready()),
-            Err(GrpcError::Serve(ServeError::ModelNotReady { .. })) => Ok(false),
+            Err(GrpcError::Engine(EngineError::ModelNotReady { .. })) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// The statistics extension's counters of `version`.
+    pub fn statistics(&self, version: &ServedVersion) -> pb::ModelStatistics {
+        statistics(&self.engine, version)
     }
 
     /// Every version served now (statistics for "all models").
@@ -199,54 +194,60 @@ impl Served {
     }
 }
 
-/// Each output's row width.
-fn output_dims(version: &ServedVersion) -> [(OutputName, usize); 2] {
-    let d = version.description.dims;
-    [(OutputName::Logits, d.output), (OutputName::RouterWeights, d.experts)]
+/// A tensor of the metadata.
+fn metadata_tensor(t: &TensorInfo) -> TensorMetadata {
+    TensorMetadata {
+        name: t.name.to_string(),
+        datatype: t.datatype.to_string(),
+        shape: t.shape().to_vec(),
+    }
 }
 
 /// Triton's model metadata for `version`.
 pub fn metadata(version: &ServedVersion) -> pb::ModelMetadataResponse {
-    let d = version.description.dims;
-    let tensor = |name: &str, width: usize| TensorMetadata {
-        name: name.to_string(),
-        datatype: FP32.to_string(),
-        shape: vec![-1, width as i64],
-    };
+    let m = oip::metadata(&version.description);
     pb::ModelMetadataResponse {
-        name: version.description.name.clone(),
-        versions: vec![oip::version_of(&version.description)],
-        platform: PLATFORM.to_string(),
-        inputs: vec![tensor(INPUT, d.input)],
-        outputs: output_dims(version).map(|(o, w)| tensor(o.as_str(), w)).to_vec(),
+        name: m.name.to_string(),
+        versions: m.versions,
+        platform: m.platform.to_string(),
+        inputs: m.inputs.iter().map(metadata_tensor).collect(),
+        outputs: m.outputs.iter().map(metadata_tensor).collect(),
     }
 }
 
 /// Triton's model configuration: batching on, up to the row limit.
 pub fn config(version: &ServedVersion) -> pb::ModelConfig {
-    let m = &version.description;
+    let c = oip::config(version);
     let fp32 = pb::DataType::TypeFp32 as i32;
     pb::ModelConfig {
-        name: m.name.clone(),
-        platform: PLATFORM.to_string(),
-        backend: m.backend.to_string(),
+        name: c.name.to_string(),
+        platform: c.platform.to_string(),
+        backend: c.backend.to_string(),
         version_policy: Some(pb::ModelVersionPolicy {
-            policy_choice: Some(PolicyChoice::Latest(Latest { num_versions: 1 })),
+            policy_choice: Some(PolicyChoice::Latest(Latest {
+                num_versions: c.latest_versions,
+            })),
         }),
-        max_batch_size: i32::try_from(version.limits.max_rows).unwrap_or(i32::MAX),
-        input: vec![pb::ModelInput {
-            name: INPUT.to_string(),
-            data_type: fp32,
-            dims: vec![m.dims.input as i64],
-            ..Default::default()
-        }],
-        output: output_dims(version)
-            .map(|(o, w)| pb::ModelOutput {
-                name: o.as_str().to_string(),
+        max_batch_size: i32::try_from(c.max_batch_size).unwrap_or(i32::MAX),
+        input: c
+            .inputs
+            .iter()
+            .map(|t| pb::ModelInput {
+                name: t.name.to_string(),
                 data_type: fp32,
-                dims: vec![w as i64],
+                dims: vec![t.width as i64],
+                ..Default::default()
             })
-            .to_vec(),
+            .collect(),
+        output: c
+            .outputs
+            .iter()
+            .map(|t| pb::ModelOutput {
+                name: t.name.to_string(),
+                data_type: fp32,
+                dims: vec![t.width as i64],
+            })
+            .collect(),
         scheduling_choice: Some(model_config::SchedulingChoice::DynamicBatching(
             pb::ModelDynamicBatching::default(),
         )),
@@ -255,25 +256,35 @@ pub fn config(version: &ServedVersion) -> pb::ModelConfig {
 }
 
 /// The statistics extension's counters of `version` (the same as HTTP's
-/// `/stats`).
-pub fn statistics(version: &ServedVersion, metrics: &Metrics) -> pb::ModelStatistics {
-    let s = version.stats.snapshot(metrics.batches_total());
+/// `/stats`, from the protocol core).
+pub fn statistics(engine: &Engine, version: &ServedVersion) -> pb::ModelStatistics {
+    let s = oip::statistics(engine, version);
     let d = |(count, ns): (u64, u64)| Some(pb::StatisticDuration { count, ns });
+    let [
+        success,
+        fail,
+        queue,
+        compute_input,
+        compute_infer,
+        compute_output,
+        cache_hit,
+        cache_miss,
+    ] = s.durations().map(|(_, duration)| d(duration));
     pb::ModelStatistics {
-        name: version.description.name.clone(),
-        version: oip::version_of(&version.description),
-        last_inference: s.last_inference_ms,
-        inference_count: s.inference_count,
-        execution_count: s.execution_count,
+        name: s.name,
+        version: s.version,
+        last_inference: s.counts.last_inference_ms,
+        inference_count: s.counts.inference_count,
+        execution_count: s.counts.execution_count,
         inference_stats: Some(pb::InferStatistics {
-            success: d(s.success),
-            fail: d(s.fail),
-            queue: d(s.queue),
-            compute_input: d(s.compute_input()),
-            compute_infer: d(s.compute_infer),
-            compute_output: d(s.compute_output()),
-            cache_hit: d((0, 0)),
-            cache_miss: d((0, 0)),
+            success,
+            fail,
+            queue,
+            compute_input,
+            compute_infer,
+            compute_output,
+            cache_hit,
+            cache_miss,
         }),
         batch_stats: Vec::new(),
     }

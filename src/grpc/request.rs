@@ -4,16 +4,17 @@
 //! bytes, what tritonclient and perf_analyzer send) or from typed
 //! `contents.fp32_contents`, never both; the request's parameters
 //! (`binary_data`, `priority`, ...) are accepted and ignored, as they change
-//! nothing here. The tensor rules themselves (name, datatype, shape, byte
-//! length, outputs) are the protocol-neutral ones in `oip.rs`, the same
-//! as HTTP v2's. Must not touch: status codes (`status.rs`), which model is
-//! asked for (`model.rs` checks that first).
+//! nothing here. The tensor rules themselves (name, datatype, shape, value
+//! count, raw little-endian decoding, outputs) are the protocol core's
+//! (`oip/tensor.rs`), the same as HTTP v2's; the input's rules (row length,
+//! row limit, finiteness) are `InferInput::new`'s. Must not touch: status
+//! codes (`status.rs`), which model is asked for (`model.rs` resolves it
+//! first).
 
 use super::pb::{InferTensorContents, ModelInferRequest};
 use super::status::GrpcError;
-use crate::error::ServeError;
-use crate::input::{InferInput, InputLimits};
-use crate::oip::{self, INPUT, OutputName};
+use crate::input::{InferInput, InputLimits, RequestError};
+use crate::oip::{self, Declared, INPUT, OutputName};
 
 /// A parsed, validated `ModelInfer` request.
 #[derive(Debug)]
@@ -26,7 +27,7 @@ pub struct InferCall {
 }
 
 fn invalid(msg: String) -> GrpcError {
-    GrpcError::Serve(ServeError::BadRequest(msg))
+    GrpcError::from(RequestError::Protocol(msg))
 }
 
 /// Validates `req` against the model's input and `limits`.
@@ -53,7 +54,7 @@ pub fn parse_infer(req: ModelInferRequest, limits: &InputLimits) -> Result<Infer
                 "input '{INPUT}' has neither contents nor raw_input_contents"
             )));
         }
-        ([], Some(contents)) => typed_values(contents, declared.values, &tensor.shape)?,
+        ([], Some(contents)) => typed_values(contents, &declared, &tensor.shape)?,
         ([bytes], None) => oip::raw_values(bytes, &declared, &tensor.shape, "raw_input_contents[0]")?,
         ([_], Some(_)) => {
             return Err(invalid(format!(
@@ -67,13 +68,13 @@ pub fn parse_infer(req: ModelInferRequest, limits: &InputLimits) -> Result<Infer
             )));
         }
     };
-    let input = InferInput::new(values, limits).map_err(ServeError::from)?;
+    let input = InferInput::new(values, limits)?;
     let outputs = oip::requested_outputs(outputs.iter().map(|o| o.name.as_str()))?;
     Ok(InferCall { id, input, outputs })
 }
 
 /// The values of typed contents: `fp32_contents` only, exactly the shape's count.
-fn typed_values(c: InferTensorContents, expected: usize, shape: &[i64]) -> Result<Vec<f32>, GrpcError> {
+fn typed_values(c: InferTensorContents, declared: &Declared, shape: &[i64]) -> Result<Vec<f32>, GrpcError> {
     let other_types = !c.bool_contents.is_empty()
         || !c.int_contents.is_empty()
         || !c.int64_contents.is_empty()
@@ -87,12 +88,7 @@ fn typed_values(c: InferTensorContents, expected: usize, shape: &[i64]) -> Resul
             oip::FP32
         )));
     }
-    if c.fp32_contents.len() != expected {
-        return Err(invalid(format!(
-            "input '{INPUT}' has {} fp32_contents values, but shape {shape:?} needs {expected}",
-            c.fp32_contents.len()
-        )));
-    }
+    oip::check_count(c.fp32_contents.len(), declared, shape, "fp32_contents values")?;
     Ok(c.fp32_contents)
 }
 

@@ -1,17 +1,18 @@
 //! The `ModelInferResponse` for a computed answer.
 //!
-//! Owns: the answer's tensors, always as `raw_output_contents`
-//! (little-endian bytes, in the order the outputs were asked for: what
-//! tritonclient reads FP32 outputs from), with their names, datatype and
-//! shapes. Must not touch: which outputs were asked for (`request.rs`).
+//! Owns: rendering the protocol core's output tensors
+//! (`oip::output_tensors`), always as `raw_output_contents` (little-endian
+//! bytes, in the order the outputs were asked for: what tritonclient reads
+//! FP32 outputs from), with their names, datatype and shapes. Must not
+//! touch: which outputs were asked for (`request.rs`).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::pb::ModelInferResponse;
 use super::pb::model_infer_response::InferOutputTensor;
 use crate::engine::InferOutput;
 use crate::model::Dims;
-use crate::oip::{FP32, OutputName};
+use crate::oip::{self, FP32, OutputName};
 
 /// Who answers: the model's name and version, and the request's `id`.
 pub struct Answerer<'a> {
@@ -20,36 +21,20 @@ pub struct Answerer<'a> {
     pub id: String,
 }
 
-/// One output's values and row width.
-fn tensor<'o>(output: &'o InferOutput, name: OutputName, dims: &Dims) -> (&'o [f32], usize) {
-    match name {
-        OutputName::Logits => (&output.logits, dims.output),
-        OutputName::RouterWeights => (&output.router_weights, dims.experts),
-    }
-}
-
-fn le_bytes(values: &[f32]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(values.len() * 4);
-    for v in values {
-        buf.put_f32_le(*v);
-    }
-    buf.freeze()
-}
-
 /// The answer to a `ModelInfer` (or one streamed request).
 pub fn infer_response(who: Answerer, outputs: &[OutputName], out: &InferOutput, dims: &Dims) -> ModelInferResponse {
-    let n_rows = out.logits.len() / dims.output.max(1);
-    let (tensors, raw) = outputs
-        .iter()
-        .map(|&name| {
-            let (values, width) = tensor(out, name, dims);
+    let (tensors, raw) = oip::output_tensors(out, dims, outputs.iter().copied())
+        .into_iter()
+        .map(|t| {
             let meta = InferOutputTensor {
-                name: name.as_str().to_string(),
+                name: t.name.as_str().to_string(),
                 datatype: FP32.to_string(),
-                shape: vec![n_rows as i64, width as i64],
+                shape: t.shape_i64(),
                 ..Default::default()
             };
-            (meta, le_bytes(values))
+            let mut bytes = Vec::new();
+            oip::le_bytes(t.values, &mut bytes);
+            (meta, Bytes::from(bytes))
         })
         .unzip();
     ModelInferResponse {

@@ -334,7 +334,11 @@ impl<S> Observed<S> {
     fn refuse_when_full(&self, method: GrpcMethod) -> Option<http::Response<tonic::body::Body>> {
         let inference = matches!(method, GrpcMethod::ModelInfer | GrpcMethod::ModelStreamInfer);
         let refusal = self.held.admit().err().filter(|_| inference)?;
-        Some(GrpcError::Serve(refusal).into_status(method, &self.metrics).into_http())
+        Some(
+            GrpcError::Engine(refusal)
+                .into_status(method, &self.metrics)
+                .into_http(),
+        )
     }
 
     /// Longest a unary call may take: its deadline, plus the time its

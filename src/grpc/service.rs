@@ -15,7 +15,7 @@ use super::pb::{self, ModelInferRequest};
 use super::status::GrpcError;
 use super::stream::{self, ResponseStream};
 use crate::labels::GrpcMethod;
-use crate::oip::EXTENSIONS;
+use crate::oip::{EXTENSIONS, SERVER_NAME};
 
 /// The service's state: the engine, through its adapter.
 pub struct InferenceService {
@@ -67,7 +67,7 @@ impl GrpcInferenceService for InferenceService {
         _: Request<pb::ServerMetadataRequest>,
     ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
         Ok(Response::new(pb::ServerMetadataResponse {
-            name: "tokitai-serve".to_string(),
+            name: SERVER_NAME.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             extensions: EXTENSIONS.map(str::to_string).to_vec(),
         }))
@@ -142,9 +142,8 @@ impl GrpcInferenceService for InferenceService {
             };
             self.served.resolve(&named).map(|v| vec![v])
         };
-        let metrics = self.served.metrics();
         let result = versions.map(|versions| pb::ModelStatisticsResponse {
-            model_stats: versions.iter().map(|v| model::statistics(v, metrics)).collect(),
+            model_stats: versions.iter().map(|v| self.served.statistics(v)).collect(),
         });
         self.answer(GrpcMethod::ModelStatistics, result)
     }

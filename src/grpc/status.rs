@@ -1,29 +1,35 @@
-//! The one place where engine errors become gRPC statuses.
+//! The one place where errors become gRPC statuses.
 //!
 //! Owns: [`GrpcError`] (what can go wrong with a call: the engine's
-//! [`ServeError`], an unknown model, an RPC this build does not serve, a
-//! repository call refused) and
-//! its mapping to a [`tonic::Status`] with the code Triton uses for the same
-//! condition: INVALID_ARGUMENT for the client's input, NOT_FOUND for an
-//! unknown model, UNAVAILABLE for a full queue or an engine that is not
-//! ready (both retryable), DEADLINE_EXCEEDED, INTERNAL. Each error's
-//! [`FailureReason`] is counted here too, so no handler forgets it. Must not
-//! touch: deciding whether something is an error.
+//! [`EngineError`], a version that names nothing, a malformed call header,
+//! an RPC this build does not serve, a repository call refused), the one
+//! mapping of an [`ErrorKind`] to a status [`Code`] ([`code_of`]: the code
+//! Triton uses for the same condition: INVALID_ARGUMENT for the client's
+//! input, NOT_FOUND for an unknown model, UNAVAILABLE for a full queue or
+//! an engine that is not ready (both retryable), DEADLINE_EXCEEDED,
+//! INTERNAL), and the status sent. Each error's [`FailureReason`] is
+//! counted here too, so no handler forgets it. Must not touch: deciding
+//! whether something is an error; HTTP's framing errors (never reach gRPC).
 
 use tonic::{Code, Status};
 
-use crate::error::ServeError;
+use crate::error::{EngineError, ErrorKind, RequestError};
 use crate::labels::{FailureReason, GrpcMethod};
 use crate::metrics::Metrics;
+use crate::oip::{self, UnknownVersion};
 use crate::repository::RepositoryError;
 
 /// Why a gRPC call got no answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GrpcError {
     #[error("{0}")]
-    Serve(#[from] ServeError),
+    Engine(#[from] EngineError),
+    /// The version asked for is not a number.
     #[error("{0}")]
-    NotFound(String),
+    UnknownVersion(#[from] UnknownVersion),
+    /// A call header that does not parse (`grpc-timeout`).
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("{0}")]
     Unimplemented(&'static str),
     /// A repository call (index, load, unload) that could not be done.
@@ -31,48 +37,43 @@ pub enum GrpcError {
     Repository(#[from] RepositoryError),
 }
 
+impl From<RequestError> for GrpcError {
+    fn from(e: RequestError) -> GrpcError {
+        GrpcError::Engine(EngineError::Request(e))
+    }
+}
+
+/// The status code of an error kind.
+pub fn code_of(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::Unavailable | ErrorKind::ResourceExhausted => Code::Unavailable,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
+
 impl GrpcError {
     /// The status code for this error.
     pub fn code(&self) -> Code {
         match self {
-            GrpcError::NotFound(_) => Code::NotFound,
+            GrpcError::Engine(e) => code_of(e.kind()),
+            GrpcError::UnknownVersion(_) => code_of(ErrorKind::NotFound),
+            GrpcError::InvalidArgument(_) => code_of(ErrorKind::InvalidArgument),
             GrpcError::Unimplemented(_) => Code::Unimplemented,
-            GrpcError::Repository(e) => match e {
-                RepositoryError::UnknownModel { .. } => Code::NotFound,
-                RepositoryError::NotAllowed(_) | RepositoryError::Draining => Code::Unavailable,
-                RepositoryError::LoadFailed { .. } => Code::InvalidArgument,
-                RepositoryError::Unreadable(_) => Code::Internal,
-            },
-            GrpcError::Serve(e) => match e {
-                ServeError::Request(_)
-                | ServeError::BadRequest(_)
-                | ServeError::BodyTooLarge { .. }
-                | ServeError::HeadersTooLarge { .. }
-                | ServeError::UnsupportedMediaType { .. }
-                | ServeError::AmbiguousLength
-                | ServeError::BodyIncomplete { .. } => Code::InvalidArgument,
-                ServeError::Overloaded { .. } | ServeError::AnswersHeld { .. } | ServeError::NotReady(_) => {
-                    Code::Unavailable
-                }
-                ServeError::DeadlineExceeded { .. } | ServeError::BodyTimeout { .. } => Code::DeadlineExceeded,
-                ServeError::NotFound(_) | ServeError::UnknownModel { .. } => Code::NotFound,
-                ServeError::ModelNotReady { .. } => Code::Unavailable,
-                ServeError::MethodNotAllowed { .. } => Code::Unimplemented,
-                ServeError::Backend(_) | ServeError::Internal(_) => Code::Internal,
-                ServeError::Forbidden(_) => Code::PermissionDenied,
-            },
+            GrpcError::Repository(e) => code_of(oip::repository_kind(e)),
         }
     }
 
     /// The failure metric's reason.
     pub fn reason(&self) -> FailureReason {
         match self {
-            GrpcError::Serve(e) => e.reason(),
-            GrpcError::NotFound(_) => FailureReason::NotFound,
+            GrpcError::Engine(e) => e.reason(),
+            GrpcError::UnknownVersion(_) => FailureReason::NotFound,
+            GrpcError::InvalidArgument(_) => FailureReason::Invalid,
             GrpcError::Unimplemented(_) => FailureReason::MethodNotAllowed,
-            GrpcError::Repository(RepositoryError::UnknownModel { .. }) => FailureReason::NotFound,
-            GrpcError::Repository(RepositoryError::LoadFailed { .. }) => FailureReason::Invalid,
-            GrpcError::Repository(_) => FailureReason::NotReady,
+            GrpcError::Repository(e) => oip::repository_reason(e),
         }
     }
 
@@ -109,31 +110,34 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::RequestError;
 
     #[test]
     fn tritons_codes_for_the_same_conditions() {
-        let code = |e: ServeError| GrpcError::from(e).code();
-        assert_eq!(code(ServeError::BadRequest("x".into())), Code::InvalidArgument);
+        let code = |e: EngineError| GrpcError::from(e).code();
+        assert_eq!(code(RequestError::Protocol("x".into()).into()), Code::InvalidArgument);
         let too_many = RequestError::TooManyRows { rows: 9, limit: 8 };
-        assert_eq!(code(ServeError::Request(too_many)), Code::InvalidArgument);
-        let full = ServeError::Overloaded {
+        assert_eq!(code(EngineError::Request(too_many)), Code::InvalidArgument);
+        let full = EngineError::Overloaded {
             queued_rows: 1,
             limit: 1,
             retry_after_secs: 1,
         };
         assert_eq!(code(full), Code::Unavailable);
-        assert_eq!(code(ServeError::NotReady("draining")), Code::Unavailable);
+        assert_eq!(code(EngineError::NotReady("draining")), Code::Unavailable);
         assert_eq!(
-            code(ServeError::DeadlineExceeded { timeout_ms: 1 }),
+            code(EngineError::DeadlineExceeded { timeout_ms: 1 }),
             Code::DeadlineExceeded
         );
-        assert_eq!(code(ServeError::Internal("x".into())), Code::Internal);
-        assert_eq!(GrpcError::NotFound("m".into()).code(), Code::NotFound);
+        assert_eq!(code(EngineError::Internal("x".into())), Code::Internal);
+        assert_eq!(GrpcError::InvalidArgument("t".into()).code(), Code::InvalidArgument);
         assert_eq!(GrpcError::Unimplemented("x").code(), Code::Unimplemented);
         let metrics = Metrics::new();
-        let status = GrpcError::NotFound("no model".into()).into_status(GrpcMethod::ModelInfer, &metrics);
-        assert_eq!((status.code(), status.message()), (Code::NotFound, "no model"));
+        let unknown = oip::target("m", Some("x")).unwrap_err();
+        let status = GrpcError::from(unknown).into_status(GrpcMethod::ModelInfer, &metrics);
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, "Request for unknown model: 'm' version x is not found")
+        );
         assert_eq!(code_name(status.code()), "NOT_FOUND");
     }
 }

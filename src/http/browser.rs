@@ -22,7 +22,7 @@
 //!
 //! Clients that are not browsers (tritonclient, curl, Prometheus, the
 //! kubelet) send no `Origin` and a loopback or pod `Host`, so nothing
-//! changes for them. A refusal is [`ServeError::Forbidden`] (403 JSON).
+//! changes for them. A refusal is [`HttpError::Forbidden`] (403 JSON).
 //! No CORS headers are ever sent, so a page on a listed origin may send
 //! requests but cannot read the answers or send `application/json` ones
 //! (those need a preflight, which is not answered). Must not touch: what a
@@ -33,7 +33,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use actix_web::http::header::{self, HeaderMap};
 
 use crate::config::Config;
-use crate::error::ServeError;
+use crate::http::error::HttpError;
 
 /// `Sec-Fetch-Site`, sent by current browsers on every request.
 const SEC_FETCH_SITE: &str = "sec-fetch-site";
@@ -63,13 +63,13 @@ impl BrowserGuard {
 
     /// `Err(403)` for a request a web page made (or could have made) that
     /// the lists do not allow.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), ServeError> {
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), HttpError> {
         let origin_allowed = self.check_origins(headers)?;
         let cross_site = headers
             .get(SEC_FETCH_SITE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"));
         if cross_site && !origin_allowed {
-            return Err(ServeError::Forbidden(
+            return Err(HttpError::Forbidden(
                 "a cross-site browser request (Sec-Fetch-Site: cross-site) without an Origin listed in \
                  server.allowed_origins is refused"
                     .into(),
@@ -83,14 +83,14 @@ impl BrowserGuard {
 
     /// `Ok(true)` when every `Origin` is listed, `Ok(false)` when there is
     /// none, `Err` naming the first one that is not listed.
-    fn check_origins(&self, headers: &HeaderMap) -> Result<bool, ServeError> {
+    fn check_origins(&self, headers: &HeaderMap) -> Result<bool, HttpError> {
         let mut any = false;
         for value in headers.get_all(header::ORIGIN) {
             any = true;
             let text = value.to_str().unwrap_or("<non-ASCII>").trim();
             if !self.allowed_origins.iter().any(|o| o.eq_ignore_ascii_case(text)) {
                 let shown: String = text.chars().take(MAX_QUOTED).collect();
-                return Err(ServeError::Forbidden(format!(
+                return Err(HttpError::Forbidden(format!(
                     "requests from web pages are refused: Origin {shown:?} is not in server.allowed_origins"
                 )));
             }
@@ -100,7 +100,7 @@ impl BrowserGuard {
 
     /// A loopback `Host` (or a listed one) on a loopback bind. A request
     /// without `Host` (HTTP/1.0) is no browser's and passes.
-    fn check_host(&self, headers: &HeaderMap) -> Result<(), ServeError> {
+    fn check_host(&self, headers: &HeaderMap) -> Result<(), HttpError> {
         let Some(value) = headers.get(header::HOST) else {
             return Ok(());
         };
@@ -111,7 +111,7 @@ impl BrowserGuard {
             return Ok(());
         }
         let shown: String = text.chars().take(MAX_QUOTED).collect();
-        Err(ServeError::Forbidden(format!(
+        Err(HttpError::Forbidden(format!(
             "Host {shown:?} is not a loopback name or address and not in server.allowed_hosts \
              (the server is bound to a loopback address: another name is a DNS-rebinding page)"
         )))

@@ -1,67 +1,109 @@
-//! The one place where engine errors become HTTP responses.
+//! The one place where errors become HTTP responses.
 //!
-//! Owns: status codes, the JSON error body `{"error": "...", "type": "..."}`
-//! and error headers (`Retry-After`). Must not touch: deciding *whether*
-//! something is an error; that happens where it is detected.
+//! Owns: [`HttpError`], what can go wrong with a request on HTTP (the
+//! engine's [`EngineError`], or the transport's own refusals: framing,
+//! sizes, media type, no route, method, a browser's request), and
+//! [`V2Error`], the same on the Open Inference Protocol routes (plus an
+//! unknown version and a repository call's failure); the one mapping of an
+//! [`ErrorKind`] to a status for each protocol served over HTTP
+//! ([`sidecar_status`] for `/infer` and the plain routes, [`v2_status`] for
+//! `/v2`, Triton's `HttpCodeFromError`); status codes of the transport's
+//! own refusals; the JSON error bodies and error headers (`Retry-After`,
+//! `Connection: close`). Must not touch: deciding *whether* something is an
+//! error; that happens where it is detected.
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::{HttpResponse, ResponseError};
+use actix_web::{HttpResponse, HttpResponseBuilder, ResponseError};
 
-use crate::error::{RequestError, ServeError};
+use crate::error::{EngineError, ErrorKind, RequestError};
 use crate::labels::FailureReason;
+use crate::oip::{self, UnknownVersion};
 use crate::repository::RepositoryError;
 
 // An error response carries its `FailureReason` in its extensions, so the
 // metrics middleware counts the failure without parsing the body.
 
-impl ServeError {
-    /// The connection must not carry another request after this answer: the
-    /// rest of a stalled, refused or ambiguously framed body may still
-    /// arrive, and must never be read as the next request.
-    fn closes_connection(&self) -> bool {
-        matches!(
-            self,
-            ServeError::BodyTimeout { .. }
-                | ServeError::BodyTooLarge { .. }
-                | ServeError::HeadersTooLarge { .. }
-                | ServeError::AmbiguousLength
-                | ServeError::BodyIncomplete { .. }
-        )
+/// Why an HTTP request did not get an answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
+    #[error("the request's headers are larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("the request has both Content-Length and Transfer-Encoding: its body length is ambiguous")]
+    AmbiguousLength,
+    #[error("the request body ended after {received} of its declared {declared} bytes")]
+    BodyIncomplete { declared: usize, received: usize },
+    #[error(
+        "unsupported content type {found:?}: send `Content-Type: application/json` (or, on /v2, `application/octet-stream` for binary tensors)"
+    )]
+    UnsupportedMediaType { found: String },
+    /// A header or body the transport could not read.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No route for the path.
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// A request a web page made, or a DNS-rebinding `Host` (`http/browser.rs`).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+}
+
+impl From<RequestError> for HttpError {
+    fn from(e: RequestError) -> HttpError {
+        HttpError::Engine(EngineError::Request(e))
     }
 }
 
-impl ResponseError for ServeError {
-    fn status_code(&self) -> StatusCode {
+impl HttpError {
+    /// Why the request failed, as a fixed label.
+    pub fn reason(&self) -> FailureReason {
         match self {
-            ServeError::Request(RequestError::TooManyRows { .. }) | ServeError::BodyTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
+            HttpError::Engine(e) => e.reason(),
+            HttpError::BodyTooLarge { .. } | HttpError::HeadersTooLarge { .. } => FailureReason::TooLarge,
+            HttpError::BadRequest(_) | HttpError::AmbiguousLength | HttpError::BodyIncomplete { .. } => {
+                FailureReason::Invalid
             }
-            ServeError::Request(_) | ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
-            ServeError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } | ServeError::AnswersHeld { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ServeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
-            ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
+            HttpError::UnsupportedMediaType { .. } => FailureReason::UnsupportedMediaType,
+            HttpError::BodyTimeout { .. } => FailureReason::BodyTimeout,
+            HttpError::NotFound(_) => FailureReason::NotFound,
+            HttpError::MethodNotAllowed { .. } => FailureReason::MethodNotAllowed,
+            HttpError::Forbidden(_) => FailureReason::Forbidden,
         }
     }
 
-    fn error_response(&self) -> HttpResponse {
-        let body = serde_json::json!({ "error": self.to_string(), "type": self.reason().as_str() });
-        let mut response = HttpResponse::build(self.status_code());
+    /// The connection must not carry another request after this answer: the
+    /// rest of a stalled, refused or ambiguously framed body may still
+    /// arrive, and must never be read as the next request.
+    pub(crate) fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            HttpError::BodyTimeout { .. }
+                | HttpError::BodyTooLarge { .. }
+                | HttpError::HeadersTooLarge { .. }
+                | HttpError::AmbiguousLength
+                | HttpError::BodyIncomplete { .. }
+        )
+    }
+
+    /// `Retry-After` on an engine outcome worth retrying, or
+    /// `Connection: close` on a refusal that leaves a body unread.
+    fn headers(&self, response: &mut HttpResponseBuilder, retry_unready: bool) {
         match self {
-            ServeError::Overloaded { retry_after_secs, .. } => {
+            HttpError::Engine(EngineError::Overloaded { retry_after_secs, .. }) => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
             }
-            ServeError::NotReady(_) | ServeError::ModelNotReady { .. } | ServeError::AnswersHeld { .. } => {
+            HttpError::Engine(EngineError::AnswersHeld { .. }) => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
+            }
+            HttpError::Engine(EngineError::NotReady(_) | EngineError::ModelNotReady { .. }) if retry_unready => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
             }
             // The rest of a stalled or refused body may still arrive: never
@@ -71,44 +113,116 @@ impl ResponseError for ServeError {
             }
             _ => {}
         }
+    }
+}
+
+/// `/infer`'s and the plain routes' status for an error kind: the old
+/// sidecar's (429 for a full queue, 504 for a deadline, 413 for too many
+/// rows).
+pub fn sidecar_status(kind: ErrorKind, reason: FailureReason) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidArgument if reason == FailureReason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// `/v2`'s status for an error kind: Triton's `HttpCodeFromError`
+/// (invalid argument 400, not found 404, unavailable 503, internal 500).
+/// A full queue and a deadline are "unavailable" there, so 503 rather than
+/// `/infer`'s 429 and 504.
+pub fn v2_status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Unavailable | ErrorKind::ResourceExhausted | ErrorKind::DeadlineExceeded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl ResponseError for HttpError {
+    /// An engine outcome's status is its kind's; a transport refusal's is
+    /// the same on every route but for a body over the limit (413 here, 400
+    /// on `/v2`, see [`V2Error`]).
+    fn status_code(&self) -> StatusCode {
+        match self {
+            HttpError::Engine(e) => sidecar_status(e.kind(), e.reason()),
+            HttpError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HttpError::BadRequest(_) | HttpError::AmbiguousLength | HttpError::BodyIncomplete { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            HttpError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HttpError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            HttpError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HttpError::NotFound(_) => StatusCode::NOT_FOUND,
+            HttpError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            // Not Triton's (it has no such rule), but what the refusal is.
+            HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = serde_json::json!({ "error": self.to_string(), "type": self.reason().as_str() });
+        let mut response = HttpResponse::build(self.status_code());
+        self.headers(&mut response, true);
         let mut response = response.json(body);
         response.extensions_mut().insert(self.reason());
         response
     }
 }
 
+/// An engine error answered on `/infer` or a plain route: as
+/// [`HttpError::Engine`] (the mapping is [`HttpError`]'s). Kept for
+/// `tests/fuzz_parsers.rs`, which asks an `EngineError` for its status;
+/// remove once it asks `HttpError::from(error)`.
+impl ResponseError for EngineError {
+    fn status_code(&self) -> StatusCode {
+        HttpError::Engine(self.clone()).status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpError::Engine(self.clone()).error_response()
+    }
+}
+
 /// An error on the Open Inference Protocol (`/v2`) routes: the body is the
-/// protocol's `{"error": "..."}` and the status is the one Triton uses for
-/// the same condition (its `HttpCodeFromError`: invalid argument 400, not
-/// found 404, unavailable 503, internal 500). Queue-full and deadline are
-/// "unavailable" there, so 503 rather than `/infer`'s 429 and 504.
+/// protocol's `{"error": "..."}` and the status is [`v2_status`] of the
+/// error's kind.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum V2Error {
     #[error("{0}")]
-    Serve(#[from] ServeError),
+    Http(#[from] HttpError),
+    /// The version asked for is not a number.
     #[error("{0}")]
-    NotFound(String),
+    UnknownVersion(#[from] UnknownVersion),
     #[error("{0}")]
     Repository(#[from] RepositoryError),
 }
 
+impl From<EngineError> for V2Error {
+    fn from(e: EngineError) -> V2Error {
+        V2Error::Http(HttpError::Engine(e))
+    }
+}
+
 impl From<RequestError> for V2Error {
     fn from(e: RequestError) -> V2Error {
-        V2Error::Serve(ServeError::Request(e))
+        V2Error::from(EngineError::Request(e))
     }
 }
 
 impl V2Error {
     fn reason(&self) -> FailureReason {
         match self {
-            V2Error::Serve(e) => e.reason(),
-            V2Error::NotFound(_) => FailureReason::NotFound,
-            V2Error::Repository(e) => match e {
-                RepositoryError::UnknownModel { .. } => FailureReason::NotFound,
-                RepositoryError::NotAllowed(_) | RepositoryError::Draining => FailureReason::NotReady,
-                RepositoryError::LoadFailed { .. } => FailureReason::Invalid,
-                RepositoryError::Unreadable(_) => FailureReason::Internal,
-            },
+            V2Error::Http(e) => e.reason(),
+            V2Error::UnknownVersion(_) => FailureReason::NotFound,
+            V2Error::Repository(e) => oip::repository_reason(e),
         }
     }
 }
@@ -116,50 +230,19 @@ impl V2Error {
 impl ResponseError for V2Error {
     fn status_code(&self) -> StatusCode {
         match self {
-            V2Error::NotFound(_) => StatusCode::NOT_FOUND,
-            // Triton's codes: NOT_FOUND, UNAVAILABLE, INVALID_ARG, INTERNAL.
-            V2Error::Repository(e) => match e {
-                RepositoryError::UnknownModel { .. } => StatusCode::NOT_FOUND,
-                RepositoryError::NotAllowed(_) | RepositoryError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-                RepositoryError::LoadFailed { .. } => StatusCode::BAD_REQUEST,
-                RepositoryError::Unreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
-            V2Error::Serve(e) => match e {
-                ServeError::Request(_) | ServeError::BadRequest(_) | ServeError::BodyTooLarge { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
-                // Browser-form types are refused as on every route; 415 says why.
-                ServeError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                ServeError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-                ServeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                ServeError::AmbiguousLength | ServeError::BodyIncomplete { .. } => StatusCode::BAD_REQUEST,
-                ServeError::Overloaded { .. }
-                | ServeError::AnswersHeld { .. }
-                | ServeError::NotReady(_)
-                | ServeError::ModelNotReady { .. }
-                | ServeError::DeadlineExceeded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-                ServeError::NotFound(_) | ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
-                ServeError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-                ServeError::Backend(_) | ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                // Not Triton's (it has no such rule), but what the refusal is.
-                ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
-            },
+            V2Error::Http(HttpError::Engine(e)) => v2_status(e.kind()),
+            // Triton answers a body over its limit as an invalid argument.
+            V2Error::Http(HttpError::BodyTooLarge { .. }) => v2_status(ErrorKind::InvalidArgument),
+            V2Error::Http(e) => e.status_code(),
+            V2Error::UnknownVersion(_) => v2_status(ErrorKind::NotFound),
+            V2Error::Repository(e) => v2_status(oip::repository_kind(e)),
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        match self {
-            V2Error::Serve(ServeError::Overloaded { retry_after_secs, .. }) => {
-                response.insert_header((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs)));
-            }
-            V2Error::Serve(ServeError::AnswersHeld { .. }) => {
-                response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
-            }
-            V2Error::Serve(e) if e.closes_connection() => {
-                response.force_close();
-            }
-            _ => {}
+        if let V2Error::Http(e) = self {
+            e.headers(&mut response, false);
         }
         let mut response = response.json(serde_json::json!({ "error": self.to_string() }));
         response.extensions_mut().insert(self.reason());

@@ -14,7 +14,7 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::web::{self, BytesMut};
 use futures_util::StreamExt;
 
-use crate::error::ServeError;
+use crate::http::error::HttpError;
 
 /// Header that sets one request's deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
@@ -23,7 +23,7 @@ pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Requires `Content-Type: application/json` (parameters such as `charset`
 /// allowed), as the old sidecar's JSON extractor did.
-pub fn require_json(req: &HttpRequest) -> Result<(), ServeError> {
+pub fn require_json(req: &HttpRequest) -> Result<(), HttpError> {
     let found = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -31,7 +31,7 @@ pub fn require_json(req: &HttpRequest) -> Result<(), ServeError> {
     let essence = found.map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     match essence.as_deref() {
         Some("application/json") => Ok(()),
-        _ => Err(ServeError::UnsupportedMediaType {
+        _ => Err(HttpError::UnsupportedMediaType {
             found: found.unwrap_or("<none>").to_string(),
         }),
     }
@@ -50,11 +50,11 @@ pub fn numeric_header(
 }
 
 /// The request's timeout: `X-Request-Timeout-Ms`, or `default`.
-pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration, ServeError> {
+pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration, HttpError> {
     match numeric_header(req.headers(), TIMEOUT_HEADER, 1..=MAX_TIMEOUT_MS) {
         None => Ok(default),
         Some(Ok(ms)) => Ok(Duration::from_millis(ms)),
-        Some(Err(())) => Err(ServeError::BadRequest(format!(
+        Some(Err(())) => Err(HttpError::BadRequest(format!(
             "X-Request-Timeout-Ms must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}"
         ))),
     }
@@ -67,7 +67,7 @@ pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration,
 const BROWSER_FORM_TYPES: [&str; 3] = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"];
 
 /// `Err(415)` for a POST whose content type a browser form could send.
-pub fn reject_browser_forms(method: &Method, headers: &HeaderMap) -> Result<(), ServeError> {
+pub fn reject_browser_forms(method: &Method, headers: &HeaderMap) -> Result<(), HttpError> {
     if method != Method::POST {
         return Ok(());
     }
@@ -77,7 +77,7 @@ pub fn reject_browser_forms(method: &Method, headers: &HeaderMap) -> Result<(), 
     let text = value.to_str().unwrap_or("");
     let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if BROWSER_FORM_TYPES.contains(&essence.as_str()) {
-        return Err(ServeError::UnsupportedMediaType {
+        return Err(HttpError::UnsupportedMediaType {
             found: text.chars().take(100).collect(),
         });
     }
@@ -88,16 +88,16 @@ pub fn reject_browser_forms(method: &Method, headers: &HeaderMap) -> Result<(), 
 /// or whose body length is ambiguous: both `Content-Length` and
 /// `Transfer-Encoding` (RFC 9112 6.1: a request could be smuggled in the
 /// part of the body one reading ignores). Both close the connection.
-pub fn check_head(headers: &HeaderMap, max_header_bytes: usize) -> Result<(), ServeError> {
+pub fn check_head(headers: &HeaderMap, max_header_bytes: usize) -> Result<(), HttpError> {
     if headers.contains_key(header::CONTENT_LENGTH) && headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err(ServeError::AmbiguousLength);
+        return Err(HttpError::AmbiguousLength);
     }
     let size: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     if size > max_header_bytes {
-        return Err(ServeError::HeadersTooLarge {
+        return Err(HttpError::HeadersTooLarge {
             limit: max_header_bytes,
         });
     }
@@ -105,7 +105,7 @@ pub fn check_head(headers: &HeaderMap, max_header_bytes: usize) -> Result<(), Se
 }
 
 /// The declared `Content-Length`, or `Err(400)` when it is not a number.
-pub fn declared_length(headers: &HeaderMap) -> Result<Option<usize>, ServeError> {
+pub fn declared_length(headers: &HeaderMap) -> Result<Option<usize>, HttpError> {
     match headers.get(header::CONTENT_LENGTH) {
         None => Ok(None),
         Some(v) => v
@@ -113,14 +113,14 @@ pub fn declared_length(headers: &HeaderMap) -> Result<Option<usize>, ServeError>
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .map(Some)
-            .ok_or_else(|| ServeError::BadRequest("Content-Length is not a number".into())),
+            .ok_or_else(|| HttpError::BadRequest("Content-Length is not a number".into())),
     }
 }
 
 /// `Err(413)` when the declared length is over `limit`.
-pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), ServeError> {
+pub fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), HttpError> {
     match declared_length(headers)? {
-        Some(n) if n > limit => Err(ServeError::BodyTooLarge { limit }),
+        Some(n) if n > limit => Err(HttpError::BodyTooLarge { limit }),
         _ => Ok(()),
     }
 }
@@ -144,38 +144,38 @@ pub async fn read_body(
     mut payload: web::Payload,
     limit: usize,
     timeout: Duration,
-) -> Result<BytesMut, ServeError> {
+) -> Result<BytesMut, HttpError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let declared = declared_length(req.headers())?;
     if declared.is_some_and(|n| n > limit) {
         drain(&mut payload, deadline).await;
-        return Err(ServeError::BodyTooLarge { limit });
+        return Err(HttpError::BodyTooLarge { limit });
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(FIRST_BODY_BUFFER).min(FIRST_BODY_BUFFER));
     loop {
         let chunk = match tokio::time::timeout_at(deadline, payload.next()).await {
             Err(_elapsed) => {
-                return Err(ServeError::BodyTimeout {
+                return Err(HttpError::BodyTimeout {
                     timeout_ms: timeout.as_millis() as u64,
                 });
             }
             Ok(None) if declared.is_some_and(|n| n != body.len()) => {
                 // The client closed its side before the declared length
                 // arrived: a cut-short body is never computed.
-                return Err(ServeError::BodyIncomplete {
+                return Err(HttpError::BodyIncomplete {
                     declared: declared.unwrap_or(0),
                     received: body.len(),
                 });
             }
             Ok(None) => return Ok(body),
             Ok(Some(chunk)) => {
-                chunk.map_err(|e| ServeError::BadRequest(format!("could not read the request body: {e}")))?
+                chunk.map_err(|e| HttpError::BadRequest(format!("could not read the request body: {e}")))?
             }
         };
         if body.len() + chunk.len() > limit {
             drop(body);
             drain(&mut payload, deadline).await;
-            return Err(ServeError::BodyTooLarge { limit });
+            return Err(HttpError::BodyTooLarge { limit });
         }
         body.extend_from_slice(&chunk);
     }

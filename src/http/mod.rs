@@ -37,7 +37,7 @@ use self::extract::{TIMEOUT_HEADER, check_head, numeric_header, reject_browser_f
 use self::server::ConnectionGuard;
 use crate::config::Config;
 use crate::engine::{Engine, InferOutput, ModelDescription};
-use crate::error::ServeError;
+use crate::http::error::HttpError;
 use crate::labels::{FailureReason, Route};
 
 /// Per-request limits the handlers read (the row limit is the engine's).
@@ -143,16 +143,16 @@ fn request_id(req: &ServiceRequest) -> HeaderValue {
 /// The refusal due on the request's head alone, if any. A request framed
 /// ambiguously poisons its connection: actix-http may already have parsed
 /// the bytes after it as another request, and that one must not be served.
-fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), ServeError> {
+fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), HttpError> {
     let guard = req.conn_data::<ConnectionGuard>();
     if guard.is_some_and(ConnectionGuard::is_poisoned) {
-        return Err(ServeError::AmbiguousLength);
+        return Err(HttpError::AmbiguousLength);
     }
     let browser = req.app_data::<web::Data<BrowserGuard>>();
     let verdict = check_head(req.headers(), max_header_bytes)
         .and_then(|()| browser.map_or(Ok(()), |b| b.check(req.headers())))
         .and_then(|()| reject_browser_forms(req.method(), req.headers()));
-    if let (Err(ServeError::AmbiguousLength), Some(guard)) = (&verdict, guard) {
+    if let (Err(HttpError::AmbiguousLength), Some(guard)) = (&verdict, guard) {
         guard.poison();
     }
     verdict

@@ -15,7 +15,7 @@ use super::extract::{read_body, request_timeout, require_json};
 use super::{HttpSettings, model_headers, timing_headers};
 use crate::engine::version::ServedVersion;
 use crate::engine::{Engine, InferOptions, ModelTarget};
-use crate::error::ServeError;
+use crate::http::error::HttpError;
 use crate::labels::Route;
 use crate::readiness::State;
 use crate::sidecar_json::{parse_infer_request, write_infer_response};
@@ -27,7 +27,7 @@ pub async fn infer(
     payload: web::Payload,
     engine: web::Data<Engine>,
     settings: web::Data<HttpSettings>,
-) -> Result<HttpResponse, ServeError> {
+) -> Result<HttpResponse, HttpError> {
     require_json(&req)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
@@ -130,13 +130,13 @@ pub async fn metrics(engine: web::Data<Engine>) -> HttpResponse {
 }
 
 /// Unknown paths.
-pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ServeError> {
-    Err(ServeError::NotFound(req.path().chars().take(200).collect()))
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, HttpError> {
+    Err(HttpError::NotFound(req.path().chars().take(200).collect()))
 }
 
 /// Known paths, wrong method.
-pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ServeError> {
-    Err(ServeError::MethodNotAllowed {
+pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, HttpError> {
+    Err(HttpError::MethodNotAllowed {
         method: req.method().to_string(),
         path: req.path().chars().take(200).collect(),
     })

@@ -30,7 +30,7 @@ use super::extract::{check_declared_length, check_head, reject_browser_forms};
 use super::{HttpSettings, configure, observe, routes};
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::error::ServeError;
+use crate::http::error::HttpError;
 use crate::labels::Route;
 use crate::metrics::Metrics;
 
@@ -150,7 +150,7 @@ impl ExpectGate {
         let route = Route::for_path(req.path());
         // The same answer the route's own protocol gives for it.
         let mut response = if route.is_v2() {
-            ResponseError::error_response(&V2Error::Serve(error.clone()))
+            ResponseError::error_response(&V2Error::Http(error.clone()))
         } else {
             ResponseError::error_response(&error)
         };
@@ -164,7 +164,7 @@ impl ExpectGate {
 
 /// A request refused at the `Expect` gate (the response is already built).
 #[derive(Debug)]
-struct Refused(ServeError);
+struct Refused(HttpError);
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -33,13 +33,12 @@ use super::HttpSettings;
 use super::error::V2Error;
 use super::extract::{numeric_header, read_body, request_timeout};
 use crate::engine::{Engine, InferOptions, ModelTarget};
-use crate::error::ServeError;
-use crate::input::clip;
+use crate::error::{EngineError, RequestError};
 use crate::labels::Route;
+use crate::oip::{self, EXTENSIONS, FP32, SERVER_NAME, TensorInfo};
 
 /// Header giving the length of the JSON part of a binary request/response.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
-use crate::oip::{EXTENSIONS, FP32, INPUT, PLATFORM};
 
 /// `{model}` and the optional `{version}` of a path.
 #[derive(Deserialize)]
@@ -49,31 +48,20 @@ pub struct ModelPath {
 }
 
 impl ModelPath {
-    /// The model version the path names; a version that is not a number
-    /// names nothing (404).
+    /// The model version the path names (the protocol core's resolution).
     fn target(&self) -> Result<ModelTarget<'_>, V2Error> {
-        let version = match self.version.as_deref() {
-            None | Some("") => None,
-            Some(v) => Some(v.parse::<u64>().map_err(|_| {
-                V2Error::NotFound(format!(
-                    "Request for unknown model: '{}' version {} is not found",
-                    clip(&self.model),
-                    clip(v)
-                ))
-            })?),
-        };
-        Ok(ModelTarget::named(&self.model, version))
+        Ok(oip::target(&self.model, self.version.as_deref())?)
     }
 }
 
 fn invalid(msg: impl Into<String>) -> V2Error {
-    V2Error::Serve(ServeError::BadRequest(msg.into()))
+    V2Error::from(RequestError::Protocol(msg.into()))
 }
 
 /// `GET /v2`
 pub async fn server_metadata() -> HttpResponse {
     HttpResponse::Ok().json(json!({
-        "name": "tokitai-serve",
+        "name": SERVER_NAME,
         "version": env!("CARGO_PKG_VERSION"),
         "extensions": EXTENSIONS,
     }))
@@ -100,31 +88,39 @@ pub async fn ready(engine: web::Data<Engine>) -> HttpResponse {
 pub async fn model_ready(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
     match engine.resolve(&path.target()?) {
         Ok(_) => Ok(HttpResponse::Ok().finish()),
-        Err(e @ ServeError::UnknownModel { .. }) => Err(e.into()),
+        Err(e @ EngineError::UnknownModel { .. }) => Err(e.into()),
         Err(_) => Ok(HttpResponse::BadRequest().finish()),
     }
 }
 
+/// A tensor of the metadata: `{name, datatype, shape}`.
+fn metadata_tensor(t: &TensorInfo) -> serde_json::Value {
+    json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape() })
+}
+
+/// A tensor of the configuration: `{name, data_type, dims}`.
+fn config_tensor(t: &TensorInfo) -> serde_json::Value {
+    json!({ "name": t.name, "data_type": "TYPE_FP32", "dims": [t.width] })
+}
+
 /// `GET /v2/models/{model}[/versions/{version}]`
 pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
-    let m = engine.describe(&path.target()?)?;
-    let d = m.dims;
+    let description = engine.describe(&path.target()?)?;
+    let m = oip::metadata(&description);
+    let d = m.description;
     Ok(HttpResponse::Ok().json(json!({
         "name": m.name,
-        "versions": [m.version.to_string()],
-        "platform": PLATFORM,
-        "inputs": [{ "name": INPUT, "datatype": FP32, "shape": [-1, d.input] }],
-        "outputs": [
-            { "name": "logits", "datatype": FP32, "shape": [-1, d.output] },
-            { "name": "router_weights", "datatype": FP32, "shape": [-1, d.experts] },
-        ],
+        "versions": m.versions,
+        "platform": m.platform,
+        "inputs": m.inputs.iter().map(metadata_tensor).collect::<Vec<_>>(),
+        "outputs": m.outputs.iter().map(metadata_tensor).collect::<Vec<_>>(),
         "parameters": {
             "accepted_datatypes": [FP32],
-            "layernorm": m.layernorm,
-            "weight_precision": m.weight_precision,
-            "isa": m.isa,
-            "size": m.size,
-            "checkpoint_step": m.checkpoint_step,
+            "layernorm": d.layernorm,
+            "weight_precision": d.weight_precision,
+            "isa": d.isa,
+            "size": d.size,
+            "checkpoint_step": d.checkpoint_step,
         },
     })))
 }
@@ -133,20 +129,16 @@ pub async fn model_metadata(engine: web::Data<Engine>, path: web::Path<ModelPath
 /// model-configuration extension (perf_analyzer reads it).
 pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
     let version = engine.resolve(&path.target()?)?;
-    let m = &version.description;
-    let d = m.dims;
+    let c = oip::config(&version);
     Ok(HttpResponse::Ok().json(json!({
-        "name": m.name,
-        "platform": PLATFORM,
-        "backend": m.backend,
-        "max_batch_size": version.limits.max_rows,
-        "input": [{ "name": INPUT, "data_type": "TYPE_FP32", "dims": [d.input] }],
-        "output": [
-            { "name": "logits", "data_type": "TYPE_FP32", "dims": [d.output] },
-            { "name": "router_weights", "data_type": "TYPE_FP32", "dims": [d.experts] },
-        ],
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "max_batch_size": c.max_batch_size,
+        "input": c.inputs.iter().map(config_tensor).collect::<Vec<_>>(),
+        "output": c.outputs.iter().map(config_tensor).collect::<Vec<_>>(),
         "dynamic_batching": {},
-        "version_policy": { "latest": { "num_versions": 1 } },
+        "version_policy": { "latest": { "num_versions": c.latest_versions } },
     })))
 }
 
@@ -154,25 +146,20 @@ pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>)
 /// extension, from the same counters as gRPC's `ModelStatistics`.
 pub async fn model_stats(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
     let version = engine.resolve(&path.target()?)?;
-    let s = version.stats.snapshot(engine.metrics.batches_total());
-    let d = |(count, ns): (u64, u64)| json!({ "count": count, "ns": ns });
+    let s = oip::statistics(&engine, &version);
+    let inference_stats: serde_json::Map<String, serde_json::Value> = s
+        .durations()
+        .into_iter()
+        .map(|(name, (count, ns))| (name.to_string(), json!({ "count": count, "ns": ns })))
+        .collect();
     Ok(HttpResponse::Ok().json(json!({
         "model_stats": [{
-            "name": version.description.name,
-            "version": version.description.version.to_string(),
-            "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count,
-            "execution_count": s.execution_count,
-            "inference_stats": {
-                "success": d(s.success),
-                "fail": d(s.fail),
-                "queue": d(s.queue),
-                "compute_input": d(s.compute_input()),
-                "compute_infer": d(s.compute_infer),
-                "compute_output": d(s.compute_output()),
-                "cache_hit": d((0, 0)),
-                "cache_miss": d((0, 0)),
-            },
+            "name": s.name,
+            "version": s.version,
+            "last_inference": s.counts.last_inference_ms,
+            "inference_count": s.counts.inference_count,
+            "execution_count": s.counts.execution_count,
+            "inference_stats": inference_stats,
             "batch_stats": [],
         }],
     })))
@@ -202,7 +189,7 @@ pub async fn infer(
         route: Route::V2Infer.into(),
     };
     let answer = engine.infer(version, request.input, options).await?;
-    let version = answer.model.version.to_string();
+    let version = oip::version_of(&answer.model);
     let who = Answerer {
         model: &answer.model.name,
         version: &version,

@@ -11,7 +11,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use crate::engine::Engine;
-use crate::error::ServeError;
+use crate::error::RequestError;
 use crate::http::HttpSettings;
 use crate::http::error::V2Error;
 use crate::http::extract::read_body;
@@ -41,7 +41,7 @@ async fn read_control_body<T: for<'de> Deserialize<'de> + Default>(
         return Ok(T::default());
     }
     serde_json::from_slice(&body).map_err(|e| {
-        V2Error::Serve(ServeError::BadRequest(format!(
+        V2Error::from(RequestError::Protocol(format!(
             "failed to parse the request JSON: {}",
             crate::input::clip(&e.to_string())
         )))

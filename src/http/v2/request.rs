@@ -1,12 +1,14 @@
 //! The Open Inference Protocol's infer request: the JSON header, the
 //! optional binary tensor bytes after it, and which outputs are asked for.
 //!
-//! Owns: turning a request body into an [`InferInput`] (from JSON `data`, flat
-//! or nested, or from Triton's binary tensor extension) checked against the
-//! declared `shape` and the engine's limits, and the list of requested
-//! outputs ([`OutputRequest`], each output at most once). Must not touch:
-//! status codes (errors are [`V2Error`]s mapped in `http/error.rs`), compute,
-//! the answer's format (`response.rs`).
+//! Owns: reading a request body's one input tensor (from JSON `data`, flat
+//! or nested, or from Triton's binary tensor extension) and its requested
+//! outputs ([`OutputRequest`]), capping the memory it takes; the tensor
+//! rules (name, datatype, shape, value count, outputs each at most once)
+//! are the protocol core's (`oip/tensor.rs`) and the input's rules (row
+//! length, row limit, finiteness) `InferInput::new`'s. Must not touch:
+//! status codes (errors are [`V2Error`]s mapped in `http/error.rs`),
+//! compute, the answer's format (`response.rs`).
 //!
 //! The header is parsed as a stream, like `/infer`'s body: JSON `data`
 //! numbers go straight into the f32 buffer, which never holds more values
@@ -21,10 +23,10 @@ use std::fmt;
 use serde::Deserializer;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{INPUT, invalid};
+use super::invalid;
 use crate::http::error::V2Error;
 use crate::input::{ErrorSlot, InferInput, InputLimits, RequestError, clip};
-use crate::oip::{self, Declared};
+use crate::oip::{self, Declared, INPUT};
 
 /// Most dimensions a `shape` may list (the model's input has 2).
 const MAX_SHAPE_RANK: usize = 8;
@@ -122,7 +124,7 @@ impl Header {
         let values = match (input.binary_data_size, input.data) {
             (Some(_), Some(_)) => return Err(invalid(format!("input '{INPUT}' has both binary_data_size and data"))),
             (Some(size), None) => binary_values(&shape, size, binary, &declared)?,
-            (None, Some(values)) => json_values(&shape, values, binary, declared.values)?,
+            (None, Some(values)) => json_values(&shape, values, binary, &declared)?,
             (None, None) => {
                 return Err(invalid(format!(
                     "input '{INPUT}' has neither data nor binary_data_size"
@@ -160,19 +162,14 @@ fn binary_values(shape: &[i64], size: u64, binary: &[u8], declared: &Declared) -
 }
 
 /// Values from JSON `data`: exactly the shape's count, no binary part.
-fn json_values(shape: &[i64], values: Vec<f32>, binary: &[u8], expected: usize) -> Result<Vec<f32>, V2Error> {
+fn json_values(shape: &[i64], values: Vec<f32>, binary: &[u8], declared: &Declared) -> Result<Vec<f32>, V2Error> {
     if !binary.is_empty() {
         return Err(invalid(format!(
             "{} unexpected binary bytes after the JSON header",
             binary.len()
         )));
     }
-    if values.len() != expected {
-        return Err(invalid(format!(
-            "input '{INPUT}' has {} values, but shape {shape:?} needs {expected}",
-            values.len()
-        )));
-    }
+    oip::check_count(values.len(), declared, shape, "values")?;
     Ok(values)
 }
 
@@ -446,20 +443,11 @@ impl<'de> DeserializeSeed<'de> for DataSeed<'_> {
 
 impl DataSeed<'_> {
     fn push<E: de::Error>(self, v: f64) -> Result<(), E> {
-        let x = v as f32;
-        if !x.is_finite() {
-            return Err(reject(
-                self.slot,
-                format_args!(
-                    "input '{INPUT}' element {} ({v}) is not a finite FP32 value",
-                    self.out.len()
-                ),
-            ));
-        }
         if self.out.len() == self.cap {
             return Err(self.overflow());
         }
-        self.out.push(x);
+        // Finiteness as f32 is the validator's rule (`InferInput::new`).
+        self.out.push(v as f32);
         Ok(())
     }
 
@@ -564,21 +552,8 @@ impl<'de> Visitor<'de> for OutputsSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut outputs: Vec<(OutputName, Option<bool>)> = Vec::with_capacity(OutputName::ALL.len());
         while let Some(o) = seq.next_element::<RequestedOutput>()? {
-            let Some(name) = OutputName::parse(&o.name) else {
-                let names = OutputName::ALL.map(OutputName::as_str);
-                let shown: String = o.name.chars().take(64).collect();
-                return Err(reject(
-                    self.slot,
-                    format_args!("unexpected inference output '{shown}': outputs are {names:?}"),
-                ));
-            };
-            if outputs.iter().any(|(n, _)| *n == name) {
-                return Err(reject(
-                    self.slot,
-                    format_args!("output '{}' is requested more than once", name.as_str()),
-                ));
-            }
-            outputs.push((name, o.parameters.binary_data));
+            oip::add_output(&mut outputs, &o.name, o.parameters.binary_data)
+                .map_err(|e| self.slot.reject(V2Error::from(e)))?;
         }
         Ok(outputs)
     }

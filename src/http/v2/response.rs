@@ -2,16 +2,18 @@
 //! from typed fields (no `serde_json::Value` tree on the hot path), followed
 //! by the raw bytes of the outputs asked for in binary form.
 //!
-//! Owns: the answer's bytes and content headers. Must not touch: which
+//! Owns: the answer's bytes and content headers, rendering the protocol
+//! core's output tensors (`oip::output_tensors`). Must not touch: which
 //! outputs were asked for (`request.rs`), status codes.
 
 use actix_web::{HttpResponse, HttpResponseBuilder};
 use serde::Serialize;
 
-use super::request::{OutputName, OutputRequest};
-use super::{FP32, HEADER_LENGTH};
+use super::HEADER_LENGTH;
+use super::request::OutputRequest;
 use crate::engine::InferOutput;
 use crate::model::Dims;
+use crate::oip::{self, FP32};
 
 #[derive(Serialize)]
 struct OutputTensor<'a> {
@@ -45,14 +47,6 @@ pub struct Answerer<'a> {
     pub id: Option<&'a str>,
 }
 
-/// One requested output's values and row width.
-fn tensor<'o>(output: &'o InferOutput, name: OutputName, dims: &Dims) -> (&'o [f32], usize) {
-    match name {
-        OutputName::Logits => (&output.logits, dims.output),
-        OutputName::RouterWeights => (&output.router_weights, dims.experts),
-    }
-}
-
 /// Writes the answer into `response`; binary outputs follow the JSON header.
 pub fn write_response(
     mut response: HttpResponseBuilder,
@@ -61,20 +55,18 @@ pub fn write_response(
     output: &InferOutput,
     dims: &Dims,
 ) -> HttpResponse {
-    let n_rows = output.logits.len() / dims.output.max(1);
+    let tensors = oip::output_tensors(output, dims, requested.iter().map(|r| r.output));
     let outputs = requested
         .iter()
-        .map(|r| {
-            let (values, width) = tensor(output, r.output, dims);
-            OutputTensor {
-                name: r.output.as_str(),
-                datatype: FP32,
-                shape: [n_rows, width],
-                parameters: r.binary.then_some(BinarySize {
-                    binary_data_size: values.len() * 4,
-                }),
-                data: (!r.binary).then_some(values),
-            }
+        .zip(&tensors)
+        .map(|(r, t)| OutputTensor {
+            name: t.name.as_str(),
+            datatype: FP32,
+            shape: t.shape,
+            parameters: r.binary.then_some(BinarySize {
+                binary_data_size: t.values.len() * oip::FP32_BYTES,
+            }),
+            data: (!r.binary).then_some(t.values),
         })
         .collect();
     let head = ResponseHead {
@@ -86,19 +78,18 @@ pub fn write_response(
     let head = serde_json::to_vec(&head).expect("serialising to a Vec cannot fail");
     let binary: Vec<&[f32]> = requested
         .iter()
-        .filter(|r| r.binary)
-        .map(|r| tensor(output, r.output, dims).0)
+        .zip(&tensors)
+        .filter(|(r, _)| r.binary)
+        .map(|(_, t)| t.values)
         .collect();
-    let binary_len: usize = binary.iter().map(|v| v.len() * 4).sum();
+    let binary_len: usize = binary.iter().map(|v| v.len() * oip::FP32_BYTES).sum();
     if binary_len == 0 {
         return response.content_type("application/json").body(head);
     }
     let mut body = Vec::with_capacity(head.len() + binary_len);
     body.extend_from_slice(&head);
     for values in binary {
-        for v in values {
-            body.extend_from_slice(&v.to_le_bytes());
-        }
+        oip::le_bytes(values, &mut body);
     }
     response
         .content_type("application/octet-stream")

@@ -1,35 +1,28 @@
-//! The Open Inference Protocol's model facts and tensor rules, shared by its
-//! two transports: HTTP (`http/v2/`) and gRPC (`grpc/`).
+//! The Open Inference Protocol's tensor rules, whatever transport carried
+//! the tensor.
 //!
-//! Owns: the served model's tensor names and type ([`INPUT`], [`FP32`],
-//! [`OutputName`]), the extensions the server lists, the model's version
-//! string, and the checks an input tensor passes whatever carried it: its
-//! name and datatype ([`check_input`]), the batch size, element count and
-//! byte size its shape declares, each product checked for overflow, within
-//! the row limit ([`declared_shape`]), the byte length of raw contents
-//! ([`raw_values`]) and the requested outputs ([`requested_outputs`]: known,
-//! each at most once). Errors are [`ServeError`]s whose text is the client's
-//! message; each protocol maps them to its status in its own one place. Must
-//! not touch: wire formats (JSON, protobuf), status codes, compute.
+//! Owns: the model's tensor names and type ([`INPUT`], [`FP32`],
+//! [`OutputName`]), the checks an input tensor passes before its values
+//! are read: its name and datatype ([`check_input`]), the batch size,
+//! element count and byte size its shape declares, each product checked for
+//! overflow and the batch held to the row limit before any byte is compared
+//! ([`declared_shape`]), the value count of its contents ([`check_count`]),
+//! the decoding of raw little-endian contents ([`raw_values`]), the
+//! requested outputs ([`requested_outputs`], [`add_output`]: known, each at
+//! most once) and the answer's tensors ([`output_tensors`], [`le_bytes`]).
+//! Errors are [`RequestError`]s whose text is the client's message; each
+//! protocol maps them to its status in its own one place. The values
+//! themselves (row length, finiteness) are judged by `InferInput::new`.
+//! Must not touch: wire formats (JSON, protobuf), status codes, compute.
 
-use crate::engine::ModelDescription;
-use crate::error::ServeError;
-use crate::input::{InputLimits, clip};
+use crate::engine::InferOutput;
+use crate::input::{InputLimits, RequestError, clip};
+use crate::model::Dims;
 
 /// The only tensor type the engine computes in; others are rejected by name.
 pub const FP32: &str = "FP32";
 /// The model's one input.
 pub const INPUT: &str = "features";
-/// The `platform` of the served model in metadata and config.
-pub const PLATFORM: &str = "tokitai_moe";
-/// The protocol extensions the server supports (`GET /v2`, `ServerMetadata`).
-pub const EXTENSIONS: [&str; 4] = [
-    "binary_tensor_data",
-    "model_configuration",
-    "model_repository",
-    "statistics",
-];
-
 /// The model's outputs, in the model's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputName {
@@ -52,18 +45,12 @@ impl OutputName {
     }
 }
 
-/// The model's version on the protocol: its repository folder (the
-/// checkpoint's training step with `--arch/--checkpoint`).
-pub fn version_of(description: &ModelDescription) -> String {
-    description.version.to_string()
-}
-
-fn invalid(msg: String) -> ServeError {
-    ServeError::BadRequest(msg)
+fn invalid(msg: String) -> RequestError {
+    RequestError::Protocol(msg)
 }
 
 /// The input is the model's: named `features`, of type FP32.
-pub fn check_input(name: &str, datatype: &str) -> Result<(), ServeError> {
+pub fn check_input(name: &str, datatype: &str) -> Result<(), RequestError> {
     let name = clip(name);
     if name != INPUT {
         return Err(invalid(format!(
@@ -97,7 +84,7 @@ pub struct Declared {
 /// batch >= 1), within the row limit. Every product is checked: a shape
 /// whose byte size does not fit in a `usize` is refused naming the shape,
 /// whatever the row limit, so no size is ever computed wrapped.
-pub fn declared_shape(shape: &[i64], limits: &InputLimits) -> Result<Declared, ServeError> {
+pub fn declared_shape(shape: &[i64], limits: &InputLimits) -> Result<Declared, RequestError> {
     let shown = || -> Vec<i64> { shape.iter().copied().take(8).collect() };
     let n_rows = match shape {
         [n, d] if *n >= 1 && *d == limits.row_len as i64 => usize::try_from(*n).unwrap_or(usize::MAX),
@@ -118,6 +105,8 @@ pub fn declared_shape(shape: &[i64], limits: &InputLimits) -> Result<Declared, S
             shown()
         )));
     };
+    // The validator's row limit, for a count declared before the values: a
+    // shape over it is refused before its contents are compared to it.
     limits.check_rows(n_rows)?;
     Ok(Declared {
         rows: n_rows,
@@ -129,7 +118,7 @@ pub fn declared_shape(shape: &[i64], limits: &InputLimits) -> Result<Declared, S
 /// The little-endian f32 values of `bytes`, which must be exactly the
 /// `declared` size. `what` names the bytes in the message (e.g.
 /// `raw_input_contents[0]`).
-pub fn raw_values(bytes: &[u8], declared: &Declared, shape: &[i64], what: &str) -> Result<Vec<f32>, ServeError> {
+pub fn raw_values(bytes: &[u8], declared: &Declared, shape: &[i64], what: &str) -> Result<Vec<f32>, RequestError> {
     if bytes.len() != declared.bytes {
         return Err(invalid(format!(
             "input '{INPUT}': {what} is {} bytes, but shape {shape:?} of {FP32} needs {} bytes",
@@ -137,43 +126,117 @@ pub fn raw_values(bytes: &[u8], declared: &Declared, shape: &[i64], what: &str) 
             declared.bytes
         )));
     }
-    // Finiteness is checked once, by `InferInput::new`.
+    // Finiteness is the validator's rule (`InferInput::new`).
     Ok(bytes
         .chunks_exact(FP32_BYTES)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect())
 }
 
+/// `values` values came for a tensor whose shape needs `declared.values`;
+/// `what` names them in the message (e.g. `fp32_contents values`).
+pub fn check_count(values: usize, declared: &Declared, shape: &[i64], what: &str) -> Result<(), RequestError> {
+    if values != declared.values {
+        return Err(invalid(format!(
+            "input '{INPUT}' has {values} {what}, but shape {shape:?} needs {}",
+            declared.values
+        )));
+    }
+    Ok(())
+}
+
+/// Adds the output named `name` to `outputs` (its name and whatever the
+/// transport keeps with it): refused when unknown or already there.
+pub fn add_output<T>(outputs: &mut Vec<(OutputName, T)>, name: &str, with: T) -> Result<(), RequestError> {
+    let Some(output) = OutputName::parse(name) else {
+        let names = OutputName::ALL.map(OutputName::as_str);
+        let shown: String = name.chars().take(64).collect();
+        return Err(invalid(format!(
+            "unexpected inference output '{shown}': outputs are {names:?}"
+        )));
+    };
+    if outputs.iter().any(|(o, _)| *o == output) {
+        return Err(invalid(format!(
+            "output '{}' is requested more than once",
+            output.as_str()
+        )));
+    }
+    outputs.push((output, with));
+    Ok(())
+}
+
 /// The outputs asked for, by name, in the order asked; all of them, in the
 /// model's order, when none is named. Unknown and repeated names are refused.
-pub fn requested_outputs<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<OutputName>, ServeError> {
+pub fn requested_outputs<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Vec<OutputName>, RequestError> {
     let mut outputs = Vec::with_capacity(OutputName::ALL.len());
     for name in names {
-        let Some(output) = OutputName::parse(name) else {
-            let names = OutputName::ALL.map(OutputName::as_str);
-            let shown: String = name.chars().take(64).collect();
-            return Err(invalid(format!(
-                "unexpected inference output '{shown}': outputs are {names:?}"
-            )));
-        };
-        if outputs.contains(&output) {
-            return Err(invalid(format!(
-                "output '{}' is requested more than once",
-                output.as_str()
-            )));
-        }
-        outputs.push(output);
+        add_output(&mut outputs, name, ())?;
     }
     if outputs.is_empty() {
-        outputs.extend(OutputName::ALL);
+        return Ok(OutputName::ALL.to_vec());
     }
-    Ok(outputs)
+    Ok(outputs.into_iter().map(|(o, ())| o).collect())
+}
+
+/// One output tensor of an answer: its name, its `[rows, width]` shape and
+/// its values, row-major.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutputTensor<'o> {
+    pub name: OutputName,
+    pub shape: [usize; 2],
+    pub values: &'o [f32],
+}
+
+impl OutputTensor<'_> {
+    /// The shape as the protocol's `int64` dimensions.
+    pub fn shape_i64(&self) -> Vec<i64> {
+        self.shape.iter().map(|&d| d as i64).collect()
+    }
+}
+
+/// The answer's tensors for `requested`, in the order asked.
+pub fn output_tensors<'o>(
+    output: &'o InferOutput,
+    dims: &Dims,
+    requested: impl IntoIterator<Item = OutputName>,
+) -> Vec<OutputTensor<'o>> {
+    let n_rows = output.logits.len() / dims.output.max(1);
+    requested
+        .into_iter()
+        .map(|name| {
+            let (values, width) = match name {
+                OutputName::Logits => (&output.logits[..], dims.output),
+                OutputName::RouterWeights => (&output.router_weights[..], dims.experts),
+            };
+            OutputTensor {
+                name,
+                shape: [n_rows, width],
+                values,
+            }
+        })
+        .collect()
+}
+
+/// Each output's row width, in the model's order.
+pub fn output_widths(dims: &Dims) -> [(OutputName, usize); 2] {
+    [
+        (OutputName::Logits, dims.output),
+        (OutputName::RouterWeights, dims.experts),
+    ]
+}
+
+/// `values` as raw little-endian FP32 bytes (binary tensor data, gRPC's
+/// `raw_output_contents`), appended to `out`.
+pub fn le_bytes(values: &[f32], out: &mut Vec<u8>) {
+    out.reserve(values.len() * FP32_BYTES);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::RequestError;
 
     const LIMITS: InputLimits = InputLimits {
         row_len: 4,
@@ -193,17 +256,17 @@ mod tests {
         );
         for bad in [&[0, 4][..], &[-1, 4], &[2, 5], &[8], &[1, 2, 4], &[]] {
             assert!(
-                matches!(declared_shape(bad, &LIMITS), Err(ServeError::BadRequest(m)) if m.contains("shape")),
+                matches!(declared_shape(bad, &LIMITS), Err(RequestError::Protocol(m)) if m.contains("shape")),
                 "{bad:?}"
             );
         }
         // Over the row limit, but sizes that fit: the row limit answers.
         assert_eq!(
             declared_shape(&[1 << 40, 4], &LIMITS),
-            Err(ServeError::Request(RequestError::TooManyRows {
+            Err(RequestError::TooManyRows {
                 rows: 1 << 40,
                 limit: 8
-            }))
+            })
         );
     }
 
