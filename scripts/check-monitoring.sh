@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the monitoring assets with promtool: the Prometheus config, the
-# alerting rules and their unit tests, and (when an engine is running) the
-# live /metrics exposition.
+# alerting rules and their unit tests (two-model cases included), the
+# Grafana dashboard's JSON, and (when an engine is running) the live /metrics
+# exposition.
 #
 #   scripts/check-monitoring.sh [http://127.0.0.1:9100]
 #
@@ -20,6 +21,9 @@ fi
 "$PROMTOOL" check config config/prometheus.yml
 "$PROMTOOL" check rules config/alerts.yml
 "$PROMTOOL" test rules config/alerts.test.yml
+for dashboard in dashboards/*.json; do
+    python3 -m json.tool "$dashboard" >/dev/null || { echo "error: $dashboard is not valid JSON" >&2; exit 1; }
+done
 
 if [[ $# -ge 1 ]]; then
     echo "Checking metrics from $1/metrics"

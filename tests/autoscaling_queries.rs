@@ -5,6 +5,11 @@
 //! They must return one series per pod, labelled by the scrape job's `pod`
 //! label, exactly 0 before any request, and rise with queueing: the pod under
 //! a queue-building load reads far above the pod serving one client at a time.
+//! The heavy pod serves TWO models from a model repository (series labelled
+//! `{model, version}`): one under the queue-building load, the other served
+//! one request at a time; the pod's value is the max over its models of each
+//! model's queue wait per request (prometheus-adapter-rules.yaml says why),
+//! so the busy model is not diluted by the quick one.
 //!
 //! The scrape job's kubernetes_sd_configs is swapped for file_sd_configs
 //! whose targets carry the `__meta_kubernetes_*` labels Kubernetes discovery
@@ -26,6 +31,12 @@ use common::{
     Prometheus, SCRAPE_TIMEOUT, TestServer, agent, base_config, concurrent_clients, nano_dims, post, tool, wait_for,
 };
 use serde_json::{Value, json};
+use two_models::{ModelPlan, TwoModels};
+
+// Shared with tests/prometheus_live.rs; this binary drives v2 HTTP only.
+#[allow(dead_code)]
+#[path = "common/two_models.rs"]
+mod two_models;
 
 const SCRAPE_JOB: &str = "deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml";
 const NAMESPACE: &str = "tokitai";
@@ -42,6 +53,27 @@ const HEAVY_BATCH_ROWS: usize = 64;
 /// Light load: one client, one small request at a time: nothing queues.
 const LIGHT_REQUESTS: usize = 30;
 const LIGHT_ROWS: usize = 8;
+
+/// The heavy pod's models: `busy` takes the heavy load on one worker of one
+/// thread (its compute is the bottleneck), `quick` the light load beside it.
+const BUSY: ModelPlan = ModelPlan {
+    name: "busy",
+    version: 1,
+    workers: 1,
+    max_batch_rows: HEAVY_BATCH_ROWS,
+    max_queue_rows: 4096,
+    max_queue_delay_us: 0,
+    seed: 31,
+};
+const QUICK: ModelPlan = ModelPlan {
+    name: "quick",
+    version: 2,
+    workers: 1,
+    max_batch_rows: 256,
+    max_queue_rows: 4096,
+    max_queue_delay_us: 0,
+    seed: 32,
+};
 
 /// The shipped scrape job with Kubernetes discovery swapped for a file of
 /// targets (`targets.json` in `dir`), scraping every second.
@@ -168,18 +200,22 @@ fn rows_body(rows: usize, seed: usize) -> String {
     json!({ "features": rows }).to_string()
 }
 
-/// Sum and count of `name` on the engine's own /metrics.
-fn own(engine: &TestServer, name: &str) -> (f64, f64) {
+/// Sum and count of `name` on the engine's own /metrics, over the series
+/// whose labels include `labels`.
+fn own(engine: &TestServer, name: &str, labels: &[(&str, &str)]) -> (f64, f64) {
     let m = engine.metrics();
-    (m.sum(&format!("{name}_sum"), &[]), m.sum(&format!("{name}_count"), &[]))
+    (
+        m.sum(&format!("{name}_sum"), labels),
+        m.sum(&format!("{name}_count"), labels),
+    )
 }
 
-/// One worker of one thread: the heavy pod's compute is its bottleneck.
-fn engine(max_batch_rows: usize) -> TestServer {
+/// The light pod: the demo model on one worker of one thread.
+fn light_engine() -> TestServer {
     let mut config = base_config();
     config.workers.count = 1;
     config.workers.threads_per_worker = 1;
-    config.batching.max_batch_rows = max_batch_rows;
+    config.batching.max_batch_rows = 256;
     TestServer::start(config)
 }
 
@@ -205,7 +241,9 @@ fn scrape_job_passes_promtool_with_file_discovery() {
     );
 }
 
-/// Sends the light and heavy loads at once; every answer must be a 200.
+/// Sends the loads at once: the light load to the light pod (/infer) and to
+/// the heavy pod's quick model (v2), the heavy load to the heavy pod's busy
+/// model (v2). Every answer must be a 200.
 fn drive_load(light: &TestServer, heavy: &TestServer) {
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -215,32 +253,45 @@ fn drive_load(light: &TestServer, heavy: &TestServer) {
                 assert_eq!(r.status, 200, "light request {i}");
             }
         });
+        s.spawn(|| {
+            let agent = agent();
+            for i in 0..LIGHT_REQUESTS {
+                let status = two_models::v2_infer(&agent, heavy, QUICK.name, LIGHT_ROWS, i);
+                assert_eq!(status, 200, "quick model request {i}");
+            }
+        });
         concurrent_clients(HEAVY_CLIENTS, |c, agent| {
             for i in 0..HEAVY_REQUESTS {
-                let r = post(agent, &heavy.url("/infer"), &rows_body(HEAVY_ROWS, c * 100 + i), &[]);
-                assert_eq!(r.status, 200, "heavy client {c} request {i}");
+                let status = two_models::v2_infer(agent, heavy, BUSY.name, HEAVY_ROWS, c * 100 + i);
+                assert_eq!(status, 200, "heavy client {c} request {i}");
             }
         });
     });
 }
 
-#[test]
-fn autoscaling_queries_give_one_series_per_pod_zero_idle_and_rise_with_queueing() {
-    let light = engine(256);
-    let heavy = engine(HEAVY_BATCH_ROWS);
-    let prom = start_prometheus(&light, &heavy);
-    let (adapter, keda) = (adapter_query(), keda_query());
+/// Per (pod, model): each model's mean queue wait per request, the inner
+/// part of both queries.
+fn per_model(prom: &Prometheus, time: &str) -> BTreeMap<(String, String), f64> {
+    let m = "namespace=\"tokitai\"";
+    let q = format!(
+        "sum by (pod, model) (rate(tokitai_queue_wait_seconds_sum{{{m}}}[1m])) \
+         / clamp_min(sum by (pod, model) (rate(tokitai_queue_wait_seconds_count{{{m}}}[1m])), 1e-9)"
+    );
+    eval(prom, &q, time)
+        .into_iter()
+        .map(|(l, v)| ((l["pod"].clone(), l.get("model").cloned().unwrap_or_default()), v))
+        .collect()
+}
+
+/// Waits until three scrapes of both engines are in, and checks the scrape
+/// job kept the two engines and dropped the decoys, labelled as Kubernetes
+/// discovery would have them.
+fn wait_for_both_pods(prom: &Prometheus) {
     wait_for("three scrapes of both engines", SCRAPE_TIMEOUT, || {
-        let r = eval(
-            &prom,
-            "count_over_time(up{job=\"tokitai-serve\"}[1m]) >= 3",
-            &now(&prom),
-        );
+        let r = eval(prom, "count_over_time(up{job=\"tokitai-serve\"}[1m]) >= 3", &now(prom));
         (r.len() == 2).then_some(())
     });
-    // The job kept the two engines and dropped the decoys, labelled as
-    // Kubernetes discovery would have them.
-    let up = eval(&prom, "up{job=\"tokitai-serve\"}", &now(&prom));
+    let up = eval(prom, "up{job=\"tokitai-serve\"}", &now(prom));
     let mut pods: Vec<&str> = up.iter().map(|(l, _)| l["pod"].as_str()).collect();
     pods.sort_unstable();
     assert_eq!(pods, [HEAVY_POD, LIGHT_POD], "the scrape job's targets: {up:?}");
@@ -248,17 +299,33 @@ fn autoscaling_queries_give_one_series_per_pod_zero_idle_and_rise_with_queueing(
         up.iter()
             .all(|(l, v)| *v == 1.0 && l["namespace"] == NAMESPACE && l["container"] == "tokitai-serve")
     );
+}
 
-    // Idle: no request yet, both exactly 0 (not NaN, not missing).
+#[test]
+fn autoscaling_queries_give_one_series_per_pod_zero_idle_and_rise_with_queueing() {
+    let light = light_engine();
+    let heavy = TwoModels::start(&[BUSY, QUICK], |_| {});
+    let prom = start_prometheus(&light, &heavy.server);
+    let (adapter, keda) = (adapter_query(), keda_query());
+    wait_for_both_pods(&prom);
+
+    // Idle: no request yet, both exactly 0 (not NaN, not missing), though
+    // the heavy pod serves two models.
     let t = now(&prom);
     let idle = per_pod(&eval(&prom, &adapter, &t));
     assert_eq!(idle.values().copied().collect::<Vec<_>>(), [0.0, 0.0], "idle: {idle:?}");
     let k = eval(&prom, &keda, &t);
     assert_eq!((k.len(), k[0].1), (1, 0.0), "KEDA's query idle: {k:?}");
+    let models = per_model(&prom, &t);
+    assert!(
+        models.contains_key(&(HEAVY_POD.to_string(), BUSY.name.to_string()))
+            && models.contains_key(&(HEAVY_POD.to_string(), QUICK.name.to_string())),
+        "the heavy pod's two models each have their queue-wait series at zero: {models:?}"
+    );
 
-    drive_load(&light, &heavy);
-    for (server, pod) in [(&light, LIGHT_POD), (&heavy, HEAVY_POD)] {
-        let (_, count) = own(server, "tokitai_queue_wait_seconds");
+    drive_load(&light, &heavy.server);
+    for (server, pod) in [(&light, LIGHT_POD), (&heavy.server, HEAVY_POD)] {
+        let (_, count) = own(server, "tokitai_queue_wait_seconds", &[]);
         let q = format!("sum(tokitai_queue_wait_seconds_count{{pod=\"{pod}\"}})");
         wait_for("Prometheus to scrape every request", SCRAPE_TIMEOUT, || {
             prom.scalar(&q).filter(|v| *v >= count)
@@ -266,29 +333,48 @@ fn autoscaling_queries_give_one_series_per_pod_zero_idle_and_rise_with_queueing(
     }
     let t = now(&prom);
     let loaded = per_pod(&eval(&prom, &adapter, &t));
+    let models = per_model(&prom, &t);
     let (light_v, heavy_v) = (loaded[LIGHT_POD], loaded[HEAVY_POD]);
-    let (compute_sum, batches) = own(&heavy, "tokitai_compute_seconds");
+    let model_v = |name: &str| models[&(HEAVY_POD.to_string(), name.to_string())];
+    let (busy_v, quick_v) = (model_v(BUSY.name), model_v(QUICK.name));
+    let busy_labels = [("model", BUSY.name)];
+    let (compute_sum, batches) = own(&heavy.server, "tokitai_compute_seconds", &busy_labels);
     let batch = compute_sum / batches;
-    let (wait_sum, requests) = own(&heavy, "tokitai_queue_wait_seconds");
+    let (wait_sum, requests) = own(&heavy.server, "tokitai_queue_wait_seconds", &busy_labels);
     println!(
-        "queue wait per request: light pod {:.3} ms, heavy pod {:.3} ms (engine's own mean {:.3} ms over {requests} \
-         requests); heavy pod's mean batch compute {:.3} ms over {batches} batches",
+        "queue wait per request: light pod {:.3} ms; heavy pod {:.3} ms (busy model {:.3} ms, engine's own mean \
+         {:.3} ms over {requests} requests; quick model {:.3} ms); busy model's mean batch compute {:.3} ms over \
+         {batches} batches",
         light_v * 1e3,
         heavy_v * 1e3,
+        busy_v * 1e3,
         wait_sum / requests * 1e3,
+        quick_v * 1e3,
         batch * 1e3
     );
-    // Rising with queueing: requests on the heavy pod wait behind several
-    // batches of other requests; on the light pod behind none.
+    // The pod reads its most-queued model: the max over its models.
+    assert_eq!(
+        heavy_v,
+        busy_v.max(quick_v),
+        "the heavy pod's value is the max over its models"
+    );
+    assert_eq!(light_v, models[&(LIGHT_POD.to_string(), "tokitai-moe".to_string())]);
+    // Rising with queueing: the busy model's requests wait behind several
+    // batches of other requests; the quick model's and the light pod's
+    // behind none.
     assert!(
-        heavy_v > 2.0 * batch,
-        "heavy pod waits {heavy_v} s, less than two batches ({batch} s each)"
+        busy_v > 2.0 * batch,
+        "the busy model waits {busy_v} s, less than two batches ({batch} s each)"
+    );
+    assert!(
+        quick_v < busy_v / 5.0,
+        "quick model {quick_v} s against busy model {busy_v} s"
     );
     assert!(
         light_v < heavy_v / 5.0,
         "light pod {light_v} s against heavy pod {heavy_v} s"
     );
-    // KEDA's one number is the sum of the per-pod means (AverageValue
+    // KEDA's one number is the sum of the per-pod values (AverageValue
     // divides it by the replicas).
     let k = eval(&prom, &keda, &t);
     assert_eq!(k.len(), 1, "KEDA's query gives one series: {k:?}");
@@ -299,5 +385,5 @@ fn autoscaling_queries_give_one_series_per_pod_zero_idle_and_rise_with_queueing(
         k[0].1
     );
     light.shutdown();
-    heavy.shutdown();
+    heavy.server.shutdown();
 }

@@ -1,10 +1,11 @@
 //! The Prometheus text exposition as the tests read it.
 //!
-//! Owns: [`Metrics`], a small parser of a `/metrics` scrape, and its sums
-//! over label subsets. Must not touch: scraping (see
+//! Owns: [`Metrics`], a small parser of a `/metrics` scrape, its sums over
+//! label subsets, the values a label takes, and the series names its
+//! `# TYPE` lines declare. Must not touch: scraping (see
 //! [`super::server::TestServer::metrics`]) or the engine's own registry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A parsed Prometheus text exposition.
 pub struct Metrics {
@@ -55,6 +56,34 @@ impl Metrics {
             .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v)))
             .map(|(_, _, v)| v)
             .sum()
+    }
+
+    /// The values `label` takes on the samples of `name` whose labels
+    /// include `labels`.
+    pub fn label_values(&self, name: &str, label: &str, labels: &[(&str, &str)]) -> BTreeSet<String> {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v)))
+            .filter_map(|(_, l, _)| l.get(label).cloned())
+            .collect()
+    }
+
+    /// Every series name the scrape declares (`# TYPE` lines), histograms
+    /// expanded to their `_bucket`, `_sum` and `_count` series.
+    pub fn series_names(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for line in self.text.lines() {
+            let mut words = line.strip_prefix("# TYPE ").unwrap_or_default().split_whitespace();
+            let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            if kind == "histogram" {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            } else {
+                names.insert(name.to_string());
+            }
+        }
+        names
     }
 
     /// Whether a sample of `name` exists at all.
