@@ -217,11 +217,8 @@ pub fn infer(args: &InferArgs) -> i32 {
         eprintln!("error: --cpu-isa {isa} needs the CPU feature `{feature}`, which this CPU lacks");
         return EXIT_USAGE;
     }
-    let model = match (&args.model.arch, &args.model.checkpoint) {
-        (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
-        _ => Ok(crate::model::synth::demo_model()),
-    };
-    let model = match model {
+    let files = args.model.arch.as_deref().zip(args.model.checkpoint.as_deref());
+    let model = match crate::model::load_files_or_demo(files) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: failed to load the model: {e}");

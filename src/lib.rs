@@ -64,6 +64,7 @@ pub mod oip;
 pub mod os;
 pub mod readiness;
 pub mod repository;
+pub mod served;
 pub mod sidecar_json;
 pub mod stats;
 pub mod worker;

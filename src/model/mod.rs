@@ -123,3 +123,12 @@ pub fn load_model(arch_path: &std::path::Path, checkpoint_path: &std::path::Path
         step: ckpt.step,
     })
 }
+
+/// The model source rule, written once: the `(arch.json, checkpoint)`
+/// files when given (loaded by [`load_model`]), else the built-in demo model.
+pub fn load_files_or_demo(files: Option<(&std::path::Path, &std::path::Path)>) -> Result<LoadedModel, ModelError> {
+    match files {
+        Some((arch, checkpoint)) => load_model(arch, checkpoint),
+        None => Ok(synth::demo_model()),
+    }
+}
