@@ -28,6 +28,7 @@ use parking_lot::Mutex;
 
 use crate::labels::{DropReason, Endpoint, FailureReason, GrpcMethod, Route};
 
+use prometheus::core::Collector;
 use prometheus::{
     Counter, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -64,31 +65,18 @@ pub struct Metrics {
     pub grpc_stream_messages: IntCounterVec,
     pub request_failures: IntCounterVec,
     pub request_duration: HistogramVec,
-    pub queue_wait: HistogramVec,
-    pub compute_time: HistogramVec,
-    pub rows_computed: IntCounterVec,
-    pub batches: IntCounterVec,
-    pub batch_rows: HistogramVec,
-    pub batch_requests: HistogramVec,
-    pub rows_dropped: IntCounterVec,
-    pub queue_depth_rows: IntGaugeVec,
     pub inflight_requests: IntGauge,
-    pub workers: IntGaugeVec,
-    pub worker_busy: prometheus::CounterVec,
-    pub worker_restarts: IntCounterVec,
-    pub expert_rows: IntCounterVec,
-    pub router_top1_weight: HistogramVec,
     pub model_info: IntGaugeVec,
     pub model_load_seconds: GaugeVec,
     pub model_version: IntGaugeVec,
     pub model_loads: IntCounterVec,
     pub model_load_failures: IntCounterVec,
-    pub model_answers: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
-    pub config_max_queue_rows: IntGaugeVec,
-    pub config_max_batch_rows: IntGaugeVec,
     pub device_memory_bytes: GaugeVec,
+    /// The per-version families: each served version's [`VersionMetrics`]
+    /// adds its `{model, version}` series to them and removes them.
+    families: VersionFamilies,
     /// Which [`VersionMetrics`] owns each `{model, version}` label pair now
     /// (a version re-read under the same number takes the pair over; the
     /// one it replaced must not remove the series when it retires).
@@ -101,223 +89,149 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let lat = latency_buckets();
-        macro_rules! reg {
-            ($m:expr) => {{
-                let m = $m.expect("metric definitions are static and valid");
-                registry
-                    .register(Box::new(m.clone()))
-                    .expect("each metric is registered once");
-                m
-            }};
-        }
         let metrics = Metrics {
             recording: true,
-            http_requests: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_http_requests_total",
-                    "HTTP requests answered, by route template and status code."
+            http_requests: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_http_requests_total",
+                        "HTTP requests answered, by route template and status code.",
+                    ),
+                    &["route", "status"],
                 ),
-                &["route", "status"],
-            )),
-            grpc_requests: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_grpc_requests_total",
-                    "gRPC calls answered, by method path and gRPC status code name."
+            ),
+            grpc_requests: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_grpc_requests_total",
+                        "gRPC calls answered, by method path and gRPC status code name.",
+                    ),
+                    &["route", "code"],
                 ),
-                &["route", "code"],
-            )),
-            grpc_stream_messages: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_grpc_stream_messages_total",
-                    "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent)."
+            ),
+            grpc_stream_messages: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_grpc_stream_messages_total",
+                        "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent).",
+                    ),
+                    &["code"],
                 ),
-                &["code"],
-            )),
-            request_failures: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_request_failures_total",
-                    "Requests that got no model answer, by route and reason."
+            ),
+            request_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_request_failures_total",
+                        "Requests that got no model answer, by route and reason.",
+                    ),
+                    &["route", "reason"],
                 ),
-                &["route", "reason"],
-            )),
-            request_duration: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "tokitai_request_duration_seconds",
-                    "Time from request start to answer, by route."
-                )
-                .buckets(lat.clone()),
-                &["route"],
-            )),
-            queue_wait: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "tokitai_queue_wait_seconds",
-                    "Time a request's rows waited before their batch started, by model version."
-                )
-                .buckets(lat.clone()),
-                &VERSION,
-            )),
-            compute_time: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "tokitai_compute_seconds",
-                    "Forward time of one batch on a worker, by model version."
-                )
-                .buckets(lat.clone()),
-                &VERSION,
-            )),
-            rows_computed: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_rows_computed_total",
-                    "Rows computed, by model version and worker."
+            ),
+            request_duration: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tokitai_request_duration_seconds",
+                        "Time from request start to answer, by route.",
+                    )
+                    .buckets(lat.clone()),
+                    &["route"],
                 ),
-                &["model", "version", "worker"],
-            )),
-            batches: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_batches_total",
-                    "Batches computed, by model version and worker."
+            ),
+            inflight_requests: reg(
+                &registry,
+                IntGauge::new(
+                    "tokitai_inflight_requests",
+                    "Inference requests accepted and not yet answered.",
                 ),
-                &["model", "version", "worker"],
-            )),
-            batch_rows: reg!(HistogramVec::new(
-                HistogramOpts::new("tokitai_batch_size_rows", "Rows per computed batch, by model version.")
-                    .buckets(pow2_buckets()),
-                &VERSION,
-            )),
-            batch_requests: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "tokitai_batch_size_requests",
-                    "Requests (or request parts) per computed batch, by model version."
-                )
-                .buckets(pow2_buckets()),
-                &VERSION,
-            )),
-            rows_dropped: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_rows_dropped_total",
-                    "Queued rows dropped before compute, by model version and reason."
+            ),
+            model_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("tokitai_model_info", "Each served model version (value 1)."),
+                    &[
+                        "model",
+                        "model_version",
+                        "size",
+                        "layernorm",
+                        "weight_precision",
+                        "param_count",
+                        "checkpoint",
+                        "backend",
+                        "devices",
+                        "isa",
+                    ],
                 ),
-                &["model", "version", "reason"],
-            )),
-            queue_depth_rows: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "tokitai_queue_depth_rows",
-                    "Rows waiting in a model version's batcher queue."
+            ),
+            model_load_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "tokitai_model_load_seconds",
+                        "Time taken to load and prepare each model's most recently loaded version.",
+                    ),
+                    &["model"],
                 ),
-                &VERSION,
-            )),
-            inflight_requests: reg!(IntGauge::new(
-                "tokitai_inflight_requests",
-                "Inference requests accepted and not yet answered."
-            )),
-            workers: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_workers", "Worker actors (sessions) in a model version's pool."),
-                &VERSION,
-            )),
-            worker_busy: reg!(prometheus::CounterVec::new(
-                Opts::new(
-                    "tokitai_worker_busy_seconds_total",
-                    "Seconds each worker spent computing, by model version and worker; rate() is utilisation."
+            ),
+            model_version: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tokitai_model_version",
+                        "The version each loaded model serves (its repository folder, or the checkpoint's step).",
+                    ),
+                    &["model"],
                 ),
-                &["model", "version", "worker"],
-            )),
-            worker_restarts: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_worker_restarts_total",
-                    "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by model version and worker."
+            ),
+            model_loads: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_model_loads_total",
+                        "Model versions loaded and put in service, by model.",
+                    ),
+                    &["model"],
                 ),
-                &["model", "version", "worker"],
-            )),
-            expert_rows: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_expert_rows_total",
-                    "Rows routed to each expert, by model version (each row counts once per selected expert)."
+            ),
+            model_load_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_model_load_failures_total",
+                        "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving.",
+                    ),
+                    &["model"],
                 ),
-                &["model", "version", "expert"],
-            )),
-            router_top1_weight: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "tokitai_router_top1_weight",
-                    "The router's largest expert weight per row (its confidence), by model version."
-                )
-                .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
-                &VERSION,
-            )),
-            model_info: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_model_info", "Each served model version (value 1)."),
-                &[
-                    "model",
-                    "model_version",
-                    "size",
-                    "layernorm",
-                    "weight_precision",
-                    "param_count",
-                    "checkpoint",
-                    "backend",
-                    "devices",
-                    "isa"
-                ],
-            )),
-            model_load_seconds: reg!(GaugeVec::new(
-                Opts::new(
-                    "tokitai_model_load_seconds",
-                    "Time taken to load and prepare each model's most recently loaded version."
+            ),
+            build_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
+                    &["version"],
                 ),
-                &["model"],
-            )),
-            model_version: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "tokitai_model_version",
-                    "The version each loaded model serves (its repository folder, or the checkpoint's step)."
+            ),
+            ready: reg(
+                &registry,
+                IntGauge::new(
+                    "tokitai_ready",
+                    "1 when the model is loaded, workers warmed up and not draining.",
                 ),
-                &["model"],
-            )),
-            model_loads: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_model_loads_total",
-                    "Model versions loaded and put in service, by model."
+            ),
+            device_memory_bytes: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "tokitai_device_memory_used_bytes",
+                        "Memory used on each compute device.",
+                    ),
+                    &["device"],
                 ),
-                &["model"],
-            )),
-            model_load_failures: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_model_load_failures_total",
-                    "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving."
-                ),
-                &["model"],
-            )),
-            model_answers: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_model_answers_total",
-                    "Inference requests answered, by the model and version that computed them."
-                ),
-                &["model", "version"],
-            )),
-            build_info: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
-                &["version"],
-            )),
-            ready: reg!(IntGauge::new(
-                "tokitai_ready",
-                "1 when the model is loaded, workers warmed up and not draining."
-            )),
-            config_max_queue_rows: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "tokitai_queue_capacity_rows",
-                    "A model version's batching.max_queue_rows."
-                ),
-                &VERSION,
-            )),
-            config_max_batch_rows: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_max_batch_rows", "A model version's batching.max_batch_rows."),
-                &VERSION,
-            )),
-            device_memory_bytes: reg!(GaugeVec::new(
-                Opts::new(
-                    "tokitai_device_memory_used_bytes",
-                    "Memory used on each compute device."
-                ),
-                &["device"],
-            )),
+            ),
+            families: VersionFamilies::register(&registry),
             registry,
             owners: Mutex::new(HashMap::new()),
             next_owner: AtomicU64::new(0),
@@ -350,7 +264,9 @@ impl Metrics {
 
     /// The answer counter of one model version, resolved once per version.
     pub fn model_answers(&self, model: &str, version: u64) -> IntCounter {
-        self.model_answers.with_label_values(&[model, &version.to_string()])
+        self.families
+            .model_answers
+            .with_label_values(&[model, &version.to_string()])
     }
 
     /// A model's load-failure series, created at zero so dashboards and
@@ -474,6 +390,201 @@ impl Metrics {
     }
 }
 
+/// Registers `metric` in `registry`: every definition is static and valid,
+/// and registered once.
+fn reg<C: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<C>) -> C {
+    let metric = metric.expect("metric definitions are static and valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+/// The families whose series belong to one model version each (labels
+/// `model`, `version` first).
+struct VersionFamilies {
+    queue_wait: HistogramVec,
+    compute_time: HistogramVec,
+    rows_computed: IntCounterVec,
+    batches: IntCounterVec,
+    batch_rows: HistogramVec,
+    batch_requests: HistogramVec,
+    rows_dropped: IntCounterVec,
+    queue_depth_rows: IntGaugeVec,
+    workers: IntGaugeVec,
+    worker_busy: prometheus::CounterVec,
+    worker_restarts: IntCounterVec,
+    expert_rows: IntCounterVec,
+    router_top1_weight: HistogramVec,
+    model_answers: IntCounterVec,
+    config_max_queue_rows: IntGaugeVec,
+    config_max_batch_rows: IntGaugeVec,
+}
+
+impl VersionFamilies {
+    fn register(registry: &Registry) -> VersionFamilies {
+        let lat = latency_buckets();
+        VersionFamilies {
+            queue_wait: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tokitai_queue_wait_seconds",
+                        "Time a request's rows waited before their batch started, by model version.",
+                    )
+                    .buckets(lat.clone()),
+                    &VERSION,
+                ),
+            ),
+            compute_time: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tokitai_compute_seconds",
+                        "Forward time of one batch on a worker, by model version.",
+                    )
+                    .buckets(lat.clone()),
+                    &VERSION,
+                ),
+            ),
+            rows_computed: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_rows_computed_total",
+                        "Rows computed, by model version and worker.",
+                    ),
+                    &["model", "version", "worker"],
+                ),
+            ),
+            batches: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_batches_total",
+                        "Batches computed, by model version and worker.",
+                    ),
+                    &["model", "version", "worker"],
+                ),
+            ),
+            batch_rows: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new("tokitai_batch_size_rows", "Rows per computed batch, by model version.")
+                        .buckets(pow2_buckets()),
+                    &VERSION,
+                ),
+            ),
+            batch_requests: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tokitai_batch_size_requests",
+                        "Requests (or request parts) per computed batch, by model version.",
+                    )
+                    .buckets(pow2_buckets()),
+                    &VERSION,
+                ),
+            ),
+            rows_dropped: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_rows_dropped_total",
+                        "Queued rows dropped before compute, by model version and reason.",
+                    ),
+                    &["model", "version", "reason"],
+                ),
+            ),
+            queue_depth_rows: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tokitai_queue_depth_rows",
+                        "Rows waiting in a model version's batcher queue.",
+                    ),
+                    &VERSION,
+                ),
+            ),
+            workers: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("tokitai_workers", "Worker actors (sessions) in a model version's pool."),
+                    &VERSION,
+                ),
+            ),
+            worker_busy: reg(
+                registry,
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "tokitai_worker_busy_seconds_total",
+                        "Seconds each worker spent computing, by model version and worker; rate() is utilisation.",
+                    ),
+                    &["model", "version", "worker"],
+                ),
+            ),
+            worker_restarts: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_worker_restarts_total",
+                        "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by model version and worker.",
+                    ),
+                    &["model", "version", "worker"],
+                ),
+            ),
+            expert_rows: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_expert_rows_total",
+                        "Rows routed to each expert, by model version (each row counts once per selected expert).",
+                    ),
+                    &["model", "version", "expert"],
+                ),
+            ),
+            router_top1_weight: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tokitai_router_top1_weight",
+                        "The router's largest expert weight per row (its confidence), by model version.",
+                    )
+                    .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
+                    &VERSION,
+                ),
+            ),
+            model_answers: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "tokitai_model_answers_total",
+                        "Inference requests answered, by the model and version that computed them.",
+                    ),
+                    &["model", "version"],
+                ),
+            ),
+            config_max_queue_rows: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "tokitai_queue_capacity_rows",
+                        "A model version's batching.max_queue_rows.",
+                    ),
+                    &VERSION,
+                ),
+            ),
+            config_max_batch_rows: reg(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("tokitai_max_batch_rows", "A model version's batching.max_batch_rows."),
+                    &VERSION,
+                ),
+            ),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -553,25 +664,32 @@ impl VersionMetrics {
         let v = [shape.model.as_str(), version.as_str()];
         let owner = m.next_owner.fetch_add(1, Ordering::Relaxed);
         m.owners.lock().insert((shape.model.clone(), shape.version), owner);
-        m.workers.with_label_values(&v).set(shape.workers as i64);
-        m.config_max_queue_rows
+        m.families.workers.with_label_values(&v).set(shape.workers as i64);
+        m.families
+            .config_max_queue_rows
             .with_label_values(&v)
             .set(shape.max_queue_rows as i64);
-        m.config_max_batch_rows
+        m.families
+            .config_max_batch_rows
             .with_label_values(&v)
             .set(shape.max_batch_rows as i64);
-        for h in [&m.compute_time, &m.batch_rows, &m.batch_requests, &m.router_top1_weight] {
+        for h in [
+            &m.families.compute_time,
+            &m.families.batch_rows,
+            &m.families.batch_requests,
+            &m.families.router_top1_weight,
+        ] {
             h.with_label_values(&v);
         }
         let handle = VersionMetrics {
-            queue_depth: m.queue_depth_rows.with_label_values(&v),
-            queue_wait: m.queue_wait.with_label_values(&v),
-            answers: m.model_answers.with_label_values(&v),
+            queue_depth: m.families.queue_depth_rows.with_label_values(&v),
+            queue_wait: m.families.queue_wait.with_label_values(&v),
+            answers: m.families.model_answers.with_label_values(&v),
             dropped: DropCounters {
                 recording: m.recording,
                 by_reason: DropReason::ALL
                     .iter()
-                    .map(|r| m.rows_dropped.with_label_values(&[v[0], v[1], r.as_str()]))
+                    .map(|r| m.families.rows_dropped.with_label_values(&[v[0], v[1], r.as_str()]))
                     .collect(),
             },
             recording: m.recording,
@@ -626,6 +744,7 @@ impl VersionMetrics {
     pub fn worker_restarted(&self, id: usize) {
         let [model, version] = self.labels();
         self.metrics
+            .families
             .worker_restarts
             .with_label_values(&[model, version, &id.to_string()])
             .inc();
@@ -641,17 +760,21 @@ impl VersionMetrics {
         WorkerMetrics {
             recording: self.recording,
             dropped: self.drop_counters(),
-            rows: m.rows_computed.with_label_values(&w),
-            batches: m.batches.with_label_values(&w),
-            busy: m.worker_busy.with_label_values(&w),
-            restarts: m.worker_restarts.with_label_values(&w),
+            rows: m.families.rows_computed.with_label_values(&w),
+            batches: m.families.batches.with_label_values(&w),
+            busy: m.families.worker_busy.with_label_values(&w),
+            restarts: m.families.worker_restarts.with_label_values(&w),
             experts: (0..self.shape.experts)
-                .map(|e| m.expert_rows.with_label_values(&[model, version, &e.to_string()]))
+                .map(|e| {
+                    m.families
+                        .expert_rows
+                        .with_label_values(&[model, version, &e.to_string()])
+                })
                 .collect(),
-            batch_rows: m.batch_rows.with_label_values(&[model, version]),
-            batch_requests: m.batch_requests.with_label_values(&[model, version]),
-            compute: m.compute_time.with_label_values(&[model, version]),
-            top1: m.router_top1_weight.with_label_values(&[model, version]),
+            batch_rows: m.families.batch_rows.with_label_values(&[model, version]),
+            batch_requests: m.families.batch_requests.with_label_values(&[model, version]),
+            compute: m.families.compute_time.with_label_values(&[model, version]),
+            top1: m.families.router_top1_weight.with_label_values(&[model, version]),
         }
     }
 
@@ -670,35 +793,41 @@ impl VersionMetrics {
         }
         let v = self.labels();
         for g in [
-            &m.queue_depth_rows,
-            &m.workers,
-            &m.config_max_queue_rows,
-            &m.config_max_batch_rows,
+            &m.families.queue_depth_rows,
+            &m.families.workers,
+            &m.families.config_max_queue_rows,
+            &m.families.config_max_batch_rows,
         ] {
             let _ = g.remove_label_values(&v);
         }
-        let _ = m.model_answers.remove_label_values(&v);
+        let _ = m.families.model_answers.remove_label_values(&v);
         for h in [
-            &m.queue_wait,
-            &m.compute_time,
-            &m.batch_rows,
-            &m.batch_requests,
-            &m.router_top1_weight,
+            &m.families.queue_wait,
+            &m.families.compute_time,
+            &m.families.batch_rows,
+            &m.families.batch_requests,
+            &m.families.router_top1_weight,
         ] {
             let _ = h.remove_label_values(&v);
         }
         for id in 0..shape.workers {
             let w = [v[0], v[1], &id.to_string()];
-            let _ = m.rows_computed.remove_label_values(&w);
-            let _ = m.batches.remove_label_values(&w);
-            let _ = m.worker_busy.remove_label_values(&w);
-            let _ = m.worker_restarts.remove_label_values(&w);
+            let _ = m.families.rows_computed.remove_label_values(&w);
+            let _ = m.families.batches.remove_label_values(&w);
+            let _ = m.families.worker_busy.remove_label_values(&w);
+            let _ = m.families.worker_restarts.remove_label_values(&w);
         }
         for reason in DropReason::ALL {
-            let _ = m.rows_dropped.remove_label_values(&[v[0], v[1], reason.as_str()]);
+            let _ = m
+                .families
+                .rows_dropped
+                .remove_label_values(&[v[0], v[1], reason.as_str()]);
         }
         for e in 0..shape.experts {
-            let _ = m.expert_rows.remove_label_values(&[v[0], v[1], &e.to_string()]);
+            let _ = m
+                .families
+                .expert_rows
+                .remove_label_values(&[v[0], v[1], &e.to_string()]);
         }
     }
 }
