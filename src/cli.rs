@@ -3,7 +3,9 @@
 //! Owns: flags, exit codes and the offline subcommands. Flags and exit codes
 //! follow the old sidecar: `--arch` / `--checkpoint`, usage errors exit 2 with
 //! the usage, a model that fails to load exits 1 with the reason on stderr.
-//! Must not touch: serving internals (it calls [`crate::run`]).
+//! `infer` loads its model by the one model source rule
+//! (`model::load_files_or_demo`). Must not touch: serving internals (it
+//! calls [`crate::run`]).
 
 use std::io::Read;
 use std::path::PathBuf;

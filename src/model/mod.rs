@@ -5,8 +5,10 @@
 //! ([`files`], which the `--config` file uses too), the weight precision
 //! setting and f16 conversions ([`precision`]), deterministic synthetic and demo weights
 //! ([`synth`], drawn from the private `generator` streams that the writer's
-//! optimizer state also uses), and the in-memory weight structs ([`weights`]).
-//! Must not touch: kernels (see `backend/`) or anything about serving.
+//! optimizer state also uses), the in-memory weight structs ([`weights`]),
+//! and the model source rule, written once ([`load_files_or_demo`]: the
+//! given files, else the demo model). Must not touch: kernels (see
+//! `backend/`) or anything about serving.
 
 pub mod arch;
 pub mod checkpoint;
