@@ -122,6 +122,27 @@ impl ServedVersion {
         self.readiness.version_state()
     }
 
+    /// What it is: name, version, shapes, files.
+    pub fn description(&self) -> &Arc<ModelDescription> {
+        &self.description
+    }
+
+    /// What a valid input looks like for it.
+    pub fn limits(&self) -> &InputLimits {
+        &self.limits
+    }
+
+    /// Its statistics extension counters (`stats().snapshot()`).
+    pub fn stats(&self) -> &InferStats {
+        &self.stats
+    }
+
+    /// Whether it takes a request now (every worker started, one serves,
+    /// not draining).
+    pub fn is_ready(&self) -> bool {
+        self.readiness.is_ready()
+    }
+
     /// The signals of this version's retirement, for the one who takes it
     /// out of service (`None` once taken).
     pub fn retirement(&self) -> Option<Retirement> {
