@@ -319,13 +319,26 @@ mod tests {
     use super::*;
     use crate::model::{Dims, ModelSize};
 
-    /// A session that fails every forward when `broken`.
+    /// A session that fails every forward when `broken`, and with a `gate`
+    /// computes one forward per permit received.
+    #[derive(Default)]
     struct FakeSession {
         broken: bool,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl FakeSession {
+        fn working() -> Box<dyn Session> {
+            Box::new(FakeSession::default())
+        }
     }
 
     impl Session for FakeSession {
         fn forward(&mut self, input: &[f32], out: &mut ForwardOutput) -> Result<(), BackendError> {
+            if let Some(gate) = &self.gate {
+                gate.recv()
+                    .map_err(|_| BackendError::Device("the gate closed".into()))?;
+            }
             if self.broken {
                 return Err(BackendError::Device("no device memory left".into()));
             }
@@ -346,15 +359,18 @@ mod tests {
             Dims::for_size(ModelSize::Nano)
         }
         fn create_session(&self, _config: SessionConfig) -> Result<Box<dyn Session>, BackendError> {
-            Ok(Box::new(FakeSession { broken: false }))
+            Ok(FakeSession::working())
         }
     }
 
     #[test]
     fn a_failed_warm_up_stops_start_up_naming_the_worker_and_the_reason() {
         let sessions: Vec<Box<dyn Session>> = vec![
-            Box::new(FakeSession { broken: false }),
-            Box::new(FakeSession { broken: true }),
+            FakeSession::working(),
+            Box::new(FakeSession {
+                broken: true,
+                gate: None,
+            }),
         ];
         let err = warm_up(sessions, &FakeBackend).err().expect("warm-up must fail");
         assert!(matches!(err, StartError::WarmUp { worker: 1, .. }), "{err:?}");
@@ -364,14 +380,12 @@ mod tests {
             "{text}"
         );
 
-        let sessions: Vec<Box<dyn Session>> = (0..3)
-            .map(|_| Box::new(FakeSession { broken: false }) as Box<dyn Session>)
-            .collect();
+        let sessions: Vec<Box<dyn Session>> = (0..3).map(|_| FakeSession::working()).collect();
         assert_eq!(warm_up(sessions, &FakeBackend).map(|s| s.len()).ok(), Some(3));
     }
 
-    /// A version of the fake backend, `workers` sessions, ready to start.
-    fn fake_prepared(workers: usize) -> Prepared {
+    /// A version of the fake backend with these sessions, ready to start.
+    fn fake_prepared(sessions: Vec<Box<dyn Session>>) -> Prepared {
         let dims = Dims::for_size(ModelSize::Nano);
         let description = ModelDescription {
             name: "fake".into(),
@@ -394,9 +408,7 @@ mod tests {
         Prepared {
             backend: Arc::new(FakeBackend),
             description,
-            sessions: (0..workers)
-                .map(|_| Box::new(FakeSession { broken: false }) as Box<dyn Session>)
-                .collect(),
+            sessions,
             session_config,
             policy: BatchPolicy {
                 max_batch_rows: 8,
@@ -413,9 +425,7 @@ mod tests {
 
     /// Step: one request of 3 rows is computed as one execution.
     async fn one_request_is_one_execution(served: &ServedVersion) {
-        let input = crate::input::InferInput::new(vec![0.5; 3 * served.limits.row_len], &served.limits).unwrap();
-        let (job, reply) = crate::batcher::job::Job::new(input, std::time::Duration::from_secs(60));
-        served.batcher.submit(job);
+        let reply = submit(served, 3);
         let output = reply.await.expect("answered").expect("computed");
         assert_eq!(output.logits.len(), 3 * served.description.dims.output);
         assert_eq!(served.stats.snapshot().execution_count, 1);
@@ -426,7 +436,8 @@ mod tests {
         actix_rt::System::new().block_on(async {
             let metrics = Arc::new(Metrics::new());
             let text = || String::from_utf8(metrics.render()).unwrap();
-            let served = start_pool(fake_prepared(2), &metrics).expect("the pool starts");
+            let sessions = vec![FakeSession::working(), FakeSession::working()];
+            let served = start_pool(fake_prepared(sessions), &metrics).expect("the pool starts");
             assert!(served.readiness.is_ready());
             assert!(text().contains("tokitai_workers{model=\"fake\",version=\"3\"} 2"));
             one_request_is_one_execution(&served).await;
@@ -453,6 +464,43 @@ mod tests {
             tokio::time::timeout(limit, retirement.freed())
                 .await
                 .expect("the pool ended");
+        });
+    }
+
+    /// A job of `rows` rows for `served`, submitted to its batcher.
+    fn submit(served: &ServedVersion, rows: usize) -> tokio::sync::oneshot::Receiver<crate::batcher::job::JobReply> {
+        let values = vec![0.5; rows * served.limits.row_len];
+        let input = crate::input::InferInput::new(values, &served.limits).unwrap();
+        let (job, reply) = crate::batcher::job::Job::new(input, std::time::Duration::from_secs(60));
+        served.batcher.submit(job);
+        reply
+    }
+
+    #[test]
+    fn a_batch_of_three_requests_is_one_execution_of_its_version() {
+        actix_rt::System::new().block_on(async {
+            let metrics = Arc::new(Metrics::new());
+            let (permits, gate) = std::sync::mpsc::channel();
+            let session = Box::new(FakeSession {
+                broken: false,
+                gate: Some(gate),
+            });
+            let served = start_pool(fake_prepared(vec![session]), &metrics).expect("the pool starts");
+            // The one worker takes the first request and waits at the gate;
+            // the next three queue behind it and go out as one batch.
+            let first = submit(&served, 1);
+            let queued: Vec<_> = (0..3).map(|_| submit(&served, 1)).collect();
+            permits.send(()).unwrap();
+            permits.send(()).unwrap();
+            first.await.unwrap().expect("computed");
+            for reply in queued {
+                reply.await.unwrap().expect("computed");
+            }
+            assert_eq!(served.stats.snapshot().execution_count, 2);
+            let text = String::from_utf8(metrics.render()).unwrap();
+            let batches = "tokitai_batches_total{model=\"fake\",version=\"3\",worker=\"0\"} 2";
+            let sizes = "tokitai_batch_size_requests_bucket{model=\"fake\",version=\"3\",le=\"2\"} 1";
+            assert!(text.contains(batches) && text.contains(sizes), "{text}");
         });
     }
 }
