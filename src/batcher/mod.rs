@@ -59,10 +59,10 @@ pub enum Message {
     /// One of the batcher's timers fired (clock -> batcher).
     Timer(TimerKind),
     /// The model version this batcher serves was taken out of service and
-    /// its last request answered (served version -> batcher, as it drops): fail whatever is still
-    /// queued (only requests whose client already left can be), then let go
-    /// of the workers, so each finishes the batch it holds and ends, and the
-    /// version's weights are freed.
+    /// its last request answered (served version -> batcher, as it drops):
+    /// fail whatever is still queued (only requests whose client already
+    /// left can be), then let go of the workers, so each finishes the batch
+    /// it holds and ends, and the version's weights are freed.
     Retire,
 }
 
