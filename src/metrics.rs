@@ -91,56 +91,36 @@ impl Metrics {
         let lat = latency_buckets();
         let metrics = Metrics {
             recording: true,
-            http_requests: reg(
+            http_requests: counters(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_http_requests_total",
-                        "HTTP requests answered, by route template and status code.",
-                    ),
-                    &["route", "status"],
-                ),
+                "tokitai_http_requests_total",
+                "HTTP requests answered, by route template and status code.",
+                &["route", "status"],
             ),
-            grpc_requests: reg(
+            grpc_requests: counters(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_grpc_requests_total",
-                        "gRPC calls answered, by method path and gRPC status code name.",
-                    ),
-                    &["route", "code"],
-                ),
+                "tokitai_grpc_requests_total",
+                "gRPC calls answered, by method path and gRPC status code name.",
+                &["route", "code"],
             ),
-            grpc_stream_messages: reg(
+            grpc_stream_messages: counters(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_grpc_stream_messages_total",
-                        "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent).",
-                    ),
-                    &["code"],
-                ),
+                "tokitai_grpc_stream_messages_total",
+                "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent).",
+                &["code"],
             ),
-            request_failures: reg(
+            request_failures: counters(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_request_failures_total",
-                        "Requests that got no model answer, by route and reason.",
-                    ),
-                    &["route", "reason"],
-                ),
+                "tokitai_request_failures_total",
+                "Requests that got no model answer, by route and reason.",
+                &["route", "reason"],
             ),
-            request_duration: reg(
+            request_duration: histograms(
                 &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tokitai_request_duration_seconds",
-                        "Time from request start to answer, by route.",
-                    )
-                    .buckets(lat.clone()),
-                    &["route"],
-                ),
+                "tokitai_request_duration_seconds",
+                "Time from request start to answer, by route.",
+                lat.clone(),
+                &["route"],
             ),
             inflight_requests: reg(
                 &registry,
@@ -149,70 +129,52 @@ impl Metrics {
                     "Inference requests accepted and not yet answered.",
                 ),
             ),
-            model_info: reg(
+            model_info: int_gauges(
                 &registry,
-                IntGaugeVec::new(
-                    Opts::new("tokitai_model_info", "Each served model version (value 1)."),
-                    &[
-                        "model",
-                        "model_version",
-                        "size",
-                        "layernorm",
-                        "weight_precision",
-                        "param_count",
-                        "checkpoint",
-                        "backend",
-                        "devices",
-                        "isa",
-                    ],
-                ),
+                "tokitai_model_info",
+                "Each served model version (value 1).",
+                &[
+                    "model",
+                    "model_version",
+                    "size",
+                    "layernorm",
+                    "weight_precision",
+                    "param_count",
+                    "checkpoint",
+                    "backend",
+                    "devices",
+                    "isa",
+                ],
             ),
-            model_load_seconds: reg(
+            model_load_seconds: gauges(
                 &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "tokitai_model_load_seconds",
-                        "Time taken to load and prepare each model's most recently loaded version.",
-                    ),
-                    &["model"],
-                ),
+                "tokitai_model_load_seconds",
+                "Time taken to load and prepare each model's most recently loaded version.",
+                &["model"],
             ),
-            model_version: reg(
+            model_version: int_gauges(
                 &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "tokitai_model_version",
-                        "The version each loaded model serves (its repository folder, or the checkpoint's step).",
-                    ),
-                    &["model"],
-                ),
+                "tokitai_model_version",
+                "The version each loaded model serves (its repository folder, or the checkpoint's step).",
+                &["model"],
             ),
-            model_loads: reg(
+            model_loads: counters(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_model_loads_total",
-                        "Model versions loaded and put in service, by model.",
-                    ),
-                    &["model"],
-                ),
+                "tokitai_model_loads_total",
+                "Model versions loaded and put in service, by model.",
+                &["model"],
             ),
-            model_load_failures: reg(
+            model_load_failures: counters(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_model_load_failures_total",
-                        "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving.",
-                    ),
-                    &["model"],
-                ),
+                "tokitai_model_load_failures_total",
+                "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving.",
+                &["model"],
             ),
-            build_info: reg(
+            build_info: int_gauges(
                 &registry,
-                IntGaugeVec::new(
-                    Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
-                    &["version"],
-                ),
+                "tokitai_build_info",
+                "Build of the engine (value 1).",
+                &["version"],
             ),
             ready: reg(
                 &registry,
@@ -221,15 +183,11 @@ impl Metrics {
                     "1 when the model is loaded, workers warmed up and not draining.",
                 ),
             ),
-            device_memory_bytes: reg(
+            device_memory_bytes: gauges(
                 &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "tokitai_device_memory_used_bytes",
-                        "Memory used on each compute device.",
-                    ),
-                    &["device"],
-                ),
+                "tokitai_device_memory_used_bytes",
+                "Memory used on each compute device.",
+                &["device"],
             ),
             families: VersionFamilies::register(&registry),
             registry,
@@ -400,6 +358,29 @@ fn reg<C: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::
     metric
 }
 
+fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn float_counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::CounterVec {
+    reg(r, prometheus::CounterVec::new(Opts::new(name, help), labels))
+}
+
+fn int_gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    reg(r, GaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn histograms(r: &Registry, name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]) -> HistogramVec {
+    reg(
+        r,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels),
+    )
+}
+
 /// The families whose series belong to one model version each (labels
 /// `model`, `version` first).
 struct VersionFamilies {
@@ -425,161 +406,106 @@ impl VersionFamilies {
     fn register(registry: &Registry) -> VersionFamilies {
         let lat = latency_buckets();
         VersionFamilies {
-            queue_wait: reg(
+            queue_wait: histograms(
                 registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tokitai_queue_wait_seconds",
-                        "Time a request's rows waited before their batch started, by model version.",
-                    )
-                    .buckets(lat.clone()),
-                    &VERSION,
-                ),
+                "tokitai_queue_wait_seconds",
+                "Time a request's rows waited before their batch started, by model version.",
+                lat.clone(),
+                &VERSION,
             ),
-            compute_time: reg(
+            compute_time: histograms(
                 registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tokitai_compute_seconds",
-                        "Forward time of one batch on a worker, by model version.",
-                    )
-                    .buckets(lat.clone()),
-                    &VERSION,
-                ),
+                "tokitai_compute_seconds",
+                "Forward time of one batch on a worker, by model version.",
+                lat.clone(),
+                &VERSION,
             ),
-            rows_computed: reg(
+            rows_computed: counters(
                 registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_rows_computed_total",
-                        "Rows computed, by model version and worker.",
-                    ),
-                    &["model", "version", "worker"],
-                ),
+                "tokitai_rows_computed_total",
+                "Rows computed, by model version and worker.",
+                &["model", "version", "worker"],
             ),
-            batches: reg(
+            batches: counters(
                 registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_batches_total",
-                        "Batches computed, by model version and worker.",
-                    ),
-                    &["model", "version", "worker"],
-                ),
+                "tokitai_batches_total",
+                "Batches computed, by model version and worker.",
+                &["model", "version", "worker"],
             ),
-            batch_rows: reg(
+            batch_rows: histograms(
                 registry,
-                HistogramVec::new(
-                    HistogramOpts::new("tokitai_batch_size_rows", "Rows per computed batch, by model version.")
-                        .buckets(pow2_buckets()),
-                    &VERSION,
-                ),
+                "tokitai_batch_size_rows",
+                "Rows per computed batch, by model version.",
+                pow2_buckets(),
+                &VERSION,
             ),
-            batch_requests: reg(
+            batch_requests: histograms(
                 registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tokitai_batch_size_requests",
-                        "Requests (or request parts) per computed batch, by model version.",
-                    )
-                    .buckets(pow2_buckets()),
-                    &VERSION,
-                ),
+                "tokitai_batch_size_requests",
+                "Requests (or request parts) per computed batch, by model version.",
+                pow2_buckets(),
+                &VERSION,
             ),
-            rows_dropped: reg(
+            rows_dropped: counters(
                 registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_rows_dropped_total",
-                        "Queued rows dropped before compute, by model version and reason.",
-                    ),
-                    &["model", "version", "reason"],
-                ),
+                "tokitai_rows_dropped_total",
+                "Queued rows dropped before compute, by model version and reason.",
+                &["model", "version", "reason"],
             ),
-            queue_depth_rows: reg(
+            queue_depth_rows: int_gauges(
                 registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "tokitai_queue_depth_rows",
-                        "Rows waiting in a model version's batcher queue.",
-                    ),
-                    &VERSION,
-                ),
+                "tokitai_queue_depth_rows",
+                "Rows waiting in a model version's batcher queue.",
+                &VERSION,
             ),
-            workers: reg(
+            workers: int_gauges(
                 registry,
-                IntGaugeVec::new(
-                    Opts::new("tokitai_workers", "Worker actors (sessions) in a model version's pool."),
-                    &VERSION,
-                ),
+                "tokitai_workers",
+                "Worker actors (sessions) in a model version's pool.",
+                &VERSION,
             ),
-            worker_busy: reg(
+            worker_busy: float_counters(
                 registry,
-                prometheus::CounterVec::new(
-                    Opts::new(
-                        "tokitai_worker_busy_seconds_total",
-                        "Seconds each worker spent computing, by model version and worker; rate() is utilisation.",
-                    ),
-                    &["model", "version", "worker"],
-                ),
+                "tokitai_worker_busy_seconds_total",
+                "Seconds each worker spent computing, by model version and worker; rate() is utilisation.",
+                &["model", "version", "worker"],
             ),
-            worker_restarts: reg(
+            worker_restarts: counters(
                 registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_worker_restarts_total",
-                        "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by model version and worker.",
-                    ),
-                    &["model", "version", "worker"],
-                ),
+                "tokitai_worker_restarts_total",
+                "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by model version and worker.",
+                &["model", "version", "worker"],
             ),
-            expert_rows: reg(
+            expert_rows: counters(
                 registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_expert_rows_total",
-                        "Rows routed to each expert, by model version (each row counts once per selected expert).",
-                    ),
-                    &["model", "version", "expert"],
-                ),
+                "tokitai_expert_rows_total",
+                "Rows routed to each expert, by model version (each row counts once per selected expert).",
+                &["model", "version", "expert"],
             ),
-            router_top1_weight: reg(
+            router_top1_weight: histograms(
                 registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "tokitai_router_top1_weight",
-                        "The router's largest expert weight per row (its confidence), by model version.",
-                    )
-                    .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
-                    &VERSION,
-                ),
+                "tokitai_router_top1_weight",
+                "The router's largest expert weight per row (its confidence), by model version.",
+                vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+                &VERSION,
             ),
-            model_answers: reg(
+            model_answers: counters(
                 registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "tokitai_model_answers_total",
-                        "Inference requests answered, by the model and version that computed them.",
-                    ),
-                    &["model", "version"],
-                ),
+                "tokitai_model_answers_total",
+                "Inference requests answered, by the model and version that computed them.",
+                &["model", "version"],
             ),
-            config_max_queue_rows: reg(
+            config_max_queue_rows: int_gauges(
                 registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "tokitai_queue_capacity_rows",
-                        "A model version's batching.max_queue_rows.",
-                    ),
-                    &VERSION,
-                ),
+                "tokitai_queue_capacity_rows",
+                "A model version's batching.max_queue_rows.",
+                &VERSION,
             ),
-            config_max_batch_rows: reg(
+            config_max_batch_rows: int_gauges(
                 registry,
-                IntGaugeVec::new(
-                    Opts::new("tokitai_max_batch_rows", "A model version's batching.max_batch_rows."),
-                    &VERSION,
-                ),
+                "tokitai_max_batch_rows",
+                "A model version's batching.max_batch_rows.",
+                &VERSION,
             ),
         }
     }
