@@ -79,7 +79,8 @@ pub struct WorkerContext {
 
 pub struct Worker {
     id: usize,
-    context: WorkerContext,
+    /// Dropped before `context`: a session may hold the backend's weights,
+    /// and the context's pool-end signal must go after them.
     session: Box<dyn Session>,
     dims: Dims,
     /// The gathered rows of the batch being computed (reused).
@@ -90,6 +91,8 @@ pub struct Worker {
     /// Every request of the batch being handled, so a panic can answer them.
     in_hand: Vec<Arc<Job>>,
     metrics: WorkerMetrics,
+    /// Last: dropped after the session (see `session`).
+    context: WorkerContext,
 }
 
 impl Worker {
