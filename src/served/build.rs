@@ -325,6 +325,18 @@ mod tests {
     struct FakeSession {
         broken: bool,
         gate: Option<std::sync::mpsc::Receiver<()>>,
+        weights: Option<SlowWeights>,
+    }
+
+    /// Stands for the packed weights a real session holds; lets go of them
+    /// slowly, so a pool-end signal sent before its session dropped would
+    /// be seen early.
+    struct SlowWeights(Arc<()>);
+
+    impl Drop for SlowWeights {
+        fn drop(&mut self) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     impl FakeSession {
@@ -369,7 +381,7 @@ mod tests {
             FakeSession::working(),
             Box::new(FakeSession {
                 broken: true,
-                gate: None,
+                ..FakeSession::default()
             }),
         ];
         let err = warm_up(sessions, &FakeBackend).err().expect("warm-up must fail");
@@ -436,7 +448,14 @@ mod tests {
         actix_rt::System::new().block_on(async {
             let metrics = Arc::new(Metrics::new());
             let text = || String::from_utf8(metrics.render()).unwrap();
-            let sessions = vec![FakeSession::working(), FakeSession::working()];
+            let weights = Arc::new(());
+            let holding = || -> Box<dyn Session> {
+                Box::new(FakeSession {
+                    weights: Some(SlowWeights(Arc::clone(&weights))),
+                    ..FakeSession::default()
+                })
+            };
+            let sessions = vec![holding(), holding()];
             let served = start_pool(fake_prepared(sessions), &metrics).expect("the pool starts");
             assert!(served.readiness.is_ready());
             assert!(text().contains("tokitai_workers{model=\"fake\",version=\"3\"} 2"));
@@ -464,6 +483,8 @@ mod tests {
             tokio::time::timeout(limit, retirement.freed())
                 .await
                 .expect("the pool ended");
+            let held = Arc::strong_count(&weights);
+            assert_eq!(held, 1, "every session's weights were dropped before the pool's end");
         });
     }
 
@@ -482,8 +503,8 @@ mod tests {
             let metrics = Arc::new(Metrics::new());
             let (permits, gate) = std::sync::mpsc::channel();
             let session = Box::new(FakeSession {
-                broken: false,
                 gate: Some(gate),
+                ..FakeSession::default()
             });
             let served = start_pool(fake_prepared(vec![session]), &metrics).expect("the pool starts");
             // The one worker takes the first request and waits at the gate;
