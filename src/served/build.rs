@@ -325,13 +325,15 @@ mod tests {
     struct FakeSession {
         broken: bool,
         gate: Option<std::sync::mpsc::Receiver<()>>,
-        weights: Option<SlowWeights>,
+        _weights: Option<SlowWeights>,
     }
 
     /// Stands for the packed weights a real session holds; lets go of them
     /// slowly, so a pool-end signal sent before its session dropped would
     /// be seen early.
-    struct SlowWeights(Arc<()>);
+    struct SlowWeights {
+        _held: Arc<()>,
+    }
 
     impl Drop for SlowWeights {
         fn drop(&mut self) {
@@ -451,7 +453,9 @@ mod tests {
             let weights = Arc::new(());
             let holding = || -> Box<dyn Session> {
                 Box::new(FakeSession {
-                    weights: Some(SlowWeights(Arc::clone(&weights))),
+                    _weights: Some(SlowWeights {
+                        _held: Arc::clone(&weights),
+                    }),
                     ..FakeSession::default()
                 })
             };
