@@ -89,6 +89,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let lat = latency_buckets();
+        let model = ModelFamilies::register(&registry);
         let metrics = Metrics {
             recording: true,
             http_requests: counters(
@@ -129,47 +130,11 @@ impl Metrics {
                     "Inference requests accepted and not yet answered.",
                 ),
             ),
-            model_info: int_gauges(
-                &registry,
-                "tokitai_model_info",
-                "Each served model version (value 1).",
-                &[
-                    "model",
-                    "model_version",
-                    "size",
-                    "layernorm",
-                    "weight_precision",
-                    "param_count",
-                    "checkpoint",
-                    "backend",
-                    "devices",
-                    "isa",
-                ],
-            ),
-            model_load_seconds: gauges(
-                &registry,
-                "tokitai_model_load_seconds",
-                "Time taken to load and prepare each model's most recently loaded version.",
-                &["model"],
-            ),
-            model_version: int_gauges(
-                &registry,
-                "tokitai_model_version",
-                "The version each loaded model serves (its repository folder, or the checkpoint's step).",
-                &["model"],
-            ),
-            model_loads: counters(
-                &registry,
-                "tokitai_model_loads_total",
-                "Model versions loaded and put in service, by model.",
-                &["model"],
-            ),
-            model_load_failures: counters(
-                &registry,
-                "tokitai_model_load_failures_total",
-                "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving.",
-                &["model"],
-            ),
+            model_info: model.info,
+            model_load_seconds: model.load_seconds,
+            model_version: model.version,
+            model_loads: model.loads,
+            model_load_failures: model.load_failures,
             build_info: int_gauges(
                 &registry,
                 "tokitai_build_info",
@@ -194,25 +159,25 @@ impl Metrics {
             owners: Mutex::new(HashMap::new()),
             next_owner: AtomicU64::new(0),
         };
+        metrics.init_series();
+        metrics
+    }
+
+    /// The process collector, the build's info, and the request failure
+    /// series at zero (rather than gaps before the first failure).
+    fn init_series(&self) {
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
-            metrics
-                .registry
+            self.registry
                 .register(Box::new(pc))
                 .expect("process collector registered once");
         }
-        metrics
-            .build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        // Zeros rather than gaps before the first failure.
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for reason in FailureReason::ALL {
-            metrics
-                .request_failures
+            self.request_failures
                 .with_label_values(&[Route::Infer.as_str(), reason.as_str()]);
         }
-        metrics
     }
 
     /// Whether request metrics are recorded (`metrics.record`).
@@ -223,6 +188,7 @@ impl Metrics {
     /// The answer counter of one model version, resolved once per version.
     pub fn model_answers(&self, model: &str, version: u64) -> IntCounter {
         self.families
+            .queue
             .model_answers
             .with_label_values(&[model, &version.to_string()])
     }
@@ -381,31 +347,109 @@ fn histograms(r: &Registry, name: &str, help: &str, buckets: Vec<f64>, labels: &
     )
 }
 
+/// The per-model families (they survive version changes).
+struct ModelFamilies {
+    info: IntGaugeVec,
+    load_seconds: GaugeVec,
+    version: IntGaugeVec,
+    loads: IntCounterVec,
+    load_failures: IntCounterVec,
+}
+
+impl ModelFamilies {
+    fn register(registry: &Registry) -> ModelFamilies {
+        ModelFamilies {
+            info: int_gauges(
+                registry,
+                "tokitai_model_info",
+                "Each served model version (value 1).",
+                &[
+                    "model",
+                    "model_version",
+                    "size",
+                    "layernorm",
+                    "weight_precision",
+                    "param_count",
+                    "checkpoint",
+                    "backend",
+                    "devices",
+                    "isa",
+                ],
+            ),
+            load_seconds: gauges(
+                registry,
+                "tokitai_model_load_seconds",
+                "Time taken to load and prepare each model's most recently loaded version.",
+                &["model"],
+            ),
+            version: int_gauges(
+                registry,
+                "tokitai_model_version",
+                "The version each loaded model serves (its repository folder, or the checkpoint's step).",
+                &["model"],
+            ),
+            loads: counters(
+                registry,
+                "tokitai_model_loads_total",
+                "Model versions loaded and put in service, by model.",
+                &["model"],
+            ),
+            load_failures: counters(
+                registry,
+                "tokitai_model_load_failures_total",
+                "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving.",
+                &["model"],
+            ),
+        }
+    }
+}
+
 /// The families whose series belong to one model version each (labels
 /// `model`, `version` first).
 struct VersionFamilies {
+    /// Queue, admission and answers.
+    queue: QueueFamilies,
+    /// Workers and the batches they compute.
+    work: WorkFamilies,
+}
+
+/// A version's queue, admission and answer families.
+struct QueueFamilies {
     queue_wait: HistogramVec,
-    compute_time: HistogramVec,
-    rows_computed: IntCounterVec,
-    batches: IntCounterVec,
-    batch_rows: HistogramVec,
-    batch_requests: HistogramVec,
     rows_dropped: IntCounterVec,
     queue_depth_rows: IntGaugeVec,
     workers: IntGaugeVec,
-    worker_busy: prometheus::CounterVec,
-    worker_restarts: IntCounterVec,
-    expert_rows: IntCounterVec,
-    router_top1_weight: HistogramVec,
     model_answers: IntCounterVec,
     config_max_queue_rows: IntGaugeVec,
     config_max_batch_rows: IntGaugeVec,
 }
 
+/// A version's worker and batch families.
+struct WorkFamilies {
+    compute_time: HistogramVec,
+    rows_computed: IntCounterVec,
+    batches: IntCounterVec,
+    batch_rows: HistogramVec,
+    batch_requests: HistogramVec,
+    worker_busy: prometheus::CounterVec,
+    worker_restarts: IntCounterVec,
+    expert_rows: IntCounterVec,
+    router_top1_weight: HistogramVec,
+}
+
 impl VersionFamilies {
     fn register(registry: &Registry) -> VersionFamilies {
-        let lat = latency_buckets();
         VersionFamilies {
+            queue: QueueFamilies::register(registry),
+            work: WorkFamilies::register(registry),
+        }
+    }
+}
+
+impl QueueFamilies {
+    fn register(registry: &Registry) -> QueueFamilies {
+        let lat = latency_buckets();
+        QueueFamilies {
             queue_wait: histograms(
                 registry,
                 "tokitai_queue_wait_seconds",
@@ -413,6 +457,50 @@ impl VersionFamilies {
                 lat.clone(),
                 &VERSION,
             ),
+            rows_dropped: counters(
+                registry,
+                "tokitai_rows_dropped_total",
+                "Queued rows dropped before compute, by model version and reason.",
+                &["model", "version", "reason"],
+            ),
+            queue_depth_rows: int_gauges(
+                registry,
+                "tokitai_queue_depth_rows",
+                "Rows waiting in a model version's batcher queue.",
+                &VERSION,
+            ),
+            workers: int_gauges(
+                registry,
+                "tokitai_workers",
+                "Worker actors (sessions) in a model version's pool.",
+                &VERSION,
+            ),
+            model_answers: counters(
+                registry,
+                "tokitai_model_answers_total",
+                "Inference requests answered, by the model and version that computed them.",
+                &["model", "version"],
+            ),
+            config_max_queue_rows: int_gauges(
+                registry,
+                "tokitai_queue_capacity_rows",
+                "A model version's batching.max_queue_rows.",
+                &VERSION,
+            ),
+            config_max_batch_rows: int_gauges(
+                registry,
+                "tokitai_max_batch_rows",
+                "A model version's batching.max_batch_rows.",
+                &VERSION,
+            ),
+        }
+    }
+}
+
+impl WorkFamilies {
+    fn register(registry: &Registry) -> WorkFamilies {
+        let lat = latency_buckets();
+        WorkFamilies {
             compute_time: histograms(
                 registry,
                 "tokitai_compute_seconds",
@@ -446,24 +534,6 @@ impl VersionFamilies {
                 pow2_buckets(),
                 &VERSION,
             ),
-            rows_dropped: counters(
-                registry,
-                "tokitai_rows_dropped_total",
-                "Queued rows dropped before compute, by model version and reason.",
-                &["model", "version", "reason"],
-            ),
-            queue_depth_rows: int_gauges(
-                registry,
-                "tokitai_queue_depth_rows",
-                "Rows waiting in a model version's batcher queue.",
-                &VERSION,
-            ),
-            workers: int_gauges(
-                registry,
-                "tokitai_workers",
-                "Worker actors (sessions) in a model version's pool.",
-                &VERSION,
-            ),
             worker_busy: float_counters(
                 registry,
                 "tokitai_worker_busy_seconds_total",
@@ -487,24 +557,6 @@ impl VersionFamilies {
                 "tokitai_router_top1_weight",
                 "The router's largest expert weight per row (its confidence), by model version.",
                 vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
-                &VERSION,
-            ),
-            model_answers: counters(
-                registry,
-                "tokitai_model_answers_total",
-                "Inference requests answered, by the model and version that computed them.",
-                &["model", "version"],
-            ),
-            config_max_queue_rows: int_gauges(
-                registry,
-                "tokitai_queue_capacity_rows",
-                "A model version's batching.max_queue_rows.",
-                &VERSION,
-            ),
-            config_max_batch_rows: int_gauges(
-                registry,
-                "tokitai_max_batch_rows",
-                "A model version's batching.max_batch_rows.",
                 &VERSION,
             ),
         }
@@ -590,32 +642,39 @@ impl VersionMetrics {
         let v = [shape.model.as_str(), version.as_str()];
         let owner = m.next_owner.fetch_add(1, Ordering::Relaxed);
         m.owners.lock().insert((shape.model.clone(), shape.version), owner);
-        m.families.workers.with_label_values(&v).set(shape.workers as i64);
+        m.families.queue.workers.with_label_values(&v).set(shape.workers as i64);
         m.families
+            .queue
             .config_max_queue_rows
             .with_label_values(&v)
             .set(shape.max_queue_rows as i64);
         m.families
+            .queue
             .config_max_batch_rows
             .with_label_values(&v)
             .set(shape.max_batch_rows as i64);
         for h in [
-            &m.families.compute_time,
-            &m.families.batch_rows,
-            &m.families.batch_requests,
-            &m.families.router_top1_weight,
+            &m.families.work.compute_time,
+            &m.families.work.batch_rows,
+            &m.families.work.batch_requests,
+            &m.families.work.router_top1_weight,
         ] {
             h.with_label_values(&v);
         }
         let handle = VersionMetrics {
-            queue_depth: m.families.queue_depth_rows.with_label_values(&v),
-            queue_wait: m.families.queue_wait.with_label_values(&v),
-            answers: m.families.model_answers.with_label_values(&v),
+            queue_depth: m.families.queue.queue_depth_rows.with_label_values(&v),
+            queue_wait: m.families.queue.queue_wait.with_label_values(&v),
+            answers: m.families.queue.model_answers.with_label_values(&v),
             dropped: DropCounters {
                 recording: m.recording,
                 by_reason: DropReason::ALL
                     .iter()
-                    .map(|r| m.families.rows_dropped.with_label_values(&[v[0], v[1], r.as_str()]))
+                    .map(|r| {
+                        m.families
+                            .queue
+                            .rows_dropped
+                            .with_label_values(&[v[0], v[1], r.as_str()])
+                    })
                     .collect(),
             },
             recording: m.recording,
@@ -671,6 +730,7 @@ impl VersionMetrics {
         let [model, version] = self.labels();
         self.metrics
             .families
+            .work
             .worker_restarts
             .with_label_values(&[model, version, &id.to_string()])
             .inc();
@@ -686,21 +746,22 @@ impl VersionMetrics {
         WorkerMetrics {
             recording: self.recording,
             dropped: self.drop_counters(),
-            rows: m.families.rows_computed.with_label_values(&w),
-            batches: m.families.batches.with_label_values(&w),
-            busy: m.families.worker_busy.with_label_values(&w),
-            restarts: m.families.worker_restarts.with_label_values(&w),
+            rows: m.families.work.rows_computed.with_label_values(&w),
+            batches: m.families.work.batches.with_label_values(&w),
+            busy: m.families.work.worker_busy.with_label_values(&w),
+            restarts: m.families.work.worker_restarts.with_label_values(&w),
             experts: (0..self.shape.experts)
                 .map(|e| {
                     m.families
+                        .work
                         .expert_rows
                         .with_label_values(&[model, version, &e.to_string()])
                 })
                 .collect(),
-            batch_rows: m.families.batch_rows.with_label_values(&[model, version]),
-            batch_requests: m.families.batch_requests.with_label_values(&[model, version]),
-            compute: m.families.compute_time.with_label_values(&[model, version]),
-            top1: m.families.router_top1_weight.with_label_values(&[model, version]),
+            batch_rows: m.families.work.batch_rows.with_label_values(&[model, version]),
+            batch_requests: m.families.work.batch_requests.with_label_values(&[model, version]),
+            compute: m.families.work.compute_time.with_label_values(&[model, version]),
+            top1: m.families.work.router_top1_weight.with_label_values(&[model, version]),
         }
     }
 
@@ -719,39 +780,41 @@ impl VersionMetrics {
         }
         let v = self.labels();
         for g in [
-            &m.families.queue_depth_rows,
-            &m.families.workers,
-            &m.families.config_max_queue_rows,
-            &m.families.config_max_batch_rows,
+            &m.families.queue.queue_depth_rows,
+            &m.families.queue.workers,
+            &m.families.queue.config_max_queue_rows,
+            &m.families.queue.config_max_batch_rows,
         ] {
             let _ = g.remove_label_values(&v);
         }
-        let _ = m.families.model_answers.remove_label_values(&v);
+        let _ = m.families.queue.model_answers.remove_label_values(&v);
         for h in [
-            &m.families.queue_wait,
-            &m.families.compute_time,
-            &m.families.batch_rows,
-            &m.families.batch_requests,
-            &m.families.router_top1_weight,
+            &m.families.queue.queue_wait,
+            &m.families.work.compute_time,
+            &m.families.work.batch_rows,
+            &m.families.work.batch_requests,
+            &m.families.work.router_top1_weight,
         ] {
             let _ = h.remove_label_values(&v);
         }
         for id in 0..shape.workers {
             let w = [v[0], v[1], &id.to_string()];
-            let _ = m.families.rows_computed.remove_label_values(&w);
-            let _ = m.families.batches.remove_label_values(&w);
-            let _ = m.families.worker_busy.remove_label_values(&w);
-            let _ = m.families.worker_restarts.remove_label_values(&w);
+            let _ = m.families.work.rows_computed.remove_label_values(&w);
+            let _ = m.families.work.batches.remove_label_values(&w);
+            let _ = m.families.work.worker_busy.remove_label_values(&w);
+            let _ = m.families.work.worker_restarts.remove_label_values(&w);
         }
         for reason in DropReason::ALL {
             let _ = m
                 .families
+                .queue
                 .rows_dropped
                 .remove_label_values(&[v[0], v[1], reason.as_str()]);
         }
         for e in 0..shape.experts {
             let _ = m
                 .families
+                .work
                 .expert_rows
                 .remove_label_values(&[v[0], v[1], &e.to_string()]);
         }
