@@ -33,12 +33,14 @@ use crate::metrics::Metrics;
 use crate::readiness::State;
 pub use crate::repository::controller::Outcome as LoadOutcome;
 use crate::repository::{Controller, IndexEntry, Registry, RepositoryError};
-/// The build of one version, under its old path (`engine::startup`) for the
-/// tests and benches that still use it; the home is `served::build`.
-pub use crate::served::build as startup;
-pub use crate::served::build::{build_backend, load_model, pool_shape};
-pub use crate::served::version;
 pub use crate::served::{ModelDescription, ModelTarget, ServedVersion};
+// Old paths, kept until their users move (then the lead drops them):
+// `engine::version::ServedVersion` (http/routes.rs, grpc/model.rs),
+// `engine::startup::choose_backend` and `engine::build_backend`
+// (tests/hip_backend.rs). Their home is `served/`.
+pub use crate::served::build as startup;
+pub use crate::served::build::build_backend;
+pub use crate::served::version;
 
 /// How one inference request is to be served.
 #[derive(Debug, Clone, Copy)]
