@@ -304,7 +304,7 @@ impl<'a> ModelSuite<'a> {
         // The baselines' backend, built first so the engine's pool shape (0 =
         // the backend's choice) resolves exactly as the engine resolves it.
         let backend = servers::baseline_backend(&config);
-        let shape = tokitai_serve::engine::pool_shape(backend.as_ref(), &config);
+        let shape = tokitai_serve::served::pool_shape(backend.as_ref(), &config);
         ModelSuite {
             args,
             t,

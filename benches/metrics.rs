@@ -11,16 +11,25 @@
 //! Run: `cargo bench --bench metrics`
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tokitai_serve::labels::Route;
-use tokitai_serve::metrics::Metrics;
+use tokitai_serve::metrics::{Metrics, VersionMetrics, VersionShape};
 
 fn recording(c: &mut Criterion) {
-    let metrics = Metrics::new();
-    metrics.init_pool(2, 4, 8192, 256);
-    let worker = metrics.worker(0, 4);
+    let metrics = Arc::new(Metrics::new());
+    let shape = VersionShape {
+        model: "nano".into(),
+        version: 1,
+        workers: 2,
+        experts: 4,
+        max_queue_rows: 8192,
+        max_batch_rows: 256,
+    };
+    let version = VersionMetrics::new(&metrics, shape);
+    let worker = version.worker(0);
     let rows = 12;
     let top_k: Vec<u32> = (0..rows * 2).map(|i| (i % 4) as u32).collect();
     let weights: Vec<f32> = (0..rows).flat_map(|_| [0.6f32, 0.4, 0.0, 0.0]).collect();
@@ -31,7 +40,7 @@ fn recording(c: &mut Criterion) {
     g.bench_function("per_request", |b| {
         b.iter(|| {
             metrics.add_inflight(1);
-            metrics.observe_queue_wait(black_box(Duration::from_micros(40)));
+            version.observe_queue_wait(black_box(Duration::from_micros(40)));
             metrics.add_inflight(-1);
             // The middleware resolves the matched template to its label.
             let route = Route::from_template(black_box("/infer"));

@@ -3,7 +3,9 @@
 //! Owns: flags, exit codes and the offline subcommands. Flags and exit codes
 //! follow the old sidecar: `--arch` / `--checkpoint`, usage errors exit 2 with
 //! the usage, a model that fails to load exits 1 with the reason on stderr.
-//! Must not touch: serving internals (it calls [`crate::run`]).
+//! `infer` loads its model by the one model source rule
+//! (`model::load_files_or_demo`). Must not touch: serving internals (it
+//! calls [`crate::run`]).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -217,11 +219,8 @@ pub fn infer(args: &InferArgs) -> i32 {
         eprintln!("error: --cpu-isa {isa} needs the CPU feature `{feature}`, which this CPU lacks");
         return EXIT_USAGE;
     }
-    let model = match (&args.model.arch, &args.model.checkpoint) {
-        (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
-        _ => Ok(crate::model::synth::demo_model()),
-    };
-    let model = match model {
+    let files = args.model.arch.as_deref().zip(args.model.checkpoint.as_deref());
+    let model = match crate::model::load_files_or_demo(files) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: failed to load the model: {e}");

@@ -399,6 +399,12 @@ impl Default for LoggingConfig {
 pub type Override = (&'static str, toml::Value);
 
 impl Config {
+    /// `model.arch` and `model.checkpoint` when both are given; `None`
+    /// means the demo model (`model::load_files_or_demo`).
+    pub fn model_files(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        self.model.arch.as_deref().zip(self.model.checkpoint.as_deref())
+    }
+
     /// Loads the layered configuration: defaults < file < environment < `overrides`.
     pub fn load(
         file: Option<&std::path::Path>,

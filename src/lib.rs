@@ -1,6 +1,27 @@
 //! tokitai-serve: an actor-based concurrent serving engine for the
 //! tokitai-operator Mixture-of-Experts quality-decision models.
 //!
+//! The layers, top-down (a module imports only modules below it;
+//! `scripts/check-module-cycles.py` checks there is no circle):
+//!
+//! ```text
+//!  cli, embed            start the server, or run one request offline
+//!  http/, grpc/          protocols: parse, cap memory, render
+//!  oip                   the Open Inference Protocol rules both share
+//!  engine/               the facade the protocols call: infer, health,
+//!                        render_metrics, held answers, drain signal
+//!  repository/           which versions serve: layout, load / unload,
+//!                        the registry's one switch per model
+//!  served/               one served version: description, build,
+//!                        ServedVersion, its supervised Pool, VersionState
+//!  batcher/, worker/,    one version's queue and batching policy, its
+//!  mailbox               workers, the actor mechanism they run on
+//!  backend/              kernels (cpu, hip) behind Session::forward
+//!  model/                arch.json, checkpoints, weights
+//! ```
+//! Leaves anyone may import: config, error, labels, metrics, input, stats,
+//! readiness, os.
+//!
 //! The request path, and the reply path back:
 //!
 //! ```text
@@ -8,16 +29,19 @@
 //!    ▲                │   request, parse it into a validated InferInput,
 //!    │                │   no compute; sidecar_json.rs and http/v2/ are the
 //!    │                │   wire formats)
-//!    │                │  Engine::infer(input, options)   (engine/: the one
-//!    │                ▼                                   submit path)
-//!    │             batcher/ (one actor per model version: bounded queue,
+//!    │                │  Engine::resolve(target)   (engine/ -> repository/:
+//!    │                │                             the served version)
+//!    │                │  Engine::infer(version, input, options)
+//!    │                ▼                            (engine/: the one submit path)
+//!    │             batcher/ (one actor per served version: bounded queue,
 //!    │                │      batching policy, deadlines; admits or rejects
 //!    │                │      at once; no thread of its own: it runs on the
 //!    │                │      thread that sends to it, see mailbox.rs)
 //!    │                │  RunBatch(rows of one or more requests)
 //!    │                ▼
 //!    │             worker/ (one actor per CPU worker / GPU stream, each on
-//!    │                │     its own thread, owning a backend Session)
+//!    │                │     its own thread, owning a backend Session; the
+//!    │                │     version's Pool in served/ starts and replaces them)
 //!    │                │  Session::forward (backend/: cpu, hip; shared
 //!    │                │                    packed weights)
 //!    │                ├──▶ BatchDone ──▶ batcher (on the worker's own thread:
@@ -27,21 +51,23 @@
 //!    └──── each request's own reply channel (Job) ◀── its rows of the output
 //! ```
 //!
-//! `Engine::infer` first resolves which model version serves the request
-//! (`repository/`: the repository on disk, the served version of each model,
-//! loads and swaps off the request path), then submits to that version's own
-//! batcher and workers; a request finishes on the version that accepted it.
-//! gRPC (`grpc/`: Triton's `GRPCInferenceService`, on a tokio runtime of its
-//! own) parses into the same `InferInput` and calls the same `Engine::infer`;
-//! `oip.rs` holds the tensor rules both Open Inference Protocol transports
-//! share and `stats.rs` the statistics extension's counters.
+//! `Engine::infer` submits to the version the request resolved to (the
+//! repository loads and swaps versions off the request path, calling down
+//! into `served/` to build them); a request finishes on the version that
+//! accepted it, and a retired version's last `Drop` signals the repository
+//! (no polling). gRPC (`grpc/`: Triton's `GRPCInferenceService`, on a tokio
+//! runtime of its own) parses into the same `InferInput` and calls the same
+//! `Engine::infer`; `oip.rs` holds the tensor rules both Open Inference
+//! Protocol transports share and `stats.rs` each version's statistics
+//! extension counters.
 //!
 //! Around it: `input.rs` is the one validated input type; `labels.rs` the
-//! fixed vocabularies (routes, failure and drop reasons); `readiness.rs` the
-//! starting / ready / draining state everyone reads; `model/` reads the
-//! training runner's `arch.json` and `checkpoint.tkp1`; `engine/startup.rs`
-//! assembles one version's model, backend, batcher and workers; `metrics.rs` owns the
-//! Prometheus registry; `config.rs` the layered settings; `embed.rs` runs
+//! fixed vocabularies (routes, failure and drop reasons); `readiness.rs` a
+//! version's state (loading / ready / draining / retired) and workers;
+//! `model/` reads the training runner's `arch.json` and `checkpoint.tkp1`
+//! (and says "files, else the demo model" once); `metrics.rs` owns the
+//! Prometheus registry (server-wide, per model, and per model version
+//! series); `config.rs` the layered settings; `embed.rs` runs
 //! the engine on a thread of its own. [`run`] takes a bound listener, a
 //! config and a shutdown future ([`serve`] takes the gRPC listener too), so
 //! tests serve on port 0.
@@ -64,6 +90,7 @@ pub mod oip;
 pub mod os;
 pub mod readiness;
 pub mod repository;
+pub mod served;
 pub mod sidecar_json;
 pub mod stats;
 pub mod worker;

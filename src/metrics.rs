@@ -4,18 +4,33 @@
 //! for `GET /metrics`. Handlers, the batcher and workers only call the typed
 //! recording methods here; nothing registers a metric anywhere else.
 //!
+//! Three kinds of series: server-wide ones on [`Metrics`] (requests,
+//! failures, in-flight, readiness, build, device memory); per model ones
+//! that survive version changes (loads, load failures, load time; the
+//! served version number, gone on unload); and per model version ones,
+//! labelled `{model, version}` before any label of their own, held by the
+//! version's [`VersionMetrics`] and removed when that version retires.
+//! Must not touch: engine, served versions or the repository: callers hand
+//! in neutral values ([`VersionShape`], [`ModelInfo`], names, numbers).
+//!
 //! Conventions: names `tokitai_*`, base units (`_seconds`, `_bytes`), counters
 //! end in `_total`, histograms rather than summaries, and label values only
 //! from fixed vocabularies (route templates, failure kinds, worker ids, expert
-//! ids), never from user input. The label vocabularies are the enums of
-//! `labels.rs`.
+//! ids) or the configured model names and versions, never from user input.
+//! The label vocabularies are the enums of `labels.rs`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use crate::labels::{DropReason, Endpoint, FailureReason, GrpcMethod, Route};
 
+use prometheus::core::Collector;
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Counter, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -36,7 +51,12 @@ fn pow2_buckets() -> Vec<f64> {
     (0..=16).map(|i| f64::from(1u32 << i)).collect()
 }
 
-/// All of the engine's metrics.
+/// Labels of every per-version series, before any of its own.
+const VERSION: [&str; 2] = ["model", "version"];
+
+/// All of the engine's metrics: the server-wide series, the per-model ones,
+/// and the families whose series each served version adds and removes
+/// through its [`VersionMetrics`].
 pub struct Metrics {
     registry: Registry,
     recording: bool,
@@ -45,31 +65,23 @@ pub struct Metrics {
     pub grpc_stream_messages: IntCounterVec,
     pub request_failures: IntCounterVec,
     pub request_duration: HistogramVec,
-    pub queue_wait: Histogram,
-    pub compute_time: Histogram,
-    pub rows_computed: IntCounterVec,
-    pub batches: IntCounterVec,
-    pub batch_rows: Histogram,
-    pub batch_requests: Histogram,
-    pub rows_dropped: IntCounterVec,
-    pub queue_depth_rows: IntGauge,
     pub inflight_requests: IntGauge,
-    pub workers: IntGauge,
-    pub worker_busy: prometheus::CounterVec,
-    pub worker_restarts: IntCounterVec,
-    pub expert_rows: IntCounterVec,
-    pub router_top1_weight: Histogram,
     pub model_info: IntGaugeVec,
-    pub model_load_seconds: Gauge,
+    pub model_load_seconds: GaugeVec,
     pub model_version: IntGaugeVec,
     pub model_loads: IntCounterVec,
     pub model_load_failures: IntCounterVec,
-    pub model_answers: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub ready: IntGauge,
-    pub config_max_queue_rows: IntGauge,
-    pub config_max_batch_rows: IntGauge,
     pub device_memory_bytes: GaugeVec,
+    /// The per-version families: each served version's [`VersionMetrics`]
+    /// adds its `{model, version}` series to them and removes them.
+    families: VersionFamilies,
+    /// Which [`VersionMetrics`] owns each `{model, version}` label pair now
+    /// (a version re-read under the same number takes the pair over; the
+    /// one it replaced must not remove the series when it retires).
+    owners: Mutex<HashMap<(String, u64), u64>>,
+    next_owner: AtomicU64,
 }
 
 impl Metrics {
@@ -77,239 +89,95 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let lat = latency_buckets();
-        macro_rules! reg {
-            ($m:expr) => {{
-                let m = $m.expect("metric definitions are static and valid");
-                registry
-                    .register(Box::new(m.clone()))
-                    .expect("each metric is registered once");
-                m
-            }};
-        }
+        let model = ModelFamilies::register(&registry);
         let metrics = Metrics {
             recording: true,
-            http_requests: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_http_requests_total",
-                    "HTTP requests answered, by route template and status code."
-                ),
+            http_requests: counters(
+                &registry,
+                "tokitai_http_requests_total",
+                "HTTP requests answered, by route template and status code.",
                 &["route", "status"],
-            )),
-            grpc_requests: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_grpc_requests_total",
-                    "gRPC calls answered, by method path and gRPC status code name."
-                ),
+            ),
+            grpc_requests: counters(
+                &registry,
+                "tokitai_grpc_requests_total",
+                "gRPC calls answered, by method path and gRPC status code name.",
                 &["route", "code"],
-            )),
-            grpc_stream_messages: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_grpc_stream_messages_total",
-                    "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent)."
-                ),
+            ),
+            grpc_stream_messages: counters(
+                &registry,
+                "tokitai_grpc_stream_messages_total",
+                "Inference answers sent on ModelStreamInfer streams, by gRPC status code name (OK, or the code of the error_message sent).",
                 &["code"],
-            )),
-            request_failures: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_request_failures_total",
-                    "Requests that got no model answer, by route and reason."
-                ),
+            ),
+            request_failures: counters(
+                &registry,
+                "tokitai_request_failures_total",
+                "Requests that got no model answer, by route and reason.",
                 &["route", "reason"],
-            )),
-            request_duration: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "tokitai_request_duration_seconds",
-                    "Time from request start to answer, by route."
-                )
-                .buckets(lat.clone()),
+            ),
+            request_duration: histograms(
+                &registry,
+                "tokitai_request_duration_seconds",
+                "Time from request start to answer, by route.",
+                lat.clone(),
                 &["route"],
-            )),
-            queue_wait: reg!(Histogram::with_opts(
-                HistogramOpts::new(
-                    "tokitai_queue_wait_seconds",
-                    "Time a request's rows waited before their batch started."
-                )
-                .buckets(lat.clone()),
-            )),
-            compute_time: reg!(Histogram::with_opts(
-                HistogramOpts::new("tokitai_compute_seconds", "Forward time of one batch on a worker.")
-                    .buckets(lat.clone()),
-            )),
-            rows_computed: reg!(IntCounterVec::new(
-                Opts::new("tokitai_rows_computed_total", "Rows computed, by worker."),
-                &["worker"],
-            )),
-            batches: reg!(IntCounterVec::new(
-                Opts::new("tokitai_batches_total", "Batches computed, by worker."),
-                &["worker"],
-            )),
-            batch_rows: reg!(Histogram::with_opts(
-                HistogramOpts::new("tokitai_batch_size_rows", "Rows per computed batch.").buckets(pow2_buckets()),
-            )),
-            batch_requests: reg!(Histogram::with_opts(
-                HistogramOpts::new(
-                    "tokitai_batch_size_requests",
-                    "Requests (or request parts) per computed batch."
-                )
-                .buckets(pow2_buckets()),
-            )),
-            rows_dropped: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_rows_dropped_total",
-                    "Queued rows dropped before compute, by reason."
+            ),
+            inflight_requests: reg(
+                &registry,
+                IntGauge::new(
+                    "tokitai_inflight_requests",
+                    "Inference requests accepted and not yet answered.",
                 ),
-                &["reason"],
-            )),
-            queue_depth_rows: reg!(IntGauge::new(
-                "tokitai_queue_depth_rows",
-                "Rows waiting in the batcher's queue."
-            )),
-            inflight_requests: reg!(IntGauge::new(
-                "tokitai_inflight_requests",
-                "Inference requests accepted and not yet answered."
-            )),
-            workers: reg!(IntGauge::new(
-                "tokitai_workers",
-                "Worker actors (sessions) in the pool."
-            )),
-            worker_busy: reg!(prometheus::CounterVec::new(
-                Opts::new(
-                    "tokitai_worker_busy_seconds_total",
-                    "Seconds each worker spent computing; rate() is utilisation."
-                ),
-                &["worker"],
-            )),
-            worker_restarts: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_worker_restarts_total",
-                    "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by worker."
-                ),
-                &["worker"],
-            )),
-            expert_rows: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_expert_rows_total",
-                    "Rows routed to each expert (each row counts once per selected expert)."
-                ),
-                &["expert"],
-            )),
-            router_top1_weight: reg!(Histogram::with_opts(
-                HistogramOpts::new(
-                    "tokitai_router_top1_weight",
-                    "The router's largest expert weight per row (its confidence)."
-                )
-                .buckets(vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]),
-            )),
-            model_info: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_model_info", "Each served model version (value 1)."),
-                &[
-                    "model",
-                    "model_version",
-                    "size",
-                    "layernorm",
-                    "weight_precision",
-                    "param_count",
-                    "checkpoint",
-                    "backend",
-                    "devices",
-                    "isa"
-                ],
-            )),
-            model_load_seconds: reg!(Gauge::new(
-                "tokitai_model_load_seconds",
-                "Time taken to load and prepare the most recently loaded model version."
-            )),
-            model_version: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "tokitai_model_version",
-                    "The version each loaded model serves (its repository folder, or the checkpoint's step)."
-                ),
-                &["model"],
-            )),
-            model_loads: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_model_loads_total",
-                    "Model versions loaded and put in service, by model."
-                ),
-                &["model"],
-            )),
-            model_load_failures: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_model_load_failures_total",
-                    "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving."
-                ),
-                &["model"],
-            )),
-            model_answers: reg!(IntCounterVec::new(
-                Opts::new(
-                    "tokitai_model_answers_total",
-                    "Inference requests answered, by the model and version that computed them."
-                ),
-                &["model", "version"],
-            )),
-            build_info: reg!(IntGaugeVec::new(
-                Opts::new("tokitai_build_info", "Build of the engine (value 1)."),
+            ),
+            model_info: model.info,
+            model_load_seconds: model.load_seconds,
+            model_version: model.version,
+            model_loads: model.loads,
+            model_load_failures: model.load_failures,
+            build_info: int_gauges(
+                &registry,
+                "tokitai_build_info",
+                "Build of the engine (value 1).",
                 &["version"],
-            )),
-            ready: reg!(IntGauge::new(
-                "tokitai_ready",
-                "1 when the model is loaded, workers warmed up and not draining."
-            )),
-            config_max_queue_rows: reg!(IntGauge::new(
-                "tokitai_queue_capacity_rows",
-                "Configured batching.max_queue_rows."
-            )),
-            config_max_batch_rows: reg!(IntGauge::new(
-                "tokitai_max_batch_rows",
-                "Configured batching.max_batch_rows."
-            )),
-            device_memory_bytes: reg!(GaugeVec::new(
-                Opts::new(
-                    "tokitai_device_memory_used_bytes",
-                    "Memory used on each compute device."
+            ),
+            ready: reg(
+                &registry,
+                IntGauge::new(
+                    "tokitai_ready",
+                    "1 when the model is loaded, workers warmed up and not draining.",
                 ),
+            ),
+            device_memory_bytes: gauges(
+                &registry,
+                "tokitai_device_memory_used_bytes",
+                "Memory used on each compute device.",
                 &["device"],
-            )),
+            ),
+            families: VersionFamilies::register(&registry),
             registry,
+            owners: Mutex::new(HashMap::new()),
+            next_owner: AtomicU64::new(0),
         };
-        #[cfg(target_os = "linux")]
-        {
-            let pc = prometheus::process_collector::ProcessCollector::for_self();
-            metrics
-                .registry
-                .register(Box::new(pc))
-                .expect("process collector registered once");
-        }
-        metrics
-            .build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        metrics.init_series();
         metrics
     }
 
-    /// Creates the per-worker and per-expert series up front, so dashboards
-    /// show zeros rather than gaps before the first batch.
-    pub fn init_pool(&self, workers: usize, experts: usize, max_queue_rows: usize, max_batch_rows: usize) {
-        self.workers.set(workers as i64);
-        for w in 0..workers {
-            let id = w.to_string();
-            self.rows_computed.with_label_values(&[&id]);
-            self.batches.with_label_values(&[&id]);
-            self.worker_busy.with_label_values(&[&id]);
-            self.worker_restarts.with_label_values(&[&id]);
+    /// The process collector, the build's info, and the request failure
+    /// series at zero (rather than gaps before the first failure).
+    fn init_series(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            self.registry
+                .register(Box::new(pc))
+                .expect("process collector registered once");
         }
-        for e in 0..experts {
-            self.expert_rows.with_label_values(&[&e.to_string()]);
-        }
-        for reason in DropReason::ALL {
-            self.rows_dropped.with_label_values(&[reason.as_str()]);
-        }
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for reason in FailureReason::ALL {
             self.request_failures
                 .with_label_values(&[Route::Infer.as_str(), reason.as_str()]);
         }
-        self.config_max_queue_rows.set(max_queue_rows as i64);
-        self.config_max_batch_rows.set(max_batch_rows as i64);
     }
 
     /// Whether request metrics are recorded (`metrics.record`).
@@ -319,7 +187,10 @@ impl Metrics {
 
     /// The answer counter of one model version, resolved once per version.
     pub fn model_answers(&self, model: &str, version: u64) -> IntCounter {
-        self.model_answers.with_label_values(&[model, &version.to_string()])
+        self.families
+            .queue
+            .model_answers
+            .with_label_values(&[model, &version.to_string()])
     }
 
     /// A model's load-failure series, created at zero so dashboards and
@@ -334,33 +205,46 @@ impl Metrics {
         self.model_load_failures.with_label_values(&[model]).inc();
     }
 
-    /// `description` is now the version `model` serves, in place of
-    /// `previous` (whose series are removed: only loaded versions have them).
-    pub fn model_served(
-        &self,
-        d: &crate::engine::ModelDescription,
-        previous: Option<&crate::engine::ModelDescription>,
-    ) {
+    /// A version of `model` took `took` to load and prepare.
+    pub fn model_load_time(&self, model: &str, took: Duration) {
+        self.model_load_seconds
+            .with_label_values(&[model])
+            .set(took.as_secs_f64());
+    }
+
+    /// `info` is now the version its model serves, in place of `previous`
+    /// (whose info series is removed: only served versions have one).
+    pub fn model_served(&self, info: &ModelInfo, previous: Option<&ModelInfo>) {
         if let Some(p) = previous {
             self.model_retired(p);
         }
-        self.model_loads.with_label_values(&[&d.name]).inc();
-        self.model_version.with_label_values(&[&d.name]).set(d.version as i64);
-        self.model_info.with_label_values(&model_info_labels(d)).set(1);
+        self.model_loads.with_label_values(&[&info.model]).inc();
+        self.model_version
+            .with_label_values(&[&info.model])
+            .set(info.version as i64);
+        self.model_info.with_label_values(&info.labels()).set(1);
     }
 
-    /// Version `d` no longer serves: its series go.
-    pub fn model_retired(&self, d: &crate::engine::ModelDescription) {
-        let _ = self.model_info.remove_label_values(&model_info_labels(d));
-        let _ = self
-            .model_answers
-            .remove_label_values(&[&d.name, &d.version.to_string()]);
+    /// Version `info` no longer serves: its info series goes (its other
+    /// series, answers included, go when it retires: `VersionMetrics::remove`).
+    pub fn model_retired(&self, info: &ModelInfo) {
+        let _ = self.model_info.remove_label_values(&info.labels());
     }
 
-    /// `model` was unloaded (serves no version): its version gauge goes.
-    pub fn model_unloaded(&self, d: &crate::engine::ModelDescription) {
-        self.model_retired(d);
-        let _ = self.model_version.remove_label_values(&[&d.name]);
+    /// The model was unloaded (serves no version): its version gauge goes.
+    pub fn model_unloaded(&self, info: &ModelInfo) {
+        self.model_retired(info);
+        let _ = self.model_version.remove_label_values(&[&info.model]);
+    }
+
+    /// `tokitai_ready`: whether the server takes inference requests now.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// `tokitai_device_memory_used_bytes` of one compute device.
+    pub fn set_device_memory(&self, device: &str, bytes: u64) {
+        self.device_memory_bytes.with_label_values(&[device]).set(bytes as f64);
     }
 
     /// Turns recording on or off. Off exists only to measure what recording
@@ -409,70 +293,10 @@ impl Metrics {
         }
     }
 
-    /// Batches computed so far, all workers together (`execution_count` of
-    /// the statistics extension).
-    pub fn batches_total(&self) -> u64 {
-        let workers = self.workers.get().max(0) as usize;
-        (0..workers)
-            .map(|w| self.batches.with_label_values(&[&w.to_string()]).get())
-            .sum()
-    }
-
-    /// Time a request waited before its first rows started computing.
-    pub fn observe_queue_wait(&self, wait: Duration) {
-        if self.recording {
-            self.queue_wait.observe(wait.as_secs_f64());
-        }
-    }
-
     /// An inference request was accepted (+1) or finished (-1).
     pub fn add_inflight(&self, delta: i64) {
         if self.recording {
             self.inflight_requests.add(delta);
-        }
-    }
-
-    pub fn set_queue_depth(&self, rows: usize) {
-        if self.recording {
-            self.queue_depth_rows.set(rows as i64);
-        }
-    }
-
-    /// The counters of rows dropped before compute, one per reason,
-    /// resolved once (the batcher and each worker hold a copy).
-    pub fn drop_counters(&self) -> DropCounters {
-        DropCounters {
-            recording: self.recording,
-            by_reason: DropReason::ALL
-                .iter()
-                .map(|r| self.rows_dropped.with_label_values(&[r.as_str()]))
-                .collect(),
-        }
-    }
-
-    /// Worker `id`'s actor was replaced after it ended.
-    pub fn worker_restarted(&self, id: usize) {
-        self.worker_restarts.with_label_values(&[&id.to_string()]).inc();
-    }
-
-    /// The handles worker `id` records into, resolved once so the per-batch
-    /// path does no label lookups or allocation.
-    pub fn worker(&self, id: usize, experts: usize) -> WorkerMetrics {
-        let label = id.to_string();
-        WorkerMetrics {
-            recording: self.recording,
-            dropped: self.drop_counters(),
-            rows: self.rows_computed.with_label_values(&[&label]),
-            batches: self.batches.with_label_values(&[&label]),
-            busy: self.worker_busy.with_label_values(&[&label]),
-            restarts: self.worker_restarts.with_label_values(&[&label]),
-            experts: (0..experts)
-                .map(|e| self.expert_rows.with_label_values(&[&e.to_string()]))
-                .collect(),
-            batch_rows: self.batch_rows.clone(),
-            batch_requests: self.batch_requests.clone(),
-            compute: self.compute_time.clone(),
-            top1: self.router_top1_weight.clone(),
         }
     }
 
@@ -490,26 +314,511 @@ impl Metrics {
     }
 }
 
+/// Registers `metric` in `registry`: every definition is static and valid,
+/// and registered once.
+fn reg<C: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<C>) -> C {
+    let metric = metric.expect("metric definitions are static and valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(r, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn float_counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::CounterVec {
+    reg(r, prometheus::CounterVec::new(Opts::new(name, help), labels))
+}
+
+fn int_gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    reg(r, GaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn histograms(r: &Registry, name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]) -> HistogramVec {
+    reg(
+        r,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels),
+    )
+}
+
+/// The per-model families (they survive version changes).
+struct ModelFamilies {
+    info: IntGaugeVec,
+    load_seconds: GaugeVec,
+    version: IntGaugeVec,
+    loads: IntCounterVec,
+    load_failures: IntCounterVec,
+}
+
+impl ModelFamilies {
+    fn register(registry: &Registry) -> ModelFamilies {
+        ModelFamilies {
+            info: int_gauges(
+                registry,
+                "tokitai_model_info",
+                "Each served model version (value 1).",
+                &[
+                    "model",
+                    "model_version",
+                    "size",
+                    "layernorm",
+                    "weight_precision",
+                    "param_count",
+                    "checkpoint",
+                    "backend",
+                    "devices",
+                    "isa",
+                ],
+            ),
+            load_seconds: gauges(
+                registry,
+                "tokitai_model_load_seconds",
+                "Time taken to load and prepare each model's most recently loaded version.",
+                &["model"],
+            ),
+            version: int_gauges(
+                registry,
+                "tokitai_model_version",
+                "The version each loaded model serves (its repository folder, or the checkpoint's step).",
+                &["model"],
+            ),
+            loads: counters(
+                registry,
+                "tokitai_model_loads_total",
+                "Model versions loaded and put in service, by model.",
+                &["model"],
+            ),
+            load_failures: counters(
+                registry,
+                "tokitai_model_load_failures_total",
+                "Model versions that failed to load (bad files, bad arch, failed warm-up); the previous version kept serving.",
+                &["model"],
+            ),
+        }
+    }
+}
+
+/// The families whose series belong to one model version each (labels
+/// `model`, `version` first).
+struct VersionFamilies {
+    /// Queue, admission and answers.
+    queue: QueueFamilies,
+    /// Workers and the batches they compute.
+    work: WorkFamilies,
+}
+
+/// A version's queue, admission and answer families.
+struct QueueFamilies {
+    queue_wait: HistogramVec,
+    rows_dropped: IntCounterVec,
+    queue_depth_rows: IntGaugeVec,
+    workers: IntGaugeVec,
+    model_answers: IntCounterVec,
+    config_max_queue_rows: IntGaugeVec,
+    config_max_batch_rows: IntGaugeVec,
+}
+
+/// A version's worker and batch families.
+struct WorkFamilies {
+    compute_time: HistogramVec,
+    rows_computed: IntCounterVec,
+    batches: IntCounterVec,
+    batch_rows: HistogramVec,
+    batch_requests: HistogramVec,
+    worker_busy: prometheus::CounterVec,
+    worker_restarts: IntCounterVec,
+    expert_rows: IntCounterVec,
+    router_top1_weight: HistogramVec,
+}
+
+impl VersionFamilies {
+    fn register(registry: &Registry) -> VersionFamilies {
+        VersionFamilies {
+            queue: QueueFamilies::register(registry),
+            work: WorkFamilies::register(registry),
+        }
+    }
+}
+
+impl QueueFamilies {
+    fn register(registry: &Registry) -> QueueFamilies {
+        let lat = latency_buckets();
+        QueueFamilies {
+            queue_wait: histograms(
+                registry,
+                "tokitai_queue_wait_seconds",
+                "Time a request's rows waited before their batch started, by model version.",
+                lat.clone(),
+                &VERSION,
+            ),
+            rows_dropped: counters(
+                registry,
+                "tokitai_rows_dropped_total",
+                "Queued rows dropped before compute, by model version and reason.",
+                &["model", "version", "reason"],
+            ),
+            queue_depth_rows: int_gauges(
+                registry,
+                "tokitai_queue_depth_rows",
+                "Rows waiting in a model version's batcher queue.",
+                &VERSION,
+            ),
+            workers: int_gauges(
+                registry,
+                "tokitai_workers",
+                "Worker actors (sessions) in a model version's pool.",
+                &VERSION,
+            ),
+            model_answers: counters(
+                registry,
+                "tokitai_model_answers_total",
+                "Inference requests answered, by the model and version that computed them.",
+                &["model", "version"],
+            ),
+            config_max_queue_rows: int_gauges(
+                registry,
+                "tokitai_queue_capacity_rows",
+                "A model version's batching.max_queue_rows.",
+                &VERSION,
+            ),
+            config_max_batch_rows: int_gauges(
+                registry,
+                "tokitai_max_batch_rows",
+                "A model version's batching.max_batch_rows.",
+                &VERSION,
+            ),
+        }
+    }
+}
+
+impl WorkFamilies {
+    fn register(registry: &Registry) -> WorkFamilies {
+        let lat = latency_buckets();
+        WorkFamilies {
+            compute_time: histograms(
+                registry,
+                "tokitai_compute_seconds",
+                "Forward time of one batch on a worker, by model version.",
+                lat.clone(),
+                &VERSION,
+            ),
+            rows_computed: counters(
+                registry,
+                "tokitai_rows_computed_total",
+                "Rows computed, by model version and worker.",
+                &["model", "version", "worker"],
+            ),
+            batches: counters(
+                registry,
+                "tokitai_batches_total",
+                "Batches computed, by model version and worker.",
+                &["model", "version", "worker"],
+            ),
+            batch_rows: histograms(
+                registry,
+                "tokitai_batch_size_rows",
+                "Rows per computed batch, by model version.",
+                pow2_buckets(),
+                &VERSION,
+            ),
+            batch_requests: histograms(
+                registry,
+                "tokitai_batch_size_requests",
+                "Requests (or request parts) per computed batch, by model version.",
+                pow2_buckets(),
+                &VERSION,
+            ),
+            worker_busy: float_counters(
+                registry,
+                "tokitai_worker_busy_seconds_total",
+                "Seconds each worker spent computing, by model version and worker; rate() is utilisation.",
+                &["model", "version", "worker"],
+            ),
+            worker_restarts: counters(
+                registry,
+                "tokitai_worker_restarts_total",
+                "Worker sessions rebuilt after a fault while computing a batch, or worker actors replaced after one ended, by model version and worker.",
+                &["model", "version", "worker"],
+            ),
+            expert_rows: counters(
+                registry,
+                "tokitai_expert_rows_total",
+                "Rows routed to each expert, by model version (each row counts once per selected expert).",
+                &["model", "version", "expert"],
+            ),
+            router_top1_weight: histograms(
+                registry,
+                "tokitai_router_top1_weight",
+                "The router's largest expert weight per row (its confidence), by model version.",
+                vec![0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0],
+                &VERSION,
+            ),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
 }
 
-/// The `tokitai_model_info` label values of a served version.
-fn model_info_labels(d: &crate::engine::ModelDescription) -> [String; 10] {
-    [
-        d.name.clone(),
-        d.version.to_string(),
-        d.size.to_string(),
-        d.layernorm.as_str().to_string(),
-        d.weight_precision.as_str().to_string(),
-        d.param_count.to_string(),
-        d.checkpoint.clone(),
-        d.backend.to_string(),
-        d.devices.clone(),
-        d.isa.to_string(),
-    ]
+/// What `tokitai_model_info` says of one served version: its label values,
+/// as neutral text (the served version builds it from its description).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub model: String,
+    pub version: u64,
+    pub size: String,
+    pub layernorm: String,
+    pub weight_precision: String,
+    pub param_count: u64,
+    pub checkpoint: String,
+    pub backend: String,
+    pub devices: String,
+    pub isa: String,
+}
+
+impl ModelInfo {
+    /// The `tokitai_model_info` label values, in its label order.
+    fn labels(&self) -> [String; 10] {
+        [
+            self.model.clone(),
+            self.version.to_string(),
+            self.size.clone(),
+            self.layernorm.clone(),
+            self.weight_precision.clone(),
+            self.param_count.to_string(),
+            self.checkpoint.clone(),
+            self.backend.clone(),
+            self.devices.clone(),
+            self.isa.clone(),
+        ]
+    }
+}
+
+/// The shape of one served version, as its metrics need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionShape {
+    pub model: String,
+    pub version: u64,
+    pub workers: usize,
+    pub experts: usize,
+    pub max_queue_rows: usize,
+    pub max_batch_rows: usize,
+}
+
+/// One served version's series: every per-version family labelled
+/// `{model, version}`, created when the version is built (zeros rather than
+/// gaps), recorded into by its engine path, batcher and workers, and removed
+/// by [`VersionMetrics::remove`] when the version retires. Cheap to share
+/// (`Arc`); the hot paths hold resolved handles, never label lookups.
+pub struct VersionMetrics {
+    metrics: Arc<Metrics>,
+    shape: VersionShape,
+    /// The label value of `shape.version`.
+    version: String,
+    /// This handle's claim on the `{model, version}` pair (see `owners`).
+    owner: u64,
+    recording: bool,
+    queue_depth: IntGauge,
+    queue_wait: Histogram,
+    answers: IntCounter,
+    dropped: DropCounters,
+}
+
+impl VersionMetrics {
+    /// The series of the version `shape` describes, created now (gauges set
+    /// to its pool and policy; counters at zero).
+    pub fn new(metrics: &Arc<Metrics>, shape: VersionShape) -> Arc<VersionMetrics> {
+        let m = metrics;
+        let version = shape.version.to_string();
+        let v = [shape.model.as_str(), version.as_str()];
+        let owner = m.next_owner.fetch_add(1, Ordering::Relaxed);
+        m.owners.lock().insert((shape.model.clone(), shape.version), owner);
+        m.families.queue.workers.with_label_values(&v).set(shape.workers as i64);
+        m.families
+            .queue
+            .config_max_queue_rows
+            .with_label_values(&v)
+            .set(shape.max_queue_rows as i64);
+        m.families
+            .queue
+            .config_max_batch_rows
+            .with_label_values(&v)
+            .set(shape.max_batch_rows as i64);
+        for h in [
+            &m.families.work.compute_time,
+            &m.families.work.batch_rows,
+            &m.families.work.batch_requests,
+            &m.families.work.router_top1_weight,
+        ] {
+            h.with_label_values(&v);
+        }
+        let handle = VersionMetrics {
+            queue_depth: m.families.queue.queue_depth_rows.with_label_values(&v),
+            queue_wait: m.families.queue.queue_wait.with_label_values(&v),
+            answers: m.families.queue.model_answers.with_label_values(&v),
+            dropped: DropCounters {
+                recording: m.recording,
+                by_reason: DropReason::ALL
+                    .iter()
+                    .map(|r| {
+                        m.families
+                            .queue
+                            .rows_dropped
+                            .with_label_values(&[v[0], v[1], r.as_str()])
+                    })
+                    .collect(),
+            },
+            recording: m.recording,
+            metrics: Arc::clone(m),
+            owner,
+            version,
+            shape,
+        };
+        for id in 0..handle.shape.workers {
+            drop(handle.worker(id));
+        }
+        Arc::new(handle)
+    }
+
+    /// The model and version these series are labelled with.
+    pub fn shape(&self) -> &VersionShape {
+        &self.shape
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [self.shape.model.as_str(), self.version.as_str()]
+    }
+
+    /// Rows waiting in this version's queue now.
+    pub fn set_queue_depth(&self, rows: usize) {
+        if self.recording {
+            self.queue_depth.set(rows as i64);
+        }
+    }
+
+    /// Time a request waited before its first rows started computing.
+    pub fn observe_queue_wait(&self, wait: Duration) {
+        if self.recording {
+            self.queue_wait.observe(wait.as_secs_f64());
+        }
+    }
+
+    /// One request answered by this version.
+    pub fn count_answer(&self) {
+        if self.recording {
+            self.answers.inc();
+        }
+    }
+
+    /// The counters of rows dropped before compute, one per reason (the
+    /// batcher and each worker hold a copy).
+    pub fn drop_counters(&self) -> DropCounters {
+        self.dropped.clone()
+    }
+
+    /// Worker `id`'s actor was replaced after it ended.
+    pub fn worker_restarted(&self, id: usize) {
+        let [model, version] = self.labels();
+        self.metrics
+            .families
+            .work
+            .worker_restarts
+            .with_label_values(&[model, version, &id.to_string()])
+            .inc();
+    }
+
+    /// The handles worker `id` records into, resolved once so the per-batch
+    /// path does no label lookups or allocation.
+    pub fn worker(&self, id: usize) -> WorkerMetrics {
+        let m = &self.metrics;
+        let [model, version] = self.labels();
+        let worker = id.to_string();
+        let w = [model, version, worker.as_str()];
+        WorkerMetrics {
+            recording: self.recording,
+            dropped: self.drop_counters(),
+            rows: m.families.work.rows_computed.with_label_values(&w),
+            batches: m.families.work.batches.with_label_values(&w),
+            busy: m.families.work.worker_busy.with_label_values(&w),
+            restarts: m.families.work.worker_restarts.with_label_values(&w),
+            experts: (0..self.shape.experts)
+                .map(|e| {
+                    m.families
+                        .work
+                        .expert_rows
+                        .with_label_values(&[model, version, &e.to_string()])
+                })
+                .collect(),
+            batch_rows: m.families.work.batch_rows.with_label_values(&[model, version]),
+            batch_requests: m.families.work.batch_requests.with_label_values(&[model, version]),
+            compute: m.families.work.compute_time.with_label_values(&[model, version]),
+            top1: m.families.work.router_top1_weight.with_label_values(&[model, version]),
+        }
+    }
+
+    /// The version retired: every one of its series goes from `/metrics`
+    /// (handles still held record into nothing). A version that was
+    /// replaced by a re-read under the same number leaves the series to it.
+    pub fn remove(&self) {
+        let (m, shape) = (&self.metrics, &self.shape);
+        {
+            let mut owners = m.owners.lock();
+            let key = (shape.model.clone(), shape.version);
+            if owners.get(&key) != Some(&self.owner) {
+                return;
+            }
+            owners.remove(&key);
+        }
+        let v = self.labels();
+        for g in [
+            &m.families.queue.queue_depth_rows,
+            &m.families.queue.workers,
+            &m.families.queue.config_max_queue_rows,
+            &m.families.queue.config_max_batch_rows,
+        ] {
+            let _ = g.remove_label_values(&v);
+        }
+        let _ = m.families.queue.model_answers.remove_label_values(&v);
+        for h in [
+            &m.families.queue.queue_wait,
+            &m.families.work.compute_time,
+            &m.families.work.batch_rows,
+            &m.families.work.batch_requests,
+            &m.families.work.router_top1_weight,
+        ] {
+            let _ = h.remove_label_values(&v);
+        }
+        for id in 0..shape.workers {
+            let w = [v[0], v[1], &id.to_string()];
+            let _ = m.families.work.rows_computed.remove_label_values(&w);
+            let _ = m.families.work.batches.remove_label_values(&w);
+            let _ = m.families.work.worker_busy.remove_label_values(&w);
+            let _ = m.families.work.worker_restarts.remove_label_values(&w);
+        }
+        for reason in DropReason::ALL {
+            let _ = m
+                .families
+                .queue
+                .rows_dropped
+                .remove_label_values(&[v[0], v[1], reason.as_str()]);
+        }
+        for e in 0..shape.experts {
+            let _ = m
+                .families
+                .work
+                .expert_rows
+                .remove_label_values(&[v[0], v[1], &e.to_string()]);
+        }
+    }
 }
 
 /// `tokitai_rows_dropped_total`, one handle per [`DropReason`].
@@ -532,7 +841,7 @@ impl DropCounters {
     }
 }
 
-/// One worker's metric handles (see [`Metrics::worker`]).
+/// One worker's metric handles (see [`VersionMetrics::worker`]).
 pub struct WorkerMetrics {
     recording: bool,
     /// Rows this worker dropped instead of computing.
@@ -597,48 +906,164 @@ impl WorkerMetrics {
 mod tests {
     use super::*;
 
+    fn shape(model: &str, version: u64) -> VersionShape {
+        VersionShape {
+            model: model.into(),
+            version,
+            workers: 2,
+            experts: 4,
+            max_queue_rows: 100,
+            max_batch_rows: 10,
+        }
+    }
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
     #[test]
     fn exposition_has_every_family_and_no_user_labels() {
-        let m = Metrics::new();
-        m.init_pool(2, 4, 100, 10);
+        let m = Arc::new(Metrics::new());
+        let v = VersionMetrics::new(&m, shape("a", 3));
         m.observe_request(Route::Infer, "200", Duration::from_micros(50));
         m.observe_request(Route::from_template("/../etc/passwd"), "404", Duration::from_micros(5));
-        m.drop_counters().add(DropReason::Failed, 3);
-        let w = m.worker(0, 4);
+        v.drop_counters().add(DropReason::Failed, 3);
+        let w = v.worker(0);
         w.observe_batch(3, 2, Duration::from_micros(100));
         w.observe_routing(&[0, 1, 0, 2], &[0.6, 0.4, 0.0, 0.0, 0.7, 0.0, 0.3, 0.0], 4);
-        let text = String::from_utf8(m.render()).unwrap();
+        let text = text(&m);
         for name in [
             "tokitai_http_requests_total{route=\"/infer\",status=\"200\"} 1",
             "tokitai_http_requests_total{route=\"other\",status=\"404\"} 1",
-            "tokitai_expert_rows_total{expert=\"0\"} 2",
-            "tokitai_expert_rows_total{expert=\"3\"} 0",
-            "tokitai_batch_size_rows_bucket{le=\"4\"} 1",
-            "tokitai_router_top1_weight_count 2",
-            "tokitai_workers 2",
-            "tokitai_rows_dropped_total{reason=\"failed\"} 3",
-            "tokitai_rows_dropped_total{reason=\"timeout\"} 0",
+            "tokitai_expert_rows_total{expert=\"0\",model=\"a\",version=\"3\"} 2",
+            "tokitai_expert_rows_total{expert=\"3\",model=\"a\",version=\"3\"} 0",
+            "tokitai_batch_size_rows_bucket{model=\"a\",version=\"3\",le=\"4\"} 1",
+            "tokitai_router_top1_weight_count{model=\"a\",version=\"3\"} 2",
+            "tokitai_workers{model=\"a\",version=\"3\"} 2",
+            "tokitai_queue_capacity_rows{model=\"a\",version=\"3\"} 100",
+            "tokitai_max_batch_rows{model=\"a\",version=\"3\"} 10",
+            "tokitai_batches_total{model=\"a\",version=\"3\",worker=\"1\"} 0",
+            "tokitai_rows_dropped_total{model=\"a\",reason=\"failed\",version=\"3\"} 3",
+            "tokitai_rows_dropped_total{model=\"a\",reason=\"timeout\",version=\"3\"} 0",
         ] {
-            assert!(text.contains(name), "missing {name}");
+            assert!(text.contains(name), "missing {name} in\n{text}");
         }
         assert!(!text.contains("passwd"));
+    }
+
+    #[test]
+    fn two_versions_have_their_own_series_and_retiring_one_removes_only_its() {
+        let m = Arc::new(Metrics::new());
+        let a = VersionMetrics::new(&m, shape("a", 1));
+        let b = VersionMetrics::new(
+            &m,
+            VersionShape {
+                workers: 1,
+                ..shape("b", 7)
+            },
+        );
+        a.set_queue_depth(5);
+        b.set_queue_depth(2);
+        a.worker(0).observe_batch(3, 1, Duration::from_micros(10));
+        b.worker(0).observe_batch(1, 1, Duration::from_micros(10));
+        b.worker(0).observe_batch(1, 1, Duration::from_micros(10));
+        b.worker_restarted(0);
+        b.observe_queue_wait(Duration::from_micros(3));
+        let t = text(&m);
+        for line in [
+            "tokitai_queue_depth_rows{model=\"a\",version=\"1\"} 5",
+            "tokitai_queue_depth_rows{model=\"b\",version=\"7\"} 2",
+            "tokitai_workers{model=\"b\",version=\"7\"} 1",
+            "tokitai_batches_total{model=\"a\",version=\"1\",worker=\"0\"} 1",
+            "tokitai_batches_total{model=\"b\",version=\"7\",worker=\"0\"} 2",
+            "tokitai_worker_restarts_total{model=\"a\",version=\"1\",worker=\"0\"} 0",
+            "tokitai_worker_restarts_total{model=\"b\",version=\"7\",worker=\"0\"} 1",
+            "tokitai_queue_wait_seconds_count{model=\"a\",version=\"1\"} 0",
+            "tokitai_queue_wait_seconds_count{model=\"b\",version=\"7\"} 1",
+        ] {
+            assert!(t.contains(line), "missing {line} in\n{t}");
+        }
+        a.remove();
+        let t = text(&m);
+        assert!(!t.contains("model=\"a\""), "a's series are gone:\n{t}");
+        assert!(
+            t.contains("tokitai_batches_total{model=\"b\",version=\"7\",worker=\"0\"} 2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tokitai_queue_depth_rows{model=\"b\",version=\"7\"} 2"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn a_version_replaced_under_the_same_number_leaves_the_series_to_its_successor() {
+        let m = Arc::new(Metrics::new());
+        let old = VersionMetrics::new(&m, shape("a", 1));
+        let new = VersionMetrics::new(&m, shape("a", 1));
+        new.worker(1).observe_batch(2, 1, Duration::from_micros(10));
+        old.remove();
+        let t = text(&m);
+        assert!(
+            t.contains("tokitai_batches_total{model=\"a\",version=\"1\",worker=\"1\"} 1"),
+            "{t}"
+        );
+        new.remove();
+        assert!(!text(&m).contains("model=\"a\""));
+    }
+
+    #[test]
+    fn per_model_load_series_survive_a_version_change() {
+        let m = Metrics::new();
+        let info = |version| ModelInfo {
+            model: "a".into(),
+            version,
+            size: "Nano".into(),
+            layernorm: "identity".into(),
+            weight_precision: "f32".into(),
+            param_count: 1,
+            checkpoint: "x".into(),
+            backend: "cpu".into(),
+            devices: "cpu".into(),
+            isa: "avx2".into(),
+        };
+        m.model_known("a");
+        m.model_served(&info(1), None);
+        m.model_load_time("a", Duration::from_millis(5));
+        m.model_served(&info(2), Some(&info(1)));
+        let t = text(&m);
+        assert!(t.contains("tokitai_model_loads_total{model=\"a\"} 2"), "{t}");
+        assert!(t.contains("tokitai_model_version{model=\"a\"} 2"), "{t}");
+        assert!(t.contains("tokitai_model_load_seconds{model=\"a\"} 0.005"), "{t}");
+        assert!(!t.contains("model_version=\"1\""), "{t}");
+        m.model_unloaded(&info(2));
+        let t = text(&m);
+        assert!(!t.contains("tokitai_model_version{"), "{t}");
+        assert!(t.contains("tokitai_model_loads_total{model=\"a\"} 2"), "{t}");
     }
 
     #[test]
     fn recording_off_records_nothing() {
         let mut m = Metrics::new();
         m.set_recording(false);
-        m.init_pool(1, 4, 100, 10);
+        let m = Arc::new(m);
+        let v = VersionMetrics::new(
+            &m,
+            VersionShape {
+                workers: 1,
+                ..shape("a", 1)
+            },
+        );
         m.observe_request(Route::Infer, "200", Duration::from_micros(50));
-        m.drop_counters().add(DropReason::Timeout, 3);
-        let w = m.worker(0, 4);
+        v.drop_counters().add(DropReason::Timeout, 3);
+        let w = v.worker(0);
         w.observe_batch(3, 2, Duration::from_micros(100));
         w.observe_routing(&[0, 1], &[0.6, 0.4, 0.0, 0.0], 4);
-        let text = String::from_utf8(m.render()).unwrap();
+        let text = text(&m);
         assert!(!text.contains("tokitai_http_requests_total{"));
-        assert!(text.contains("tokitai_rows_computed_total{worker=\"0\"} 0"));
-        assert!(text.contains("tokitai_router_top1_weight_count 0"));
-        assert!(text.contains("tokitai_rows_dropped_total{reason=\"timeout\"} 0"));
+        assert!(text.contains("tokitai_rows_computed_total{model=\"a\",version=\"1\",worker=\"0\"} 0"));
+        assert!(text.contains("tokitai_router_top1_weight_count{model=\"a\",version=\"1\"} 0"));
+        assert!(text.contains("tokitai_rows_dropped_total{model=\"a\",reason=\"timeout\",version=\"1\"} 0"));
     }
 
     #[test]

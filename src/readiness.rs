@@ -1,40 +1,74 @@
-//! Readiness and draining: the one piece of state the HTTP layer, the
-//! batcher and the workers all read.
+//! One served version's life and readiness: the one piece of state the
+//! repository, the batcher, the pool and the workers all read.
 //!
-//! Owns: how many workers are serving, whether every one of them has started
-//! once, and whether the engine is draining. Lock-free (atomics). Must not touch: anything else; this is a
-//! leaf module, so the batcher and the workers depend on it rather than on
-//! the engine that assembles them.
+//! Owns: [`VersionState`] (loading, ready, draining, retired: the single
+//! "does this version take work" switch, one atomic per version), how many
+//! of its workers serve, and the `/readyz` words derived from both
+//! ([`State`]). Lock-free (atomics). Must not touch: anything else; this is
+//! a leaf module, so the batcher, the workers and the served version depend
+//! on it rather than on what assembles them. The server-wide "shutting
+//! down" flag is the registry's; it moves every version here to `Draining`.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crate::error::ServeError;
 
-/// Shared readiness of one engine.
+/// Where one served version is in its life. Moves only forward:
+/// `Loading -> Ready -> Draining -> Retired` (a step may be skipped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum VersionState {
+    /// Its workers are starting; not every one has served yet.
+    Loading = 0,
+    /// Every worker started once: it takes work.
+    Ready = 1,
+    /// The server is shutting down: it takes no new work, answers what it
+    /// accepted, and starts no replacement worker.
+    Draining = 2,
+    /// Its last holder let go (out of service, every accepted request
+    /// answered): anything still queued fails, its workers end.
+    Retired = 3,
+}
+
+impl VersionState {
+    fn from_u8(v: u8) -> VersionState {
+        match v {
+            0 => VersionState::Loading,
+            1 => VersionState::Ready,
+            2 => VersionState::Draining,
+            _ => VersionState::Retired,
+        }
+    }
+
+    /// Whether the version still takes new work (and replaces lost workers).
+    pub fn takes_work(self) -> bool {
+        self <= VersionState::Ready
+    }
+}
+
+/// The state and worker count of one served version.
 pub struct Readiness {
     workers: usize,
     serving_workers: AtomicUsize,
-    /// Set once every worker has started: before that the engine is starting.
-    all_started: AtomicBool,
-    draining: AtomicBool,
+    state: AtomicU8,
 }
 
 impl Readiness {
-    /// An engine of `workers` workers, none ready yet.
+    /// A version of `workers` workers, none ready yet (`Loading`).
     pub fn new(workers: usize) -> Readiness {
         Readiness {
             workers,
             serving_workers: AtomicUsize::new(0),
-            all_started: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
+            state: AtomicU8::new(VersionState::Loading as u8),
         }
     }
 
-    /// A worker (warmed up, or a replacement) serves.
+    /// A worker (warmed up, or a replacement) serves. The last of the first
+    /// `workers` to start moves the version from `Loading` to `Ready`.
     pub fn worker_ready(&self) {
         let serving = self.serving_workers.fetch_add(1, Ordering::AcqRel) + 1;
         if serving >= self.workers {
-            self.all_started.store(true, Ordering::Release);
+            self.advance(VersionState::Ready);
         }
     }
 
@@ -46,12 +80,22 @@ impl Readiness {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
-    /// Every worker has started once, at least one serves now, and not
-    /// draining: some worker can take work.
+    /// The version's life stage now.
+    pub fn version_state(&self) -> VersionState {
+        VersionState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Moves the version to `to` unless it is already there or further on
+    /// (the state never goes back). Returns the state it was in.
+    pub fn advance(&self, to: VersionState) -> VersionState {
+        let was = self.state.fetch_max(to as u8, Ordering::AcqRel);
+        VersionState::from_u8(was)
+    }
+
+    /// Every worker has started once, at least one serves now, and it still
+    /// takes work: some worker can take a request.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining()
-            && self.all_started.load(Ordering::Acquire)
-            && self.serving_workers.load(Ordering::Acquire) > 0
+        self.version_state() == VersionState::Ready && self.serving_workers.load(Ordering::Acquire) > 0
     }
 
     /// Workers serving now.
@@ -67,25 +111,24 @@ impl Readiness {
         }
     }
 
-    /// Where the engine is in its life.
+    /// The version's state in `/readyz`'s words.
     pub fn state(&self) -> State {
-        if self.is_draining() {
-            State::Draining
-        } else if self.is_ready() {
-            State::Ready
-        } else if self.all_started.load(Ordering::Acquire) {
-            State::Recovering
-        } else {
-            State::Starting
+        match self.version_state() {
+            VersionState::Loading => State::Starting,
+            VersionState::Ready if self.serving_workers() > 0 => State::Ready,
+            VersionState::Ready => State::Recovering,
+            VersionState::Draining | VersionState::Retired => State::Draining,
         }
     }
 
+    /// Takes no new work: shutting down (`Draining`) or retired.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        !self.version_state().takes_work()
     }
 
+    /// Shutting down: no new work, no replacement workers.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.advance(VersionState::Draining);
     }
 
     /// Workers in the pool.
@@ -142,5 +185,17 @@ mod tests {
         r.start_draining();
         assert_eq!(r.state(), State::Draining);
         assert!(matches!(r.check(), Err(ServeError::NotReady("draining"))));
+    }
+
+    #[test]
+    fn the_version_state_only_moves_forward() {
+        let r = Readiness::new(1);
+        assert_eq!(r.version_state(), VersionState::Loading);
+        assert_eq!(r.advance(VersionState::Retired), VersionState::Loading);
+        // A worker starting late does not bring a retired version back.
+        r.worker_ready();
+        r.start_draining();
+        assert_eq!(r.version_state(), VersionState::Retired);
+        assert!(r.is_draining() && !r.is_ready());
     }
 }

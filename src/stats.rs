@@ -1,9 +1,11 @@
-//! Cumulative inference statistics of the served model: what Triton's
-//! statistics extension reports (`GET /v2/models/{m}/stats`, gRPC
+//! Cumulative inference statistics of one served model version: what
+//! Triton's statistics extension reports (`GET /v2/models/{m}/stats`, gRPC
 //! `ModelStatistics`), from one set of counters both read.
 //!
-//! Owns: [`InferStats`] (lock-free counters, recorded once per answered
-//! request by `Engine::infer`) and [`StatsSnapshot`] (what they say now).
+//! Owns: [`InferStats`] (lock-free counters, one set per version: requests
+//! recorded once per answered request by `Engine::infer`, executions once
+//! per computed batch by the version's workers) and [`StatsSnapshot`] (what
+//! they say now).
 //! Must not touch: metrics (Prometheus has its own series in `metrics.rs`),
 //! wire formats (each protocol renders a snapshot its way).
 
@@ -29,7 +31,7 @@ impl Tally {
     }
 }
 
-/// The served model's counters since start-up.
+/// One served version's counters since it was loaded.
 #[derive(Default)]
 pub struct InferStats {
     success: Tally,
@@ -38,6 +40,9 @@ pub struct InferStats {
     compute_infer: Tally,
     /// Rows answered (Triton counts each row of a batched request).
     inference_count: AtomicU64,
+    /// Batches computed by this version's workers (one per forward, however
+    /// many requests it held).
+    execution_count: AtomicU64,
     last_inference_ms: AtomicU64,
 }
 
@@ -49,7 +54,7 @@ pub struct StatsSnapshot {
     pub queue: (u64, u64),
     pub compute_infer: (u64, u64),
     pub inference_count: u64,
-    /// Batches computed (all workers).
+    /// Batches computed (all of this version's workers).
     pub execution_count: u64,
     /// Milliseconds since the epoch of the last answered request (0: none yet).
     pub last_inference_ms: u64,
@@ -87,6 +92,11 @@ impl InferStats {
         self.touch();
     }
 
+    /// One batch computed by one of this version's workers.
+    pub fn record_execution(&self) {
+        self.execution_count.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn touch(&self) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -94,15 +104,15 @@ impl InferStats {
         self.last_inference_ms.store(now, Ordering::Relaxed);
     }
 
-    /// The counters now; `execution_count` comes from the workers' batch count.
-    pub fn snapshot(&self, execution_count: u64) -> StatsSnapshot {
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             success: self.success.read(),
             fail: self.fail.read(),
             queue: self.queue.read(),
             compute_infer: self.compute_infer.read(),
             inference_count: self.inference_count.load(Ordering::Relaxed),
-            execution_count,
+            execution_count: self.execution_count.load(Ordering::Relaxed),
             last_inference_ms: self.last_inference_ms.load(Ordering::Relaxed),
         }
     }
@@ -115,12 +125,15 @@ mod tests {
     #[test]
     fn counts_requests_rows_and_durations() {
         let s = InferStats::default();
-        assert_eq!(s.snapshot(0), StatsSnapshot::default());
+        assert_eq!(s.snapshot(), StatsSnapshot::default());
         let us = Duration::from_micros;
         s.record_success(3, us(10), us(2), us(5));
         s.record_success(1, us(20), us(4), us(6));
         s.record_failure(us(7));
-        let snap = s.snapshot(2);
+        // Both requests' rows in one batch, then one more batch.
+        s.record_execution();
+        s.record_execution();
+        let snap = s.snapshot();
         assert_eq!(snap.success, (2, 30_000));
         assert_eq!(snap.queue, (2, 6_000));
         assert_eq!(snap.compute_infer, (2, 11_000));

@@ -1,5 +1,5 @@
-//! The dynamic batcher actor: one queue, one batching policy, for the whole
-//! engine.
+//! The dynamic batcher actor: one queue and one batching policy per served
+//! model version.
 //!
 //! Role: receives typed requests from the engine ([`Message::Submit`]),
 //! admits or rejects them at once (bounded queue), forms batches across
@@ -8,17 +8,23 @@
 //! queued are enforced here by one timer armed at the earliest deadline. The
 //! rules themselves are plain functions in [`policy`]; this file only wires
 //! them to messages and timers. Workers are held as `Sender<RunBatch>`, so
-//! the batcher knows nothing of what computes (its tests attach fake workers).
+//! the batcher knows nothing of what computes (its tests attach fake workers);
+//! the version's pool starts them and replaces one that ends
+//! ([`Message::WorkerExited`], then [`Message::WorkerReplaced`]). Whether
+//! it takes work is the version's [`VersionState`]. It records into its
+//! version's [`VersionMetrics`].
 //!
 //! It runs in a [`Mailbox`]: no thread of its own. A request submitted to an
 //! idle batcher is dispatched by the HTTP thread that submitted it, and a
 //! worker reporting a batch done takes the next one itself, so a hand-off
 //! wakes a thread only where work has to move to another one (the batch to
 //! an idle worker's thread, the answer to the client's HTTP thread). Its two
-//! timers live in [`clock::Clock`], an actix actor, and are armed only when a
-//! timer can matter (a request is left queued; a batch is held back), since
-//! arming one is a message to another thread.
-//! Must not touch: request parsing (protocol layers) or compute (workers).
+//! timers are alarms on the process-wide timer thread ([`clock::Clock`] over
+//! [`crate::mailbox::Timer`]), armed only when a timer can matter (a request
+//! is left queued; a batch is held back), since arming one may wake that
+//! thread; when one fires, the batcher's handler runs on the timer thread.
+//! Must not touch: request parsing (protocol layers), compute (workers),
+//! starting or replacing workers (the pool, `served/pool.rs`).
 
 pub mod clock;
 pub mod job;
@@ -31,11 +37,10 @@ use std::time::{Duration, Instant};
 use self::clock::{Clock, TimerKind};
 use self::job::{Job, RunBatch};
 use self::policy::{BatchPolicy, Decision, Queued};
-use crate::backend::BackendError;
 use crate::error::ServeError;
 use crate::mailbox::{self, Mailbox, Sender};
-use crate::metrics::{DropCounters, Metrics};
-use crate::readiness::Readiness;
+use crate::metrics::{DropCounters, VersionMetrics};
+use crate::readiness::{Readiness, VersionState};
 
 // ---- messages -------------------------------------------------------------
 
@@ -45,15 +50,18 @@ pub enum Message {
     /// once through the job's own reply channel (nothing queued then).
     Submit(Arc<Job>),
     BatchDone(BatchDone),
+    /// A worker ended (pool -> batcher): send it nothing more.
     WorkerExited(WorkerExited),
+    /// A replacement for a worker that ended (pool -> batcher).
+    WorkerReplaced(WorkerReplaced),
     AttachWorkers(AttachWorkers),
     /// One of the batcher's timers fired (clock -> batcher).
     Timer(TimerKind),
     /// The model version this batcher serves was taken out of service and
-    /// its last request answered (engine -> batcher): fail whatever is still
-    /// queued (only requests whose client already left can be), then let go
-    /// of the workers, so each finishes the batch it holds and ends, and the
-    /// version's weights are freed.
+    /// its last request answered (served version -> batcher, as it drops):
+    /// fail whatever is still queued (only requests whose client already
+    /// left can be), then let go of the workers, so each finishes the batch
+    /// it holds and ends, and the version's weights are freed.
     Retire,
 }
 
@@ -65,21 +73,23 @@ pub struct BatchDone {
 }
 
 /// A worker's actor ended although it catches every panic of its own
-/// (worker -> batcher): the batcher stops sending to it and starts a
-/// replacement in its place.
+/// (worker -> pool -> batcher): the batcher stops sending to it; the pool
+/// starts a replacement in its place.
 pub struct WorkerExited {
     pub worker: usize,
 }
 
-/// Starts a replacement for worker `i` and returns where to send its batches.
-pub type Respawn = Arc<dyn Fn(usize) -> Result<Sender<RunBatch>, BackendError> + Send + Sync>;
+/// Worker `worker`'s replacement: where to send its batches from now on.
+pub struct WorkerReplaced {
+    pub worker: usize,
+    pub sender: Sender<RunBatch>,
+}
 
 /// The worker pool, registered once at start-up (the workers need the
 /// batcher's address first, so they are attached after it starts). Worker
 /// `i` is the `i`-th sender and reports `BatchDone { worker: i, .. }`.
 pub struct AttachWorkers {
     pub workers: Vec<Sender<RunBatch>>,
-    pub respawn: Respawn,
 }
 
 /// The running batcher, as the engine and the workers hold it.
@@ -108,7 +118,7 @@ impl BatcherHandle {
         self.mailbox.with(|b| (b.delay_at, b.expiry_at))
     }
 
-    /// Where workers report that they ended.
+    /// Where the pool reports that a worker ended.
     pub fn worker_exited(&self) -> Sender<WorkerExited> {
         self.mailbox.sender().map(Message::WorkerExited)
     }
@@ -129,7 +139,6 @@ pub struct Batcher {
     alive: Vec<bool>,
     /// Scratch for [`Batcher::free_worker`].
     loads: Vec<usize>,
-    respawn: Option<Respawn>,
     clock: Clock,
     /// When each timer is armed for (`None`: not armed, or it fired).
     delay_at: Option<Instant>,
@@ -140,11 +149,10 @@ pub struct Batcher {
     /// Recent throughput in rows/s, for `Retry-After`.
     rows_per_sec: f64,
     last_done: Option<Instant>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<VersionMetrics>,
     dropped: DropCounters,
+    /// The version's state: whether it takes work.
     readiness: Arc<Readiness>,
-    /// Set by [`Message::Retire`]: nothing is accepted any more.
-    retired: bool,
 }
 
 impl Batcher {
@@ -153,7 +161,7 @@ impl Batcher {
     ///
     /// # Panics
     /// If the timer thread is not running and the OS refuses to start it.
-    pub fn start(policy: BatchPolicy, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> BatcherHandle {
+    pub fn start(policy: BatchPolicy, metrics: Arc<VersionMetrics>, readiness: Arc<Readiness>) -> BatcherHandle {
         // The clock needs the batcher's sender and the batcher the clock's
         // address: the clock starts first, pointed at a mailbox filled in
         // right after.
@@ -176,7 +184,6 @@ impl Batcher {
             in_flight: Vec::new(),
             alive: Vec::new(),
             loads: Vec::new(),
-            respawn: None,
             clock,
             delay_at: None,
             expiry_at: None,
@@ -186,7 +193,6 @@ impl Batcher {
             dropped: metrics.drop_counters(),
             metrics,
             readiness,
-            retired: false,
         };
         let mailbox = Mailbox::new(batcher);
         // Weak: a pending timer must not keep a retired batcher alive.
@@ -297,6 +303,7 @@ impl mailbox::Actor for Batcher {
             Message::Submit(job) => self.submit(job),
             Message::BatchDone(done) => self.batch_done(done),
             Message::WorkerExited(exited) => self.worker_exited(exited),
+            Message::WorkerReplaced(replaced) => self.worker_replaced(replaced),
             Message::AttachWorkers(attach) => self.attach_workers(attach),
             Message::Timer(kind) => self.timer_fired(kind),
             Message::Retire => self.retire(),
@@ -308,13 +315,10 @@ impl mailbox::Actor for Batcher {
 
 impl Batcher {
     fn submit(&mut self, job: Arc<Job>) {
-        if self.retired {
-            job.fail(ServeError::NotReady("unloaded"));
-            return;
-        }
-        if self.readiness.is_draining() {
-            job.fail(ServeError::NotReady("draining"));
-            return;
+        match self.readiness.version_state() {
+            VersionState::Retired => return job.fail(ServeError::NotReady("unloaded")),
+            VersionState::Draining => return job.fail(ServeError::NotReady("draining")),
+            VersionState::Loading | VersionState::Ready => {}
         }
         if let Err(queued_rows) = policy::admit(self.queued_rows, job.n_rows, &self.policy) {
             job.fail(ServeError::Overloaded {
@@ -353,14 +357,17 @@ impl Batcher {
         self.pump();
     }
 
+    fn is_retired(&self) -> bool {
+        self.readiness.version_state() == VersionState::Retired
+    }
+
     fn attach_workers(&mut self, attach: AttachWorkers) {
-        if self.retired {
+        if self.is_retired() {
             return;
         }
         self.in_flight = vec![0; attach.workers.len()];
         self.alive = vec![true; attach.workers.len()];
         self.workers = attach.workers;
-        self.respawn = Some(attach.respawn);
         self.pump();
     }
 
@@ -371,21 +378,15 @@ impl Batcher {
         // Whatever it held was failed by the worker as it ended.
         *alive = false;
         *in_flight = 0;
-        if self.readiness.is_draining() {
+    }
+
+    fn worker_replaced(&mut self, WorkerReplaced { worker, sender }: WorkerReplaced) {
+        if self.is_retired() || worker >= self.workers.len() {
             return;
         }
-        let Some(respawn) = self.respawn.clone() else {
-            return;
-        };
-        match respawn(worker) {
-            Ok(replacement) => {
-                tracing::warn!(worker, "worker ended; started a replacement");
-                self.metrics.worker_restarted(worker);
-                self.workers[worker] = replacement;
-                self.alive[worker] = true;
-            }
-            Err(e) => tracing::error!(worker, error = %e, "worker ended and its replacement failed to start"),
-        }
+        self.workers[worker] = sender;
+        self.alive[worker] = true;
+        self.in_flight[worker] = 0;
         self.pump();
     }
 
@@ -394,15 +395,12 @@ impl Batcher {
             queued.job.fail(ServeError::NotReady("unloaded"));
         }
         self.queued_rows = 0;
-        self.retired = true;
-        // The workers' inboxes close when their last sender goes (here); the
-        // respawn closure holds this batcher's own mailbox, a cycle that
-        // would keep the version alive.
+        // The workers' inboxes close when their last sender goes (here):
+        // each finishes the batch in hand and ends. The version's series
+        // are already gone (removed as it retired), so nothing is zeroed.
         self.workers.clear();
         self.alive.clear();
         self.in_flight.clear();
-        self.respawn = None;
-        self.metrics.set_queue_depth(0);
     }
 
     fn timer_fired(&mut self, kind: TimerKind) {

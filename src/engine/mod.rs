@@ -1,29 +1,28 @@
-//! The engine: the one entry point every protocol calls, and what is served.
+//! The engine facade: the one entry point every protocol calls.
 //!
 //! Owns: [`Engine`] (the running engine as the protocol layers see it) and
 //! [`Engine::infer`], the single submit path: resolve the target model
-//! version ([`ModelTarget`]), readiness, the in-flight count, handing the
-//! job to that version's batcher and waiting for its answer, which says who
-//! computed it ([`InferAnswer`]); the repository operations other protocols
-//! call ([`Engine::repository_index`], [`Engine::load_model`],
-//! [`Engine::unload_model`], [`Engine::reload`]); [`ModelDescription`]; one
-//! version's bring-up in [`startup`] and its life in [`version`]. Must not
-//! touch: wire formats (the protocol layers parse and validate into an
-//! [`InferInput`], then call `infer`), batching rules (batcher), kernels
-//! (backends), which version serves (the repository).
+//! version ([`ModelTarget`]), the in-flight count, handing the job to that
+//! version's batcher and waiting for its answer, which says who computed it
+//! ([`InferAnswer`]); what the protocols read of the server
+//! ([`Engine::health`], [`Engine::render_metrics`], [`Engine::metrics`],
+//! answers held for slow readers and the drain signal in [`held`]); and the
+//! repository operations the protocols call ([`Engine::repository_index`],
+//! [`Engine::load_model`], [`Engine::unload_model`], [`Engine::reload`]),
+//! handed to the repository. Layer: above the repository (which versions
+//! serve) and, through it, `served/` (one version: description, build,
+//! pool, life); `ModelDescription` and `ModelTarget` live there and are
+//! re-exported here. Must not touch: wire formats (the protocol layers
+//! parse and validate into an [`InferInput`], then call `infer`), batching
+//! rules (batcher), kernels (backends), which version serves (the
+//! repository), how a version is built or retired (`served/`).
 
 pub mod held;
-pub mod startup;
-pub mod version;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use self::held::{DrainSignal, HeldAnswers};
-pub use self::startup::{build_backend, load_model, pool_shape, prepare, start_pool, timed};
-use self::version::ServedVersion;
 pub use crate::batcher::job::InferOutput;
 use crate::batcher::job::Job;
 use crate::config::Config;
@@ -31,62 +30,17 @@ use crate::error::{RequestError, ServeError, StartError};
 use crate::input::{InferInput, InputLimits};
 use crate::labels::{Endpoint, FailureReason};
 use crate::metrics::Metrics;
-use crate::model::{Dims, LayerNormMode, WeightPrecision};
+use crate::readiness::State;
 pub use crate::repository::controller::Outcome as LoadOutcome;
 use crate::repository::{Controller, IndexEntry, Registry, RepositoryError};
-
-/// What one served model version is, as `/healthz`, `/v2` metadata, the
-/// log and the `tokitai_model_info` metric describe it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelDescription {
-    /// Its name: the repository folder, or `model.name`.
-    pub name: String,
-    /// Its version: the repository folder's number, or the checkpoint's step.
-    pub version: u64,
-    pub size: &'static str,
-    pub layernorm: LayerNormMode,
-    /// How the expert weights are held (`model.weight_precision`).
-    pub weight_precision: WeightPrecision,
-    pub param_count: u64,
-    /// `arch.json` path, or `"builtin:demo"` for the demo model.
-    pub arch: String,
-    /// `checkpoint.tkp1` path, or `"builtin:demo"` for the demo model.
-    pub checkpoint: String,
-    pub checkpoint_step: u32,
-    pub fingerprint: Option<String>,
-    pub demo: bool,
-    pub backend: &'static str,
-    pub devices: String,
-    /// The instruction set the kernels run on (`Backend::isa`).
-    pub isa: &'static str,
-    #[serde(skip)]
-    pub dims: Dims,
-}
-
-/// Which model (and version) a request is for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ModelTarget<'a> {
-    /// `None`: the default model (`model.name`, or the only model).
-    pub name: Option<&'a str>,
-    /// `None`: whichever version serves.
-    pub version: Option<u64>,
-}
-
-impl<'a> ModelTarget<'a> {
-    /// The default model, its served version.
-    pub const DEFAULT: ModelTarget<'static> = ModelTarget {
-        name: None,
-        version: None,
-    };
-
-    /// Model `name`, whichever version serves (or exactly `version`).
-    pub fn named(name: &'a str, version: Option<u64>) -> ModelTarget<'a> {
-        ModelTarget {
-            name: Some(name),
-            version,
-        }
-    }
-}
+pub use crate::served::{ModelDescription, ModelTarget, ServedVersion};
+// Old paths, kept until their users move (then the lead drops them):
+// `engine::version::ServedVersion` (http/routes.rs, grpc/model.rs),
+// `engine::startup::choose_backend` and `engine::build_backend`
+// (tests/hip_backend.rs). Their home is `served/`.
+pub use crate::served::build as startup;
+pub use crate::served::build::build_backend;
+pub use crate::served::version;
 
 /// How one inference request is to be served.
 #[derive(Debug, Clone, Copy)]
@@ -198,7 +152,7 @@ impl Engine {
             .and_then(|answer| answer);
         inflight.finish();
         let output = outcome?;
-        self.metrics.observe_queue_wait(output.queue_wait);
+        version.metrics.observe_queue_wait(output.queue_wait);
         Ok(output)
     }
 
@@ -237,6 +191,87 @@ impl Engine {
         self.registry.start_draining();
         self.drain.raise();
     }
+
+    /// The server's metrics (what the protocol layers record requests into).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Answer bytes computed but not yet taken, against their budget.
+    pub fn held(&self) -> &Arc<HeldAnswers> {
+        &self.held
+    }
+
+    /// Raised when the server starts draining; open connections watch it.
+    pub fn drain(&self) -> &DrainSignal {
+        &self.drain
+    }
+
+    /// What `/healthz` and `/readyz` report: readiness, the default model
+    /// and every served version, read once.
+    pub fn health(&self) -> Health {
+        let versions = self
+            .served()
+            .into_iter()
+            .map(|v| VersionHealth {
+                description: Arc::clone(&v.description),
+                workers: v.readiness.workers(),
+                serving_workers: v.readiness.serving_workers(),
+                ready: v.readiness.is_ready(),
+            })
+            .collect();
+        Health {
+            state: self.registry.state(),
+            ready: self.is_ready(),
+            default_model: self.registry.default_model(),
+            versions,
+        }
+    }
+
+    /// The `/metrics` body (Prometheus text exposition), with the gauges
+    /// read at scrape time (`tokitai_ready`, device memory) brought up to
+    /// date first.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        self.metrics.set_ready(self.is_ready());
+        for version in self.served() {
+            for (device, bytes) in version.backend.device_memory_used() {
+                self.metrics.set_device_memory(&device, bytes);
+            }
+        }
+        self.metrics.render()
+    }
+}
+
+/// The server's health at one moment (see [`Engine::health`]).
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// `/readyz`'s word: ready, starting, recovering or draining.
+    pub state: State,
+    /// Every served version ready, at least one served, not draining.
+    pub ready: bool,
+    /// The model `/infer` goes to (`model.name`, or the only model).
+    pub default_model: Option<String>,
+    /// Every served version, by model name.
+    pub versions: Vec<VersionHealth>,
+}
+
+impl Health {
+    /// The served version of the default model, if one serves.
+    pub fn default_version(&self) -> Option<&VersionHealth> {
+        let default = self.default_model.as_deref()?;
+        self.versions.iter().find(|v| v.description.name == default)
+    }
+}
+
+/// One served version's health.
+#[derive(Debug, Clone)]
+pub struct VersionHealth {
+    pub description: Arc<ModelDescription>,
+    /// Workers in its pool.
+    pub workers: usize,
+    /// Workers serving now (fewer while one is being replaced).
+    pub serving_workers: usize,
+    pub ready: bool,
 }
 
 /// An input parsed for one version must fit the version that computes it

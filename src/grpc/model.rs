@@ -114,7 +114,7 @@ impl Served {
 
     /// The statistics extension's counters of `version`.
     pub fn statistics(&self, version: &ServedVersion) -> pb::ModelStatistics {
-        statistics(&self.engine, version)
+        statistics(version)
     }
 
     /// Every version served now (statistics for "all models").
@@ -257,8 +257,8 @@ pub fn config(version: &ServedVersion) -> pb::ModelConfig {
 
 /// The statistics extension's counters of `version` (the same as HTTP's
 /// `/stats`, from the protocol core).
-pub fn statistics(engine: &Engine, version: &ServedVersion) -> pb::ModelStatistics {
-    let s = oip::statistics(engine, version);
+pub fn statistics(version: &ServedVersion) -> pb::ModelStatistics {
+    let s = oip::statistics(version);
     let d = |(count, ns): (u64, u64)| Some(pb::StatisticDuration { count, ns });
     let [
         success,

@@ -5,8 +5,10 @@
 //! ([`files`], which the `--config` file uses too), the weight precision
 //! setting and f16 conversions ([`precision`]), deterministic synthetic and demo weights
 //! ([`synth`], drawn from the private `generator` streams that the writer's
-//! optimizer state also uses), and the in-memory weight structs ([`weights`]).
-//! Must not touch: kernels (see `backend/`) or anything about serving.
+//! optimizer state also uses), the in-memory weight structs ([`weights`]),
+//! and the model source rule, written once ([`load_files_or_demo`]: the
+//! given files, else the demo model). Must not touch: kernels (see
+//! `backend/`) or anything about serving.
 
 pub mod arch;
 pub mod checkpoint;
@@ -122,4 +124,13 @@ pub fn load_model(arch_path: &std::path::Path, checkpoint_path: &std::path::Path
         },
         step: ckpt.step,
     })
+}
+
+/// The model source rule, written once: the `(arch.json, checkpoint)`
+/// files when given (loaded by [`load_model`]), else the built-in demo model.
+pub fn load_files_or_demo(files: Option<(&std::path::Path, &std::path::Path)>) -> Result<LoadedModel, ModelError> {
+    match files {
+        Some((arch, checkpoint)) => load_model(arch, checkpoint),
+        None => Ok(synth::demo_model()),
+    }
 }

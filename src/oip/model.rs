@@ -11,7 +11,7 @@
 //! engine's registry decides).
 
 use crate::engine::version::ServedVersion;
-use crate::engine::{Engine, ModelDescription, ModelTarget};
+use crate::engine::{ModelDescription, ModelTarget};
 use crate::stats::StatsSnapshot;
 
 use super::error::UnknownVersion;
@@ -148,10 +148,8 @@ impl ModelStatistics {
 }
 
 /// The statistics of `version`: the one place they are read.
-pub fn statistics(engine: &Engine, version: &ServedVersion) -> ModelStatistics {
-    // Issue 22: becomes `version.stats.snapshot()` when execution counts
-    // are kept per version.
-    let counts = version.stats.snapshot(engine.metrics.batches_total());
+pub fn statistics(version: &ServedVersion) -> ModelStatistics {
+    let counts = version.stats().snapshot();
     ModelStatistics {
         name: version.description.name.clone(),
         version: version_of(&version.description),

@@ -10,8 +10,11 @@
 //! replaces, the switch, the bookkeeping of failures (index, log,
 //! `tokitai_model_load_failures_total`), draining on unload, and giving the
 //! memory of a retired version back. One change at a time (one lock).
-//! Must not touch: requests (they resolve through the registry), how a
-//! version is built (`engine/startup.rs`).
+//! Retiring a version waits on its events (`served::Retirement`: drained
+//! when its last request is answered, freed when its pool ended), never a
+//! sleep loop. Must not touch: requests (they resolve through the
+//! registry), how a version is built or retired (`served/`), the engine
+//! facade above it.
 //!
 //! Modes (Triton's names): `none` reads the models at start-up and re-reads
 //! them on SIGHUP; `poll` also re-reads every `model.repository_poll_secs`;
@@ -20,7 +23,7 @@
 //! and leaves unloaded ones unloaded).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::RepositoryError;
@@ -28,14 +31,12 @@ use super::index::VersionRecord;
 use super::layout::{self, ARCH_FILE, CHECKPOINT_FILE, FileStamp, ModelDir};
 use super::model_config::effective_config;
 use super::registry::{ModelSlot, Registry};
-use crate::backend::Backend;
 use crate::config::{Config, ControlMode};
-use crate::engine::startup::{Prepared, prepare, start_pool};
-use crate::engine::version::ServedVersion;
 use crate::error::StartError;
 use crate::labels::ModelState;
 use crate::metrics::Metrics;
-use crate::model::LoadedModel;
+use crate::served::build::{Prepared, prepare, start_pool};
+use crate::served::{Retirement, ServedVersion};
 
 /// Where the models come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,14 +51,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// The repository when one is given; else the files, or the demo model
+    /// (`Config::model_files`, the same rule as `model::load_files_or_demo`).
     pub fn of(config: &Config) -> Source {
-        match (&config.model.repository, &config.model.arch, &config.model.checkpoint) {
-            (Some(dir), _, _) => Source::Repository(dir.clone()),
-            (None, Some(arch), Some(checkpoint)) => Source::Files {
-                arch: arch.clone(),
-                checkpoint: checkpoint.clone(),
+        match (&config.model.repository, config.model_files()) {
+            (Some(dir), _) => Source::Repository(dir.clone()),
+            (None, Some((arch, checkpoint))) => Source::Files {
+                arch: arch.to_path_buf(),
+                checkpoint: checkpoint.to_path_buf(),
             },
-            _ => Source::Demo,
+            (None, None) => Source::Demo,
         }
     }
 }
@@ -247,21 +250,19 @@ impl Controller {
             "unloading: answering accepted requests",
         );
         slot.set_reason("unloaded");
-        self.metrics.model_unloaded(&old.description);
+        self.metrics.model_unloaded(&old.description.metric_info());
         let started = Instant::now();
-        let weak = Arc::downgrade(&old);
-        let backend = Arc::downgrade(&old.backend);
+        let retirement = old.retirement();
         drop(old);
         let limit = Duration::from_secs(self.base.server.shutdown_timeout_secs.max(1));
-        while weak.strong_count() > 0 && started.elapsed() < limit {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if weak.strong_count() > 0 {
-            tracing::warn!(model = %slot.name, version, "unload: requests still running after the shutdown timeout");
+        if let Some(mut retirement) = retirement {
+            if tokio::time::timeout(limit, retirement.drained()).await.is_err() {
+                tracing::warn!(model = %slot.name, version, "unload: requests still running after the shutdown timeout");
+            }
+            free_when_retired(retirement, slot.name.clone(), version);
         }
         slot.restate(Some(version), ModelState::Unavailable, "unloaded");
         tracing::info!(model = %slot.name, version, drain_ms = started.elapsed().as_millis() as u64, "model unloaded");
-        free_when_dropped(backend, slot.name.clone(), version);
     }
 
     /// Re-reads model `name` and serves its best version (see the module
@@ -384,20 +385,24 @@ impl Controller {
         };
         let version = served.version();
         let load_time = started.elapsed();
-        self.metrics.model_load_seconds.set(load_time.as_secs_f64());
+        self.metrics.model_load_time(&name, load_time);
         log_loaded(&served, load_time);
         slot.record(Some(version), record(ModelState::Ready, ""));
         let old = slot.swap(Some(Arc::clone(&served)));
+        let old_info = old.as_ref().map(|o| o.description.metric_info());
         self.metrics
-            .model_served(&served.description, old.as_ref().map(|o| o.description.as_ref()));
+            .model_served(&served.description.metric_info(), old_info.as_ref());
         if let Some(old) = old {
             let old_version = old.version();
             if old_version != version {
                 slot.restate(Some(old_version), ModelState::Unavailable, "unloaded");
             }
-            let backend = Arc::downgrade(&old.backend);
+            let retirement = old.retirement();
+            // Requests that hold it finish on it; it retires after the last.
             drop(old);
-            free_when_dropped(backend, name, old_version);
+            if let Some(retirement) = retirement {
+                free_when_retired(retirement, name, old_version);
+            }
         }
         Ok(version)
     }
@@ -444,23 +449,19 @@ fn prepare_candidate(base: &Config, name: &str, c: &Candidate) -> Result<Prepare
         Some(path) => effective_config(base, path).map_err(StartError::Repository)?,
         None => base.clone(),
     };
-    let model: LoadedModel = match &c.files {
-        Some((arch, checkpoint)) => crate::model::load_model(arch, checkpoint)?,
-        None => crate::model::synth::demo_model(),
-    };
+    let files = c.files.as_ref().map(|(a, c)| (a.as_path(), c.as_path()));
+    let model = crate::model::load_files_or_demo(files)?;
     let version = c.version.unwrap_or(u64::from(model.step));
     prepare(model, &config, name, version)
 }
 
-/// Once every holder of a retired version let go (its last batch done and
-/// its workers ended), gives the freed memory back to the OS and says so.
-fn free_when_dropped(backend: Weak<dyn Backend>, model: String, version: u64) {
+/// Once a retired version's pool ended (its last request answered, its
+/// workers finished, its weights freed), gives the freed memory back to the
+/// OS and says so.
+fn free_when_retired(retirement: Retirement, model: String, version: u64) {
     actix_rt::spawn(async move {
         let started = Instant::now();
-        // Bounded: the longest request deadline is an hour.
-        while backend.strong_count() > 0 && started.elapsed() < Duration::from_secs(7200) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        retirement.freed().await;
         crate::os::release_freed_memory();
         tracing::info!(
             model,

@@ -10,10 +10,12 @@
 //! [`controller`]. The old `--arch/--checkpoint` flags and the demo model are
 //! a repository of one model with one version (its checkpoint step).
 //!
-//! Must not touch: requests (the engine resolves a target through the
-//! registry, then submits to that version's batcher), how a version is built
-//! (`engine/startup.rs`), status codes (each protocol maps
-//! [`RepositoryError`] in its one place).
+//! Layer: below the engine facade (which calls it), above `served/` (which
+//! it calls down into to build, start and retire versions); it never
+//! imports the engine. Must not touch: requests (the engine resolves a
+//! target through the registry, then submits to that version's batcher),
+//! how a version is built or retired (`served/`), status codes (each
+//! protocol maps [`RepositoryError`] in its one place).
 
 pub mod controller;
 pub mod index;

@@ -5,11 +5,13 @@
 //! replace one pointer ([`ModelSlot::swap`]: new requests go to the new
 //! version from that instant; requests that already hold the old one finish
 //! on it), what is remembered of each version tried (for the index), the
-//! default model of `/infer`, readiness over all models, and draining.
+//! default model of `/infer`, readiness over all models, and the
+//! server-wide draining flag (which moves every served version to
+//! `Draining`; each version's own state is its `VersionState`).
 //! Resolving a request's target ([`Registry::resolve`]) is the only thing on
 //! the request path here: a map lookup and an `Arc` clone under read locks.
 //! Must not touch: loading (the controller builds versions off the request
-//! path and hands them in), compute.
+//! path and hands them in), compute, the engine facade above it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,10 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use super::index::{IndexEntry, VersionRecord};
-use crate::engine::ModelTarget;
-use crate::engine::version::ServedVersion;
 use crate::error::ServeError;
 use crate::labels::ModelState;
+use crate::served::{ModelTarget, ServedVersion};
 
 /// Every model the engine knows, and the version each serves.
 pub struct Registry {

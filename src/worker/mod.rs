@@ -8,9 +8,11 @@
 //! [`crate::batcher::BatchDone`]. A panic anywhere in handling a batch is
 //! caught here: that batch's requests get 500, the session is rebuilt, and
 //! the worker goes on serving. Should the actor end anyway, it fails the
-//! requests it held and reports [`WorkerExited`] as it unwinds, and the
-//! batcher starts a replacement. Must not touch: queueing policy (the
-//! batcher's) or request parsing (the protocol layers').
+//! requests it held and reports [`WorkerExited`] to its pool as it unwinds,
+//! and the pool starts a replacement. Each computed batch counts once in its
+//! version's statistics (`execution_count`) and metrics. Must not touch:
+//! queueing policy (the batcher's), starting or replacing workers (the
+//! pool's, `served/pool.rs`) or request parsing (the protocol layers').
 //!
 //! Workers run on a dedicated thread each ([`crate::mailbox::spawn_thread`]),
 //! so CPU-bound work never runs on the async HTTP runtime. A worker reports a
@@ -18,8 +20,10 @@
 //! queued the batcher hands it the next batch right there: a busy worker is
 //! never put to sleep and woken for its next batch. The weights are shared through the
 //! backend's `Arc`; a session holds only scratch buffers and its thread budget.
-//! The session arrives warmed up (the engine ran its first forward at start-up,
-//! so a backend that cannot compute stops start-up with its reason).
+//! The session arrives warmed up (the version's build ran its first forward,
+//! so a backend that cannot compute stops the load with its reason). When
+//! the last worker of a pool ends, its context drops the backend and then
+//! the pool-end signal, which tells the repository the weights are freed.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -33,6 +37,7 @@ use crate::mailbox::{self, Sender};
 use crate::metrics::WorkerMetrics;
 use crate::model::Dims;
 use crate::readiness::Readiness;
+use crate::stats::InferStats;
 
 /// A row whose first feature is exactly this value makes the forward panic,
 /// in builds with the `fault-injection` feature only (tests of the recovery
@@ -51,7 +56,7 @@ pub const FAULT_INJECTION_EXIT_VALUE: f32 = -444_444.0;
 // ---- messages -------------------------------------------------------------
 //
 // [`RunBatch`] (batcher -> worker) is declared beside the job types it
-// carries, in `batcher/job.rs`; [`BatchDone`] and [`WorkerExited`] (worker ->
+// carries, in `batcher/job.rs`; [`BatchDone`] (worker -> batcher) and [`WorkerExited`] (worker -> pool ->
 // batcher) in the batcher.
 
 // ---- actor ----------------------------------------------------------------
@@ -62,13 +67,20 @@ pub struct WorkerContext {
     pub backend: Arc<dyn Backend>,
     pub session_config: SessionConfig,
     pub batcher: Sender<BatchDone>,
+    /// Where the worker reports that its actor ended (its pool).
     pub exits: Sender<WorkerExited>,
     pub readiness: Arc<Readiness>,
+    /// The version's statistics: one execution per computed batch.
+    pub stats: Arc<InferStats>,
+    /// The pool-end signal, dropped with the last context. Declared after
+    /// `backend`, so it goes after the weights.
+    pub end: Arc<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct Worker {
     id: usize,
-    context: WorkerContext,
+    /// Dropped before `context`: a session may hold the backend's weights,
+    /// and the context's pool-end signal must go after them.
     session: Box<dyn Session>,
     dims: Dims,
     /// The gathered rows of the batch being computed (reused).
@@ -79,6 +91,8 @@ pub struct Worker {
     /// Every request of the batch being handled, so a panic can answer them.
     in_hand: Vec<Arc<Job>>,
     metrics: WorkerMetrics,
+    /// Last: dropped after the session (see `session`).
+    context: WorkerContext,
 }
 
 impl Worker {
@@ -110,6 +124,7 @@ impl Worker {
         // Metrics first: a client that reads /metrics right after its
         // answer must see the batch that computed it.
         self.metrics.observe_batch(n_rows, self.live.len(), compute);
+        self.context.stats.record_execution();
         match result {
             Ok(()) => {
                 let e = self.dims.experts;
@@ -208,7 +223,7 @@ impl Drop for Worker {
             job.fail(error.clone());
         }
         self.context.readiness.worker_lost();
-        // Reported from another thread: the batcher handles the report where
+        // Reported from another thread: the pool handles the report where
         // it is sent, and starting a replacement must not run on a thread
         // that is unwinding (a second panic there would abort the process).
         let (exits, worker) = (self.context.exits.clone(), self.id);

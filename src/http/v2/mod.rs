@@ -146,7 +146,7 @@ pub async fn model_config(engine: web::Data<Engine>, path: web::Path<ModelPath>)
 /// extension, from the same counters as gRPC's `ModelStatistics`.
 pub async fn model_stats(engine: web::Data<Engine>, path: web::Path<ModelPath>) -> Result<HttpResponse, V2Error> {
     let version = engine.resolve(&path.target()?)?;
-    let s = oip::statistics(&engine, &version);
+    let s = oip::statistics(&version);
     let inference_stats: serde_json::Map<String, serde_json::Value> = s
         .durations()
         .into_iter()

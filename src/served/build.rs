@@ -1,39 +1,38 @@
-//! Bringing up one model version: load the model, build the backend, warm
-//! up one session per worker ([`prepare`], off the request path), then start
+//! Building one model version: load the model, build the backend, warm up
+//! one session per worker ([`prepare`], off the request path), then start
 //! its batcher and worker pool ([`start_pool`]).
 //!
 //! Owns: that order (model -> backend -> sessions, each warmed up ->
-//! batcher -> workers) and the choices made once per version (backend, pool
-//! shape, batching policy). A model, backend or warm-up that fails stops
-//! the version's load with its reason (at start-up: start-up). Must not touch: request handling (protocol layers and
-//! `Engine::infer`), batching rules (batcher) or kernels (backends).
+//! batcher -> pool of workers) and the choices made once per version
+//! (backend, pool shape, batching policy, its metric series). A model,
+//! backend or warm-up that fails stops the version's load with its reason
+//! (at start-up: start-up). Must not touch: request handling (protocol
+//! layers and `Engine::infer`), batching rules (batcher), kernels
+//! (backends), which version serves (the repository).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::ModelDescription;
-use super::version::ServedVersion;
+use super::pool::{Pool, PoolParts};
+use super::version::{ServedVersion, VersionParts};
 use crate::backend::cpu::{CpuBackend, CpuIsa, CpuOptions};
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
-use crate::batcher::job::RunBatch;
+use crate::batcher::Batcher;
 use crate::batcher::policy::BatchPolicy;
-use crate::batcher::{AttachWorkers, Batcher, Message as BatcherMessage, Respawn};
 use crate::config::{BackendChoice, Config};
 use crate::error::{ModelError, StartError};
 use crate::input::InputLimits;
-use crate::mailbox::{self, Sender};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, VersionMetrics, VersionShape};
 use crate::model::{LayerNormMode, LoadedModel, ModelSource, MoeWeights, WeightPrecision};
 use crate::readiness::Readiness;
-use crate::worker::{Worker, WorkerContext};
+use crate::stats::InferStats;
 
-/// Loads the configured model, or the built-in demo model when none is given.
+/// Loads the configured model (`model.arch` + `model.checkpoint`), or the
+/// built-in demo model when they are not given.
 pub fn load_model(config: &Config) -> Result<LoadedModel, ModelError> {
-    match (&config.model.arch, &config.model.checkpoint) {
-        (Some(arch), Some(checkpoint)) => crate::model::load_model(arch, checkpoint),
-        _ => Ok(crate::model::synth::demo_model()),
-    }
+    crate::model::load_files_or_demo(config.model_files())
 }
 
 /// Builds the configured backend from the model, consuming its weights (the
@@ -214,9 +213,10 @@ pub fn prepare(model: LoadedModel, config: &Config, name: &str, version: u64) ->
     })
 }
 
-/// Starts the batcher and one worker actor per prepared session, each worker
-/// on its own thread: the version is serving when this returns. Cheap (no
-/// compute). Must run on an actix arbiter (the batcher's clock lives there).
+/// Starts the batcher and the pool (one worker actor per prepared session,
+/// each on its own thread), with the version's metric series and
+/// statistics: the version is serving when this returns. Cheap (no
+/// compute).
 pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVersion, StartError> {
     let Prepared {
         backend,
@@ -227,42 +227,46 @@ pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVe
         limits,
     } = prepared;
     let readiness = Arc::new(Readiness::new(sessions.len()));
-    metrics.init_pool(
-        sessions.len(),
-        description.dims.experts,
-        policy.max_queue_rows,
-        policy.max_batch_rows,
+    let version_metrics = VersionMetrics::new(
+        metrics,
+        VersionShape {
+            model: description.name.clone(),
+            version: description.version,
+            workers: sessions.len(),
+            experts: description.dims.experts,
+            max_queue_rows: policy.max_queue_rows,
+            max_batch_rows: policy.max_batch_rows,
+        },
     );
-    let batcher = Batcher::start(policy, Arc::clone(metrics), Arc::clone(&readiness));
-    let context = WorkerContext {
+    let stats = Arc::new(InferStats::default());
+    let batcher = Batcher::start(policy, Arc::clone(&version_metrics), Arc::clone(&readiness));
+    let parts = PoolParts {
         backend: Arc::clone(&backend),
+        sessions,
         session_config,
-        batcher: batcher.batch_done(),
-        exits: batcher.worker_exited(),
         readiness: Arc::clone(&readiness),
+        stats: Arc::clone(&stats),
+        metrics: Arc::clone(&version_metrics),
     };
-    let workers = sessions
-        .into_iter()
-        .enumerate()
-        .map(|(id, session)| start_worker(id, session, &context, metrics))
-        .collect::<Result<Vec<_>, _>>()?;
-    let respawn: Respawn = {
-        let metrics = Arc::clone(metrics);
-        Arc::new(move |id| {
-            let session = context.backend.create_session(context.session_config)?;
-            start_worker(id, session, &context, &metrics)
-                .map_err(|e| BackendError::Unavailable(format!("could not start a worker thread: {e}")))
-        })
+    let (pool, freed) = match Pool::start(parts, &batcher) {
+        Ok(started) => started,
+        Err(e) => {
+            version_metrics.remove();
+            return Err(e.into());
+        }
     };
-    batcher.send(BatcherMessage::AttachWorkers(AttachWorkers { workers, respawn }));
-    Ok(ServedVersion::new(
+    let parts = VersionParts {
+        description: Arc::new(description),
         batcher,
         backend,
         readiness,
-        Arc::new(description),
         limits,
-        metrics,
-    ))
+        stats,
+        metrics: version_metrics,
+        pool,
+        freed,
+    };
+    Ok(ServedVersion::new(parts))
 }
 
 /// One forward of a single zero row on each session, in parallel: sizes the
@@ -303,22 +307,6 @@ fn batch_policy(config: &Config) -> BatchPolicy {
     }
 }
 
-/// Worker `id` on a thread of its own, computing with `session`.
-fn start_worker(
-    id: usize,
-    session: Box<dyn Session>,
-    context: &WorkerContext,
-    metrics: &Arc<Metrics>,
-) -> std::io::Result<Sender<RunBatch>> {
-    let experts = context.backend.dims().experts;
-    let worker = Worker::new(id, session, context.clone(), metrics.worker(id, experts));
-    let sender = mailbox::spawn_thread(format!("worker-{id}"), worker)?;
-    // Ready now, not when the thread first runs: a server that says it is
-    // listening is ready, whatever the scheduler does next.
-    context.readiness.worker_ready();
-    Ok(sender)
-}
-
 /// Times `f`, for the model-load metric and log.
 pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
     let start = Instant::now();
@@ -331,13 +319,40 @@ mod tests {
     use super::*;
     use crate::model::{Dims, ModelSize};
 
-    /// A session that fails every forward when `broken`.
+    /// A session that fails every forward when `broken`, and with a `gate`
+    /// computes one forward per permit received.
+    #[derive(Default)]
     struct FakeSession {
         broken: bool,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+        _weights: Option<SlowWeights>,
+    }
+
+    /// Stands for the packed weights a real session holds; lets go of them
+    /// slowly, so a pool-end signal sent before its session dropped would
+    /// be seen early.
+    struct SlowWeights {
+        _held: Arc<()>,
+    }
+
+    impl Drop for SlowWeights {
+        fn drop(&mut self) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    impl FakeSession {
+        fn working() -> Box<dyn Session> {
+            Box::new(FakeSession::default())
+        }
     }
 
     impl Session for FakeSession {
         fn forward(&mut self, input: &[f32], out: &mut ForwardOutput) -> Result<(), BackendError> {
+            if let Some(gate) = &self.gate {
+                gate.recv()
+                    .map_err(|_| BackendError::Device("the gate closed".into()))?;
+            }
             if self.broken {
                 return Err(BackendError::Device("no device memory left".into()));
             }
@@ -358,15 +373,18 @@ mod tests {
             Dims::for_size(ModelSize::Nano)
         }
         fn create_session(&self, _config: SessionConfig) -> Result<Box<dyn Session>, BackendError> {
-            Ok(Box::new(FakeSession { broken: false }))
+            Ok(FakeSession::working())
         }
     }
 
     #[test]
     fn a_failed_warm_up_stops_start_up_naming_the_worker_and_the_reason() {
         let sessions: Vec<Box<dyn Session>> = vec![
-            Box::new(FakeSession { broken: false }),
-            Box::new(FakeSession { broken: true }),
+            FakeSession::working(),
+            Box::new(FakeSession {
+                broken: true,
+                ..FakeSession::default()
+            }),
         ];
         let err = warm_up(sessions, &FakeBackend).err().expect("warm-up must fail");
         assert!(matches!(err, StartError::WarmUp { worker: 1, .. }), "{err:?}");
@@ -376,9 +394,138 @@ mod tests {
             "{text}"
         );
 
-        let sessions: Vec<Box<dyn Session>> = (0..3)
-            .map(|_| Box::new(FakeSession { broken: false }) as Box<dyn Session>)
-            .collect();
+        let sessions: Vec<Box<dyn Session>> = (0..3).map(|_| FakeSession::working()).collect();
         assert_eq!(warm_up(sessions, &FakeBackend).map(|s| s.len()).ok(), Some(3));
+    }
+
+    /// A version of the fake backend with these sessions, ready to start.
+    fn fake_prepared(sessions: Vec<Box<dyn Session>>) -> Prepared {
+        let dims = Dims::for_size(ModelSize::Nano);
+        let description = ModelDescription {
+            name: "fake".into(),
+            version: 3,
+            size: "Nano",
+            layernorm: LayerNormMode::Identity,
+            weight_precision: WeightPrecision::F32,
+            param_count: dims.param_count(),
+            arch: "builtin:demo".into(),
+            checkpoint: "builtin:demo".into(),
+            checkpoint_step: 3,
+            fingerprint: None,
+            demo: true,
+            backend: "fake",
+            devices: "fake".into(),
+            isa: "none",
+            dims,
+        };
+        let session_config = SessionConfig { threads: 1 };
+        Prepared {
+            backend: Arc::new(FakeBackend),
+            description,
+            sessions,
+            session_config,
+            policy: BatchPolicy {
+                max_batch_rows: 8,
+                max_queue_delay: std::time::Duration::ZERO,
+                max_queue_rows: 64,
+                regroup_fraction: 0.0,
+            },
+            limits: InputLimits {
+                row_len: dims.input,
+                max_rows: 8,
+            },
+        }
+    }
+
+    /// Step: one request of 3 rows is computed as one execution.
+    async fn one_request_is_one_execution(served: &ServedVersion) {
+        let reply = submit(served, 3);
+        let output = reply.await.expect("answered").expect("computed");
+        assert_eq!(output.logits.len(), 3 * served.description.dims.output);
+        assert_eq!(served.stats.snapshot().execution_count, 1);
+    }
+
+    #[test]
+    fn a_version_replaces_a_worker_that_ended_and_signals_its_retirement() {
+        actix_rt::System::new().block_on(async {
+            let metrics = Arc::new(Metrics::new());
+            let text = || String::from_utf8(metrics.render()).unwrap();
+            let weights = Arc::new(());
+            let holding = || -> Box<dyn Session> {
+                Box::new(FakeSession {
+                    _weights: Some(SlowWeights {
+                        _held: Arc::clone(&weights),
+                    }),
+                    ..FakeSession::default()
+                })
+            };
+            let sessions = vec![holding(), holding()];
+            let served = start_pool(fake_prepared(sessions), &metrics).expect("the pool starts");
+            assert!(served.readiness.is_ready());
+            assert!(text().contains("tokitai_workers{model=\"fake\",version=\"3\"} 2"));
+            one_request_is_one_execution(&served).await;
+
+            // Worker 0's actor ends (it stops serving as it unwinds): the
+            // pool replaces it and counts the restart.
+            served.readiness.worker_lost();
+            served.pool().report_exit(0);
+            assert_eq!(served.readiness.serving_workers(), 2);
+            let restarts = "tokitai_worker_restarts_total{model=\"fake\",version=\"3\",worker=\"0\"} 1";
+            assert!(text().contains(restarts), "{}", text());
+
+            // The last holder lets go: retired, series gone, both signals fire.
+            let mut retirement = served.retirement().expect("the retirement is taken once");
+            assert!(served.retirement().is_none());
+            let readiness = Arc::clone(&served.readiness);
+            drop(served);
+            assert_eq!(readiness.version_state(), crate::readiness::VersionState::Retired);
+            assert!(!text().contains("model=\"fake\""), "{}", text());
+            let limit = std::time::Duration::from_secs(10);
+            tokio::time::timeout(limit, retirement.drained())
+                .await
+                .expect("drained");
+            tokio::time::timeout(limit, retirement.freed())
+                .await
+                .expect("the pool ended");
+            let held = Arc::strong_count(&weights);
+            assert_eq!(held, 1, "every session's weights were dropped before the pool's end");
+        });
+    }
+
+    /// A job of `rows` rows for `served`, submitted to its batcher.
+    fn submit(served: &ServedVersion, rows: usize) -> tokio::sync::oneshot::Receiver<crate::batcher::job::JobReply> {
+        let values = vec![0.5; rows * served.limits.row_len];
+        let input = crate::input::InferInput::new(values, &served.limits).unwrap();
+        let (job, reply) = crate::batcher::job::Job::new(input, std::time::Duration::from_secs(60));
+        served.batcher.submit(job);
+        reply
+    }
+
+    #[test]
+    fn a_batch_of_three_requests_is_one_execution_of_its_version() {
+        actix_rt::System::new().block_on(async {
+            let metrics = Arc::new(Metrics::new());
+            let (permits, gate) = std::sync::mpsc::channel();
+            let session = Box::new(FakeSession {
+                gate: Some(gate),
+                ..FakeSession::default()
+            });
+            let served = start_pool(fake_prepared(vec![session]), &metrics).expect("the pool starts");
+            // The one worker takes the first request and waits at the gate;
+            // the next three queue behind it and go out as one batch.
+            let first = submit(&served, 1);
+            let queued: Vec<_> = (0..3).map(|_| submit(&served, 1)).collect();
+            permits.send(()).unwrap();
+            permits.send(()).unwrap();
+            first.await.unwrap().expect("computed");
+            for reply in queued {
+                reply.await.unwrap().expect("computed");
+            }
+            assert_eq!(served.stats.snapshot().execution_count, 2);
+            let text = String::from_utf8(metrics.render()).unwrap();
+            let batches = "tokitai_batches_total{model=\"fake\",version=\"3\",worker=\"0\"} 2";
+            let sizes = "tokitai_batch_size_requests_bucket{model=\"fake\",version=\"3\",le=\"2\"} 1";
+            assert!(text.contains(batches) && text.contains(sizes), "{text}");
+        });
     }
 }
