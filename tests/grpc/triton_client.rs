@@ -15,9 +15,7 @@
 //! start-up; it needs no GPU), plus Debian's `libb64-0d`. Without them these
 //! tests fail and say what to install: they are never skipped.
 
-mod common;
-
-use common::{FIXTURES, TestServer, fixture_config, perf_analyzer, run_python};
+use crate::common::{FIXTURES, TestServer, fixture_config, perf_analyzer, run_python};
 use tokitai_serve::model::LayerNormMode;
 
 fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
@@ -50,7 +48,7 @@ fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
 
 #[test]
 fn tritonclient_matches_fixtures_in_identity_mode() {
-    for fixture in common::FIXTURE_NAMES {
+    for fixture in crate::common::FIXTURE_NAMES {
         run_client_check(fixture, LayerNormMode::Identity, "logits_ln_identity");
     }
 }
@@ -62,7 +60,7 @@ fn tritonclient_matches_fixtures_in_stored_mode() {
 
 #[test]
 fn perf_analyzer_completes_over_http_with_binary_data() {
-    let server = TestServer::start(common::base_config());
+    let server = TestServer::start(crate::common::base_config());
     let out = perf_analyzer(&[
         "-m",
         "tokitai-moe",

@@ -11,15 +11,13 @@
 //! NaN weight, and `serve --config` on one exits 2 (those runs are bounded:
 //! a server that starts anyway, or blocks, is killed and fails the test).
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row, nano_dims, single_body};
+use crate::common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row, nano_dims, single_body};
 use serde_json::Value;
 use tokitai_serve::model::{Arch, LayerNormMode, ModelSize, synth_weights, write_checkpoint};
 

@@ -10,13 +10,11 @@
 //! timeout and never keep a real client out. Also: the statistics extension agrees between HTTP and
 //! gRPC, and SIGTERM drains gRPC calls in flight.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use bytes::Bytes;
-use common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use tokitai_serve::config::Config;
 use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tokitai_serve::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};

@@ -28,15 +28,13 @@
 //! ten times) of the configured timeouts, and the CPU bound is a ratio of
 //! CPU time to wall time with a wide margin.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::common::slow::{cpu_seconds, peer_closed, rss_bytes, slow_reader, unread_bytes};
+use crate::common::{ProcessServer, TestServer, agent, base_config, get, nano_dims, read_response};
 use bytes::Bytes;
-use common::slow::{cpu_seconds, peer_closed, rss_bytes, slow_reader, unread_bytes};
-use common::{ProcessServer, TestServer, agent, base_config, get, nano_dims, read_response};
 use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
 use tokitai_serve::grpc::pb::{self, ModelInferRequest};
@@ -205,7 +203,7 @@ fn held_answers_are_bounded_by_the_pending_answer_budget() {
             200 => held.push(stream),
             503 => {
                 let reply = match read_response(&mut stream, None) {
-                    common::RawOutcome::Response(r) => r,
+                    crate::common::RawOutcome::Response(r) => r,
                     other => panic!("a 503 without a complete answer: {other:?}"),
                 };
                 let error = reply.json()["error"].as_str().unwrap_or_default().to_string();
@@ -360,11 +358,11 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let reply = read_response(&mut idle, None);
     assert!(
-        matches!(reply, common::RawOutcome::Response(ref r) if r.status == 200),
+        matches!(reply, crate::common::RawOutcome::Response(ref r) if r.status == 200),
         "{reply:?}"
     );
     // A request in flight: its head and half its body are in.
-    let body = common::single_body(&vec![0.25; nano_dims().input]);
+    let body = crate::common::single_body(&vec![0.25; nano_dims().input]);
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
     let mut busy = TcpStream::connect(server.addr).unwrap();
     let head = format!(
@@ -389,7 +387,7 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     busy.write_all(rest).unwrap();
     busy.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     match read_response(&mut busy, None) {
-        common::RawOutcome::Response(r) => assert!(matches!(r.status, 200 | 503), "{}", r.status),
+        crate::common::RawOutcome::Response(r) => assert!(matches!(r.status, 200 | 503), "{}", r.status),
         other => panic!("the request in flight got no answer: {other:?}"),
     }
     drop(busy);

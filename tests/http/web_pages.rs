@@ -13,8 +13,6 @@
 //! CI (`CI=true`) its absence fails the test; elsewhere it is skipped with
 //! the reason printed.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokitai_serve::config::{Config, ControlMode};
 use tokitai_serve::model::{ModelSize, write_model_dir};

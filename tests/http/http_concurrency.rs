@@ -9,9 +9,9 @@
 //! batched together (`tokitai_batch_size_requests` saw a batch of more than
 //! one request), so the comparison is not vacuous.
 
-mod common;
-
-use common::{Fixture, Rng, TestServer, agent, batch_body, concurrent_clients, fixture_config, post, single_body};
+use crate::common::{
+    Fixture, Rng, TestServer, agent, batch_body, concurrent_clients, fixture_config, post, single_body,
+};
 use serde_json::Value;
 use tokitai_serve::model::LayerNormMode;
 

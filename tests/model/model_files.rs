@@ -11,13 +11,11 @@
 //! once; those loads run on a thread with a deadline, so a regression that
 //! blocks or reads forever fails instead of hanging.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{FIXTURE_NAMES, fixture_dir};
+use crate::common::{FIXTURE_NAMES, fixture_dir};
 use proptest::prelude::*;
 use tokitai_serve::model::{
     Arch, Checkpoint, Dims, FileRefusal, ModelError, ModelKind, ModelSize, ModelSource, RouterKind, load_model,

@@ -8,13 +8,11 @@
 //! (exit 2) and in a model's `config.toml` (its load fails naming the
 //! setting and the bound).
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use serde_json::json;
 use tokitai_serve::config::{ControlMode, MAX_REQUEST_ROWS};
 use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;

@@ -24,13 +24,11 @@
 //! deadlines used and longer than the test needs to observe the queue), and
 //! every wait on the server is a bounded poll of `/metrics`.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     Fixture, Metrics, ProcessServer, RawOutcome, Reply, TestServer, agent, batch_body, close, concurrent_clients,
     fixture_config, get, post, raw_exchange, raw_json_request, send_and_abandon, single_body, try_get,
 };

@@ -13,14 +13,12 @@
 //!
 //! Owns: nothing but tests. Must not touch: the engine's behaviour.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use crate::common::deploy::{self, OVERLAYS, container, object, rendered, repo_root, yaml_file};
+use crate::common::{TestServer, agent, base_config, get};
 use clap::Parser;
-use common::deploy::{self, OVERLAYS, container, object, rendered, repo_root, yaml_file};
-use common::{TestServer, agent, base_config, get};
 use serde_json::{Value, json};
 use tokitai_serve::cli::Cli;
 use tokitai_serve::config::Config;

@@ -40,8 +40,6 @@
 //! are printed, and only where the behaviour itself is a timeout is one
 //! bounded, generously (ten times the configured timeout).
 
-mod common;
-
 use std::cell::Cell;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -51,7 +49,7 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     BIN, Fixture, Metrics, ProcessServer, Reply, TestServer, agent, fixture_config, fixture_dir, get, post,
     raw_exchange, raw_request, single_body, try_get,
 };

@@ -10,9 +10,7 @@
 //! shape and headers (timings, request id and its echo), `/healthz` (the
 //! sidecar's fields plus what is served), `/readyz` and `/metrics`.
 
-mod common;
-
-use common::{Fixture, TestServer, agent, batch_body, fixture_config, get, post, single_body};
+use crate::common::{Fixture, TestServer, agent, batch_body, fixture_config, get, post, single_body};
 use serde_json::Value;
 use tokitai_serve::model::LayerNormMode;
 
@@ -170,7 +168,7 @@ fn request_id_readyz_and_metrics() {
     ] {
         assert!(text.contains(&format!("# TYPE {family} ")), "/metrics lacks {family}");
     }
-    let m = common::Metrics::parse(&text);
+    let m = crate::common::Metrics::parse(&text);
     assert_eq!(
         m.requests_by_status("/infer").get(&200),
         Some(&3),

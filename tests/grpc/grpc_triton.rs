@@ -10,11 +10,9 @@
 //! - a deadline that passes while the rows wait getting DEADLINE_EXCEEDED;
 //! - `perf_analyzer -i grpc`, unary and `--streaming`, without errors.
 //!
-//! The tools live in the venv `.ci/run` makes (see `common::triton`).
+//! The tools live in the venv `.ci/run` makes (see `crate::common::triton`).
 
-mod common;
-
-use common::{FIXTURES, TestServer, base_config, fixture_config, nano_dims, perf_analyzer, run_python};
+use crate::common::{FIXTURES, TestServer, base_config, fixture_config, nano_dims, perf_analyzer, run_python};
 use tokitai_serve::model::LayerNormMode;
 
 const MODEL: &str = "tokitai-moe";
@@ -57,7 +55,7 @@ fn run_grpc_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
 
 #[test]
 fn tritonclient_grpc_matches_fixtures_in_identity_mode() {
-    for fixture in common::FIXTURE_NAMES {
+    for fixture in crate::common::FIXTURE_NAMES {
         run_grpc_check(fixture, LayerNormMode::Identity, "logits_ln_identity");
     }
 }

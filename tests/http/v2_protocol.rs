@@ -4,9 +4,7 @@
 //! outputs are honoured, and each malformed request gets the protocol's
 //! `{"error": ...}` with Triton's status code for the same condition.
 
-mod common;
-
-use common::{Fixture, Reply, TestServer, agent, base_config, finish, fixture_config, get, nano_dims, post};
+use crate::common::{Fixture, Reply, TestServer, agent, base_config, finish, fixture_config, get, nano_dims, post};
 use serde_json::{Value, json};
 use tokitai_serve::model::LayerNormMode;
 

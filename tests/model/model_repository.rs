@@ -9,15 +9,13 @@
 //! `arch.json` + `checkpoint.tkp1`. A version is written beside the
 //! repository and renamed into place, as the README says to.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use tokitai_serve::backend::cpu::{CpuBackend, CpuOptions};
 use tokitai_serve::backend::{Backend, ForwardOutput, SessionConfig};

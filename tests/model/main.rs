@@ -1,0 +1,21 @@
+//! Models, one binary: the CPU and HIP backends against the upstream
+//! fixtures and the reference forward, f16/bf16 weights, a Medium model,
+//! model files (reader, writer, synthetic weights), the model repository
+//! under load, and the offline `infer` / `synth` subcommands.
+//!
+//! Owns: one module per concern (each was a test binary of its own). Must
+//! not touch: the engine's code (`tokitai_serve`); the shared harness is
+//! `tests/common`. Memory figures are read from a server process of its
+//! own (`ProcessServer`), never from this process.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cli_infer;
+mod cpu_forward;
+mod f16_weights;
+mod hip_backend;
+mod medium_forward;
+mod model_files;
+mod model_repository;
+mod synth_roundtrip;
