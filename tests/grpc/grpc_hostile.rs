@@ -13,54 +13,26 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::grpc::{MODEL, client, rows_request, runtime};
+use crate::common::process::rss_bytes;
 use crate::common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use bytes::Bytes;
 use tokitai_serve::config::Config;
-use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
-use tokitai_serve::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tokitai_serve::grpc::pb::model_infer_request::InferRequestedOutputTensor;
 use tokitai_serve::grpc::pb::{self, ModelInferRequest};
 use tonic::Code;
-use tonic::transport::Channel;
 
-const MODEL: &str = "tokitai-moe";
 const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to the gRPC port");
-    // The client may send more than the server takes: the server must refuse it.
-    GrpcInferenceServiceClient::new(channel).max_encoding_message_size(64 << 20)
-}
 
 fn raw(values: &[f32]) -> Bytes {
     values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
 }
 
-/// A well-formed request for `rows` zero rows.
+/// [`rows_request`] with the request id `h`.
 fn request(rows: usize) -> ModelInferRequest {
-    let d = nano_dims().input;
     ModelInferRequest {
-        model_name: MODEL.into(),
         id: "h".into(),
-        inputs: vec![InferInputTensor {
-            name: "features".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, d as i64],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![raw(&vec![0.25; rows * d])],
-        ..Default::default()
+        ..rows_request(rows)
     }
 }
 
@@ -242,17 +214,6 @@ async fn raw_unary(addr: SocketAddr, req: &ModelInferRequest, timeout: &str) -> 
     }
     let trailers = body.trailers().await.unwrap().expect("trailers");
     trailers["grpc-status"].to_str().unwrap().to_string()
-}
-
-/// Resident memory of this process (the server runs in it), in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
 }
 
 #[test]

@@ -8,8 +8,27 @@
 //! `tests/common`. Memory figures are read from a server process of its
 //! own (`ProcessServer`), never from this process.
 
-#[path = "../common/mod.rs"]
-mod common;
+/// The parts of the shared harness (`tests/common`) this binary uses.
+#[path = "../common"]
+mod common {
+    // The fixtures, request bodies and tolerances, for every binary; this one uses part of them.
+    #[allow(dead_code)]
+    pub mod fixtures;
+    pub mod grpc;
+    // ureq requests and answers, for every binary; this one uses part of them.
+    #[allow(dead_code)]
+    pub mod http;
+    // The /proc figures; this binary bounds memory only, not CPU time.
+    #[allow(dead_code)]
+    pub mod process;
+    // The Prometheus text parser, for every binary; this one uses part of it.
+    #[allow(dead_code)]
+    pub mod prom;
+    pub mod server;
+    pub mod triton;
+
+    pub use {fixtures::*, http::*, prom::*, server::*, triton::*};
+}
 
 mod grpc_hostile;
 mod grpc_triton;

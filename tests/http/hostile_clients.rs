@@ -49,6 +49,7 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::common::process::status_bytes;
 use crate::common::{
     BIN, Fixture, Metrics, ProcessServer, Reply, TestServer, agent, fixture_config, fixture_dir, get, post,
     raw_exchange, raw_request, single_body, try_get,
@@ -204,18 +205,10 @@ struct Mem {
 }
 
 fn mem(pid: u32) -> Mem {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
     Mem {
-        rss: field("VmRSS:"),
-        hwm: field("VmHWM:"),
-        size: field("VmSize:"),
+        rss: status_bytes(pid, "VmRSS:"),
+        hwm: status_bytes(pid, "VmHWM:"),
+        size: status_bytes(pid, "VmSize:"),
     }
 }
 

@@ -9,8 +9,24 @@
 //! every memory or CPU figure a test asserts is read from a server process
 //! of its own (`ProcessServer`), never from this process.
 
-#[path = "../common/mod.rs"]
-mod common;
+/// The parts of the shared harness (`tests/common`) this binary uses.
+#[path = "../common"]
+mod common {
+    // The fixtures, request bodies and tolerances, for every binary; this one uses part of them.
+    #[allow(dead_code)]
+    pub mod fixtures;
+    pub mod grpc;
+    pub mod http;
+    pub mod process;
+    pub mod prom;
+    pub mod raw;
+    // TestServer and ProcessServer, for every binary; this one uses part of them.
+    #[allow(dead_code)]
+    pub mod server;
+    pub mod slow;
+
+    pub use {fixtures::*, http::*, prom::*, raw::*, server::*};
+}
 
 mod declared_shapes;
 mod hostile_clients;

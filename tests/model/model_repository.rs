@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::process::rss_bytes;
 use crate::common::*;
 use serde_json::{Value, json};
 use tokitai_serve::backend::cpu::{CpuBackend, CpuOptions};
@@ -499,18 +500,6 @@ fn explicit_mode_loads_and_unloads_through_the_api_and_sighup_and_drains_an_unlo
     );
 }
 
-/// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
-}
-
 #[test]
 fn after_a_swap_and_drain_memory_returns_to_about_one_model() {
     let repo = tempfile::tempdir().unwrap();
@@ -538,17 +527,17 @@ fn after_a_swap_and_drain_memory_returns_to_about_one_model() {
     let body = single_body(&rows()[0]);
     let answer = |a: &ureq::Agent| post(a, &server.url("/infer"), &body, &[]);
     assert_eq!(answer(&a).status, 200);
-    let before = rss(server.pid());
+    let before = rss_bytes(server.pid());
     stage(repo.path(), "big", 2, ModelSize::Tiny, 2);
     let mut peak = before;
     wait_until("version 2 serving", Duration::from_secs(120), || {
-        peak = peak.max(rss(server.pid()));
+        peak = peak.max(rss_bytes(server.pid()));
         let r = answer(&a);
         (r.header("x-model-version") == Some("2")).then_some(())
     });
     // Version 1's memory is given back once its last batch is done (bounded wait).
     let after = wait_until("version 1's memory to be freed", Duration::from_secs(60), || {
-        let now = rss(server.pid());
+        let now = rss_bytes(server.pid());
         (now < before + model_bytes / 2).then_some(now)
     });
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
