@@ -35,8 +35,8 @@
 //!
 //! "Zero panics": the real binary's stderr is captured and must contain no
 //! `panicked`; for the in-process servers a panic hook counts panics on
-//! every thread that is not a test's own (the fault-injection panics, which
-//! say "fault injection", excepted). Every wait is a bounded poll; timings
+//! the engine's threads (the fault-injection panics, which say "fault
+//! injection", excepted). Every wait is a bounded poll; timings
 //! are printed, and only where the behaviour itself is a timeout is one
 //! bounded, generously (ten times the configured timeout).
 
@@ -94,8 +94,21 @@ thread_local! {
     static CLIENT_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Whether a panic on the calling thread is the engine's. This binary's
+/// other tests run in the same process, so a thread is the engine's only
+/// when it is not a client's ([`client_thread`]), not a test's own (the
+/// test harness names those after the test, `module::test`), and named at
+/// all (the engine names every thread it starts: actix's, tokio's,
+/// `tokitai-*`; a thread a test spawns is unnamed). A panic on another
+/// test's in-process engine counts too: it is the engine's wherever it is.
+fn on_an_engine_thread() -> bool {
+    let thread = std::thread::current();
+    let named_not_a_test = thread.name().is_some_and(|name| !name.contains("::"));
+    !CLIENT_THREAD.with(Cell::get) && named_not_a_test
+}
+
 /// Marks the calling thread as the client's and installs (once) the hook
-/// that counts panics on every other thread, i.e. the in-process servers'.
+/// that counts panics on the engine's threads ([`on_an_engine_thread`]).
 fn client_thread() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
@@ -107,7 +120,7 @@ fn client_thread() {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            if !CLIENT_THREAD.with(Cell::get) && !msg.starts_with("fault injection") {
+            if on_an_engine_thread() && !msg.starts_with("fault injection") {
                 SERVER_PANICS.fetch_add(1, Ordering::SeqCst);
             }
             default(info);
