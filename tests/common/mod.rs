@@ -20,7 +20,7 @@
 //! - `process`: a server process's CPU time and memory from `/proc`, and
 //!   `grpc`: gRPC clients (neither is used by the two binaries here).
 //! - [`triton`]: Triton's Python client and perf_analyzer ([`venv`],
-//!   [`run_python`], [`perf_analyzer`]).
+//!   [`run_python`], [`perf_analyzer_smoke`]).
 //!
 //! Every wait here is bounded; nothing asserts a wall-clock duration.
 

@@ -37,4 +37,5 @@ mod hip_backend;
 mod medium_forward;
 mod model_files;
 mod model_repository;
+mod support;
 mod synth_roundtrip;
