@@ -2,12 +2,14 @@
 //!
 //! Owns: the tokio runtime the gRPC tests drive their clients on
 //! ([`runtime`]), a connected `GrpcInferenceService` client ([`client`]),
-//! and a well-formed `ModelInfer` request ([`rows_request`]). Must not
-//! touch: the engine's gRPC service (`tokitai_serve::grpc`).
+//! a well-formed `ModelInfer` request ([`rows_request`]), and one call sent
+//! over a raw HTTP/2 connection the test controls ([`send_raw_infer`]).
+//! Must not touch: the engine's gRPC service (`tokitai_serve::grpc`).
 
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use prost::Message as _;
 use tokitai_serve::grpc::pb::ModelInferRequest;
 use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
@@ -17,6 +19,8 @@ use super::fixtures::nano_dims;
 
 /// The model every test server serves by default.
 pub const MODEL: &str = "tokitai-moe";
+/// `ModelInfer`'s path.
+pub const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// A two-thread runtime for a test's gRPC clients.
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -54,4 +58,29 @@ pub fn rows_request(rows: usize) -> ModelInferRequest {
         raw_input_contents: vec![Bytes::from(raw)],
         ..Default::default()
     }
+}
+
+/// Sends `req` as one `ModelInfer` call with `grpc-timeout: {timeout}` on
+/// the raw HTTP/2 connection `h2` to `addr` (whatever its flow control);
+/// the answer's head, to be awaited by the caller.
+pub fn send_raw_infer(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    req: &ModelInferRequest,
+    timeout: &str,
+) -> h2::client::ResponseFuture {
+    let head = http::Request::post(format!("http://{addr}{INFER}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(head, false).unwrap();
+    let message = req.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    body.send_data(Bytes::from(frame), true)
+        .expect("send the request message");
+    response
 }

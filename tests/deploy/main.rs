@@ -9,13 +9,13 @@
 #[path = "../common"]
 mod common {
     pub mod deploy;
-    // ureq requests and answers, for every binary; this one uses part of them.
+    // GETs only, answers read by status and text.
     #[allow(dead_code)]
     pub mod http;
-    // The Prometheus text parser, for every binary; this one uses part of it.
+    // Needed by server; no metrics are read here yet.
     #[allow(dead_code)]
     pub mod prom;
-    // TestServer and ProcessServer, for every binary; this one uses part of them.
+    // TestServer only: no child process, no metrics.
     #[allow(dead_code)]
     pub mod server;
 

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::common::grpc::{MODEL, client, rows_request, runtime};
+use crate::common::grpc::{INFER, MODEL, client, rows_request, runtime, send_raw_infer};
 use crate::common::process::rss_bytes;
 use crate::common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use bytes::Bytes;
@@ -21,8 +21,6 @@ use tokitai_serve::config::Config;
 use tokitai_serve::grpc::pb::model_infer_request::InferRequestedOutputTensor;
 use tokitai_serve::grpc::pb::{self, ModelInferRequest};
 use tonic::Code;
-
-const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 fn raw(values: &[f32]) -> Bytes {
     values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
@@ -187,23 +185,11 @@ fn a_passed_deadline_is_deadline_exceeded_and_an_abandoned_call_is_not_computed(
 /// One unary `ModelInfer` over raw HTTP/2 with `grpc-timeout: {timeout}`:
 /// the `grpc-status` the server answers with.
 async fn raw_unary(addr: SocketAddr, req: &ModelInferRequest, timeout: &str) -> String {
-    use prost::Message as _;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (h2, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
     tokio::spawn(connection);
     let mut h2 = h2.ready().await.unwrap();
-    let head = http::Request::post(format!("http://{addr}{INFER}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(head, false).unwrap();
-    let message = req.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend((message.len() as u32).to_be_bytes());
-    frame.extend(message);
-    body.send_data(Bytes::from(frame), true).unwrap();
+    let response = send_raw_infer(&mut h2, addr, req, timeout);
     let response = response.await.expect("an answer");
     if let Some(status) = response.headers().get("grpc-status") {
         return status.to_str().unwrap().to_string();

@@ -11,17 +11,17 @@
 /// The parts of the shared harness (`tests/common`) this binary uses.
 #[path = "../common"]
 mod common {
-    // The fixtures, request bodies and tolerances, for every binary; this one uses part of them.
+    // Only the fixtures' paths, config and Nano's dims are read here.
     #[allow(dead_code)]
     pub mod fixtures;
     pub mod grpc;
-    // ureq requests and answers, for every binary; this one uses part of them.
+    // Only GETs here: no POST, no concurrent clients.
     #[allow(dead_code)]
     pub mod http;
-    // The /proc figures; this binary bounds memory only, not CPU time.
+    // Memory is bounded here, CPU time is not.
     #[allow(dead_code)]
     pub mod process;
-    // The Prometheus text parser, for every binary; this one uses part of it.
+    // Sums only: no presence checks, no status breakdowns.
     #[allow(dead_code)]
     pub mod prom;
     pub mod server;

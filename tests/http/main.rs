@@ -12,7 +12,7 @@
 /// The parts of the shared harness (`tests/common`) this binary uses.
 #[path = "../common"]
 mod common {
-    // The fixtures, request bodies and tolerances, for every binary; this one uses part of them.
+    // No test here reads a fixture's weights, flat inputs or the list of fixture sets.
     #[allow(dead_code)]
     pub mod fixtures;
     pub mod grpc;
@@ -20,7 +20,7 @@ mod common {
     pub mod process;
     pub mod prom;
     pub mod raw;
-    // TestServer and ProcessServer, for every binary; this one uses part of them.
+    // No test here reads ProcessServer's gRPC address.
     #[allow(dead_code)]
     pub mod server;
     pub mod slow;

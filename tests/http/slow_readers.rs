@@ -32,7 +32,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::common::grpc::{MODEL, client, rows_request, runtime};
+use crate::common::grpc::{MODEL, client, rows_request, runtime, send_raw_infer};
 use crate::common::process::{cpu_seconds, rss_bytes};
 use crate::common::slow::{peer_closed, slow_reader, unread_bytes};
 use crate::common::{ProcessServer, TestServer, agent, base_config, get, nano_dims, read_response};
@@ -232,20 +232,7 @@ fn held_answers_are_bounded_by_the_pending_answer_budget() {
 /// A call on `h2` (a connection that grants no window) with a deadline of
 /// `timeout`: its response head, and the body that never gets data.
 async fn windowless_call(h2: &mut h2::client::SendRequest<Bytes>, addr: SocketAddr, timeout: &str) -> h2::RecvStream {
-    use prost::Message as _;
-    let head = http::Request::post(format!("http://{addr}/inference.GRPCInferenceService/ModelInfer"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(head, false).unwrap();
-    let message = rows_request(BIG_ROWS).encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend((message.len() as u32).to_be_bytes());
-    frame.extend(message);
-    body.send_data(Bytes::from(frame), true)
-        .expect("send the request message");
+    let response = send_raw_infer(h2, addr, &rows_request(BIG_ROWS), timeout);
     let response = tokio::time::timeout(Duration::from_secs(120), response)
         .await
         .expect("the answer's head arrives")

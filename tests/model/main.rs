@@ -11,19 +11,19 @@
 /// The parts of the shared harness (`tests/common`) this binary uses.
 #[path = "../common"]
 mod common {
-    // The fixtures, request bodies and tolerances, for every binary; this one uses part of them.
+    // Rng::below (a random pick) is not used here.
     #[allow(dead_code)]
     pub mod fixtures;
-    // ureq requests and answers, for every binary; this one uses part of them.
+    // No concurrent clients here.
     #[allow(dead_code)]
     pub mod http;
-    // The /proc figures; this binary bounds memory only, not CPU time.
+    // Memory is bounded here, CPU time is not.
     #[allow(dead_code)]
     pub mod process;
-    // The Prometheus text parser, for every binary; this one uses part of it.
+    // Sums only: no presence checks, no status breakdowns, no raw text.
     #[allow(dead_code)]
     pub mod prom;
-    // TestServer and ProcessServer, for every binary; this one uses part of them.
+    // No gRPC address, metrics polls or exit waits here.
     #[allow(dead_code)]
     pub mod server;
 
