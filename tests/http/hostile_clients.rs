@@ -598,28 +598,15 @@ fn spread(times: &mut [Duration]) -> String {
     }
 }
 
-#[test]
-fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
-    client_thread();
-    const STALLED: usize = 300;
-    const BODY_TIMEOUT_MS: u64 = 2000;
-    const HEADER_TIMEOUT_MS: u64 = 1000;
-    let fixture = Fixture::load(FIXTURE);
-    let mut server = Binary::start(&[
-        ("TOKITAI_SERVER_BODY_TIMEOUT_MS", &BODY_TIMEOUT_MS.to_string()),
-        ("TOKITAI_SERVER_HEADER_TIMEOUT_MS", &HEADER_TIMEOUT_MS.to_string()),
-    ]);
-    let addr = server.addr();
-    let reference = Reference::take(addr, &fixture);
-    let failures_before = server
-        .metrics()
-        .sum("tokitai_request_failures_total", &[("reason", "body_timeout")]);
+/// How many uploads stall at once.
+const STALLED: usize = 300;
+/// `server.body_timeout_ms` and `server.header_timeout_ms` of the stalled-upload test.
+const BODY_TIMEOUT_MS: u64 = 2000;
+const HEADER_TIMEOUT_MS: u64 = 1000;
 
-    let pid = server.pid();
-    let base = mem(pid);
-    let reset = reset_peak(pid);
-    let sampler = Sampler::start(pid);
-
+/// [`STALLED`] uploads that declare the largest body and stall, half to
+/// `/infer` and half to v2, half of each after a 4 KiB prefix of a body.
+fn open_stalled_uploads(addr: SocketAddr) -> Vec<Stalled> {
     // A prefix of a real body, sent by half the clients before they stall.
     let prefix = {
         let mut p = String::from(r#"{"features": [["#);
@@ -628,8 +615,7 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
         }
         p
     };
-    let start = Instant::now();
-    let mut stalled: Vec<Stalled> = (0..STALLED)
+    (0..STALLED)
         .map(|i| {
             let path = if i % 2 == 0 { "/infer" } else { V2_INFER };
             let sends_prefix = (i / 2) % 2 == 0;
@@ -643,10 +629,12 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
             let what = format!("stalled upload {i} to {path} ({} body bytes sent)", request.len());
             Stalled::open(addr, what, &request)
         })
-        .collect();
-    let all_open = start.elapsed();
-    // Clients that stall in their headers, or never send a byte.
-    let mut header_stalls = vec![
+        .collect()
+}
+
+/// Clients that stall in their headers, or never send a byte.
+fn open_header_stalls(addr: SocketAddr) -> Vec<Stalled> {
+    vec![
         Stalled::open(
             addr,
             "half the headers".into(),
@@ -654,10 +642,12 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
         ),
         Stalled::open(addr, "the request line only".into(), b"GET /healthz HTTP/1.1\r\n"),
         Stalled::open(addr, "nothing at all".into(), b""),
-    ];
-    eprintln!("slow clients: {STALLED} uploads of a declared {MAX_BODY_DEFAULT} bytes opened in {all_open:?}");
+    ]
+}
 
-    // While they stall the server answers.
+/// While the uploads stall, health, readiness and both infer routes are
+/// answered, and the same request gets the same answer.
+fn assert_served_while_stalled(addr: SocketAddr, reference: &Reference, stalled: &mut [Stalled], start: Instant) {
     let silent_before = stalled.iter_mut().map(Stalled::silent).filter(|&s| s).count();
     let agent = agent();
     let health = get(&agent, &url(addr, "/healthz"));
@@ -672,20 +662,16 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
          {silent_after} (after) of {STALLED} uploads were still waiting, {:?} after the first opened",
         start.elapsed()
     );
+}
 
-    // Each stalled upload gets 408 and is closed (bounded: ten times the
-    // configured timeout after the last one opened).
-    let deadline = Instant::now() + Duration::from_millis(10 * BODY_TIMEOUT_MS);
-    wait_closed(stalled.iter_mut().chain(header_stalls.iter_mut()).collect(), deadline);
-    let (sampled_rss, sampled_size) = sampler.finish();
-    let after = mem(pid);
-
+/// Each stalled upload was closed within ten times `server.body_timeout_ms`
+/// of opening, after a complete 408 with a JSON error or with nothing.
+fn assert_uploads_got_408_and_closed(stalled: &[Stalled]) {
     let body_limit = Duration::from_millis(10 * BODY_TIMEOUT_MS);
-    let header_limit = Duration::from_millis(10 * HEADER_TIMEOUT_MS);
     let mut closes = Vec::new();
     let mut first_bytes = Vec::new();
     let (mut with_408, mut bare_close) = (0, 0);
-    for c in &stalled {
+    for c in stalled {
         let closed = c.closed.filter(|&t| t <= body_limit).unwrap_or_else(|| {
             panic!(
                 "{}: not closed within {body_limit:?} (10 x server.body_timeout_ms) of opening; closed: {:?}; \
@@ -718,7 +704,13 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
         spread(&mut first_bytes),
         spread(&mut closes)
     );
-    for c in &header_stalls {
+}
+
+/// Each header stall was closed within ten times `server.header_timeout_ms`
+/// of opening, with nothing or a 4xx.
+fn assert_header_stalls_closed(header_stalls: &[Stalled]) {
+    let header_limit = Duration::from_millis(10 * HEADER_TIMEOUT_MS);
+    for c in header_stalls {
         let closed = c.closed.filter(|&t| t <= header_limit).unwrap_or_else(|| {
             panic!(
                 "{}: not closed within {header_limit:?} (10 x server.header_timeout_ms) of opening; closed: {:?}",
@@ -750,7 +742,13 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
                 .unwrap_or("no response")
         );
     }
+}
 
+/// The server's peak RSS stayed within its base + 64 MiB and its virtual
+/// size did not reserve the declared bodies. `reset`: whether the peak was
+/// reset before the test; `sampled`: the largest RSS and size sampled.
+fn assert_memory_bounded_under_stalls(base: Mem, after: Mem, sampled: (u64, u64), reset: bool) {
+    let (sampled_rss, sampled_size) = sampled;
     let peak = after.hwm.max(sampled_rss);
     eprintln!(
         "slow clients: RSS before {}, peak {} with {STALLED} stalled uploads of a declared {} (VmHWM {}, peak \
@@ -776,23 +774,63 @@ fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
         mib(base.size),
         mib(sampled_size)
     );
+}
 
-    // Every stalled upload is counted as a body timeout.
+/// Waits (bounded) until every stalled upload is counted as a body timeout
+/// beyond `before`.
+fn assert_body_timeouts_counted(server: &Binary, before: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let counted = loop {
         let n = server
             .metrics()
             .sum("tokitai_request_failures_total", &[("reason", "body_timeout")])
-            - failures_before;
+            - before;
         if n >= STALLED as f64 || Instant::now() >= deadline {
             break n;
         }
         std::thread::sleep(POLL);
     };
     assert_eq!(counted, STALLED as f64, "body timeouts counted");
+}
+
+#[test]
+fn stalled_uploads_get_408_and_are_closed_while_the_server_keeps_answering() {
+    client_thread();
+    let fixture = Fixture::load(FIXTURE);
+    let mut server = Binary::start(&[
+        ("TOKITAI_SERVER_BODY_TIMEOUT_MS", &BODY_TIMEOUT_MS.to_string()),
+        ("TOKITAI_SERVER_HEADER_TIMEOUT_MS", &HEADER_TIMEOUT_MS.to_string()),
+    ]);
+    let addr = server.addr();
+    let reference = Reference::take(addr, &fixture);
+    let failures_before = server
+        .metrics()
+        .sum("tokitai_request_failures_total", &[("reason", "body_timeout")]);
+    let pid = server.pid();
+    let base = mem(pid);
+    let reset = reset_peak(pid);
+    let sampler = Sampler::start(pid);
+
+    let start = Instant::now();
+    let mut stalled = open_stalled_uploads(addr);
+    let all_open = start.elapsed();
+    let mut header_stalls = open_header_stalls(addr);
+    eprintln!("slow clients: {STALLED} uploads of a declared {MAX_BODY_DEFAULT} bytes opened in {all_open:?}");
+    assert_served_while_stalled(addr, &reference, &mut stalled, start);
+
+    // Each stalled upload gets 408 and is closed (bounded: ten times the
+    // configured timeout after the last one opened).
+    let deadline = Instant::now() + Duration::from_millis(10 * BODY_TIMEOUT_MS);
+    wait_closed(stalled.iter_mut().chain(header_stalls.iter_mut()).collect(), deadline);
+    let sampled = sampler.finish();
+    let after = mem(pid);
+    assert_uploads_got_408_and_closed(&stalled);
+    assert_header_stalls_closed(&header_stalls);
+    assert_memory_bounded_under_stalls(base, after, sampled, reset);
+    assert_body_timeouts_counted(&server, failures_before);
 
     reference.assert_unchanged(addr, "after the stalled uploads");
-    assert_eq!(get(&agent, &url(addr, "/readyz")).status, 200);
+    assert_eq!(get(&agent(), &url(addr, "/readyz")).status, 200);
     server.assert_alive_without_panics("after the stalled uploads");
     eprintln!("slow clients: the whole test took {:?}", start.elapsed());
 }
@@ -1296,21 +1334,18 @@ enum Framing {
     Refused,
 }
 
-#[test]
-fn malformed_framing_gets_4xx_or_a_closed_connection() {
-    client_thread();
-    let fixture = Fixture::load(FIXTURE);
-    let server = TestServer::start(small_body_config());
-    let addr = server.addr();
-    let reference = Reference::take(addr, &fixture);
-    let body = reference.infer_body.clone();
+/// A request that must be answered as itself when pipelined after a refused one.
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+
+/// The malformed framings, each named, with what the server may do with it,
+/// built around the valid `/infer` body `body`.
+fn framing_cases(body: &str) -> Vec<(&'static str, Framing, Vec<u8>)> {
     let post = |extra: &str, tail: &[u8]| {
         let mut r = format!("POST /infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}\r\n")
             .into_bytes();
         r.extend_from_slice(tail);
         r
     };
-    let healthz = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
     let big = "a".repeat(100 * 1024);
     let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     let len = body.len();
@@ -1323,7 +1358,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
     .concat();
     let chunked_body = [format!("{len:x}\r\n").as_bytes(), b, b"\r\n"].concat();
     use Framing::*;
-    let cases: Vec<(&str, Framing, Vec<u8>)> = vec![
+    vec![
         ("Content-Length: abc", Broken, post("Content-Length: abc\r\n", b)),
         ("Content-Length: -5", Broken, post("Content-Length: -5\r\n", b)),
         (
@@ -1341,7 +1376,7 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
             Broken,
             post(
                 "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
-                &[b"0\r\n\r\n".as_slice(), healthz].concat(),
+                &[b"0\r\n\r\n".as_slice(), HEALTHZ].concat(),
             ),
         ),
         (
@@ -1425,20 +1460,90 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
             Refused,
             post(&format!("Content-Length: {len}\r\n{many_headers}"), b),
         ),
-    ];
-    let mut problems = Vec::new();
-    for (name, framing, request) in cases {
-        let mut stream = connect(addr);
-        let mut write = stream.write_all(&request).err();
-        match framing {
-            CutShort | ChunkCutShort => {
-                let _ = stream.shutdown(Shutdown::Write);
-            }
-            Refused => write = write.or_else(|| stream.write_all(healthz).err()),
-            Broken => {}
+    ]
+}
+
+/// Sends `request` on a fresh connection (half-closing it where the
+/// framing is cut short, pipelining [`HEALTHZ`] where it is refused) and
+/// reads (bounded) until the server closes: the bytes, whether it closed,
+/// and the write error, if any.
+fn send_framing_case(addr: SocketAddr, framing: Framing, request: &[u8]) -> (Vec<u8>, bool, Option<std::io::Error>) {
+    use Framing::*;
+    let mut stream = connect(addr);
+    let mut write = stream.write_all(request).err();
+    match framing {
+        CutShort | ChunkCutShort => {
+            let _ = stream.shutdown(Shutdown::Write);
         }
-        let (bytes, closed) = read_until(&mut stream, Duration::from_secs(10), |_| false);
-        let (replies, used) = parse_replies(&bytes);
+        Refused => write = write.or_else(|| stream.write_all(HEALTHZ).err()),
+        Broken => {}
+    }
+    let (bytes, closed) = read_until(&mut stream, Duration::from_secs(10), |_| false);
+    (bytes, closed, write)
+}
+
+/// What is wrong with the server's `bytes` (and whether it `closed`) for a
+/// request framed as `framing`: nothing, or each problem in words.
+/// `reference` is the answer the whole valid body gets.
+fn framing_problems(framing: Framing, bytes: &[u8], closed: bool, reference: &Value) -> Vec<String> {
+    use Framing::*;
+    let mut problems = Vec::new();
+    let (replies, used) = parse_replies(bytes);
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    if used < bytes.len() {
+        problems.push(format!("an incomplete response: {:?}", String::from_utf8_lossy(bytes)));
+    }
+    // The one 200 the chunk gap allows is the answer to the whole body sent.
+    let answer_to_body = |r: &&Reply| {
+        framing == ChunkCutShort
+            && r.status == 200
+            && serde_json::from_slice::<Value>(&r.body).ok().as_ref() == Some(reference)
+    };
+    if let Some(first) = replies
+        .first()
+        .filter(|r| !(400..500).contains(&r.status) && !answer_to_body(r))
+    {
+        problems.push(format!(
+            "status {} (body {:?}), not a 4xx",
+            first.status,
+            String::from_utf8_lossy(&first.body)
+                .chars()
+                .take(120)
+                .collect::<String>()
+        ));
+    }
+    match framing {
+        // Bytes after a malformed request may be refused (the engine
+        // poisons a connection framed ambiguously), never served.
+        Broken | CutShort | ChunkCutShort if replies.iter().skip(1).any(|r| !(400..500).contains(&r.status)) => {
+            problems.push(format!(
+                "{} responses on one connection (statuses {statuses:?}): bytes after the malformed request were \
+                 answered as another request",
+                replies.len()
+            ))
+        }
+        Refused if replies.len() > 2 || replies.get(1).is_some_and(|r| r.status != 200) => problems.push(format!(
+            "statuses {statuses:?}: the request pipelined after the refused one was not answered as itself"
+        )),
+        _ => {}
+    }
+    if !closed {
+        problems.push("the connection stayed open".into());
+    }
+    problems
+}
+
+#[test]
+fn malformed_framing_gets_4xx_or_a_closed_connection() {
+    client_thread();
+    let fixture = Fixture::load(FIXTURE);
+    let server = TestServer::start(small_body_config());
+    let addr = server.addr();
+    let reference = Reference::take(addr, &fixture);
+    let mut problems = Vec::new();
+    for (name, framing, request) in framing_cases(&reference.infer_body) {
+        let (bytes, closed, write) = send_framing_case(addr, framing, &request);
+        let (replies, _) = parse_replies(&bytes);
         let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
         eprintln!(
             "framing: {name}: statuses {statuses:?}, closed: {closed}, write error: {write:?}{}",
@@ -1448,47 +1553,8 @@ fn malformed_framing_gets_4xx_or_a_closed_connection() {
                 .unwrap_or_default()
         );
         // Every case runs before the verdict, so one failure shows them all.
-        let mut problem = |what: String| problems.push(format!("{name}: {what}"));
-        if used < bytes.len() {
-            problem(format!("an incomplete response: {:?}", String::from_utf8_lossy(&bytes)));
-        }
-        // The one 200 the chunk gap allows is the answer to the whole body sent.
-        let answer_to_body = |r: &&Reply| {
-            framing == ChunkCutShort
-                && r.status == 200
-                && serde_json::from_slice::<Value>(&r.body).ok().as_ref() == Some(&reference.infer)
-        };
-        if let Some(first) = replies
-            .first()
-            .filter(|r| !(400..500).contains(&r.status) && !answer_to_body(r))
-        {
-            problem(format!(
-                "status {} (body {:?}), not a 4xx",
-                first.status,
-                String::from_utf8_lossy(&first.body)
-                    .chars()
-                    .take(120)
-                    .collect::<String>()
-            ));
-        }
-        match framing {
-            // Bytes after a malformed request may be refused (the engine
-            // poisons a connection framed ambiguously), never served.
-            Broken | CutShort | ChunkCutShort if replies.iter().skip(1).any(|r| !(400..500).contains(&r.status)) => {
-                problem(format!(
-                    "{} responses on one connection (statuses {statuses:?}): bytes after the malformed request were \
-                     answered as another request",
-                    replies.len()
-                ))
-            }
-            Refused if replies.len() > 2 || replies.get(1).is_some_and(|r| r.status != 200) => problem(format!(
-                "statuses {statuses:?}: the request pipelined after the refused one was not answered as itself"
-            )),
-            _ => {}
-        }
-        if !closed {
-            problem("the connection stayed open".into());
-        }
+        let found = framing_problems(framing, &bytes, closed, &reference.infer);
+        problems.extend(found.into_iter().map(|what| format!("{name}: {what}")));
         reference.assert_unchanged(addr, &format!("after {name}"));
     }
     assert!(problems.is_empty(), "malformed framing:\n{}", problems.join("\n"));
