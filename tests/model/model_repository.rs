@@ -128,161 +128,165 @@ impl Seen {
     }
 }
 
-#[test]
-fn polled_repository_swaps_versions_under_32_clients_without_a_lost_or_wrong_answer() {
-    let poll = Duration::from_millis(200);
-    let repo = tempfile::tempdir().unwrap();
-    let rows = rows();
-    let mut expected: BTreeMap<u64, Vec<Vec<u32>>> = BTreeMap::new();
-    let v1 = stage(repo.path(), "quality", 1, ModelSize::Nano, 11);
-    expected.insert(1, offline_bits(&v1, &rows));
+/// Each version's offline answers to the test rows, as bits.
+type ExpectedBits = BTreeMap<u64, Vec<Vec<u32>>>;
+
+/// Version 1 of model `quality` published in `repo`, versions 2 and 3
+/// staged beside it (not yet published); each version's offline answers to
+/// `rows`, as bits.
+fn stage_quality_versions(repo: &Path, rows: &[Vec<f64>]) -> (ExpectedBits, Vec<(u64, PathBuf)>) {
+    let mut expected = ExpectedBits::new();
+    let v1 = stage(repo, "quality", 1, ModelSize::Nano, 11);
+    expected.insert(1, offline_bits(&v1, rows));
     // Versions 2 and 3, written now (outside the repository) so the clients
     // can check their answers the moment they appear.
     let staged: Vec<(u64, PathBuf)> = [(2u64, 22u64), (3, 33)]
         .iter()
         .map(|&(v, seed)| {
-            let dir = repo.path().join(format!(".staging-quality-{v}"));
+            let dir = repo.join(format!(".staging-quality-{v}"));
             write_model_dir(&dir, ModelSize::Nano, seed, false).unwrap();
-            expected.insert(v, offline_bits(&dir, &rows));
+            expected.insert(v, offline_bits(&dir, rows));
             (v, dir)
         })
         .collect();
     assert_ne!(expected[&1], expected[&2], "versions differ");
+    (expected, staged)
+}
 
+/// A server polling `repo` every `poll`, one worker.
+fn polled_server(repo: &Path, poll: Duration) -> TestServer {
     let mut config = base_config();
-    config.model.repository = Some(repo.path().to_path_buf());
+    config.model.repository = Some(repo.to_path_buf());
     config.model.control_mode = ControlMode::Poll;
     config.model.repository_poll_secs = poll.as_secs_f64();
     config.workers.count = 1;
-    let server = TestServer::start(config);
-    let base = server.url("");
-    let control = agent();
-    // Load / unload are for explicit mode.
-    let r = post(&control, &server.url("/v2/repository/models/quality/unload"), "", &[]);
+    TestServer::start(config)
+}
+
+/// Load / unload are for explicit mode: refused here; the repository
+/// extension is announced.
+fn assert_poll_mode_refuses_unload(control: &ureq::Agent, server: &TestServer) {
+    let r = post(control, &server.url("/v2/repository/models/quality/unload"), "", &[]);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("not allowed"), "{}", r.text());
-    let extensions = get(&control, &server.url("/v2")).json()["extensions"].clone();
+    let extensions = get(control, &server.url("/v2")).json()["extensions"].clone();
     assert!(
         extensions.as_array().unwrap().contains(&json!("model_repository")),
         "{extensions}"
     );
+}
 
-    let stop = AtomicBool::new(false);
-    let seen = Seen::default();
-    let bodies: Vec<String> = rows.iter().map(|r| single_body(r)).collect();
-    std::thread::scope(|s| {
-        for c in 0..32 {
-            let (stop, seen, bodies, expected, base) = (&stop, &seen, &bodies, &expected, &base);
-            s.spawn(move || {
-                let agent = agent();
-                let mut i = c;
-                while !stop.load(Ordering::Relaxed) {
-                    i = (i + 1) % ROWS;
-                    let r = match try_post(&agent, &format!("{base}/infer"), &bodies[i], &[]) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            seen.problem(format!("client {c}: transport error {e}"));
-                            continue;
-                        }
-                    };
-                    if r.status != 200 {
-                        seen.problem(format!("client {c}: status {} {}", r.status, r.text()));
-                        continue;
-                    }
-                    let version: u64 = r.header("x-model-version").and_then(|v| v.parse().ok()).unwrap_or(0);
-                    if r.header("x-model-name") != Some("quality") {
-                        seen.problem(format!("client {c}: x-model-name {:?}", r.header("x-model-name")));
-                    }
-                    match expected.get(&version) {
-                        Some(want) if want[i] == answer_bits(&r.json()) => {}
-                        Some(_) => {
-                            seen.problem(format!("client {c}: row {i} differs from version {version}'s forward"))
-                        }
-                        None => seen.problem(format!("client {c}: answer from version {version}")),
-                    }
-                    *seen.by_version.lock().unwrap().entry(version).or_default() += 1;
-                    seen.first.lock().unwrap().entry(version).or_insert_with(Instant::now);
-                    seen.answered.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-        }
-        let answered = || seen.answered.load(Ordering::Relaxed);
-        wait_until("answers from version 1", Duration::from_secs(60), || {
-            (answered() > 200).then_some(())
-        });
-
-        // Two good versions, one after the other: each serves within two
-        // poll intervals of appearing, plus its own load time (which the
-        // server reports).
-        for (version, dir) in &staged {
-            let dropped = Instant::now();
-            publish(repo.path(), "quality", *version, dir);
-            let first = wait_until(
-                &format!("an answer from version {version}"),
-                Duration::from_secs(60),
-                || seen.first.lock().unwrap().get(version).copied(),
-            );
-            let load = server.metrics().sum("tokitai_model_load_seconds", &[]);
-            let switch = first.duration_since(dropped);
-            eprintln!("version {version}: first answer {switch:?} after it appeared (load {load:.3} s)");
-            assert!(
-                switch <= 2 * poll + Duration::from_secs_f64(load) + Duration::from_secs(2),
-                "version {version} took {switch:?} to serve (poll {poll:?}, load {load:.3} s)"
-            );
-            let at = answered();
-            wait_until("more answers", Duration::from_secs(60), || {
-                (answered() > at + 100).then_some(())
-            });
-        }
-
-        // A corrupt checkpoint, then an arch that does not match its
-        // checkpoint: both fail, version 3 keeps serving.
-        let bad = repo.path().join(".staging-quality-4");
-        write_model_dir(&bad, ModelSize::Nano, 44, false).unwrap();
-        let ckpt = bad.join("checkpoint.tkp1");
-        let len = std::fs::metadata(&ckpt).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&ckpt)
-            .unwrap()
-            .set_len(len / 2)
-            .unwrap();
-        publish(repo.path(), "quality", 4, &bad);
-        let mismatch = repo.path().join(".staging-quality-5");
-        write_model_dir(&mismatch, ModelSize::Nano, 55, false).unwrap();
-        let tiny_arch = tokitai_serve::model::Arch::for_size(ModelSize::Tiny, 55).to_json_pretty();
-        std::fs::write(mismatch.join("arch.json"), tiny_arch).unwrap();
-        for (version, dir) in [(4u64, None), (5, Some(&mismatch))] {
-            if let Some(dir) = dir {
-                publish(repo.path(), "quality", version, dir);
+/// Client `c` of the swap test: posts the rows in turn to `{base}/infer`
+/// until `stop`, checking each answer against its version's `expected`
+/// bits and counting it in `seen`.
+fn swap_client(c: usize, stop: &AtomicBool, seen: &Seen, bodies: &[String], expected: &ExpectedBits, base: &str) {
+    let agent = agent();
+    let mut i = c;
+    while !stop.load(Ordering::Relaxed) {
+        i = (i + 1) % ROWS;
+        let r = match try_post(&agent, &format!("{base}/infer"), &bodies[i], &[]) {
+            Ok(r) => r,
+            Err(e) => {
+                seen.problem(format!("client {c}: transport error {e}"));
+                continue;
             }
-            let failed = wait_until(&format!("version {version} to fail"), Duration::from_secs(60), || {
-                entry(&index(&control, &base, false), "quality", version).filter(|e| e["state"] == "UNAVAILABLE")
-            });
-            assert!(!failed["reason"].as_str().unwrap().is_empty(), "{failed}");
-            eprintln!("version {version}: {failed}");
-            // Two more poll intervals of traffic: still version 3, not retried.
-            let at = answered();
-            std::thread::sleep(2 * poll);
-            wait_until("more answers", Duration::from_secs(60), || {
-                (answered() > at + 100).then_some(())
-            });
+        };
+        if r.status != 200 {
+            seen.problem(format!("client {c}: status {} {}", r.status, r.text()));
+            continue;
         }
-        stop.store(true, Ordering::Relaxed);
-    });
+        let version: u64 = r.header("x-model-version").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if r.header("x-model-name") != Some("quality") {
+            seen.problem(format!("client {c}: x-model-name {:?}", r.header("x-model-name")));
+        }
+        match expected.get(&version) {
+            Some(want) if want[i] == answer_bits(&r.json()) => {}
+            Some(_) => seen.problem(format!("client {c}: row {i} differs from version {version}'s forward")),
+            None => seen.problem(format!("client {c}: answer from version {version}")),
+        }
+        *seen.by_version.lock().unwrap().entry(version).or_default() += 1;
+        seen.first.lock().unwrap().entry(version).or_insert_with(Instant::now);
+        seen.answered.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
-    let problems = seen.problems.lock().unwrap();
-    assert!(problems.is_empty(), "{} problems, first: {problems:#?}", problems.len());
-    let by_version = seen.by_version.lock().unwrap().clone();
-    eprintln!("answers by version: {by_version:?}");
-    assert_eq!(
-        by_version.keys().copied().collect::<Vec<_>>(),
-        vec![1, 2, 3],
-        "{by_version:?}"
-    );
+/// Publishes each staged version in turn: each serves within two poll
+/// intervals of appearing, plus its own load time (which the server
+/// reports), and is then answered from a while.
+fn publish_and_time_good_versions(
+    repo: &Path,
+    staged: &[(u64, PathBuf)],
+    server: &TestServer,
+    seen: &Seen,
+    poll: Duration,
+) {
+    let answered = || seen.answered.load(Ordering::Relaxed);
+    for (version, dir) in staged {
+        let dropped = Instant::now();
+        publish(repo, "quality", *version, dir);
+        let first = wait_until(
+            &format!("an answer from version {version}"),
+            Duration::from_secs(60),
+            || seen.first.lock().unwrap().get(version).copied(),
+        );
+        let load = server.metrics().sum("tokitai_model_load_seconds", &[]);
+        let switch = first.duration_since(dropped);
+        eprintln!("version {version}: first answer {switch:?} after it appeared (load {load:.3} s)");
+        assert!(
+            switch <= 2 * poll + Duration::from_secs_f64(load) + Duration::from_secs(2),
+            "version {version} took {switch:?} to serve (poll {poll:?}, load {load:.3} s)"
+        );
+        let at = answered();
+        wait_until("more answers", Duration::from_secs(60), || {
+            (answered() > at + 100).then_some(())
+        });
+    }
+}
 
-    let all = index(&control, &base, false);
-    let ready = index(&control, &base, true);
+/// Publishes a corrupt checkpoint (version 4), then an arch that does not
+/// match its checkpoint (version 5): both fail, version 3 keeps serving
+/// and neither is retried.
+fn publish_broken_versions(repo: &Path, control: &ureq::Agent, base: &str, seen: &Seen, poll: Duration) {
+    let answered = || seen.answered.load(Ordering::Relaxed);
+    let bad = repo.join(".staging-quality-4");
+    write_model_dir(&bad, ModelSize::Nano, 44, false).unwrap();
+    let ckpt = bad.join("checkpoint.tkp1");
+    let len = std::fs::metadata(&ckpt).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ckpt)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    publish(repo, "quality", 4, &bad);
+    let mismatch = repo.join(".staging-quality-5");
+    write_model_dir(&mismatch, ModelSize::Nano, 55, false).unwrap();
+    let tiny_arch = tokitai_serve::model::Arch::for_size(ModelSize::Tiny, 55).to_json_pretty();
+    std::fs::write(mismatch.join("arch.json"), tiny_arch).unwrap();
+    for (version, dir) in [(4u64, None), (5, Some(&mismatch))] {
+        if let Some(dir) = dir {
+            publish(repo, "quality", version, dir);
+        }
+        let failed = wait_until(&format!("version {version} to fail"), Duration::from_secs(60), || {
+            entry(&index(control, base, false), "quality", version).filter(|e| e["state"] == "UNAVAILABLE")
+        });
+        assert!(!failed["reason"].as_str().unwrap().is_empty(), "{failed}");
+        eprintln!("version {version}: {failed}");
+        // Two more poll intervals of traffic: still version 3, not retried.
+        let at = answered();
+        std::thread::sleep(2 * poll);
+        wait_until("more answers", Duration::from_secs(60), || {
+            (answered() > at + 100).then_some(())
+        });
+    }
+}
+
+/// After the swaps: the index says version 3 serves, 1 and 2 were
+/// unloaded, 4 and 5 failed; the metrics and health agree.
+fn assert_repository_after_swaps(control: &ureq::Agent, server: &TestServer) {
+    let base = server.url("");
+    let all = index(control, &base, false);
+    let ready = index(control, &base, true);
     assert_eq!(ready.len(), 1, "{ready:?}");
     assert_eq!(
         (ready[0]["name"].clone(), ready[0]["version"].clone()),
@@ -303,26 +307,71 @@ fn polled_repository_swaps_versions_under_32_clients_without_a_lost_or_wrong_ans
     assert_eq!(m.sum("tokitai_model_load_failures_total", &[("model", "quality")]), 2.0);
     assert_eq!(m.sum("tokitai_model_version", &[("model", "quality")]), 3.0);
     assert_eq!(m.sum("tokitai_model_loads_total", &[("model", "quality")]), 3.0);
-    let health = get(&control, &server.url("/healthz")).json();
+    let health = get(control, &server.url("/healthz")).json();
     assert_eq!(health["models"][0]["model_version"], 3, "{health}");
     assert_eq!(health["default_model"], "quality", "{health}");
+}
+
+/// A version that does not serve is Triton's "not ready" on the versioned
+/// route, an unknown one (or model) is 404, and version 3 answers as the
+/// offline forward did (`want`: its bits for `row`).
+fn assert_versioned_routes(control: &ureq::Agent, server: &TestServer, row: &[f64], want: &[u32]) {
     // A version that does not serve: Triton's "not ready" on the versioned
     // route; an unknown one is 404.
-    let body =
-        json!({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 96], "data": rows[0]}]}).to_string();
-    let r = post(&control, &server.url("/v2/models/quality/versions/2/infer"), &body, &[]);
+    let body = json!({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 96], "data": row}]}).to_string();
+    let r = post(control, &server.url("/v2/models/quality/versions/2/infer"), &body, &[]);
     assert_eq!(r.status, 503, "{}", r.text());
-    let r = post(&control, &server.url("/v2/models/quality/versions/9/infer"), &body, &[]);
+    let r = post(control, &server.url("/v2/models/quality/versions/9/infer"), &body, &[]);
     assert_eq!(r.status, 404, "{}", r.text());
-    let r = post(&control, &server.url("/v2/models/other/infer"), &body, &[]);
+    let r = post(control, &server.url("/v2/models/other/infer"), &body, &[]);
     assert_eq!(r.status, 404, "{}", r.text());
-    let r = post(&control, &server.url("/v2/models/quality/versions/3/infer"), &body, &[]);
+    let r = post(control, &server.url("/v2/models/quality/versions/3/infer"), &body, &[]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         (r.json()["model_name"].clone(), r.json()["model_version"].clone()),
         (json!("quality"), json!("3"))
     );
-    assert_eq!(answer_bits(&r.json()), expected[&3][0]);
+    assert_eq!(answer_bits(&r.json()), want);
+}
+
+#[test]
+fn polled_repository_swaps_versions_under_32_clients_without_a_lost_or_wrong_answer() {
+    let poll = Duration::from_millis(200);
+    let repo = tempfile::tempdir().unwrap();
+    let rows = rows();
+    let (expected, staged) = stage_quality_versions(repo.path(), &rows);
+    let server = polled_server(repo.path(), poll);
+    let base = server.url("");
+    let control = agent();
+    assert_poll_mode_refuses_unload(&control, &server);
+
+    let stop = AtomicBool::new(false);
+    let seen = Seen::default();
+    let bodies: Vec<String> = rows.iter().map(|r| single_body(r)).collect();
+    std::thread::scope(|s| {
+        for c in 0..32 {
+            let (stop, seen, bodies, expected, base) = (&stop, &seen, &bodies, &expected, &base);
+            s.spawn(move || swap_client(c, stop, seen, bodies, expected, base));
+        }
+        wait_until("answers from version 1", Duration::from_secs(60), || {
+            (seen.answered.load(Ordering::Relaxed) > 200).then_some(())
+        });
+        publish_and_time_good_versions(repo.path(), &staged, &server, &seen, poll);
+        publish_broken_versions(repo.path(), &control, &base, &seen, poll);
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let problems = seen.problems.lock().unwrap();
+    assert!(problems.is_empty(), "{} problems, first: {problems:#?}", problems.len());
+    let by_version = seen.by_version.lock().unwrap().clone();
+    eprintln!("answers by version: {by_version:?}");
+    assert_eq!(
+        by_version.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "{by_version:?}"
+    );
+    assert_repository_after_swaps(&control, &server);
+    assert_versioned_routes(&control, &server, &rows[0], &expected[&3][0]);
     server.shutdown();
 }
 
