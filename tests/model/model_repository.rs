@@ -395,116 +395,138 @@ fn v2_body(rows: &[Vec<f64>]) -> String {
     json!({"inputs": [{"name": "features", "datatype": "FP32", "shape": [rows.len(), 96], "data": flat}]}).to_string()
 }
 
-#[test]
-fn explicit_mode_loads_and_unloads_through_the_api_and_sighup_and_drains_an_unload_under_load() {
-    let repo = tempfile::tempdir().unwrap();
-    let rows = rows();
-    stage(repo.path(), "alpha", 1, ModelSize::Nano, 1);
-    let beta = stage(repo.path(), "beta", 1, ModelSize::Nano, 2);
-    let beta_bits = offline_bits(&beta, &rows);
-    let server = explicit_server(repo.path());
-    let a = agent();
+/// What the clients of beta saw while it was unloaded under them.
+#[derive(Default)]
+struct UnloadUnderLoad {
+    stop: AtomicBool,
+    /// Set once the unload request returned.
+    unloaded: AtomicBool,
+    ok: AtomicUsize,
+    refused: AtomicUsize,
+    /// Refusals of requests sent after the unload returned.
+    after: AtomicUsize,
+    problems: Mutex<Vec<String>>,
+}
+
+/// Client `c`: posts `body` to beta until told to stop; an answer must be
+/// beta's (`beta_bits`) and come before the unload returned, a refusal must
+/// be the documented 503.
+fn beta_client(c: usize, u: &UnloadUnderLoad, server: &ProcessServer, body: &str, beta_bits: &[Vec<u32>]) {
+    let agent = agent();
+    while !u.stop.load(Ordering::Relaxed) {
+        let was_unloaded = u.unloaded.load(Ordering::Acquire);
+        match try_post(&agent, &server.url("/v2/models/beta/infer"), body, &[]) {
+            Ok(r) if r.status == 200 => {
+                if answer_bits(&r.json())[..20] != beta_bits[0][..] {
+                    u.problems.lock().unwrap().push(format!("client {c}: wrong answer"));
+                }
+                if was_unloaded {
+                    u.problems
+                        .lock()
+                        .unwrap()
+                        .push(format!("client {c}: 200 after the unload returned"));
+                }
+                u.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(r) if r.status == 503 && r.text().contains("model 'beta' is not ready") => {
+                u.refused.fetch_add(1, Ordering::Relaxed);
+                if was_unloaded {
+                    u.after.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(r) => u
+                .problems
+                .lock()
+                .unwrap()
+                .push(format!("client {c}: {} {}", r.status, r.text())),
+            Err(e) => u.problems.lock().unwrap().push(format!("client {c}: {e}")),
+        }
+    }
+}
+
+/// Waits for the explicit-mode server; both models are ready and `/infer`
+/// has no default model (neither is `model.name`).
+fn wait_two_models_ready(a: &ureq::Agent, server: &ProcessServer, first_row: &[f64]) {
     wait_until("ready", Duration::from_secs(60), || {
-        (get(&a, &server.url("/readyz")).status == 200).then_some(())
+        (get(a, &server.url("/readyz")).status == 200).then_some(())
     });
-    let ready: BTreeSet<String> = index(&a, &server.url(""), true)
+    let ready: BTreeSet<String> = index(a, &server.url(""), true)
         .iter()
         .map(|e| e["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ready, BTreeSet::from(["alpha".to_string(), "beta".to_string()]));
-    // Two models and neither is `model.name`: /infer has no default model.
-    let r = post(&a, &server.url("/infer"), &single_body(&rows[0]), &[]);
+    let r = post(a, &server.url("/infer"), &single_body(first_row), &[]);
     r.assert_error(404, "not_found", "/infer without a default model");
+}
 
-    // Unload beta while 4 clients keep it busy with 32-row requests: what it
-    // accepted is answered (bit-exact), later requests get the documented 503.
-    let stop = AtomicBool::new(false);
-    let unloaded = AtomicBool::new(false);
-    let (ok, refused, after) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
-    let problems = Mutex::new(Vec::<String>::new());
+/// Beta's row of the repository index.
+fn beta_row(a: &ureq::Agent, server: &ProcessServer) -> Value {
+    let rows = index(a, &server.url(""), false);
+    rows.iter().find(|e| e["name"] == "beta").cloned().unwrap()
+}
+
+/// Unloads beta while 4 clients keep it busy with 32-row requests: what it
+/// accepted is answered (bit-exact), later requests get the documented 503;
+/// then the index says unloaded and the ready route answers as Triton's.
+fn unload_beta_under_load(a: &ureq::Agent, server: &ProcessServer, rows: &[Vec<f64>], beta_bits: &[Vec<u32>]) {
+    let u = UnloadUnderLoad::default();
     let body = v2_body(&rows.iter().cycle().take(32).cloned().collect::<Vec<_>>());
     std::thread::scope(|s| {
         for c in 0..4 {
-            let (stop, unloaded, ok, refused, after, problems, body, server, beta_bits) = (
-                &stop, &unloaded, &ok, &refused, &after, &problems, &body, &server, &beta_bits,
-            );
-            s.spawn(move || {
-                let agent = agent();
-                while !stop.load(Ordering::Relaxed) {
-                    let was_unloaded = unloaded.load(Ordering::Acquire);
-                    match try_post(&agent, &server.url("/v2/models/beta/infer"), body, &[]) {
-                        Ok(r) if r.status == 200 => {
-                            if answer_bits(&r.json())[..20] != beta_bits[0][..] {
-                                problems.lock().unwrap().push(format!("client {c}: wrong answer"));
-                            }
-                            if was_unloaded {
-                                problems
-                                    .lock()
-                                    .unwrap()
-                                    .push(format!("client {c}: 200 after the unload returned"));
-                            }
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) if r.status == 503 && r.text().contains("model 'beta' is not ready") => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            if was_unloaded {
-                                after.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Ok(r) => problems
-                            .lock()
-                            .unwrap()
-                            .push(format!("client {c}: {} {}", r.status, r.text())),
-                        Err(e) => problems.lock().unwrap().push(format!("client {c}: {e}")),
-                    }
-                }
-            });
+            let (u, body) = (&u, &body);
+            s.spawn(move || beta_client(c, u, server, body, beta_bits));
         }
         wait_until("answers from beta", Duration::from_secs(60), || {
-            (ok.load(Ordering::Relaxed) >= 8).then_some(())
+            (u.ok.load(Ordering::Relaxed) >= 8).then_some(())
         });
-        let r = post(&a, &server.url("/v2/repository/models/beta/unload"), "{}", &[]);
+        let r = post(a, &server.url("/v2/repository/models/beta/unload"), "{}", &[]);
         assert_eq!(r.status, 200, "unload: {}", r.text());
-        unloaded.store(true, Ordering::Release);
+        u.unloaded.store(true, Ordering::Release);
         wait_until("refusals after the unload", Duration::from_secs(60), || {
-            (after.load(Ordering::Relaxed) >= 8).then_some(())
+            (u.after.load(Ordering::Relaxed) >= 8).then_some(())
         });
-        stop.store(true, Ordering::Relaxed);
+        u.stop.store(true, Ordering::Relaxed);
     });
-    let problems = problems.into_inner().unwrap();
+    let (ok, refused) = (u.ok.load(Ordering::Relaxed), u.refused.load(Ordering::Relaxed));
+    let problems = u.problems.into_inner().unwrap();
     assert!(problems.is_empty(), "{problems:#?}");
-    eprintln!(
-        "beta under load: {} answered, {} refused after the unload",
-        ok.load(Ordering::Relaxed),
-        refused.load(Ordering::Relaxed)
-    );
-    let beta_row = |rows: &[Value]| rows.iter().find(|e| e["name"] == "beta").cloned().unwrap();
-    let e = beta_row(&index(&a, &server.url(""), false));
+    eprintln!("beta under load: {ok} answered, {refused} refused after the unload");
+    let e = beta_row(a, server);
     assert_eq!(
         (e["state"].clone(), e["reason"].clone()),
         (json!("UNAVAILABLE"), json!("unloaded")),
         "{e}"
     );
-    let r = post(&a, &server.url("/v2/models/beta/ready"), "", &[]);
+    let r = post(a, &server.url("/v2/models/beta/ready"), "", &[]);
     assert_eq!(r.status, 405);
-    assert_eq!(get(&a, &server.url("/v2/models/beta/ready")).status, 400);
+    assert_eq!(get(a, &server.url("/v2/models/beta/ready")).status, 400);
+}
 
-    // SIGHUP re-reads the loaded models: alpha's version 2 loads, beta
-    // (unloaded) stays unloaded.
-    let alpha2 = stage(repo.path(), "alpha", 2, ModelSize::Nano, 3);
-    let alpha2_bits = offline_bits(&alpha2, &rows);
+/// SIGHUP re-reads the loaded models: alpha's version 2 loads, beta
+/// (unloaded) stays unloaded.
+fn sighup_loads_alpha_2_and_not_beta(a: &ureq::Agent, server: &ProcessServer, repo: &Path, rows: &[Vec<f64>]) {
+    let alpha2 = stage(repo, "alpha", 2, ModelSize::Nano, 3);
+    let alpha2_bits = offline_bits(&alpha2, rows);
     server.signal("HUP");
     let r = wait_until("alpha version 2 after SIGHUP", Duration::from_secs(60), || {
-        let r = post(&a, &server.url("/v2/models/alpha/infer"), &v2_body(&rows[..1]), &[]);
+        let r = post(a, &server.url("/v2/models/alpha/infer"), &v2_body(&rows[..1]), &[]);
         (r.status == 200 && r.header("x-model-version") == Some("2")).then_some(r)
     });
     assert_eq!(answer_bits(&r.json()), alpha2_bits[0]);
-    assert_eq!(beta_row(&index(&a, &server.url(""), false))["state"], "UNAVAILABLE");
+    assert_eq!(beta_row(a, server)["state"], "UNAVAILABLE");
+}
 
-    // Load beta again through the API; unknown models are 404.
-    let r = post(&a, &server.url("/v2/repository/models/beta/load"), "", &[]);
+/// Beta loads again through the API (bit-equal to its offline forward);
+/// loading or unloading an unknown model is 404, each naming its action.
+fn load_beta_again_and_refuse_unknown_models(
+    a: &ureq::Agent,
+    server: &ProcessServer,
+    rows: &[Vec<f64>],
+    beta_bits: &[Vec<u32>],
+) {
+    let r = post(a, &server.url("/v2/repository/models/beta/load"), "", &[]);
     assert_eq!(r.status, 200, "load: {}", r.text());
-    let r = post(&a, &server.url("/v2/models/beta/infer"), &v2_body(&rows[..1]), &[]);
+    let r = post(a, &server.url("/v2/models/beta/infer"), &v2_body(&rows[..1]), &[]);
     assert_eq!(
         (r.status, r.header("x-model-version")),
         (200, Some("1")),
@@ -512,25 +534,29 @@ fn explicit_mode_loads_and_unloads_through_the_api_and_sighup_and_drains_an_unlo
         r.text()
     );
     assert_eq!(answer_bits(&r.json()), beta_bits[0]);
-    let r = post(&a, &server.url("/v2/repository/models/nope/load"), "", &[]);
+    let r = post(a, &server.url("/v2/repository/models/nope/load"), "", &[]);
     assert_eq!(r.status, 404, "{}", r.text());
     assert!(r.text().contains("failed to load 'nope'"), "{}", r.text());
     // The unload route's errors speak of unloading (issue 21, item 6).
-    let r = post(&a, &server.url("/v2/repository/models/nope/unload"), "", &[]);
+    let r = post(a, &server.url("/v2/repository/models/nope/unload"), "", &[]);
     assert_eq!(r.status, 404, "{}", r.text());
     assert!(r.text().contains("failed to unload 'nope'"), "{}", r.text());
     assert!(!r.text().contains("failed to load"), "{}", r.text());
-    // A load whose files are bad fails with the reason, and what served serves.
-    let bad = repo.path().join(".staging-alpha-3");
+}
+
+/// A load whose files are bad fails with the reason, and what served
+/// serves: alpha 2 and beta 1.
+fn bad_load_keeps_what_served(a: &ureq::Agent, server: &ProcessServer, repo: &Path, rows: &[Vec<f64>]) {
+    let bad = repo.join(".staging-alpha-3");
     write_model_dir(&bad, ModelSize::Nano, 4, false).unwrap();
     std::fs::write(bad.join("checkpoint.tkp1"), b"TKP1 but not really").unwrap();
-    publish(repo.path(), "alpha", 3, &bad);
-    let r = post(&a, &server.url("/v2/repository/models/alpha/load"), "", &[]);
+    publish(repo, "alpha", 3, &bad);
+    let r = post(a, &server.url("/v2/repository/models/alpha/load"), "", &[]);
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("load failed for model 'alpha'"), "{}", r.text());
-    let r = post(&a, &server.url("/v2/models/alpha/infer"), &v2_body(&rows[..1]), &[]);
+    let r = post(a, &server.url("/v2/models/alpha/infer"), &v2_body(&rows[..1]), &[]);
     assert_eq!((r.status, r.header("x-model-version")), (200, Some("2")));
-    let health = get(&a, &server.url("/healthz")).json();
+    let health = get(a, &server.url("/healthz")).json();
     let loaded: Vec<(String, u64)> = health["models"]
         .as_array()
         .unwrap()
@@ -547,6 +573,22 @@ fn explicit_mode_loads_and_unloads_through_the_api_and_sighup_and_drains_an_unlo
         vec![("alpha".to_string(), 2), ("beta".to_string(), 1)],
         "{health}"
     );
+}
+
+#[test]
+fn explicit_mode_loads_and_unloads_through_the_api_and_sighup_and_drains_an_unload_under_load() {
+    let repo = tempfile::tempdir().unwrap();
+    let rows = rows();
+    stage(repo.path(), "alpha", 1, ModelSize::Nano, 1);
+    let beta = stage(repo.path(), "beta", 1, ModelSize::Nano, 2);
+    let beta_bits = offline_bits(&beta, &rows);
+    let server = explicit_server(repo.path());
+    let a = agent();
+    wait_two_models_ready(&a, &server, &rows[0]);
+    unload_beta_under_load(&a, &server, &rows, &beta_bits);
+    sighup_loads_alpha_2_and_not_beta(&a, &server, repo.path(), &rows);
+    load_beta_again_and_refuse_unknown_models(&a, &server, &rows, &beta_bits);
+    bad_load_keeps_what_served(&a, &server, repo.path(), &rows);
 }
 
 #[test]
