@@ -1004,16 +1004,10 @@ except Exception as e:
     print(json.dumps({"status": None, "read_error": repr(e), "send_error": send_error}))
 "#;
 
-#[test]
-fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
-    client_thread();
-    let fixture = Fixture::load(FIXTURE);
-    let server = TestServer::start(small_body_config());
-    let addr = server.addr();
-    let reference = Reference::take(addr, &fixture);
+/// `Expect: 100-continue` over the limit, or with a browser-form type: refused
+/// with its status, no `100 Continue` before it.
+fn expect_over_limit_or_form_types_is_refused(addr: SocketAddr) {
     let over = SMALL_MAX_BODY + 1;
-
-    // Over the limit, or a browser-form type: refused, no 100 Continue.
     for (path, content_type, length, status) in [
         ("/infer", "application/json", over, 413),
         ("/infer", "application/json", MAX_BODY_DEFAULT, 413),
@@ -1032,8 +1026,11 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
             String::from_utf8_lossy(&reply.body)
         );
     }
+}
 
-    // Allowed: 100 Continue, then the normal answer.
+/// An allowed `Expect: 100-continue`: `100 Continue`, then the same answer
+/// as without it, on `/infer` and v2.
+fn expect_allowed_is_continued(addr: SocketAddr, reference: &Reference) {
     let body = reference.infer_body.as_bytes();
     let head = expect_head("/infer", "application/json", body.len());
     let reply = expect_continued(addr, &head, body, "Expect: 100-continue on /infer");
@@ -1044,9 +1041,11 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
     let reply = expect_continued(addr, &head, body, "Expect: 100-continue on v2");
     assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
     assert_eq!(reply.json(), reference.v2, "the continued v2 answer");
+}
 
-    // Too large, sent whole without Expect (raw TCP): the client reads the
-    // 413, and the body is never parsed as further requests.
+/// Too large, sent whole without Expect (raw TCP): the client reads the
+/// refusal, and the body is never parsed as further requests.
+fn large_raw_bodies_get_a_readable_refusal(addr: SocketAddr) {
     let pipelined = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let smuggling: Vec<u8> = pipelined.iter().copied().cycle().take(1024 * 1024).collect();
     for path in ["/infer", V2_INFER] {
@@ -1075,8 +1074,11 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
         assert_eq!(replies.len(), 1, "{context}: the body was answered as requests");
         assert!(closed, "{context}: the connection stayed open with the body unread");
     }
+}
 
-    // Python's http.client and curl, as a user would run them.
+/// Python's http.client, as a user would run it, reads the refusal of a
+/// too-large body.
+fn python_client_reads_the_refusal(addr: SocketAddr) {
     let host = addr.ip().to_string();
     let port = addr.port().to_string();
     for (path, size) in [
@@ -1105,6 +1107,11 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
             "{context}: {body}"
         );
     }
+}
+
+/// curl, with and without `Expect`, reads the 413 of a too-large body
+/// (skipped, saying so, where there is no curl).
+fn curl_reads_the_refusal(addr: SocketAddr) {
     match Command::new("curl").arg("--version").output() {
         Ok(o) if o.status.success() => {
             let file = tempfile::NamedTempFile::new().unwrap();
@@ -1138,7 +1145,20 @@ fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
         }
         _ => eprintln!("large body: SKIPPED the curl sub-check: no `curl` on PATH"),
     }
+}
 
+#[test]
+fn expect_continue_is_gated_and_refused_large_bodies_are_readable() {
+    client_thread();
+    let fixture = Fixture::load(FIXTURE);
+    let server = TestServer::start(small_body_config());
+    let addr = server.addr();
+    let reference = Reference::take(addr, &fixture);
+    expect_over_limit_or_form_types_is_refused(addr);
+    expect_allowed_is_continued(addr, &reference);
+    large_raw_bodies_get_a_readable_refusal(addr);
+    python_client_reads_the_refusal(addr);
+    curl_reads_the_refusal(addr);
     reference.assert_unchanged(addr, "after the Expect and large-body clients");
     assert_no_server_panics("Expect and large bodies");
     server.shutdown();
