@@ -391,14 +391,14 @@ fn assert_json_error(reply: &Reply, status: u16, context: &str) -> String {
 
 // ---- 1. v2 outputs named more than once -------------------------------------------
 
-#[test]
-fn v2_outputs_named_twice_or_ten_thousand_times_are_a_fast_400_with_bounded_memory() {
-    client_thread();
-    let fixture = Fixture::load(FIXTURE);
-    let mut server = Binary::start(&[]);
-    let addr = server.addr();
-    let reference = Reference::take(addr, &fixture);
+/// A v2 body that names an output more than once, its name, and its binary
+/// header's length (for `Inference-Header-Content-Length`) where it is one.
+type RepeatedOutputs = (String, Vec<u8>, Option<usize>);
 
+/// The bodies that name outputs more than once: twice, 10,000 times before
+/// or after 4096 rows, and a 16 MB-class binary body that repeats `logits`
+/// until it is just under the body limit.
+fn repeated_output_cases(fixture: &Fixture) -> Vec<RepeatedOutputs> {
     let max_rows = 4096; // batching.max_request_rows by default
     let many: Vec<&Vec<f64>> = (0..max_rows).map(|i| &fixture.inputs[i % 64]).collect();
     let one = [&fixture.inputs[0]];
@@ -421,7 +421,7 @@ fn v2_outputs_named_twice_or_ten_thousand_times_are_a_fast_400_with_bounded_memo
     binary_body.extend_from_slice(&binary_payload);
     assert!(binary_body.len() <= MAX_BODY_DEFAULT);
 
-    let cases: Vec<(String, Vec<u8>, Option<usize>)> = vec![
+    vec![
         (
             "logits twice".into(),
             v2_json_body(&one, r#","outputs":[{"name":"logits"},{"name":"logits"}]"#).into_bytes(),
@@ -456,14 +456,15 @@ fn v2_outputs_named_twice_or_ten_thousand_times_are_a_fast_400_with_bounded_memo
             binary_body,
             Some(binary_header.len()),
         ),
-    ];
+    ]
+}
 
-    let pid = server.pid();
-    let base = mem(pid);
-    let reset = reset_peak(pid);
-    let sampler = Sampler::start(pid);
+/// Posts each case; each is a 400 naming the repetition, and the server
+/// lives on. The largest body sent.
+fn assert_repeated_outputs_refused(server: &mut Binary, cases: &[RepeatedOutputs]) -> usize {
+    let addr = server.addr();
     let mut largest = 0;
-    for (name, body, header_len) in &cases {
+    for (name, body, header_len) in cases {
         largest = largest.max(body.len());
         let header_len = header_len.map(|n| n.to_string());
         let mut headers = vec![("Content-Type", "application/json")];
@@ -479,8 +480,14 @@ fn v2_outputs_named_twice_or_ten_thousand_times_are_a_fast_400_with_bounded_memo
         eprintln!("v2 outputs: {name} ({} bytes): 400 in {took:?}: {msg}", body.len());
         server.assert_alive_without_panics(name);
     }
-    let (sampled_rss, sampled_size) = sampler.finish();
-    let after = mem(pid);
+    largest
+}
+
+/// The body itself is buffered (16 MB) and parsed once: the peak RSS is a
+/// few times the `largest` body at most, nowhere near one answer per
+/// repeated output.
+fn assert_memory_bounded_by_the_body(base: Mem, after: Mem, sampled: (u64, u64), reset: bool, largest: usize) {
+    let (sampled_rss, sampled_size) = sampled;
     let peak = after.hwm.max(sampled_rss);
     eprintln!(
         "v2 outputs: RSS before {}, peak {} (VmHWM {}, peak reset: {reset}; sampled {}), largest body {}; \
@@ -504,7 +511,24 @@ fn v2_outputs_named_twice_or_ten_thousand_times_are_a_fast_400_with_bounded_memo
         mib(base.rss),
         mib(largest as u64)
     );
+}
 
+#[test]
+fn v2_outputs_named_twice_or_ten_thousand_times_are_a_fast_400_with_bounded_memory() {
+    client_thread();
+    let fixture = Fixture::load(FIXTURE);
+    let mut server = Binary::start(&[]);
+    let addr = server.addr();
+    let reference = Reference::take(addr, &fixture);
+    let cases = repeated_output_cases(&fixture);
+    let pid = server.pid();
+    let base = mem(pid);
+    let reset = reset_peak(pid);
+    let sampler = Sampler::start(pid);
+    let largest = assert_repeated_outputs_refused(&mut server, &cases);
+    let sampled = sampler.finish();
+    let after = mem(pid);
+    assert_memory_bounded_by_the_body(base, after, sampled, reset, largest);
     reference.assert_unchanged(addr, "after the repeated outputs");
     server.assert_alive_without_panics("after the repeated outputs");
 }
