@@ -22,6 +22,9 @@ pub const MODEL: &str = "tokitai-moe";
 /// `ModelInfer`'s path.
 pub const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
+/// A client of the engine's gRPC service.
+pub type GrpcClient = GrpcInferenceServiceClient<Channel>;
+
 /// A two-thread runtime for a test's gRPC clients.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -33,7 +36,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A client connected to the gRPC port at `addr`. It may send more than the
 /// server takes (64 MiB): the server must be the one that refuses it.
-pub async fn client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+pub async fn client(addr: SocketAddr) -> GrpcClient {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::common::grpc::{INFER, MODEL, client, rows_request, runtime, send_raw_infer};
+use crate::common::grpc::{GrpcClient, INFER, MODEL, client, rows_request, runtime, send_raw_infer};
 use crate::common::process::rss_bytes;
 use crate::common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use bytes::Bytes;
@@ -38,94 +38,83 @@ fn grpc_count(m: &Metrics, route: &str, code: &str) -> f64 {
     m.sum("tokitai_grpc_requests_total", &[("route", route), ("code", code)])
 }
 
-#[test]
-fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
-    let mut config = base_config();
-    config.server.max_body_bytes = 64 * 1024;
-    config.batching.max_request_rows = 64;
-    config.batching.max_queue_rows = 64;
-    let server = TestServer::start(config);
-    let rt = runtime();
-    rt.block_on(async {
-        let mut c = client(server.grpc_addr()).await;
-        let d = nano_dims().input as i64;
-        let mut cases: Vec<(&str, ModelInferRequest, Code)> = Vec::new();
-        // 96 KiB of raw contents: over server.max_body_bytes (64 KiB).
-        let mut big = request(1);
-        big.raw_input_contents = vec![Bytes::from(vec![0u8; 96 * 1024])];
-        cases.push(("oversized", big, Code::OutOfRange));
+/// The malformed `ModelInfer` requests, each with what it is and the code
+/// it must get.
+fn malformed_infer_cases() -> Vec<(&'static str, ModelInferRequest, Code)> {
+    let d = nano_dims().input as i64;
+    let mut cases: Vec<(&str, ModelInferRequest, Code)> = Vec::new();
+    // 96 KiB of raw contents: over server.max_body_bytes (64 KiB).
+    let mut big = request(1);
+    big.raw_input_contents = vec![Bytes::from(vec![0u8; 96 * 1024])];
+    cases.push(("oversized", big, Code::OutOfRange));
+    let mut r = request(1);
+    r.inputs[0].datatype = "INT32".into();
+    cases.push(("wrong datatype", r, Code::InvalidArgument));
+    for shape in [
+        vec![i64::MAX, d],
+        vec![1 << 62, 1 << 62],
+        vec![-1, d],
+        vec![1, d, 1],
+        vec![],
+    ] {
         let mut r = request(1);
-        r.inputs[0].datatype = "INT32".into();
-        cases.push(("wrong datatype", r, Code::InvalidArgument));
-        for shape in [
-            vec![i64::MAX, d],
-            vec![1 << 62, 1 << 62],
-            vec![-1, d],
-            vec![1, d, 1],
-            vec![],
-        ] {
-            let mut r = request(1);
-            r.inputs[0].shape = shape;
-            cases.push(("bad shape", r, Code::InvalidArgument));
-        }
-        let mut r = request(2);
-        r.raw_input_contents = vec![raw(&vec![0.0; 2 * d as usize - 1])];
-        cases.push(("raw length disagrees with the shape", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.raw_input_contents.push(raw(&[1.0]));
-        cases.push(("two raw contents for one input", r, Code::InvalidArgument));
-        let mut r = request(1);
-        let out = |n: &str| InferRequestedOutputTensor {
-            name: n.into(),
-            ..Default::default()
-        };
-        r.outputs = vec![out("logits"), out("logits")];
-        cases.push(("duplicate outputs", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.outputs = vec![out("hidden_state")];
-        cases.push(("unknown output", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.raw_input_contents = vec![raw(&vec![f32::NAN; d as usize])];
-        cases.push(("non-finite values", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.model_name = "other".into();
-        cases.push(("unknown model", r, Code::NotFound));
-        let mut r = request(1);
-        r.model_version = "999999".into();
-        cases.push(("unknown version", r, Code::NotFound));
-        cases.push(("too many rows", request(65), Code::InvalidArgument));
-        for (what, req, want) in cases {
-            let status = c.model_infer(req).await.expect_err(what);
-            assert_eq!(status.code(), want, "{what}: {status:?}");
-        }
-        // A malformed deadline is the client's error too.
-        let mut req = tonic::Request::new(request(1));
-        req.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
-        assert_eq!(c.model_infer(req).await.unwrap_err().code(), Code::InvalidArgument);
-        // The repository index lists the served model; loading is for
-        // `explicit` mode only (this server runs in `none`): UNAVAILABLE.
-        let index = c
-            .repository_index(pb::RepositoryIndexRequest::default())
-            .await
-            .expect("the repository index")
-            .into_inner();
-        let rows: Vec<_> = index
-            .models
-            .iter()
-            .map(|m| (m.name.as_str(), m.state.as_str()))
-            .collect();
-        assert_eq!(rows, vec![("tokitai-moe", "READY")]);
-        let load = pb::RepositoryModelLoadRequest {
-            model_name: "tokitai-moe".into(),
-            ..Default::default()
-        };
-        let status = c.repository_model_load(load).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-        // The same connection still serves.
-        let answer = c.model_infer(request(3)).await.expect("a good request").into_inner();
-        assert_eq!((answer.id.as_str(), answer.raw_output_contents.len()), ("h", 2));
-        assert_eq!(answer.outputs[0].shape, vec![3, nano_dims().output as i64]);
-    });
+        r.inputs[0].shape = shape;
+        cases.push(("bad shape", r, Code::InvalidArgument));
+    }
+    let mut r = request(2);
+    r.raw_input_contents = vec![raw(&vec![0.0; 2 * d as usize - 1])];
+    cases.push(("raw length disagrees with the shape", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.raw_input_contents.push(raw(&[1.0]));
+    cases.push(("two raw contents for one input", r, Code::InvalidArgument));
+    let mut r = request(1);
+    let out = |n: &str| InferRequestedOutputTensor {
+        name: n.into(),
+        ..Default::default()
+    };
+    r.outputs = vec![out("logits"), out("logits")];
+    cases.push(("duplicate outputs", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.outputs = vec![out("hidden_state")];
+    cases.push(("unknown output", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.raw_input_contents = vec![raw(&vec![f32::NAN; d as usize])];
+    cases.push(("non-finite values", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.model_name = "other".into();
+    cases.push(("unknown model", r, Code::NotFound));
+    let mut r = request(1);
+    r.model_version = "999999".into();
+    cases.push(("unknown version", r, Code::NotFound));
+    cases.push(("too many rows", request(65), Code::InvalidArgument));
+    cases
+}
+
+/// The repository index lists the served model; loading is for `explicit`
+/// mode only (this server runs in `none`): UNAVAILABLE.
+async fn assert_index_and_no_load_in_none_mode(c: &mut GrpcClient) {
+    let index = c
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .expect("the repository index")
+        .into_inner();
+    let rows: Vec<_> = index
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.state.as_str()))
+        .collect();
+    assert_eq!(rows, vec![("tokitai-moe", "READY")]);
+    let load = pb::RepositoryModelLoadRequest {
+        model_name: "tokitai-moe".into(),
+        ..Default::default()
+    };
+    let status = c.repository_model_load(load).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// Only the good request computed; every refusal was counted under its
+/// code, none as an internal error.
+fn assert_refusals_counted(server: &TestServer) {
     let m = server.metrics();
     assert_eq!(
         m.sum("tokitai_rows_computed_total", &[]),
@@ -139,6 +128,32 @@ fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
     assert_eq!(grpc_count(&m, INFER, "OUT_OF_RANGE"), 1.0, "{}", m.text);
     assert_eq!(grpc_count(&m, INFER, "NOT_FOUND"), 2.0);
     assert!(grpc_count(&m, INFER, "INVALID_ARGUMENT") >= 12.0);
+}
+
+#[test]
+fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
+    let mut config = base_config();
+    config.server.max_body_bytes = 64 * 1024;
+    config.batching.max_request_rows = 64;
+    config.batching.max_queue_rows = 64;
+    let server = TestServer::start(config);
+    runtime().block_on(async {
+        let mut c = client(server.grpc_addr()).await;
+        for (what, req, want) in malformed_infer_cases() {
+            let status = c.model_infer(req).await.expect_err(what);
+            assert_eq!(status.code(), want, "{what}: {status:?}");
+        }
+        // A malformed deadline is the client's error too.
+        let mut req = tonic::Request::new(request(1));
+        req.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
+        assert_eq!(c.model_infer(req).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_index_and_no_load_in_none_mode(&mut c).await;
+        // The same connection still serves.
+        let answer = c.model_infer(request(3)).await.expect("a good request").into_inner();
+        assert_eq!((answer.id.as_str(), answer.raw_output_contents.len()), ("h", 2));
+        assert_eq!(answer.outputs[0].shape, vec![3, nano_dims().output as i64]);
+    });
+    assert_refusals_counted(&server);
     server.shutdown();
 }
 
