@@ -1,5 +1,5 @@
 //! The Open Inference Protocol (KServe v2) routes over real HTTP, beyond what
-//! Triton's client exercises (tests/triton_client.rs): JSON and binary
+//! Triton's client exercises (tests/grpc/triton_client.rs): JSON and binary
 //! requests give bit-identical answers to `/infer`, `id` is echoed, requested
 //! outputs are honoured, and each malformed request gets the protocol's
 //! `{"error": ...}` with Triton's status code for the same condition.

@@ -7,7 +7,7 @@
 //! origin that call `fetch` in each mode against the engine, which must
 //! have refused them (the model still loaded, nothing computed) while a
 //! listed origin is served. Triton's clients (no `Origin`, loopback `Host`)
-//! keep working: `tests/triton_client.rs`.
+//! keep working: `tests/grpc/triton_client.rs`.
 //!
 //! The browser test needs `chromium` (`CHROMIUM` may point elsewhere): in
 //! CI (`CI=true`) its absence fails the test; elsewhere it is skipped with
