@@ -688,17 +688,99 @@ fn sighup_re_reads_the_arch_and_checkpoint_files_and_unchanged_files_are_a_no_op
     assert_eq!(loads(), 2.0);
 }
 
+/// A gRPC client of the engine under test.
+type GrpcClient =
+    tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>;
+
+/// A `ModelInfer` request for `alpha`: one row, as raw FP32.
+fn alpha_request(row: &[f64]) -> tokitai_serve::grpc::pb::ModelInferRequest {
+    use tokitai_serve::grpc::pb::ModelInferRequest;
+    use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
+    ModelInferRequest {
+        model_name: "alpha".into(),
+        inputs: vec![InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 96],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![
+            row.iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ],
+        ..Default::default()
+    }
+}
+
+/// The repository index over gRPC (only the ready models if `ready`): each
+/// model's name, version and state.
+async fn grpc_index(c: &mut GrpcClient, ready: bool) -> Vec<(String, String, String)> {
+    let req = tokitai_serve::grpc::pb::RepositoryIndexRequest {
+        ready,
+        ..Default::default()
+    };
+    let index = c.repository_index(req).await.unwrap().into_inner();
+    index.models.into_iter().map(|m| (m.name, m.version, m.state)).collect()
+}
+
+/// Whether `alpha` is ready, over gRPC.
+async fn alpha_ready(c: &mut GrpcClient) -> bool {
+    let req = tokitai_serve::grpc::pb::ModelReadyRequest {
+        name: "alpha".into(),
+        version: String::new(),
+    };
+    c.model_ready(req).await.expect("a known model").into_inner().ready
+}
+
+/// Unloads alpha over gRPC: it is then not ready, answers UNAVAILABLE and is
+/// listed as not ready.
+async fn grpc_unload_alpha(c: &mut GrpcClient, row: &[f64]) {
+    let unload = tokitai_serve::grpc::pb::RepositoryModelUnloadRequest {
+        model_name: "alpha".into(),
+        ..Default::default()
+    };
+    c.repository_model_unload(unload).await.expect("unload");
+    assert!(!alpha_ready(c).await);
+    let status = c.model_infer(alpha_request(row)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let listed = grpc_index(c, false).await;
+    assert!(listed.iter().all(|(_, _, state)| state != "READY"), "{listed:?}");
+    assert!(grpc_index(c, true).await.is_empty());
+}
+
+/// Loads alpha again over gRPC: it is ready and answers bit-equal to the
+/// offline forward (`want`: its logits' bits for `row`); a model the
+/// repository does not have is NOT_FOUND.
+async fn grpc_load_alpha_and_not_an_unknown_model(c: &mut GrpcClient, row: &[f64], want: &[u32]) {
+    let load = |name: &str| tokitai_serve::grpc::pb::RepositoryModelLoadRequest {
+        model_name: name.into(),
+        ..Default::default()
+    };
+    c.repository_model_load(load("alpha")).await.expect("load");
+    assert!(alpha_ready(c).await);
+    let answer = c
+        .model_infer(alpha_request(row))
+        .await
+        .expect("served again")
+        .into_inner();
+    assert_eq!(answer.model_version, "1");
+    let logits: Vec<u32> = answer.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(logits, want);
+    let status = c.repository_model_load(load("nope")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+}
+
 /// Triton's repository RPCs over gRPC, on a server in explicit mode: the
 /// index, an unload (the model then answers UNAVAILABLE and is not ready), a
 /// load (it answers again, bit-equal to the offline forward), and a load of
 /// a model the repository does not have (NOT_FOUND).
 #[test]
 fn explicit_mode_through_grpc_repository_index_load_and_unload() {
-    use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
-    use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
-    use tokitai_serve::grpc::pb::{self, ModelInferRequest};
-    use tonic::Code;
-
     let repo = tempfile::tempdir().unwrap();
     let rows = rows();
     let alpha = stage(repo.path(), "alpha", 1, ModelSize::Nano, 1);
@@ -715,73 +797,11 @@ fn explicit_mode_through_grpc_repository_index_load_and_unload() {
             .connect()
             .await
             .expect("connect to the gRPC port");
-        let mut c = GrpcInferenceServiceClient::new(channel);
-        let index = |ready| pb::RepositoryIndexRequest {
-            ready,
-            ..Default::default()
-        };
-        let states = |r: pb::RepositoryIndexResponse| {
-            r.models
-                .into_iter()
-                .map(|m| (m.name, m.version, m.state))
-                .collect::<Vec<_>>()
-        };
-        let infer = || ModelInferRequest {
-            model_name: "alpha".into(),
-            inputs: vec![InferInputTensor {
-                name: "features".into(),
-                datatype: "FP32".into(),
-                shape: vec![1, 96],
-                ..Default::default()
-            }],
-            raw_input_contents: vec![
-                rows[0]
-                    .iter()
-                    .flat_map(|&v| (v as f32).to_le_bytes())
-                    .collect::<Vec<u8>>()
-                    .into(),
-            ],
-            ..Default::default()
-        };
-        let ready = |c: &mut GrpcInferenceServiceClient<_>| {
-            let req = pb::ModelReadyRequest {
-                name: "alpha".into(),
-                version: String::new(),
-            };
-            let mut c = c.clone();
-            async move { c.model_ready(req).await.map(|r| r.into_inner().ready) }
-        };
-        let listed = states(c.repository_index(index(false)).await.unwrap().into_inner());
+        let mut c = GrpcClient::new(channel);
+        let listed = grpc_index(&mut c, false).await;
         assert_eq!(listed, vec![("alpha".into(), "1".into(), "READY".into())]);
-
-        let unload = pb::RepositoryModelUnloadRequest {
-            model_name: "alpha".into(),
-            ..Default::default()
-        };
-        c.repository_model_unload(unload).await.expect("unload");
-        assert!(!ready(&mut c).await.expect("a known model"));
-        let status = c.model_infer(infer()).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-        let listed = states(c.repository_index(index(false)).await.unwrap().into_inner());
-        assert!(listed.iter().all(|(_, _, state)| state != "READY"), "{listed:?}");
-        assert!(states(c.repository_index(index(true)).await.unwrap().into_inner()).is_empty());
-
-        let load = |name: &str| pb::RepositoryModelLoadRequest {
-            model_name: name.into(),
-            ..Default::default()
-        };
-        c.repository_model_load(load("alpha")).await.expect("load");
-        assert!(ready(&mut c).await.expect("a known model"));
-        let answer = c.model_infer(infer()).await.expect("served again").into_inner();
-        assert_eq!(answer.model_version, "1");
-        let logits: Vec<u32> = answer.raw_output_contents[0]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        assert_eq!(logits, alpha_bits[0]);
-
-        let status = c.repository_model_load(load("nope")).await.unwrap_err();
-        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        grpc_unload_alpha(&mut c, &rows[0]).await;
+        grpc_load_alpha_and_not_an_unknown_model(&mut c, &rows[0], &alpha_bits[0]).await;
     });
     let _ = server;
 }
