@@ -515,86 +515,103 @@ fn pre_stop_sleep(c: &Value) -> u64 {
 fn engine_arguments_and_environment_load_with_the_engines_parser_and_config() {
     let toml = config_map_toml(&rendered("service"));
     let grpc_isvc = object(&rendered("kserve"), "InferenceService", "tokitai-moe-grpc").clone();
+    let h2c = grpc_isvc["spec"]["predictor"]["model"]["ports"][0]["containerPort"].as_u64();
     for (place, pod, c) in engine_containers() {
         let config = load_engine_config(&pod, &c, &toml, true).unwrap_or_else(|e| panic!("{place}: {e}"));
-        for arg in args_of(&c) {
-            let (name, value) = arg
-                .split_once('=')
-                .unwrap_or_else(|| panic!("{place}: write {arg} as --flag=value"));
-            let (_, path) = FLAG_SETTINGS
-                .iter()
-                .find(|(f, _)| *f == name)
-                .unwrap_or_else(|| panic!("{place}: {name} is not in FLAG_SETTINGS"));
-            if path.is_empty() {
-                continue;
-            }
-            let got =
-                setting(&config, path).unwrap_or_else(|| panic!("{place}: {name}: the engine has no setting {path}"));
-            let same = match &got {
-                toml::Value::String(s) => s == value,
-                toml::Value::Integer(n) => value.parse() == Ok(*n),
-                toml::Value::Float(f) => value.parse() == Ok(*f),
-                other => other.to_string() == value,
-            };
-            assert!(same, "{place}: {name}={value} but {path} = {got}");
+        assert_arguments_are_settings(&place, &c, &config);
+        assert_binds_match_the_ports(&place, &c, &config, h2c);
+        assert_repository_and_grace(&place, &pod, &c, &config);
+    }
+}
+
+/// Each `--flag=value` of container `c` (at `place`) is the value of the
+/// setting it names in the `config` the engine loaded.
+fn assert_arguments_are_settings(place: &str, c: &Value, config: &Config) {
+    for arg in args_of(c) {
+        let (name, value) = arg
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{place}: write {arg} as --flag=value"));
+        let (_, path) = FLAG_SETTINGS
+            .iter()
+            .find(|(f, _)| *f == name)
+            .unwrap_or_else(|| panic!("{place}: {name} is not in FLAG_SETTINGS"));
+        if path.is_empty() {
+            continue;
         }
-        let http = socket(&config, "server.bind");
-        assert!(
-            http.ip().is_unspecified(),
-            "{place}: HTTP must be reachable on the pod IP (probes): {http}"
-        );
-        let grpc = socket(&config, "grpc.bind");
-        assert_eq!(
-            setting(&config, "grpc.enabled"),
-            Some(toml::Value::Boolean(true)),
-            "{place}: gRPC on"
-        );
-        match place.as_str() {
-            "service" => {
-                assert_eq!(
-                    Some(u64::from(http.port())),
-                    port_named(&c, "http"),
-                    "service: http port"
-                );
-                assert_eq!(
-                    Some(u64::from(grpc.port())),
-                    port_named(&c, "grpc"),
-                    "service: grpc port"
-                );
-                assert!(grpc.ip().is_unspecified(), "service: gRPC on the pod IP");
-            }
-            "sidecar" => {
-                assert_eq!(
-                    Some(u64::from(http.port())),
-                    port_named(&c, "tokitai-http"),
-                    "sidecar: http port"
-                );
-                assert!(grpc.ip().is_loopback(), "sidecar: gRPC for search alone");
-            }
-            _ => {
-                assert_eq!(http.port(), 8080, "kserve: KServe's HTTP port");
-                let h2c = grpc_isvc["spec"]["predictor"]["model"]["ports"][0]["containerPort"].as_u64();
-                assert_eq!(
-                    Some(u64::from(grpc.port())),
-                    h2c,
-                    "kserve: the gRPC InferenceService's port"
-                );
-            }
+        let got = setting(config, path).unwrap_or_else(|| panic!("{place}: {name}: the engine has no setting {path}"));
+        let same = match &got {
+            toml::Value::String(s) => s == value,
+            toml::Value::Integer(n) => value.parse() == Ok(*n),
+            toml::Value::Float(f) => value.parse() == Ok(*f),
+            other => other.to_string() == value,
+        };
+        assert!(same, "{place}: {name}={value} but {path} = {got}");
+    }
+}
+
+/// HTTP and gRPC bind where the container's ports (or, for KServe, its
+/// convention and the gRPC InferenceService's port `h2c`) say.
+fn assert_binds_match_the_ports(place: &str, c: &Value, config: &Config, h2c: Option<u64>) {
+    let http = socket(config, "server.bind");
+    assert!(
+        http.ip().is_unspecified(),
+        "{place}: HTTP must be reachable on the pod IP (probes): {http}"
+    );
+    let grpc = socket(config, "grpc.bind");
+    assert_eq!(
+        setting(config, "grpc.enabled"),
+        Some(toml::Value::Boolean(true)),
+        "{place}: gRPC on"
+    );
+    match place {
+        "service" => {
+            assert_eq!(
+                Some(u64::from(http.port())),
+                port_named(c, "http"),
+                "service: http port"
+            );
+            assert_eq!(
+                Some(u64::from(grpc.port())),
+                port_named(c, "grpc"),
+                "service: grpc port"
+            );
+            assert!(grpc.ip().is_unspecified(), "service: gRPC on the pod IP");
         }
-        assert_eq!(
-            setting(&config, "model.repository")
-                .and_then(|v| v.as_str().map(str::to_string))
-                .as_deref(),
-            Some(if place == "kserve" { "/mnt/models" } else { "/models" }),
-            "{place}: model.repository"
-        );
-        if let Some(grace) = pod["terminationGracePeriodSeconds"].as_u64() {
-            let drain = pre_stop_sleep(&c) + config.server.shutdown_timeout_secs;
-            assert!(
-                grace > drain,
-                "{place}: grace {grace} s must exceed preStop + shutdown_timeout_secs = {drain} s"
+        "sidecar" => {
+            assert_eq!(
+                Some(u64::from(http.port())),
+                port_named(c, "tokitai-http"),
+                "sidecar: http port"
+            );
+            assert!(grpc.ip().is_loopback(), "sidecar: gRPC for search alone");
+        }
+        _ => {
+            assert_eq!(http.port(), 8080, "kserve: KServe's HTTP port");
+            assert_eq!(
+                Some(u64::from(grpc.port())),
+                h2c,
+                "kserve: the gRPC InferenceService's port"
             );
         }
+    }
+}
+
+/// The repository is where the overlay mounts models, and the pod's grace
+/// period outlasts preStop plus the engine's shutdown timeout.
+fn assert_repository_and_grace(place: &str, pod: &Value, c: &Value, config: &Config) {
+    assert_eq!(
+        setting(config, "model.repository")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .as_deref(),
+        Some(if place == "kserve" { "/mnt/models" } else { "/models" }),
+        "{place}: model.repository"
+    );
+    if let Some(grace) = pod["terminationGracePeriodSeconds"].as_u64() {
+        let drain = pre_stop_sleep(c) + config.server.shutdown_timeout_secs;
+        assert!(
+            grace > drain,
+            "{place}: grace {grace} s must exceed preStop + shutdown_timeout_secs = {drain} s"
+        );
     }
 }
 
