@@ -658,70 +658,10 @@ fn probes_env_and_scrape_paths_are_ones_a_real_engine_has() {
     let agent = agent();
     let mut paths = BTreeSet::new();
     for (place, _pod, c) in engine_containers() {
-        let probes = probes(&place, &c);
-        assert!(probes.iter().any(|p| p.0 == "livenessProbe") && probes.iter().any(|p| p.0 == "readinessProbe"));
-        if place != "kserve" {
-            assert!(probes.iter().any(|p| p.0 == "startupProbe"), "{place}: a startup probe");
-            let mounts = c["volumeMounts"].as_array().expect("volume mounts");
-            assert!(
-                mounts
-                    .iter()
-                    .any(|m| m["mountPath"] == "/models" && m["readOnly"] == true),
-                "{place}: /models, read-only"
-            );
-        }
-        for (kind, path, port) in probes {
-            let route = Route::for_path(&path);
-            let wanted: &[Route] = if kind == "livenessProbe" {
-                &[Route::Healthz, Route::V2Live]
-            } else {
-                &[Route::Readyz, Route::V2Ready]
-            };
-            assert!(
-                wanted.contains(&route),
-                "{place} {kind}: {path} is not a {wanted:?} route"
-            );
-            match &port {
-                Value::String(name) => assert!(port_named(&c, name).is_some(), "{place} {kind}: no port named {name}"),
-                Value::Number(n) => {
-                    let args = args_of(&c);
-                    let bind = flag(&args, "--bind").expect("--bind");
-                    assert_eq!(
-                        bind.rsplit(':').next(),
-                        Some(n.to_string().as_str()),
-                        "{place} {kind}: port {n} is --bind's"
-                    );
-                }
-                other => panic!("{place} {kind}: port {other}"),
-            }
-            paths.insert(path);
-        }
-        // Every TOKITAI_* variable is a setting (unknown ones would be ignored).
-        let all = toml::Value::try_from(Config::default()).unwrap();
-        for (name, _) in env_of(&c) {
-            let rest = name
-                .strip_prefix("TOKITAI_")
-                .unwrap_or_else(|| panic!("{place}: {name} is not the engine's"));
-            let known = all.as_table().unwrap().iter().any(|(section, keys)| {
-                rest.to_ascii_lowercase()
-                    .strip_prefix(&format!("{section}_"))
-                    .is_some_and(|k| keys.get(k).is_some())
-            });
-            assert!(known, "{place}: {name} names no setting");
-        }
+        paths.extend(checked_probe_paths(&place, &c));
+        assert_env_names_settings(&place, &c);
     }
-    let monitoring = rendered("monitoring");
-    let job = yaml_file("deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml");
-    let scrape_paths = [
-        &object(&monitoring, "ServiceMonitor", "tokitai-serve")["spec"]["endpoints"][0]["path"],
-        &object(&monitoring, "PodMonitor", "tokitai-serve-sidecar")["spec"]["podMetricsEndpoints"][0]["path"],
-        &job["scrape_configs"][0]["metrics_path"],
-    ];
-    for path in scrape_paths {
-        let path = path.as_str().expect("a metrics path");
-        assert_eq!(Route::for_path(path), Route::Metrics, "{path}");
-        paths.insert(path.to_string());
-    }
+    paths.extend(scrape_paths());
     for path in &paths {
         let r = get(&agent, &engine.url(path));
         assert_eq!(r.status, 200, "GET {path} on a real engine");
@@ -733,6 +673,88 @@ fn probes_env_and_scrape_paths_are_ones_a_real_engine_has() {
         }
     }
     engine.shutdown();
+}
+
+/// The probes of container `c` (at `place`): liveness and readiness (and
+/// startup, with /models mounted read-only, outside KServe), each on a
+/// route of its kind and on a port the container has. Their paths.
+fn checked_probe_paths(place: &str, c: &Value) -> Vec<String> {
+    let mut paths = Vec::new();
+    let probes = probes(place, c);
+    assert!(probes.iter().any(|p| p.0 == "livenessProbe") && probes.iter().any(|p| p.0 == "readinessProbe"));
+    if place != "kserve" {
+        assert!(probes.iter().any(|p| p.0 == "startupProbe"), "{place}: a startup probe");
+        let mounts = c["volumeMounts"].as_array().expect("volume mounts");
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["mountPath"] == "/models" && m["readOnly"] == true),
+            "{place}: /models, read-only"
+        );
+    }
+    for (kind, path, port) in probes {
+        let route = Route::for_path(&path);
+        let wanted: &[Route] = if kind == "livenessProbe" {
+            &[Route::Healthz, Route::V2Live]
+        } else {
+            &[Route::Readyz, Route::V2Ready]
+        };
+        assert!(
+            wanted.contains(&route),
+            "{place} {kind}: {path} is not a {wanted:?} route"
+        );
+        match &port {
+            Value::String(name) => assert!(port_named(c, name).is_some(), "{place} {kind}: no port named {name}"),
+            Value::Number(n) => {
+                let args = args_of(c);
+                let bind = flag(&args, "--bind").expect("--bind");
+                assert_eq!(
+                    bind.rsplit(':').next(),
+                    Some(n.to_string().as_str()),
+                    "{place} {kind}: port {n} is --bind's"
+                );
+            }
+            other => panic!("{place} {kind}: port {other}"),
+        }
+        paths.push(path);
+    }
+    paths
+}
+
+/// Every TOKITAI_* variable of container `c` is a setting (unknown ones
+/// would be ignored).
+fn assert_env_names_settings(place: &str, c: &Value) {
+    let all = toml::Value::try_from(Config::default()).unwrap();
+    for (name, _) in env_of(c) {
+        let rest = name
+            .strip_prefix("TOKITAI_")
+            .unwrap_or_else(|| panic!("{place}: {name} is not the engine's"));
+        let known = all.as_table().unwrap().iter().any(|(section, keys)| {
+            rest.to_ascii_lowercase()
+                .strip_prefix(&format!("{section}_"))
+                .is_some_and(|k| keys.get(k).is_some())
+        });
+        assert!(known, "{place}: {name} names no setting");
+    }
+}
+
+/// The metrics paths the monitoring overlay and the scrape job use, each a
+/// metrics route.
+fn scrape_paths() -> Vec<String> {
+    let mut paths = Vec::new();
+    let monitoring = rendered("monitoring");
+    let job = yaml_file("deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml");
+    let scrape_paths = [
+        &object(&monitoring, "ServiceMonitor", "tokitai-serve")["spec"]["endpoints"][0]["path"],
+        &object(&monitoring, "PodMonitor", "tokitai-serve-sidecar")["spec"]["podMetricsEndpoints"][0]["path"],
+        &job["scrape_configs"][0]["metrics_path"],
+    ];
+    for path in scrape_paths {
+        let path = path.as_str().expect("a metrics path");
+        assert_eq!(Route::for_path(path), Route::Metrics, "{path}");
+        paths.push(path.to_string());
+    }
+    paths
 }
 
 #[test]
