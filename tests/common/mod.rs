@@ -1,4 +1,8 @@
-//! Shared harness for the integration tests, one concern a file:
+//! The shared harness as one module, for the two test binaries still at the
+//! top level (`prometheus_live`, `autoscaling_queries`). The binaries in
+//! folders (`tests/http`, `tests/grpc`, `tests/model`, `tests/deploy`) each
+//! include only the pieces they use (their `main.rs` lists them); see
+//! `tests/README.md`. One concern a file:
 //!
 //! - [`server`]: the engine under test: [`TestServer`] in process (on the
 //!   library's `embed::ServerThread`), [`ProcessServer`] as the real binary.
@@ -12,15 +16,16 @@
 //! - [`prom`]: a small Prometheus text parser ([`Metrics`]).
 //! - [`prometheus`]: a real `prometheus` server ([`Prometheus`]), the tool
 //!   lookup ([`tool`]) and a bounded poll ([`wait_for`]).
-//! - [`slow`]: clients that stop reading ([`slow::slow_reader`]) and the
-//!   server process's CPU time and resident memory from `/proc`.
+//! - [`slow`]: clients that stop reading ([`slow::slow_reader`]).
+//! - `process`: a server process's CPU time and memory from `/proc`, and
+//!   `grpc`: gRPC clients (neither is used by the two binaries here).
 //! - [`triton`]: Triton's Python client and perf_analyzer ([`venv`],
-//!   [`run_python`], [`perf_analyzer`]).
+//!   [`run_python`], [`perf_analyzer_smoke`]).
 //!
 //! Every wait here is bounded; nothing asserts a wall-clock duration.
 
-// Each test binary uses its own part of the harness: what one leaves
-// unused is not dead.
+// The two binaries that include the whole harness each use a part of it;
+// the binaries in folders include only their pieces.
 #![allow(dead_code)]
 
 pub mod deploy;

@@ -4,9 +4,9 @@
 //! set before the handshake so the window it advertises stays small),
 //! [`peer_closed`] (whether the server closed or reset a connection, seen
 //! without reading from it, so the test never drains what it holds),
-//! [`unread_bytes`] (how much of the server's answer has arrived), and the
-//! process figures from `/proc`: [`cpu_seconds`] and [`rss_bytes`]. Every
-//! wait here is bounded.
+//! [`unread_bytes`] (how much of the server's answer has arrived). What the
+//! server's process spends on them is in `super::process`. Every wait here
+//! is bounded.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -78,28 +78,4 @@ pub fn unread_bytes(stream: &TcpStream) -> usize {
     // SAFETY: FIONREAD writes one int.
     let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
     if r == 0 { n.max(0) as usize } else { 0 }
-}
-
-/// User plus system CPU time process `pid` has used, in seconds.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / per_second
-}
-
-/// Resident memory of process `pid`, in bytes.
-pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kb * 1024
 }

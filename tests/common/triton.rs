@@ -2,10 +2,11 @@
 //! `tritonclient[http,grpc]==2.51.0` and its bundled `perf_analyzer`.
 //!
 //! Owns: where the venv is ([`venv`]: `TOKITAI_TRITON_VENV`, else
-//! `target/triton-venv`, which `.ci/run` creates) and how perf_analyzer is
-//! run ([`perf_analyzer`]: with the CUDA runtime library it loads at
-//! start-up on its path; it needs no GPU). Missing tools fail the test with
-//! what to install: nothing is skipped.
+//! `target/triton-venv`, which `.ci/run` creates), how a check script is
+//! run and judged ([`run_python`], [`assert_pass`]), and how perf_analyzer
+//! is run ([`perf_analyzer_smoke`]: with the CUDA runtime library it loads
+//! at start-up on its path; it needs no GPU). Missing tools fail the test
+//! with what to install: nothing is skipped.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -35,8 +36,35 @@ pub fn run_python(script: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("run {script}: {e}"))
 }
 
+/// Asserts that a check script's run (`what`) succeeded and printed `PASS`.
+pub fn assert_pass(what: &str, out: &Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("PASS"), "{what}:\n{stdout}\n{stderr}");
+}
+
+/// A perf_analyzer smoke run with `args` (model, URL, protocol, load):
+/// short measurements, any stability accepted (a shared 2-core machine).
+/// Asserts it completed, measured a throughput and reported no error.
+pub fn perf_analyzer_smoke(args: &[&str]) {
+    let mut all = args.to_vec();
+    all.extend(["--measurement-interval", "1000", "--max-trials", "5"]);
+    all.extend(["--stability-percentage", "1000"]);
+    let out = perf_analyzer(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let what = format!("perf_analyzer {}", args.join(" "));
+    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("Throughput"), "{what}: no throughput line:\n{stdout}");
+    assert!(
+        !stdout.to_lowercase().contains("error"),
+        "{what} reported errors:\n{stdout}\n{stderr}"
+    );
+}
+
 /// perf_analyzer with `args`, its output.
-pub fn perf_analyzer(args: &[&str]) -> Output {
+fn perf_analyzer(args: &[&str]) -> Output {
     let venv = venv();
     let binary = venv.join("bin/perf_analyzer");
     assert!(

@@ -15,9 +15,7 @@
 //! start-up; it needs no GPU), plus Debian's `libb64-0d`. Without them these
 //! tests fail and say what to install: they are never skipped.
 
-mod common;
-
-use common::{FIXTURES, TestServer, fixture_config, perf_analyzer, run_python};
+use crate::common::{FIXTURES, TestServer, assert_pass, fixture_config, perf_analyzer_smoke, run_python};
 use tokitai_serve::model::LayerNormMode;
 
 fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
@@ -31,13 +29,7 @@ fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
             logits_key,
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tritonclient check failed ({fixture}, {mode}):\n{stdout}\n{stderr}"
-    );
-    assert!(stdout.contains("PASS"), "{stdout}");
+    assert_pass(&format!("client_check.py ({fixture}, {mode})"), &out);
     // The binary and JSON requests went through the v2 route, counted apart from /infer.
     let m = server.metrics();
     assert!(
@@ -50,7 +42,7 @@ fn run_client_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
 
 #[test]
 fn tritonclient_matches_fixtures_in_identity_mode() {
-    for fixture in common::FIXTURE_NAMES {
+    for fixture in crate::common::FIXTURE_NAMES {
         run_client_check(fixture, LayerNormMode::Identity, "logits_ln_identity");
     }
 }
@@ -62,32 +54,18 @@ fn tritonclient_matches_fixtures_in_stored_mode() {
 
 #[test]
 fn perf_analyzer_completes_over_http_with_binary_data() {
-    let server = TestServer::start(common::base_config());
-    let out = perf_analyzer(&[
+    let server = TestServer::start(crate::common::base_config());
+    let addr = server.addr().to_string();
+    perf_analyzer_smoke(&[
         "-m",
         "tokitai-moe",
         "-u",
-        &server.addr().to_string(),
+        &addr,
         "-i",
         "http",
         "--concurrency-range",
         "1:2",
-        "--measurement-interval",
-        "1000",
-        "--max-trials",
-        "5",
-        // A smoke run on a shared 2-core machine: accept any stability.
-        "--stability-percentage",
-        "1000",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "perf_analyzer failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("Throughput"), "no throughput line:\n{stdout}");
-    assert!(
-        !stdout.to_lowercase().contains("error"),
-        "perf_analyzer reported errors:\n{stdout}\n{stderr}"
-    );
     let m = server.metrics();
     let answered = m.text.lines().any(|l| {
         l.starts_with("tokitai_http_requests_total{route=\"/v2/models/{model}/infer\",status=\"200\"}")

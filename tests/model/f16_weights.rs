@@ -8,11 +8,9 @@
 //!
 //! Owns: nothing but tests. Must not touch: fixtures (read-only).
 
-mod common;
-
 use std::process::{Command, Stdio};
 
-use common::{BIN, Fixture, TestServer, agent, batch_body, f32_row, fixture_config, get, max_abs_diff, post};
+use crate::common::{BIN, Fixture, TestServer, agent, batch_body, f32_row, fixture_config, get, max_abs_diff, post};
 use tokitai_serve::backend::cpu::CpuIsa;
 use tokitai_serve::model::synth::synth_weights;
 use tokitai_serve::model::{Arch, LayerNormMode, ModelSize, WeightPrecision, write_checkpoint};
@@ -84,7 +82,7 @@ fn cpu_isa_serves_every_path_the_cpu_has_with_the_same_bits() {
     for precision in ["f32", "f16", "bf16"] {
         let mut answers: Vec<(CpuIsa, String)> = Vec::new();
         for isa in CpuIsa::available() {
-            let server = common::ProcessServer::start(
+            let server = crate::common::ProcessServer::start(
                 &["serve", "--cpu-isa", isa.as_str(), "--weight-precision", precision],
                 &[("TOKITAI_WORKERS_BACKEND", "cpu")],
             );
@@ -120,7 +118,7 @@ fn cpu_isa_serves_every_path_the_cpu_has_with_the_same_bits() {
 
 #[test]
 fn f32_is_the_default_and_is_described() {
-    let server = TestServer::start(common::base_config());
+    let server = TestServer::start(crate::common::base_config());
     let health = get(&agent(), &server.url("/healthz")).json();
     assert_eq!(health["weight_precision"], "f32", "{health}");
     server.shutdown();

@@ -11,13 +11,12 @@
 //! once; those loads run on a thread with a deadline, so a regression that
 //! blocks or reads forever fails instead of hanging.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{FIXTURE_NAMES, fixture_dir};
+use crate::common::{FIXTURE_NAMES, fixture_dir, nano_dims};
+use crate::support::mkfifo;
 use proptest::prelude::*;
 use tokitai_serve::model::{
     Arch, Checkpoint, Dims, FileRefusal, ModelError, ModelKind, ModelSize, ModelSource, RouterKind, load_model,
@@ -32,10 +31,6 @@ fn fixture(set: &str, file: &str) -> PathBuf {
 
 fn fixture_bytes(set: &str) -> Vec<u8> {
     std::fs::read(fixture(set, "checkpoint.tkp1")).expect("fixture checkpoint")
-}
-
-fn nano() -> Dims {
-    Dims::for_size(ModelSize::Nano)
 }
 
 fn param_count(c: &Checkpoint) -> u64 {
@@ -123,7 +118,7 @@ fn read_bytes(bytes: &[u8]) -> Result<Checkpoint, ModelError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checkpoint.tkp1");
     std::fs::write(&path, bytes).unwrap();
-    read_checkpoint(&path, &nano())
+    read_checkpoint(&path, &nano_dims())
 }
 
 /// The error message of reading `bytes`, which must fail.
@@ -162,7 +157,7 @@ fn both_fixtures_load_with_step_and_param_count() {
         let model = load_model(&fixture(set, "arch.json"), &fixture(set, "checkpoint.tkp1")).unwrap();
         assert_eq!(model.step, step, "{set}");
         assert_eq!(model.arch.size, ModelSize::Nano);
-        assert_eq!(model.arch.dims(), nano());
+        assert_eq!(model.arch.dims(), nano_dims());
         assert_eq!(model.arch.param_count, Some(NANO_PARAMS));
         assert_eq!(model.arch.fingerprint.as_deref(), expected["arch_fingerprint"].as_str());
         assert_eq!(
@@ -174,9 +169,9 @@ fn both_fixtures_load_with_step_and_param_count() {
         );
         let n: u64 = model.weights.tensors().iter().map(|t| t.len() as u64).sum();
         assert_eq!(n, NANO_PARAMS);
-        assert_eq!(nano().param_count(), NANO_PARAMS);
+        assert_eq!(nano_dims().param_count(), NANO_PARAMS);
 
-        let ckpt = read_checkpoint(&fixture(set, "checkpoint.tkp1"), &nano()).unwrap();
+        let ckpt = read_checkpoint(&fixture(set, "checkpoint.tkp1"), &nano_dims()).unwrap();
         assert_eq!(ckpt.step, step);
         assert!(ckpt.config.contains(r#""steps":4242"#), "{}", ckpt.config);
         assert_eq!(ckpt.weights, model.weights);
@@ -205,7 +200,7 @@ fn nano_s12_carries_grads_that_are_skipped() {
     let l = layout(&fixture_bytes("nano-s12"));
     let with_grad = l.records.iter().filter(|r| r.grad_len_at.is_some()).count();
     assert_eq!(with_grad, 29);
-    let a = read_checkpoint(&fixture("nano-s12", "checkpoint.tkp1"), &nano()).unwrap();
+    let a = read_checkpoint(&fixture("nano-s12", "checkpoint.tkp1"), &nano_dims()).unwrap();
     assert_eq!(param_count(&a), NANO_PARAMS);
 }
 
@@ -225,7 +220,7 @@ fn fixture_checkpoint_against_another_arch_is_rejected() {
 
 #[test]
 fn missing_file_is_an_io_error_naming_the_path() {
-    let e = read_checkpoint(Path::new("/nonexistent/dir/checkpoint.tkp1"), &nano()).unwrap_err();
+    let e = read_checkpoint(Path::new("/nonexistent/dir/checkpoint.tkp1"), &nano_dims()).unwrap_err();
     assert!(matches!(e, ModelError::Io { .. }));
     assert_contains(&e.to_string(), &["/nonexistent/dir/checkpoint.tkp1"]);
     let e = load_model(
@@ -300,7 +295,7 @@ fn truncation_at_every_record_boundary_and_inside_every_field() {
         let mut checked = 0;
         for (cut, label) in &cuts {
             file.set_len(*cut).unwrap();
-            let e = read_checkpoint(&path, &nano()).expect_err("a truncated checkpoint was accepted");
+            let e = read_checkpoint(&path, &nano_dims()).expect_err("a truncated checkpoint was accepted");
             let msg = e.to_string();
             assert!(matches!(e, ModelError::Checkpoint { .. }), "{msg}");
             assert_contains(&msg, &[label.as_str(), &format!("file is {cut} bytes")]);
@@ -475,7 +470,7 @@ fn a_wrong_length_vector_is_rejected() {
     let r = &l.records[1];
     // The router bias (one value per expert) with one value more, and its 4
     // extra bytes really there.
-    let experts = nano().experts;
+    let experts = nano_dims().experts;
     let mut x = b[..r.weight_at as usize].to_vec();
     put_u32(&mut x, r.weight_len_at, experts as u32 + 1);
     x.extend_from_slice(&b[r.weight_at as usize..r.weight_at as usize + 4 * experts]);
@@ -647,7 +642,7 @@ fn nan_and_infinite_weights_are_rejected_naming_the_tensor_and_index() {
     for (record, index, bits, word) in cases {
         let b = with_weight_bits(&bytes, &l, record, index, bits);
         std::fs::write(&path, &b).unwrap();
-        let e = read_checkpoint(&path, &nano()).unwrap_err();
+        let e = read_checkpoint(&path, &nano_dims()).unwrap_err();
         let (tensor, at, offset, value) = non_finite(&e);
         let name = &l.records[record].name;
         assert_eq!((&tensor, at), (name, index), "{e}");
@@ -672,7 +667,7 @@ fn nan_and_infinite_weights_are_rejected_naming_the_tensor_and_index() {
         put_u32(&mut b, l.records[record].weight_at + 4 * index as u64, bits);
     }
     std::fs::write(&path, &b).unwrap();
-    let e = read_checkpoint(&path, &nano()).unwrap_err();
+    let e = read_checkpoint(&path, &nano_dims()).unwrap_err();
     assert_eq!(non_finite(&e).0, l.records[6].name);
     assert_eq!(non_finite(&e).1, 900);
     assert_contains(&e.to_string(), &["value 900 is -inf"]);
@@ -705,7 +700,7 @@ fn extreme_finite_weights_and_non_finite_optimizer_state_load() {
 #[test]
 fn weights_written_with_a_nan_fail_the_model_load() {
     // A checkpoint the writer produced (with AdamW state), the arch beside it.
-    let dims = nano();
+    let dims = nano_dims();
     let mut w = synth_weights(dims, 9);
     w.experts[2].blocks[0].norm.gamma[77] = f32::NAN;
     let dir = tempfile::tempdir().unwrap();
@@ -740,14 +735,6 @@ fn within_deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
     rx.recv_timeout(REFUSAL_DEADLINE).unwrap_or_else(|_| {
         panic!("{what}: no answer within {REFUSAL_DEADLINE:?}: blocked on a FIFO or reading a device?")
     })
-}
-
-#[cfg(unix)]
-fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
 }
 
 /// `load_model(arch, checkpoint)` under the deadline; it must fail, refusing
@@ -794,7 +781,7 @@ fn a_fifo_a_device_or_a_directory_is_refused_at_once_as_arch_or_checkpoint() {
         assert_refused(&arch, bad, "checkpoint", bad, kind);
         // The checkpoint reader on its own, too.
         let b = bad.to_path_buf();
-        let e = within_deadline("read_checkpoint", move || read_checkpoint(&b, &nano())).unwrap_err();
+        let e = within_deadline("read_checkpoint", move || read_checkpoint(&b, &nano_dims())).unwrap_err();
         assert!(matches!(e, ModelError::Refused { what: "checkpoint", .. }), "{e:?}");
         let b = bad.to_path_buf();
         let e = within_deadline("Arch::load", move || Arch::load(&b)).unwrap_err();
@@ -818,7 +805,7 @@ fn arch_json_over_the_cap_is_refused_without_reading_it() {
     let mut text = std::fs::read(fixture("nano-s11", "arch.json")).unwrap();
     text.resize(1 << 20, b' ');
     std::fs::write(&p, &text).unwrap();
-    assert_eq!(Arch::load(&p).unwrap().dims(), nano());
+    assert_eq!(Arch::load(&p).unwrap().dims(), nano_dims());
     // ... one byte more is refused, naming the path, its size and the cap.
     text.push(b' ');
     std::fs::write(&p, &text).unwrap();
@@ -883,7 +870,7 @@ fn fixture_arch_parses() {
     assert_eq!(a.router_kind, RouterKind::SheafPadic);
     assert_eq!(a.fingerprint.as_deref(), Some("4b26ca179bbf1070"));
     assert_eq!(a.param_count, Some(NANO_PARAMS));
-    assert_eq!(a.dims(), nano());
+    assert_eq!(a.dims(), nano_dims());
 }
 
 #[test]
@@ -908,7 +895,7 @@ fn arch_dims_disagreeing_with_size_are_rejected() {
 
 #[test]
 fn arch_fixed_dims_other_than_released_are_rejected() {
-    let d = nano();
+    let d = nano_dims();
     for (field, bad, want) in [
         ("input_dim", d.input - 1, d.input),
         ("output_dim", d.output + 1, d.output),
@@ -1053,7 +1040,7 @@ fn arch_legacy_without_kinds_is_accepted() {
     .unwrap();
     assert_eq!(a.model_kind, ModelKind::MoE);
     assert_eq!(a.router_kind, RouterKind::SheafPadic);
-    assert_eq!(a.dims(), nano());
+    assert_eq!(a.dims(), nano_dims());
     assert_eq!((a.fingerprint, a.param_count), (None, None));
 }
 

@@ -28,21 +28,18 @@
 //! ten times) of the configured timeouts, and the CPU bound is a ratio of
 //! CPU time to wall time with a wide margin.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::common::grpc::{MODEL, client, rows_request, runtime, send_raw_infer};
+use crate::common::process::{cpu_seconds, rss_bytes};
+use crate::common::slow::{peer_closed, slow_reader, unread_bytes};
+use crate::common::{ProcessServer, TestServer, agent, base_config, get, nano_dims, read_response};
 use bytes::Bytes;
-use common::slow::{cpu_seconds, peer_closed, rss_bytes, slow_reader, unread_bytes};
-use common::{ProcessServer, TestServer, agent, base_config, get, nano_dims, read_response};
-use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
-use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
-use tokitai_serve::grpc::pb::{self, ModelInferRequest};
+use tokitai_serve::grpc::pb;
 use tonic::Code;
 
-const MODEL: &str = "tokitai-moe";
 /// A small receive buffer: the client's window fills after a few KiB.
 const RCVBUF: i32 = 4096;
 /// Rows whose JSON answer is about 1 MiB.
@@ -205,7 +202,7 @@ fn held_answers_are_bounded_by_the_pending_answer_budget() {
             200 => held.push(stream),
             503 => {
                 let reply = match read_response(&mut stream, None) {
-                    common::RawOutcome::Response(r) => r,
+                    crate::common::RawOutcome::Response(r) => r,
                     other => panic!("a 503 without a complete answer: {other:?}"),
                 };
                 let error = reply.json()["error"].as_str().unwrap_or_default().to_string();
@@ -232,48 +229,10 @@ fn held_answers_are_bounded_by_the_pending_answer_budget() {
     assert_eq!(get(&agent(), &server.url("/healthz")).status, 200);
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A `ModelInfer` request for `rows` rows of 0.25.
-fn grpc_request(rows: usize) -> ModelInferRequest {
-    let d = nano_dims().input;
-    let raw: Vec<u8> = std::iter::repeat_n(0.25f32.to_le_bytes(), rows * d).flatten().collect();
-    ModelInferRequest {
-        model_name: MODEL.into(),
-        inputs: vec![InferInputTensor {
-            name: "features".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, d as i64],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![Bytes::from(raw)],
-        ..Default::default()
-    }
-}
-
 /// A call on `h2` (a connection that grants no window) with a deadline of
 /// `timeout`: its response head, and the body that never gets data.
 async fn windowless_call(h2: &mut h2::client::SendRequest<Bytes>, addr: SocketAddr, timeout: &str) -> h2::RecvStream {
-    use prost::Message as _;
-    let head = http::Request::post(format!("http://{addr}/inference.GRPCInferenceService/ModelInfer"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(head, false).unwrap();
-    let message = grpc_request(BIG_ROWS).encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend((message.len() as u32).to_be_bytes());
-    frame.extend(message);
-    body.send_data(Bytes::from(frame), true)
-        .expect("send the request message");
+    let response = send_raw_infer(h2, addr, &rows_request(BIG_ROWS), timeout);
     let response = tokio::time::timeout(Duration::from_secs(120), response)
         .await
         .expect("the answer's head arrives")
@@ -314,13 +273,8 @@ fn grpc_answers_without_a_window_are_bounded_and_reset() {
             h2 = h2.ready().await.unwrap();
             bodies.push(windowless_call(&mut h2, addr, "20S").await);
         }
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = GrpcInferenceServiceClient::new(channel);
-        let refused = client.model_infer(grpc_request(1)).await.expect_err("refused");
+        let mut client = client(addr).await;
+        let refused = client.model_infer(rows_request(1)).await.expect_err("refused");
         assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
         assert!(refused.message().contains("max_pending_answer_bytes"), "{refused:?}");
         // Health is not refused.
@@ -340,7 +294,7 @@ fn grpc_answers_without_a_window_are_bounded_and_reset() {
             start.elapsed().as_secs_f64()
         );
         // The budget is free again.
-        client.model_infer(grpc_request(1)).await.expect("served again");
+        client.model_infer(rows_request(1)).await.expect("served again");
     });
 }
 
@@ -360,11 +314,11 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     idle.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let reply = read_response(&mut idle, None);
     assert!(
-        matches!(reply, common::RawOutcome::Response(ref r) if r.status == 200),
+        matches!(reply, crate::common::RawOutcome::Response(ref r) if r.status == 200),
         "{reply:?}"
     );
     // A request in flight: its head and half its body are in.
-    let body = common::single_body(&vec![0.25; nano_dims().input]);
+    let body = crate::common::single_body(&vec![0.25; nano_dims().input]);
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
     let mut busy = TcpStream::connect(server.addr).unwrap();
     let head = format!(
@@ -389,7 +343,7 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     busy.write_all(rest).unwrap();
     busy.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     match read_response(&mut busy, None) {
-        common::RawOutcome::Response(r) => assert!(matches!(r.status, 200 | 503), "{}", r.status),
+        crate::common::RawOutcome::Response(r) => assert!(matches!(r.status, 200 | 503), "{}", r.status),
         other => panic!("the request in flight got no answer: {other:?}"),
     }
     drop(busy);

@@ -10,59 +10,27 @@
 //! timeout and never keep a real client out. Also: the statistics extension agrees between HTTP and
 //! gRPC, and SIGTERM drains gRPC calls in flight.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::grpc::{GrpcClient, INFER, MODEL, client, rows_request, runtime, send_raw_infer};
+use crate::common::process::rss_bytes;
+use crate::common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use bytes::Bytes;
-use common::{Metrics, ProcessServer, TestServer, agent, base_config, get, nano_dims, wait_metrics_at};
 use tokitai_serve::config::Config;
-use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
-use tokitai_serve::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tokitai_serve::grpc::pb::model_infer_request::InferRequestedOutputTensor;
 use tokitai_serve::grpc::pb::{self, ModelInferRequest};
 use tonic::Code;
-use tonic::transport::Channel;
-
-const MODEL: &str = "tokitai-moe";
-const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn client(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to the gRPC port");
-    // The client may send more than the server takes: the server must refuse it.
-    GrpcInferenceServiceClient::new(channel).max_encoding_message_size(64 << 20)
-}
 
 fn raw(values: &[f32]) -> Bytes {
     values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
 }
 
-/// A well-formed request for `rows` zero rows.
+/// [`rows_request`] with the request id `h`.
 fn request(rows: usize) -> ModelInferRequest {
-    let d = nano_dims().input;
     ModelInferRequest {
-        model_name: MODEL.into(),
         id: "h".into(),
-        inputs: vec![InferInputTensor {
-            name: "features".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows as i64, d as i64],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![raw(&vec![0.25; rows * d])],
-        ..Default::default()
+        ..rows_request(rows)
     }
 }
 
@@ -70,94 +38,83 @@ fn grpc_count(m: &Metrics, route: &str, code: &str) -> f64 {
     m.sum("tokitai_grpc_requests_total", &[("route", route), ("code", code)])
 }
 
-#[test]
-fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
-    let mut config = base_config();
-    config.server.max_body_bytes = 64 * 1024;
-    config.batching.max_request_rows = 64;
-    config.batching.max_queue_rows = 64;
-    let server = TestServer::start(config);
-    let rt = runtime();
-    rt.block_on(async {
-        let mut c = client(server.grpc_addr()).await;
-        let d = nano_dims().input as i64;
-        let mut cases: Vec<(&str, ModelInferRequest, Code)> = Vec::new();
-        // 96 KiB of raw contents: over server.max_body_bytes (64 KiB).
-        let mut big = request(1);
-        big.raw_input_contents = vec![Bytes::from(vec![0u8; 96 * 1024])];
-        cases.push(("oversized", big, Code::OutOfRange));
+/// The malformed `ModelInfer` requests, each with what it is and the code
+/// it must get.
+fn malformed_infer_cases() -> Vec<(&'static str, ModelInferRequest, Code)> {
+    let d = nano_dims().input as i64;
+    let mut cases: Vec<(&str, ModelInferRequest, Code)> = Vec::new();
+    // 96 KiB of raw contents: over server.max_body_bytes (64 KiB).
+    let mut big = request(1);
+    big.raw_input_contents = vec![Bytes::from(vec![0u8; 96 * 1024])];
+    cases.push(("oversized", big, Code::OutOfRange));
+    let mut r = request(1);
+    r.inputs[0].datatype = "INT32".into();
+    cases.push(("wrong datatype", r, Code::InvalidArgument));
+    for shape in [
+        vec![i64::MAX, d],
+        vec![1 << 62, 1 << 62],
+        vec![-1, d],
+        vec![1, d, 1],
+        vec![],
+    ] {
         let mut r = request(1);
-        r.inputs[0].datatype = "INT32".into();
-        cases.push(("wrong datatype", r, Code::InvalidArgument));
-        for shape in [
-            vec![i64::MAX, d],
-            vec![1 << 62, 1 << 62],
-            vec![-1, d],
-            vec![1, d, 1],
-            vec![],
-        ] {
-            let mut r = request(1);
-            r.inputs[0].shape = shape;
-            cases.push(("bad shape", r, Code::InvalidArgument));
-        }
-        let mut r = request(2);
-        r.raw_input_contents = vec![raw(&vec![0.0; 2 * d as usize - 1])];
-        cases.push(("raw length disagrees with the shape", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.raw_input_contents.push(raw(&[1.0]));
-        cases.push(("two raw contents for one input", r, Code::InvalidArgument));
-        let mut r = request(1);
-        let out = |n: &str| InferRequestedOutputTensor {
-            name: n.into(),
-            ..Default::default()
-        };
-        r.outputs = vec![out("logits"), out("logits")];
-        cases.push(("duplicate outputs", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.outputs = vec![out("hidden_state")];
-        cases.push(("unknown output", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.raw_input_contents = vec![raw(&vec![f32::NAN; d as usize])];
-        cases.push(("non-finite values", r, Code::InvalidArgument));
-        let mut r = request(1);
-        r.model_name = "other".into();
-        cases.push(("unknown model", r, Code::NotFound));
-        let mut r = request(1);
-        r.model_version = "999999".into();
-        cases.push(("unknown version", r, Code::NotFound));
-        cases.push(("too many rows", request(65), Code::InvalidArgument));
-        for (what, req, want) in cases {
-            let status = c.model_infer(req).await.expect_err(what);
-            assert_eq!(status.code(), want, "{what}: {status:?}");
-        }
-        // A malformed deadline is the client's error too.
-        let mut req = tonic::Request::new(request(1));
-        req.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
-        assert_eq!(c.model_infer(req).await.unwrap_err().code(), Code::InvalidArgument);
-        // The repository index lists the served model; loading is for
-        // `explicit` mode only (this server runs in `none`): UNAVAILABLE.
-        let index = c
-            .repository_index(pb::RepositoryIndexRequest::default())
-            .await
-            .expect("the repository index")
-            .into_inner();
-        let rows: Vec<_> = index
-            .models
-            .iter()
-            .map(|m| (m.name.as_str(), m.state.as_str()))
-            .collect();
-        assert_eq!(rows, vec![("tokitai-moe", "READY")]);
-        let load = pb::RepositoryModelLoadRequest {
-            model_name: "tokitai-moe".into(),
-            ..Default::default()
-        };
-        let status = c.repository_model_load(load).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-        // The same connection still serves.
-        let answer = c.model_infer(request(3)).await.expect("a good request").into_inner();
-        assert_eq!((answer.id.as_str(), answer.raw_output_contents.len()), ("h", 2));
-        assert_eq!(answer.outputs[0].shape, vec![3, nano_dims().output as i64]);
-    });
+        r.inputs[0].shape = shape;
+        cases.push(("bad shape", r, Code::InvalidArgument));
+    }
+    let mut r = request(2);
+    r.raw_input_contents = vec![raw(&vec![0.0; 2 * d as usize - 1])];
+    cases.push(("raw length disagrees with the shape", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.raw_input_contents.push(raw(&[1.0]));
+    cases.push(("two raw contents for one input", r, Code::InvalidArgument));
+    let mut r = request(1);
+    let out = |n: &str| InferRequestedOutputTensor {
+        name: n.into(),
+        ..Default::default()
+    };
+    r.outputs = vec![out("logits"), out("logits")];
+    cases.push(("duplicate outputs", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.outputs = vec![out("hidden_state")];
+    cases.push(("unknown output", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.raw_input_contents = vec![raw(&vec![f32::NAN; d as usize])];
+    cases.push(("non-finite values", r, Code::InvalidArgument));
+    let mut r = request(1);
+    r.model_name = "other".into();
+    cases.push(("unknown model", r, Code::NotFound));
+    let mut r = request(1);
+    r.model_version = "999999".into();
+    cases.push(("unknown version", r, Code::NotFound));
+    cases.push(("too many rows", request(65), Code::InvalidArgument));
+    cases
+}
+
+/// The repository index lists the served model; loading is for `explicit`
+/// mode only (this server runs in `none`): UNAVAILABLE.
+async fn assert_index_and_no_load_in_none_mode(c: &mut GrpcClient) {
+    let index = c
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .expect("the repository index")
+        .into_inner();
+    let rows: Vec<_> = index
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.state.as_str()))
+        .collect();
+    assert_eq!(rows, vec![("tokitai-moe", "READY")]);
+    let load = pb::RepositoryModelLoadRequest {
+        model_name: "tokitai-moe".into(),
+        ..Default::default()
+    };
+    let status = c.repository_model_load(load).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// Only the good request computed; every refusal was counted under its
+/// code, none as an internal error.
+fn assert_refusals_counted(server: &TestServer) {
     let m = server.metrics();
     assert_eq!(
         m.sum("tokitai_rows_computed_total", &[]),
@@ -171,6 +128,32 @@ fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
     assert_eq!(grpc_count(&m, INFER, "OUT_OF_RANGE"), 1.0, "{}", m.text);
     assert_eq!(grpc_count(&m, INFER, "NOT_FOUND"), 2.0);
     assert!(grpc_count(&m, INFER, "INVALID_ARGUMENT") >= 12.0);
+}
+
+#[test]
+fn malformed_requests_get_client_errors_and_the_server_keeps_serving() {
+    let mut config = base_config();
+    config.server.max_body_bytes = 64 * 1024;
+    config.batching.max_request_rows = 64;
+    config.batching.max_queue_rows = 64;
+    let server = TestServer::start(config);
+    runtime().block_on(async {
+        let mut c = client(server.grpc_addr()).await;
+        for (what, req, want) in malformed_infer_cases() {
+            let status = c.model_infer(req).await.expect_err(what);
+            assert_eq!(status.code(), want, "{what}: {status:?}");
+        }
+        // A malformed deadline is the client's error too.
+        let mut req = tonic::Request::new(request(1));
+        req.metadata_mut().insert("grpc-timeout", "soon".parse().unwrap());
+        assert_eq!(c.model_infer(req).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_index_and_no_load_in_none_mode(&mut c).await;
+        // The same connection still serves.
+        let answer = c.model_infer(request(3)).await.expect("a good request").into_inner();
+        assert_eq!((answer.id.as_str(), answer.raw_output_contents.len()), ("h", 2));
+        assert_eq!(answer.outputs[0].shape, vec![3, nano_dims().output as i64]);
+    });
+    assert_refusals_counted(&server);
     server.shutdown();
 }
 
@@ -217,23 +200,11 @@ fn a_passed_deadline_is_deadline_exceeded_and_an_abandoned_call_is_not_computed(
 /// One unary `ModelInfer` over raw HTTP/2 with `grpc-timeout: {timeout}`:
 /// the `grpc-status` the server answers with.
 async fn raw_unary(addr: SocketAddr, req: &ModelInferRequest, timeout: &str) -> String {
-    use prost::Message as _;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (h2, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
     tokio::spawn(connection);
     let mut h2 = h2.ready().await.unwrap();
-    let head = http::Request::post(format!("http://{addr}{INFER}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", timeout)
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(head, false).unwrap();
-    let message = req.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend((message.len() as u32).to_be_bytes());
-    frame.extend(message);
-    body.send_data(Bytes::from(frame), true).unwrap();
+    let response = send_raw_infer(&mut h2, addr, req, timeout);
     let response = response.await.expect("an answer");
     if let Some(status) = response.headers().get("grpc-status") {
         return status.to_str().unwrap().to_string();
@@ -244,17 +215,6 @@ async fn raw_unary(addr: SocketAddr, req: &ModelInferRequest, timeout: &str) -> 
     }
     let trailers = body.trailers().await.unwrap().expect("trailers");
     trailers["grpc-status"].to_str().unwrap().to_string()
-}
-
-/// Resident memory of this process (the server runs in it), in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kb * 1024
 }
 
 #[test]

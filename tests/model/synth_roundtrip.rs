@@ -6,15 +6,13 @@
 
 use std::path::Path;
 
+use crate::common::nano_dims;
+
 use tokitai_serve::model::{
     Arch, Dims, ModelError, ModelSize, ModelSource, MoeWeights, demo_model, load_model, read_checkpoint,
     synth::{DEMO_SEED, SYNTH_STEP},
     synth_weights, write_checkpoint, write_model_dir,
 };
-
-fn nano() -> Dims {
-    Dims::for_size(ModelSize::Nano)
-}
 
 /// Exact TKP1 size of `dims` with `config_len` config bytes.
 fn expected_file_len(dims: &Dims, config_len: usize, optimizer_state: bool) -> u64 {
@@ -42,16 +40,16 @@ fn digest(w: &MoeWeights) -> u64 {
 #[test]
 fn nano_round_trips_with_and_without_optimizer_state() {
     let dir = tempfile::tempdir().unwrap();
-    let w = synth_weights(nano(), 7);
+    let w = synth_weights(nano_dims(), 7);
     let config = r#"{"size":"Nano","seed":7}"#;
     let mut lens = Vec::new();
     for opt in [false, true] {
         let p = dir.path().join(format!("ckpt-{opt}.tkp1"));
         write_checkpoint(&p, &w, 321, config, opt).unwrap();
         let len = std::fs::metadata(&p).unwrap().len();
-        assert_eq!(len, expected_file_len(&nano(), config.len(), opt));
+        assert_eq!(len, expected_file_len(&nano_dims(), config.len(), opt));
         lens.push(len);
-        let c = read_checkpoint(&p, &nano()).unwrap();
+        let c = read_checkpoint(&p, &nano_dims()).unwrap();
         assert_eq!(c.step, 321);
         assert_eq!(c.config, config);
         assert_eq!(c.weights, w);
@@ -107,7 +105,7 @@ fn model_dir_loads_back_identical() {
         let m = load_model(&arch_path, &ckpt_path).unwrap();
         assert_eq!(m.arch, arch);
         assert_eq!(m.step, SYNTH_STEP);
-        assert_eq!(m.weights, synth_weights(nano(), 99));
+        assert_eq!(m.weights, synth_weights(nano_dims(), 99));
         assert_eq!(
             m.source,
             ModelSource::Files {
@@ -131,12 +129,12 @@ fn same_seed_same_bytes_different_seed_different_bytes() {
     assert!(one == two, "same seed must give identical files");
     assert_ne!(one.1, other.1);
     assert_eq!(one.1.len(), other.1.len());
-    assert_ne!(synth_weights(nano(), 5), synth_weights(nano(), 6));
+    assert_ne!(synth_weights(nano_dims(), 5), synth_weights(nano_dims(), 6));
 }
 
 #[test]
 fn synth_weights_are_non_trivial_and_scaled() {
-    let d = nano();
+    let d = nano_dims();
     let w = synth_weights(d, 11);
     let nonzero = |v: &[f32]| v.iter().all(|&x| x != 0.0 && x.is_finite());
     assert!(nonzero(&w.router.bias));
@@ -170,15 +168,15 @@ fn demo_model_is_deterministic_nano_without_files() {
     assert_eq!(a, b);
     assert_eq!(a.source, ModelSource::Demo);
     assert_eq!(a.arch.size, ModelSize::Nano);
-    assert_eq!(a.arch.dims(), nano());
-    assert_eq!(a.weights, synth_weights(nano(), DEMO_SEED));
+    assert_eq!(a.arch.dims(), nano_dims());
+    assert_eq!(a.weights, synth_weights(nano_dims(), DEMO_SEED));
 }
 
 #[test]
 fn writer_rejects_weights_that_disagree_with_their_dims() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.tkp1");
-    let mut w = synth_weights(nano(), 1);
+    let mut w = synth_weights(nano_dims(), 1);
     w.experts[2].blocks[1].norm.beta.pop();
     let e = write_checkpoint(&p, &w, 0, "{}", false).unwrap_err();
     assert!(matches!(e, ModelError::InvalidWeights { .. }));
@@ -189,14 +187,14 @@ fn writer_rejects_weights_that_disagree_with_their_dims() {
     );
     assert!(!p.exists(), "nothing is written for invalid weights");
 
-    let mut w = synth_weights(nano(), 1);
+    let mut w = synth_weights(nano_dims(), 1);
     w.experts.pop();
     let msg = write_checkpoint(&p, &w, 0, "{}", false).unwrap_err().to_string();
     assert!(msg.contains("44 tensors") && msg.contains("58"), "{msg}");
 
     let e = write_checkpoint(
         Path::new("/nonexistent/dir/x.tkp1"),
-        &synth_weights(nano(), 1),
+        &synth_weights(nano_dims(), 1),
         0,
         "",
         false,

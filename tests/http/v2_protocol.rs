@@ -1,14 +1,12 @@
 //! The Open Inference Protocol (KServe v2) routes over real HTTP, beyond what
-//! Triton's client exercises (tests/triton_client.rs): JSON and binary
+//! Triton's client exercises (tests/grpc/triton_client.rs): JSON and binary
 //! requests give bit-identical answers to `/infer`, `id` is echoed, requested
 //! outputs are honoured, and each malformed request gets the protocol's
 //! `{"error": ...}` with Triton's status code for the same condition.
 
-mod common;
-
-use common::{Fixture, Reply, TestServer, agent, base_config, finish, fixture_config, get, nano_dims, post};
+use crate::common::{Fixture, Reply, TestServer, agent, base_config, finish, fixture_config, get, nano_dims, post};
 use serde_json::{Value, json};
-use tokitai_serve::model::LayerNormMode;
+use tokitai_serve::model::{Dims, LayerNormMode};
 
 const MODEL: &str = "tokitai-moe";
 /// Bytes per FP32 element in binary tensor data.
@@ -36,43 +34,31 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn json_and_binary_answers_equal_infer_bit_for_bit() {
-    let fixture = Fixture::load("nano-s11");
-    let server = TestServer::start(fixture_config("nano-s11", LayerNormMode::Identity));
-    let a = agent();
-    let d = fixture.dims;
-    const ROWS: usize = 5;
-    let rows: Vec<Vec<f32>> = fixture
-        .inputs
-        .iter()
-        .take(ROWS)
-        .map(|r| r.iter().map(|&v| v as f32).collect())
-        .collect();
-    let version = get(&a, &server.url(&format!("/v2/models/{MODEL}"))).json()["versions"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_ne!(version, "0", "a fixture's version is its checkpoint step");
-    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+/// Rows of the bit-for-bit test.
+const ROWS: usize = 5;
 
-    let legacy = post(&a, &server.url("/infer"), &json!({ "features": rows }).to_string(), &[]).json();
-    let legacy_logits: Vec<f32> = legacy["logits"]
+/// `/infer`'s logits for `rows`, flattened.
+fn legacy_logits(a: &ureq::Agent, server: &TestServer, rows: &[Vec<f32>]) -> Vec<f32> {
+    let legacy = post(a, &server.url("/infer"), &json!({ "features": rows }).to_string(), &[]).json();
+    legacy["logits"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|r| r.as_array().unwrap().clone())
         .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+        .collect()
+}
 
-    // JSON, nested data, one requested output, id echoed.
+/// The v2 JSON route's logits for `rows` (nested data, one requested
+/// output, the id echoed, the model and `version` named), flattened.
+fn v2_json_logits(a: &ureq::Agent, server: &TestServer, rows: &[Vec<f32>], d: Dims, version: &str) -> Vec<f32> {
     let request = json!({
         "id": "req-7",
         "inputs": [{ "name": "features", "shape": [ROWS, d.input], "datatype": "FP32", "data": rows }],
         "outputs": [{ "name": "logits" }],
     });
     let reply = post(
-        &a,
+        a,
         &server.url(&format!("/v2/models/{MODEL}/infer")),
         &request.to_string(),
         &[],
@@ -81,20 +67,23 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
     let v = reply.json();
     assert_eq!(v["id"], "req-7");
     assert_eq!(v["model_name"], MODEL);
-    assert_eq!(v["model_version"], version.as_str());
+    assert_eq!(v["model_version"], version);
     let outputs = v["outputs"].as_array().unwrap();
     assert_eq!(outputs.len(), 1, "only the requested output");
     assert_eq!(outputs[0]["name"], "logits");
     assert_eq!(outputs[0]["shape"], json!([ROWS, d.output]));
-    let json_logits: Vec<f32> = outputs[0]["data"]
+    outputs[0]["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    assert_eq!(json_logits, legacy_logits, "v2 JSON answer differs from /infer");
+        .collect()
+}
 
-    // Binary in, binary out, through the versioned route.
+/// The versioned v2 route's answer to `rows`, binary in and binary out: its
+/// logits and router weights, flattened.
+fn v2_binary_answer(server: &TestServer, rows: &[Vec<f32>], d: Dims, version: &str) -> (Vec<f32>, Vec<f32>) {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     let payload: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
     let header = json!({
         "inputs": [{ "name": "features", "shape": [ROWS, d.input], "datatype": "FP32",
@@ -119,9 +108,33 @@ fn json_and_binary_answers_equal_infer_bit_for_bit() {
     assert_eq!(outs[0]["parameters"]["binary_data_size"], logits_bytes);
     assert_eq!(outs[1]["parameters"]["binary_data_size"], ROWS * d.experts * F32_BYTES);
     let binary_logits = f32s(&reply.body[head_len..head_len + logits_bytes]);
-    assert_eq!(binary_logits, legacy_logits, "v2 binary answer differs from /infer");
     let router = f32s(&reply.body[head_len + logits_bytes..]);
     assert_eq!(router.len(), ROWS * d.experts);
+    (binary_logits, router)
+}
+
+#[test]
+fn json_and_binary_answers_equal_infer_bit_for_bit() {
+    let fixture = Fixture::load("nano-s11");
+    let server = TestServer::start(fixture_config("nano-s11", LayerNormMode::Identity));
+    let a = agent();
+    let d = fixture.dims;
+    let rows: Vec<Vec<f32>> = fixture
+        .inputs
+        .iter()
+        .take(ROWS)
+        .map(|r| r.iter().map(|&v| v as f32).collect())
+        .collect();
+    let version = get(&a, &server.url(&format!("/v2/models/{MODEL}"))).json()["versions"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(version, "0", "a fixture's version is its checkpoint step");
+    let legacy = legacy_logits(&a, &server, &rows);
+    let json_logits = v2_json_logits(&a, &server, &rows, d, &version);
+    assert_eq!(json_logits, legacy, "v2 JSON answer differs from /infer");
+    let (binary_logits, router) = v2_binary_answer(&server, &rows, d, &version);
+    assert_eq!(binary_logits, legacy, "v2 binary answer differs from /infer");
     let as_rows = |v: &[f32], w: usize| -> Value { v.chunks(w).map(|r| json!(r)).collect() };
     let answer = json!({ "logits": as_rows(&binary_logits, d.output), "router_weights": as_rows(&router, d.experts) });
     let first_rows: Vec<usize> = (0..ROWS).collect();

@@ -8,16 +8,14 @@
 //! (exit 2) and in a model's `config.toml` (its load fails naming the
 //! setting and the bound).
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::grpc::{client, runtime};
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use serde_json::json;
 use tokitai_serve::config::{ControlMode, MAX_REQUEST_ROWS};
-use tokitai_serve::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tokitai_serve::grpc::pb::model_infer_request::InferInputTensor;
 use tokitai_serve::grpc::pb::{InferTensorContents, ModelInferRequest};
 use tokitai_serve::model::{ModelSize, write_model_dir};
@@ -47,6 +45,67 @@ fn rows_computed(server: &TestServer) -> f64 {
     server.metrics().sum("tokitai_rows_computed_total", &[])
 }
 
+/// Over HTTP, binary and JSON: a 400 naming the shape.
+fn assert_http_refuses_the_overflow(agent: &ureq::Agent, url: &str, d: i64) {
+    // Binary: one row of bytes, binary_data_size 384 (what the size wrapped to).
+    let (body, header_len) = v2_binary(&[ROWS, d], &one_row_bytes());
+    let r = agent
+        .post(url)
+        .set("Inference-Header-Content-Length", &header_len.to_string())
+        .set("Content-Type", "application/octet-stream")
+        .send_bytes(&body);
+    let r = finish(r).expect("an answer");
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert_eq!(r.status, 400, "{error}");
+    assert!(error.contains(SHAPE_TEXT) && error.contains("overflows"), "{error}");
+    // JSON data: one row of values.
+    let body = json!({"inputs": [{"name": "features", "datatype": "FP32", "shape": [ROWS, d],
+        "data": vec![0.5; d as usize]}]});
+    let r = try_post(agent, url, &body.to_string(), &[("Content-Type", "application/json")]).unwrap();
+    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert_eq!(r.status, 400, "{error}");
+    assert!(error.contains(SHAPE_TEXT), "{error}");
+}
+
+/// The overflowing shape as `ModelInfer` requests, raw and typed contents.
+fn overflowing_grpc_requests(d: i64) -> [(&'static str, ModelInferRequest); 2] {
+    let tensor = InferInputTensor {
+        name: "features".into(),
+        datatype: "FP32".into(),
+        shape: vec![ROWS, d],
+        ..Default::default()
+    };
+    let raw = ModelInferRequest {
+        model_name: "tokitai-moe".into(),
+        inputs: vec![tensor.clone()],
+        raw_input_contents: vec![Bytes::from(one_row_bytes())],
+        ..Default::default()
+    };
+    let mut typed_tensor = tensor;
+    typed_tensor.contents = Some(InferTensorContents {
+        fp32_contents: vec![0.5; d as usize],
+        ..Default::default()
+    });
+    let typed = ModelInferRequest {
+        model_name: "tokitai-moe".into(),
+        inputs: vec![typed_tensor],
+        ..Default::default()
+    };
+    [("raw", raw), ("typed", typed)]
+}
+
+/// Over gRPC: INVALID_ARGUMENT naming the shape.
+fn assert_grpc_refuses_the_overflow(server: &TestServer, d: i64) {
+    runtime().block_on(async {
+        let mut c = client(server.grpc_addr()).await;
+        for (what, req) in overflowing_grpc_requests(d) {
+            let status = c.model_infer(req).await.expect_err(what);
+            assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+            assert!(status.message().contains(SHAPE_TEXT), "{what}: {}", status.message());
+        }
+    });
+}
+
 #[test]
 fn overflowing_shapes_are_400_over_http_and_invalid_argument_over_grpc_naming_the_shape() {
     let mut config = base_config();
@@ -59,66 +118,8 @@ fn overflowing_shapes_are_400_over_http_and_invalid_argument_over_grpc_naming_th
     let agent = agent();
     let url = server.url("/v2/models/tokitai-moe/infer");
     let d = nano_dims().input as i64;
-
-    // Binary: one row of bytes, binary_data_size 384 (what the size wrapped to).
-    let (body, header_len) = v2_binary(&[ROWS, d], &one_row_bytes());
-    let r = agent
-        .post(&url)
-        .set("Inference-Header-Content-Length", &header_len.to_string())
-        .set("Content-Type", "application/octet-stream")
-        .send_bytes(&body);
-    let r = finish(r).expect("an answer");
-    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
-    assert_eq!(r.status, 400, "{error}");
-    assert!(error.contains(SHAPE_TEXT) && error.contains("overflows"), "{error}");
-    // JSON data: one row of values.
-    let body = json!({"inputs": [{"name": "features", "datatype": "FP32", "shape": [ROWS, d],
-        "data": vec![0.5; d as usize]}]});
-    let r = try_post(&agent, &url, &body.to_string(), &[("Content-Type", "application/json")]).unwrap();
-    let error = r.json()["error"].as_str().unwrap_or_default().to_string();
-    assert_eq!(r.status, 400, "{error}");
-    assert!(error.contains(SHAPE_TEXT), "{error}");
-
-    // gRPC, raw and typed contents.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr()))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the gRPC port");
-        let mut c = GrpcInferenceServiceClient::new(channel);
-        let tensor = InferInputTensor {
-            name: "features".into(),
-            datatype: "FP32".into(),
-            shape: vec![ROWS, d],
-            ..Default::default()
-        };
-        let raw = ModelInferRequest {
-            model_name: "tokitai-moe".into(),
-            inputs: vec![tensor.clone()],
-            raw_input_contents: vec![Bytes::from(one_row_bytes())],
-            ..Default::default()
-        };
-        let mut typed_tensor = tensor;
-        typed_tensor.contents = Some(InferTensorContents {
-            fp32_contents: vec![0.5; d as usize],
-            ..Default::default()
-        });
-        let typed = ModelInferRequest {
-            model_name: "tokitai-moe".into(),
-            inputs: vec![typed_tensor],
-            ..Default::default()
-        };
-        for (what, req) in [("raw", raw), ("typed", typed)] {
-            let status = c.model_infer(req).await.expect_err(what);
-            assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
-            assert!(status.message().contains(SHAPE_TEXT), "{what}: {}", status.message());
-        }
-    });
+    assert_http_refuses_the_overflow(&agent, &url, d);
+    assert_grpc_refuses_the_overflow(&server, d);
     assert_eq!(rows_computed(&server), before, "an overflowing shape was computed");
     // A real request of the same form still works.
     let (body, header_len) = v2_binary(&[1, d], &one_row_bytes());

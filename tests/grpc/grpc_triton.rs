@@ -10,21 +10,14 @@
 //! - a deadline that passes while the rows wait getting DEADLINE_EXCEEDED;
 //! - `perf_analyzer -i grpc`, unary and `--streaming`, without errors.
 //!
-//! The tools live in the venv `.ci/run` makes (see `common::triton`).
+//! The tools live in the venv `.ci/run` makes (see `crate::common::triton`).
 
-mod common;
-
-use common::{FIXTURES, TestServer, base_config, fixture_config, nano_dims, perf_analyzer, run_python};
+use crate::common::{
+    FIXTURES, TestServer, assert_pass, base_config, fixture_config, nano_dims, perf_analyzer_smoke, run_python,
+};
 use tokitai_serve::model::LayerNormMode;
 
 const MODEL: &str = "tokitai-moe";
-
-fn assert_pass(what: &str, out: &std::process::Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("PASS"), "{what}:\n{stdout}\n{stderr}");
-}
 
 fn run_grpc_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
     let server = TestServer::start(fixture_config(fixture, mode));
@@ -57,7 +50,7 @@ fn run_grpc_check(fixture: &str, mode: LayerNormMode, logits_key: &str) {
 
 #[test]
 fn tritonclient_grpc_matches_fixtures_in_identity_mode() {
-    for fixture in common::FIXTURE_NAMES {
+    for fixture in crate::common::FIXTURE_NAMES {
         run_grpc_check(fixture, LayerNormMode::Identity, "logits_ln_identity");
     }
 }
@@ -98,38 +91,11 @@ fn perf_analyzer_completes_over_grpc_unary_and_streaming() {
     let server = TestServer::start(base_config());
     let url = server.grpc_addr().to_string();
     for streaming in [false, true] {
-        let mut args = vec![
-            "-m",
-            MODEL,
-            "-u",
-            &url,
-            "-i",
-            "grpc",
-            "--concurrency-range",
-            "1:4:3",
-            "--measurement-interval",
-            "1000",
-            "--max-trials",
-            "5",
-            // A smoke run on a shared 2-core machine: accept any stability.
-            "--stability-percentage",
-            "1000",
-        ];
+        let mut args = vec!["-m", MODEL, "-u", &url, "-i", "grpc", "--concurrency-range", "1:4:3"];
         if streaming {
             args.push("--streaming");
         }
-        let out = perf_analyzer(&args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "perf_analyzer (streaming={streaming}) failed:\n{stdout}\n{stderr}"
-        );
-        assert!(stdout.contains("Throughput"), "no throughput line:\n{stdout}");
-        assert!(
-            !stdout.to_lowercase().contains("error"),
-            "perf_analyzer reported errors:\n{stdout}\n{stderr}"
-        );
+        perf_analyzer_smoke(&args);
     }
     let m = server.metrics();
     let route = |r: &str, code: &str| m.sum("tokitai_grpc_requests_total", &[("route", r), ("code", code)]);

@@ -11,15 +11,14 @@
 //! NaN weight, and `serve --config` on one exits 2 (those runs are bounded:
 //! a server that starts anyway, or blocks, is killed and fails the test).
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row, nano_dims, single_body};
+use crate::common::{BIN, FIXTURE_NAMES, Fixture, batch_body, f32_row, nano_dims, single_body};
+use crate::support::mkfifo;
 use serde_json::Value;
 use tokitai_serve::model::{Arch, LayerNormMode, ModelSize, synth_weights, write_checkpoint};
 
@@ -314,13 +313,6 @@ fn run_bounded(args: &[&str]) -> Output {
     let err = stderr(&out);
     assert!(!err.contains("panicked"), "tokitai-serve {args:?} panicked: {err}");
     out
-}
-
-fn mkfifo(p: &Path) {
-    let c = std::ffi::CString::new(path(p)).unwrap();
-    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-    assert_eq!(rc, 0, "mkfifo {}: {}", p.display(), std::io::Error::last_os_error());
 }
 
 /// A Nano model in `dir` written by the library's writer, with a NaN at

@@ -9,9 +9,9 @@
 //! batched together (`tokitai_batch_size_requests` saw a batch of more than
 //! one request), so the comparison is not vacuous.
 
-mod common;
-
-use common::{Fixture, Rng, TestServer, agent, batch_body, concurrent_clients, fixture_config, post, single_body};
+use crate::common::{
+    Fixture, Metrics, Rng, TestServer, agent, batch_body, concurrent_clients, fixture_config, post, single_body,
+};
 use serde_json::Value;
 use tokitai_serve::model::LayerNormMode;
 
@@ -52,32 +52,21 @@ fn answer(agent: &ureq::Agent, url: &str, body: &str, who: &str) -> Value {
     reply.json()
 }
 
-#[test]
-fn concurrent_clients_get_their_own_bit_identical_answers() {
-    let fixture = Fixture::load("nano-s12");
-    let mut config = fixture_config("nano-s12", LayerNormMode::Identity);
-    config.workers.count = 2;
-    config.workers.threads_per_worker = 1;
-    // Partial batches wait up to 2 ms for company, so requests from
-    // different clients share batches even on a loaded machine.
-    config.batching.max_queue_delay_us = 2000;
-    let server = TestServer::start(config);
-    let url = server.url("/infer");
-    let plan = plan(&fixture);
+/// Sequential reference answers to the `plan`, one request at a time.
+fn sequential_answers(plan: &[Vec<String>], url: &str) -> Vec<Vec<Value>> {
+    let agent = agent();
+    plan.iter()
+        .map(|client| {
+            client
+                .iter()
+                .map(|body| answer(&agent, url, body, "sequential"))
+                .collect()
+        })
+        .collect()
+}
 
-    // Sequential reference answers, one request at a time.
-    let sequential: Vec<Vec<Value>> = {
-        let agent = agent();
-        plan.iter()
-            .map(|client| {
-                client
-                    .iter()
-                    .map(|body| answer(&agent, &url, body, "sequential"))
-                    .collect()
-            })
-            .collect()
-    };
-    // Sanity: the fixture rows in the plan answered correctly when alone.
+/// Sanity: the fixture rows in the `plan` answered correctly when alone.
+fn assert_sequential_answers_match_the_fixture(fixture: &Fixture, plan: &[Vec<String>], sequential: &[Vec<Value>]) {
     for (c, client) in plan.iter().enumerate() {
         for (i, body) in client.iter().enumerate() {
             let sent: Value = serde_json::from_str(body).unwrap();
@@ -97,27 +86,11 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
             }
         }
     }
-    let before = server.metrics();
+}
 
-    // The same requests from 64 concurrent clients, each on its own connection.
-    let concurrent: Vec<Vec<Value>> = concurrent_clients(CLIENTS, |c, agent| {
-        plan[c]
-            .iter()
-            .map(|body| answer(agent, &url, body, &format!("client {c}")))
-            .collect()
-    });
-
-    for c in 0..CLIENTS {
-        for i in 0..REQUESTS_PER_CLIENT {
-            assert_eq!(
-                concurrent[c][i], sequential[c][i],
-                "client {c} request {i}: concurrent answer differs from the sequential one"
-            );
-        }
-    }
-
-    // Requests were really batched together during the concurrent phase.
-    let after = server.metrics();
+/// Requests were really batched together between the `before` and `after`
+/// scrapes, and every one was answered 200.
+fn assert_requests_shared_batches(before: &Metrics, after: &Metrics) {
     let le1 = after.sum("tokitai_batch_size_requests_bucket", &[("le", "1")])
         - before.sum("tokitai_batch_size_requests_bucket", &[("le", "1")]);
     let total =
@@ -133,5 +106,39 @@ fn concurrent_clients_get_their_own_bit_identical_answers() {
         Some((2 * CLIENTS * REQUESTS_PER_CLIENT) as u64)
     );
     assert_eq!(answered.len(), 1, "only 200s: {answered:?}");
+}
+
+#[test]
+fn concurrent_clients_get_their_own_bit_identical_answers() {
+    let fixture = Fixture::load("nano-s12");
+    let mut config = fixture_config("nano-s12", LayerNormMode::Identity);
+    config.workers.count = 2;
+    config.workers.threads_per_worker = 1;
+    // Partial batches wait up to 2 ms for company, so requests from
+    // different clients share batches even on a loaded machine.
+    config.batching.max_queue_delay_us = 2000;
+    let server = TestServer::start(config);
+    let url = server.url("/infer");
+    let plan = plan(&fixture);
+    let sequential = sequential_answers(&plan, &url);
+    assert_sequential_answers_match_the_fixture(&fixture, &plan, &sequential);
+    let before = server.metrics();
+
+    // The same requests from 64 concurrent clients, each on its own connection.
+    let concurrent: Vec<Vec<Value>> = concurrent_clients(CLIENTS, |c, agent| {
+        plan[c]
+            .iter()
+            .map(|body| answer(agent, &url, body, &format!("client {c}")))
+            .collect()
+    });
+    for c in 0..CLIENTS {
+        for i in 0..REQUESTS_PER_CLIENT {
+            assert_eq!(
+                concurrent[c][i], sequential[c][i],
+                "client {c} request {i}: concurrent answer differs from the sequential one"
+            );
+        }
+    }
+    assert_requests_shared_batches(&before, &server.metrics());
     server.shutdown();
 }

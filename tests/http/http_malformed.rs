@@ -12,13 +12,11 @@
 //! before the body is sent; and that afterwards `/healthz` is 200 and a valid
 //! request still gets the correct answer.
 
-mod common;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     Fixture, RawOutcome, TestServer, agent, fixture_config, fixture_dims, get, post, raw_exchange, raw_json_request,
     raw_request, single_body,
 };
@@ -428,7 +426,7 @@ fn declared_50_mb_body_is_refused_before_it_is_sent() {
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(br#"{"features": [[0.5, 0.25, "#).unwrap();
     // Nothing more is sent: the answer must come from the header alone.
-    let reply = match common::read_response(&mut stream, None) {
+    let reply = match crate::common::read_response(&mut stream, None) {
         RawOutcome::Response(r) => r,
         other => panic!("no answer to a 50 MB Content-Length: {other:?}"),
     };

@@ -13,14 +13,12 @@
 //!
 //! Owns: nothing but tests. Must not touch: the engine's behaviour.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use crate::common::deploy::{self, OVERLAYS, container, object, rendered, repo_root, yaml_file};
+use crate::common::{TestServer, agent, base_config, get};
 use clap::Parser;
-use common::deploy::{self, OVERLAYS, container, object, rendered, repo_root, yaml_file};
-use common::{TestServer, agent, base_config, get};
 use serde_json::{Value, json};
 use tokitai_serve::cli::Cli;
 use tokitai_serve::config::Config;
@@ -517,86 +515,103 @@ fn pre_stop_sleep(c: &Value) -> u64 {
 fn engine_arguments_and_environment_load_with_the_engines_parser_and_config() {
     let toml = config_map_toml(&rendered("service"));
     let grpc_isvc = object(&rendered("kserve"), "InferenceService", "tokitai-moe-grpc").clone();
+    let h2c = grpc_isvc["spec"]["predictor"]["model"]["ports"][0]["containerPort"].as_u64();
     for (place, pod, c) in engine_containers() {
         let config = load_engine_config(&pod, &c, &toml, true).unwrap_or_else(|e| panic!("{place}: {e}"));
-        for arg in args_of(&c) {
-            let (name, value) = arg
-                .split_once('=')
-                .unwrap_or_else(|| panic!("{place}: write {arg} as --flag=value"));
-            let (_, path) = FLAG_SETTINGS
-                .iter()
-                .find(|(f, _)| *f == name)
-                .unwrap_or_else(|| panic!("{place}: {name} is not in FLAG_SETTINGS"));
-            if path.is_empty() {
-                continue;
-            }
-            let got =
-                setting(&config, path).unwrap_or_else(|| panic!("{place}: {name}: the engine has no setting {path}"));
-            let same = match &got {
-                toml::Value::String(s) => s == value,
-                toml::Value::Integer(n) => value.parse() == Ok(*n),
-                toml::Value::Float(f) => value.parse() == Ok(*f),
-                other => other.to_string() == value,
-            };
-            assert!(same, "{place}: {name}={value} but {path} = {got}");
+        assert_arguments_are_settings(&place, &c, &config);
+        assert_binds_match_the_ports(&place, &c, &config, h2c);
+        assert_repository_and_grace(&place, &pod, &c, &config);
+    }
+}
+
+/// Each `--flag=value` of container `c` (at `place`) is the value of the
+/// setting it names in the `config` the engine loaded.
+fn assert_arguments_are_settings(place: &str, c: &Value, config: &Config) {
+    for arg in args_of(c) {
+        let (name, value) = arg
+            .split_once('=')
+            .unwrap_or_else(|| panic!("{place}: write {arg} as --flag=value"));
+        let (_, path) = FLAG_SETTINGS
+            .iter()
+            .find(|(f, _)| *f == name)
+            .unwrap_or_else(|| panic!("{place}: {name} is not in FLAG_SETTINGS"));
+        if path.is_empty() {
+            continue;
         }
-        let http = socket(&config, "server.bind");
-        assert!(
-            http.ip().is_unspecified(),
-            "{place}: HTTP must be reachable on the pod IP (probes): {http}"
-        );
-        let grpc = socket(&config, "grpc.bind");
-        assert_eq!(
-            setting(&config, "grpc.enabled"),
-            Some(toml::Value::Boolean(true)),
-            "{place}: gRPC on"
-        );
-        match place.as_str() {
-            "service" => {
-                assert_eq!(
-                    Some(u64::from(http.port())),
-                    port_named(&c, "http"),
-                    "service: http port"
-                );
-                assert_eq!(
-                    Some(u64::from(grpc.port())),
-                    port_named(&c, "grpc"),
-                    "service: grpc port"
-                );
-                assert!(grpc.ip().is_unspecified(), "service: gRPC on the pod IP");
-            }
-            "sidecar" => {
-                assert_eq!(
-                    Some(u64::from(http.port())),
-                    port_named(&c, "tokitai-http"),
-                    "sidecar: http port"
-                );
-                assert!(grpc.ip().is_loopback(), "sidecar: gRPC for search alone");
-            }
-            _ => {
-                assert_eq!(http.port(), 8080, "kserve: KServe's HTTP port");
-                let h2c = grpc_isvc["spec"]["predictor"]["model"]["ports"][0]["containerPort"].as_u64();
-                assert_eq!(
-                    Some(u64::from(grpc.port())),
-                    h2c,
-                    "kserve: the gRPC InferenceService's port"
-                );
-            }
+        let got = setting(config, path).unwrap_or_else(|| panic!("{place}: {name}: the engine has no setting {path}"));
+        let same = match &got {
+            toml::Value::String(s) => s == value,
+            toml::Value::Integer(n) => value.parse() == Ok(*n),
+            toml::Value::Float(f) => value.parse() == Ok(*f),
+            other => other.to_string() == value,
+        };
+        assert!(same, "{place}: {name}={value} but {path} = {got}");
+    }
+}
+
+/// HTTP and gRPC bind where the container's ports (or, for KServe, its
+/// convention and the gRPC InferenceService's port `h2c`) say.
+fn assert_binds_match_the_ports(place: &str, c: &Value, config: &Config, h2c: Option<u64>) {
+    let http = socket(config, "server.bind");
+    assert!(
+        http.ip().is_unspecified(),
+        "{place}: HTTP must be reachable on the pod IP (probes): {http}"
+    );
+    let grpc = socket(config, "grpc.bind");
+    assert_eq!(
+        setting(config, "grpc.enabled"),
+        Some(toml::Value::Boolean(true)),
+        "{place}: gRPC on"
+    );
+    match place {
+        "service" => {
+            assert_eq!(
+                Some(u64::from(http.port())),
+                port_named(c, "http"),
+                "service: http port"
+            );
+            assert_eq!(
+                Some(u64::from(grpc.port())),
+                port_named(c, "grpc"),
+                "service: grpc port"
+            );
+            assert!(grpc.ip().is_unspecified(), "service: gRPC on the pod IP");
         }
-        assert_eq!(
-            setting(&config, "model.repository")
-                .and_then(|v| v.as_str().map(str::to_string))
-                .as_deref(),
-            Some(if place == "kserve" { "/mnt/models" } else { "/models" }),
-            "{place}: model.repository"
-        );
-        if let Some(grace) = pod["terminationGracePeriodSeconds"].as_u64() {
-            let drain = pre_stop_sleep(&c) + config.server.shutdown_timeout_secs;
-            assert!(
-                grace > drain,
-                "{place}: grace {grace} s must exceed preStop + shutdown_timeout_secs = {drain} s"
+        "sidecar" => {
+            assert_eq!(
+                Some(u64::from(http.port())),
+                port_named(c, "tokitai-http"),
+                "sidecar: http port"
+            );
+            assert!(grpc.ip().is_loopback(), "sidecar: gRPC for search alone");
+        }
+        _ => {
+            assert_eq!(http.port(), 8080, "kserve: KServe's HTTP port");
+            assert_eq!(
+                Some(u64::from(grpc.port())),
+                h2c,
+                "kserve: the gRPC InferenceService's port"
             );
         }
+    }
+}
+
+/// The repository is where the overlay mounts models, and the pod's grace
+/// period outlasts preStop plus the engine's shutdown timeout.
+fn assert_repository_and_grace(place: &str, pod: &Value, c: &Value, config: &Config) {
+    assert_eq!(
+        setting(config, "model.repository")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .as_deref(),
+        Some(if place == "kserve" { "/mnt/models" } else { "/models" }),
+        "{place}: model.repository"
+    );
+    if let Some(grace) = pod["terminationGracePeriodSeconds"].as_u64() {
+        let drain = pre_stop_sleep(c) + config.server.shutdown_timeout_secs;
+        assert!(
+            grace > drain,
+            "{place}: grace {grace} s must exceed preStop + shutdown_timeout_secs = {drain} s"
+        );
     }
 }
 
@@ -643,70 +658,10 @@ fn probes_env_and_scrape_paths_are_ones_a_real_engine_has() {
     let agent = agent();
     let mut paths = BTreeSet::new();
     for (place, _pod, c) in engine_containers() {
-        let probes = probes(&place, &c);
-        assert!(probes.iter().any(|p| p.0 == "livenessProbe") && probes.iter().any(|p| p.0 == "readinessProbe"));
-        if place != "kserve" {
-            assert!(probes.iter().any(|p| p.0 == "startupProbe"), "{place}: a startup probe");
-            let mounts = c["volumeMounts"].as_array().expect("volume mounts");
-            assert!(
-                mounts
-                    .iter()
-                    .any(|m| m["mountPath"] == "/models" && m["readOnly"] == true),
-                "{place}: /models, read-only"
-            );
-        }
-        for (kind, path, port) in probes {
-            let route = Route::for_path(&path);
-            let wanted: &[Route] = if kind == "livenessProbe" {
-                &[Route::Healthz, Route::V2Live]
-            } else {
-                &[Route::Readyz, Route::V2Ready]
-            };
-            assert!(
-                wanted.contains(&route),
-                "{place} {kind}: {path} is not a {wanted:?} route"
-            );
-            match &port {
-                Value::String(name) => assert!(port_named(&c, name).is_some(), "{place} {kind}: no port named {name}"),
-                Value::Number(n) => {
-                    let args = args_of(&c);
-                    let bind = flag(&args, "--bind").expect("--bind");
-                    assert_eq!(
-                        bind.rsplit(':').next(),
-                        Some(n.to_string().as_str()),
-                        "{place} {kind}: port {n} is --bind's"
-                    );
-                }
-                other => panic!("{place} {kind}: port {other}"),
-            }
-            paths.insert(path);
-        }
-        // Every TOKITAI_* variable is a setting (unknown ones would be ignored).
-        let all = toml::Value::try_from(Config::default()).unwrap();
-        for (name, _) in env_of(&c) {
-            let rest = name
-                .strip_prefix("TOKITAI_")
-                .unwrap_or_else(|| panic!("{place}: {name} is not the engine's"));
-            let known = all.as_table().unwrap().iter().any(|(section, keys)| {
-                rest.to_ascii_lowercase()
-                    .strip_prefix(&format!("{section}_"))
-                    .is_some_and(|k| keys.get(k).is_some())
-            });
-            assert!(known, "{place}: {name} names no setting");
-        }
+        paths.extend(checked_probe_paths(&place, &c));
+        assert_env_names_settings(&place, &c);
     }
-    let monitoring = rendered("monitoring");
-    let job = yaml_file("deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml");
-    let scrape_paths = [
-        &object(&monitoring, "ServiceMonitor", "tokitai-serve")["spec"]["endpoints"][0]["path"],
-        &object(&monitoring, "PodMonitor", "tokitai-serve-sidecar")["spec"]["podMetricsEndpoints"][0]["path"],
-        &job["scrape_configs"][0]["metrics_path"],
-    ];
-    for path in scrape_paths {
-        let path = path.as_str().expect("a metrics path");
-        assert_eq!(Route::for_path(path), Route::Metrics, "{path}");
-        paths.insert(path.to_string());
-    }
+    paths.extend(scrape_paths());
     for path in &paths {
         let r = get(&agent, &engine.url(path));
         assert_eq!(r.status, 200, "GET {path} on a real engine");
@@ -718,6 +673,88 @@ fn probes_env_and_scrape_paths_are_ones_a_real_engine_has() {
         }
     }
     engine.shutdown();
+}
+
+/// The probes of container `c` (at `place`): liveness and readiness (and
+/// startup, with /models mounted read-only, outside KServe), each on a
+/// route of its kind and on a port the container has. Their paths.
+fn checked_probe_paths(place: &str, c: &Value) -> Vec<String> {
+    let mut paths = Vec::new();
+    let probes = probes(place, c);
+    assert!(probes.iter().any(|p| p.0 == "livenessProbe") && probes.iter().any(|p| p.0 == "readinessProbe"));
+    if place != "kserve" {
+        assert!(probes.iter().any(|p| p.0 == "startupProbe"), "{place}: a startup probe");
+        let mounts = c["volumeMounts"].as_array().expect("volume mounts");
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["mountPath"] == "/models" && m["readOnly"] == true),
+            "{place}: /models, read-only"
+        );
+    }
+    for (kind, path, port) in probes {
+        let route = Route::for_path(&path);
+        let wanted: &[Route] = if kind == "livenessProbe" {
+            &[Route::Healthz, Route::V2Live]
+        } else {
+            &[Route::Readyz, Route::V2Ready]
+        };
+        assert!(
+            wanted.contains(&route),
+            "{place} {kind}: {path} is not a {wanted:?} route"
+        );
+        match &port {
+            Value::String(name) => assert!(port_named(c, name).is_some(), "{place} {kind}: no port named {name}"),
+            Value::Number(n) => {
+                let args = args_of(c);
+                let bind = flag(&args, "--bind").expect("--bind");
+                assert_eq!(
+                    bind.rsplit(':').next(),
+                    Some(n.to_string().as_str()),
+                    "{place} {kind}: port {n} is --bind's"
+                );
+            }
+            other => panic!("{place} {kind}: port {other}"),
+        }
+        paths.push(path);
+    }
+    paths
+}
+
+/// Every TOKITAI_* variable of container `c` is a setting (unknown ones
+/// would be ignored).
+fn assert_env_names_settings(place: &str, c: &Value) {
+    let all = toml::Value::try_from(Config::default()).unwrap();
+    for (name, _) in env_of(c) {
+        let rest = name
+            .strip_prefix("TOKITAI_")
+            .unwrap_or_else(|| panic!("{place}: {name} is not the engine's"));
+        let known = all.as_table().unwrap().iter().any(|(section, keys)| {
+            rest.to_ascii_lowercase()
+                .strip_prefix(&format!("{section}_"))
+                .is_some_and(|k| keys.get(k).is_some())
+        });
+        assert!(known, "{place}: {name} names no setting");
+    }
+}
+
+/// The metrics paths the monitoring overlay and the scrape job use, each a
+/// metrics route.
+fn scrape_paths() -> Vec<String> {
+    let mut paths = Vec::new();
+    let monitoring = rendered("monitoring");
+    let job = yaml_file("deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml");
+    let scrape_paths = [
+        &object(&monitoring, "ServiceMonitor", "tokitai-serve")["spec"]["endpoints"][0]["path"],
+        &object(&monitoring, "PodMonitor", "tokitai-serve-sidecar")["spec"]["podMetricsEndpoints"][0]["path"],
+        &job["scrape_configs"][0]["metrics_path"],
+    ];
+    for path in scrape_paths {
+        let path = path.as_str().expect("a metrics path");
+        assert_eq!(Route::for_path(path), Route::Metrics, "{path}");
+        paths.push(path.to_string());
+    }
+    paths
 }
 
 #[test]

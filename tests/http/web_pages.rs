@@ -7,13 +7,11 @@
 //! origin that call `fetch` in each mode against the engine, which must
 //! have refused them (the model still loaded, nothing computed) while a
 //! listed origin is served. Triton's clients (no `Origin`, loopback `Host`)
-//! keep working: `tests/triton_client.rs`.
+//! keep working: `tests/grpc/triton_client.rs`.
 //!
 //! The browser test needs `chromium` (`CHROMIUM` may point elsewhere): in
 //! CI (`CI=true`) its absence fails the test; elsewhere it is skipped with
 //! the reason printed.
-
-mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokitai_serve::config::{Config, ControlMode};
 use tokitai_serve::model::{ModelSize, write_model_dir};

@@ -24,13 +24,12 @@
 //! deadlines used and longer than the test needs to observe the queue), and
 //! every wait on the server is a bounded poll of `/metrics`.
 
-mod common;
-
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     Fixture, Metrics, ProcessServer, RawOutcome, Reply, TestServer, agent, batch_body, close, concurrent_clients,
     fixture_config, get, post, raw_exchange, raw_json_request, send_and_abandon, single_body, try_get,
 };
@@ -277,6 +276,104 @@ enum Seen {
     NoResponse,
 }
 
+/// What the SIGTERM test's clients share with it.
+#[derive(Default)]
+struct UnderSigterm {
+    /// Set just before SIGTERM is sent.
+    signalled: AtomicBool,
+    stop: AtomicBool,
+    answered: AtomicUsize,
+    problems: Mutex<Vec<String>>,
+}
+
+/// Client `c` of the SIGTERM test: 4-row requests over raw TCP until told
+/// to stop or refused after the signal. Each answer must match the fixture;
+/// a 503 must be a draining one after the signal; a connection may fail
+/// only after the signal. What each request ended as, in order.
+fn sigterm_client(c: usize, fixture: &Fixture, addr: SocketAddr, shared: &UnderSigterm) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let mut i = 0usize;
+    while !shared.stop.load(Ordering::Acquire) && seen.len() < 100_000 {
+        let rows: Vec<usize> = (0..4).map(|k| (c * 16 + i + k) % 64).collect();
+        i += 1;
+        let inputs: Vec<&Vec<f64>> = rows.iter().map(|&r| &fixture.inputs[r]).collect();
+        let body = batch_body(&inputs);
+        let after_signal = shared.signalled.load(Ordering::Acquire);
+        let request = raw_json_request("POST", "/infer", body.as_bytes());
+        match raw_exchange(addr, &request) {
+            RawOutcome::Response(reply) if reply.status == 200 => {
+                let answer: serde_json::Value = match serde_json::from_slice(&reply.body) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        shared
+                            .problems
+                            .lock()
+                            .unwrap()
+                            .push(format!("200 with an unparseable body: {e}"));
+                        continue;
+                    }
+                };
+                fixture.check(LayerNormMode::Identity, &answer, &rows, "answer during shutdown");
+                shared.answered.fetch_add(1, Ordering::AcqRel);
+                seen.push(Seen::Answer);
+            }
+            RawOutcome::Response(reply) if reply.status == 503 => {
+                reply.assert_error(503, "not_ready", "503 while draining");
+                if !shared.signalled.load(Ordering::Acquire) {
+                    shared.problems.lock().unwrap().push("503 before SIGTERM".into());
+                }
+                seen.push(Seen::Draining);
+            }
+            RawOutcome::Response(reply) => {
+                shared
+                    .problems
+                    .lock()
+                    .unwrap()
+                    .push(format!("status {}: {}", reply.status, reply.text()));
+            }
+            RawOutcome::Partial { bytes, error } => {
+                shared.problems.lock().unwrap().push(format!(
+                    "truncated response ({error}): {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            RawOutcome::NoResponse(error) => {
+                let after = after_signal || shared.signalled.load(Ordering::Acquire);
+                if !after {
+                    shared
+                        .problems
+                        .lock()
+                        .unwrap()
+                        .push(format!("failed before SIGTERM: {error}"));
+                }
+                seen.push(Seen::NoResponse);
+                if after {
+                    // The server stopped accepting: this client is done.
+                    break;
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Best effort: a kept-alive connection may see readiness turn 503
+/// (`draining`) after SIGTERM; whether it did.
+fn saw_readiness_drain(readiness: &ureq::Agent, server: &ProcessServer) -> bool {
+    for _ in 0..20 {
+        match try_get(readiness, &server.url("/readyz")) {
+            Ok(r) if r.status == 503 => {
+                assert_eq!(r.json()["status"], "draining");
+                return true;
+            }
+            Ok(r) => assert_eq!(r.status, 200, "readyz answers 200 or 503"),
+            Err(_) => break,
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
 #[test]
 fn sigterm_under_load_drains_and_exits_cleanly() {
     let fixture = Arc::new(Fixture::load("nano-s11"));
@@ -291,114 +388,32 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
     assert_eq!(get(&readiness, &server.url("/readyz")).status, 200);
 
     const CLIENTS: usize = 4;
-    let signalled = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let problems = Arc::new(Mutex::new(Vec::<String>::new()));
+    let shared = Arc::new(UnderSigterm::default());
     let handles: Vec<_> = (0..CLIENTS)
         .map(|c| {
-            let (fixture, signalled, stop, answered, problems) = (
-                Arc::clone(&fixture),
-                Arc::clone(&signalled),
-                Arc::clone(&stop),
-                Arc::clone(&answered),
-                Arc::clone(&problems),
-            );
-            std::thread::spawn(move || {
-                let mut seen = Vec::new();
-                let mut i = 0usize;
-                while !stop.load(Ordering::Acquire) && seen.len() < 100_000 {
-                    let rows: Vec<usize> = (0..4).map(|k| (c * 16 + i + k) % 64).collect();
-                    i += 1;
-                    let inputs: Vec<&Vec<f64>> = rows.iter().map(|&r| &fixture.inputs[r]).collect();
-                    let body = batch_body(&inputs);
-                    let after_signal = signalled.load(Ordering::Acquire);
-                    let request = raw_json_request("POST", "/infer", body.as_bytes());
-                    match raw_exchange(addr, &request) {
-                        RawOutcome::Response(reply) if reply.status == 200 => {
-                            let answer: serde_json::Value = match serde_json::from_slice(&reply.body) {
-                                Ok(v) => v,
-                                Err(e) => {
-                                    problems
-                                        .lock()
-                                        .unwrap()
-                                        .push(format!("200 with an unparseable body: {e}"));
-                                    continue;
-                                }
-                            };
-                            fixture.check(LayerNormMode::Identity, &answer, &rows, "answer during shutdown");
-                            answered.fetch_add(1, Ordering::AcqRel);
-                            seen.push(Seen::Answer);
-                        }
-                        RawOutcome::Response(reply) if reply.status == 503 => {
-                            reply.assert_error(503, "not_ready", "503 while draining");
-                            if !signalled.load(Ordering::Acquire) {
-                                problems.lock().unwrap().push("503 before SIGTERM".into());
-                            }
-                            seen.push(Seen::Draining);
-                        }
-                        RawOutcome::Response(reply) => {
-                            problems
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}: {}", reply.status, reply.text()));
-                        }
-                        RawOutcome::Partial { bytes, error } => {
-                            problems.lock().unwrap().push(format!(
-                                "truncated response ({error}): {:?}",
-                                String::from_utf8_lossy(&bytes)
-                            ));
-                        }
-                        RawOutcome::NoResponse(error) => {
-                            let after = after_signal || signalled.load(Ordering::Acquire);
-                            if !after {
-                                problems.lock().unwrap().push(format!("failed before SIGTERM: {error}"));
-                            }
-                            seen.push(Seen::NoResponse);
-                            if after {
-                                // The server stopped accepting: this client is done.
-                                break;
-                            }
-                        }
-                    }
-                }
-                seen
-            })
+            let (fixture, shared) = (Arc::clone(&fixture), Arc::clone(&shared));
+            std::thread::spawn(move || sigterm_client(c, &fixture, addr, &shared))
         })
         .collect();
 
     // Let load build up, then ask the server to stop.
     for _ in 0..3000 {
-        if answered.load(Ordering::Acquire) >= 20 || handles.iter().all(|h| h.is_finished()) {
+        if shared.answered.load(Ordering::Acquire) >= 20 || handles.iter().all(|h| h.is_finished()) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(
-        answered.load(Ordering::Acquire) >= 20,
+        shared.answered.load(Ordering::Acquire) >= 20,
         "clients were answered before SIGTERM"
     );
-    signalled.store(true, Ordering::Release);
+    shared.signalled.store(true, Ordering::Release);
     server.signal("TERM");
-
-    // Best effort: a kept-alive connection may see readiness turn 503.
-    let mut saw_draining_readyz = false;
-    for _ in 0..20 {
-        match try_get(&readiness, &server.url("/readyz")) {
-            Ok(r) if r.status == 503 => {
-                assert_eq!(r.json()["status"], "draining");
-                saw_draining_readyz = true;
-                break;
-            }
-            Ok(r) => assert_eq!(r.status, 200, "readyz answers 200 or 503"),
-            Err(_) => break,
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let saw_draining_readyz = saw_readiness_drain(&readiness, &server);
     drop(readiness);
 
     let status = server.wait_exit(Duration::from_secs(10 + 20));
-    stop.store(true, Ordering::Release);
+    shared.stop.store(true, Ordering::Release);
     let seen: Vec<Seen> = handles
         .into_iter()
         .flat_map(|h| h.join().expect("client thread"))
@@ -406,7 +421,7 @@ fn sigterm_under_load_drains_and_exits_cleanly() {
     let status = status.expect("the server did not exit after SIGTERM within its shutdown timeout");
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 
-    let problems = problems.lock().unwrap();
+    let problems = shared.problems.lock().unwrap();
     assert!(problems.is_empty(), "bad outcomes: {problems:#?}");
     let answers = seen.iter().filter(|s| matches!(s, Seen::Answer)).count();
     let draining = seen.iter().filter(|s| matches!(s, Seen::Draining)).count();

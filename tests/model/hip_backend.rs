@@ -5,9 +5,7 @@
 //!
 //! Owns: nothing but tests. Must not touch: fixtures (read-only).
 
-mod common;
-
-use common::{FIXTURE_NAMES, Fixture};
+use crate::common::{FIXTURE_NAMES, Fixture};
 use tokitai_serve::backend::cpu::CpuBackend;
 use tokitai_serve::backend::hip::{self, HipOptions};
 use tokitai_serve::backend::{Backend, BackendError, ForwardOutput, SessionConfig};

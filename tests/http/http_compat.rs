@@ -10,22 +10,18 @@
 //! shape and headers (timings, request id and its echo), `/healthz` (the
 //! sidecar's fields plus what is served), `/readyz` and `/metrics`.
 
-mod common;
-
-use common::{Fixture, TestServer, agent, batch_body, fixture_config, get, post, single_body};
+use crate::common::{Fixture, TestServer, agent, batch_body, fixture_config, get, post, single_body};
 use serde_json::Value;
 use tokitai_serve::model::LayerNormMode;
 
-fn check_fixture_mode(name: &str, mode: LayerNormMode) {
-    let fixture = Fixture::load(name);
-    let server = TestServer::start(fixture_config(name, mode));
-    let agent = agent();
-    let url = server.url("/infer");
-
-    // Each row alone, in the flat single-row form.
+/// Each row of `fixture` alone, in the flat single-row form, to `url`:
+/// JSON with the timing and request-id headers, only logits and router
+/// weights, matching the fixture. The answers, in row order.
+fn single_rows_answered(agent: &ureq::Agent, url: &str, fixture: &Fixture, mode: LayerNormMode) -> Vec<Value> {
+    let name = &fixture.name;
     let mut singles: Vec<Value> = Vec::new();
     for (r, row) in fixture.inputs.iter().enumerate() {
-        let reply = post(&agent, &url, &single_body(row), &[]);
+        let reply = post(agent, url, &single_body(row), &[]);
         assert_eq!(reply.status, 200, "{name} row {r}: {}", reply.text());
         assert!(
             reply
@@ -52,14 +48,12 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
         fixture.check(mode, &answer, &[r], &format!("{name} {mode} single row {r}"));
         singles.push(answer);
     }
+    singles
+}
 
-    // All 64 rows in one batch.
-    let reply = post(&agent, &url, &batch_body(&fixture.inputs), &[]);
-    assert_eq!(reply.status, 200, "{name} batch: {}", reply.text());
-    let batch = reply.json();
-    fixture.check(mode, &batch, &fixture.all_rows(), &format!("{name} {mode} batch"));
-
-    // Same numbers whichever form and whatever the companions.
+/// The same numbers whichever form and whatever the companions: each
+/// single-row answer equals its row of the whole `batch`.
+fn assert_singles_equal_the_batch(name: &str, mode: LayerNormMode, singles: &[Value], batch: &Value) {
     for (r, single) in singles.iter().enumerate() {
         assert_eq!(
             single["logits"][0], batch["logits"][r],
@@ -70,11 +64,14 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
             "{name} {mode} row {r}: single vs batch router weights"
         );
     }
+}
 
-    // A batch in another order gets its rows back in that order.
+/// A batch in another order gets its rows back in that order.
+fn assert_reordered_batch_keeps_its_order(agent: &ureq::Agent, url: &str, fixture: &Fixture, batch: &Value) {
+    let name = &fixture.name;
     let order: Vec<usize> = fixture.all_rows().into_iter().rev().step_by(3).collect();
     let rows: Vec<&Vec<f64>> = order.iter().map(|&r| &fixture.inputs[r]).collect();
-    let reply = post(&agent, &url, &batch_body(&rows), &[]);
+    let reply = post(agent, url, &batch_body(&rows), &[]);
     assert_eq!(reply.status, 200);
     let reordered = reply.json();
     for (i, &r) in order.iter().enumerate() {
@@ -83,9 +80,11 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
             "{name}: reordered batch row {i} (fixture row {r})"
         );
     }
+}
 
-    // /healthz: the sidecar's fields, the paths as given, and what is served.
-    let health = get(&agent, &server.url("/healthz"));
+/// `/healthz`: the sidecar's fields, the paths as given, and what is served.
+fn assert_sidecar_health(agent: &ureq::Agent, server: &TestServer, fixture: &Fixture, mode: LayerNormMode) {
+    let health = get(agent, &server.url("/healthz"));
     assert_eq!(health.status, 200);
     let h = health.json();
     assert_eq!(h["status"], "ok");
@@ -99,7 +98,22 @@ fn check_fixture_mode(name: &str, mode: LayerNormMode) {
     assert_eq!(h["param_count"], 195_540);
     assert_eq!(h["workers"], 2);
     assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
+}
 
+fn check_fixture_mode(name: &str, mode: LayerNormMode) {
+    let fixture = Fixture::load(name);
+    let server = TestServer::start(fixture_config(name, mode));
+    let agent = agent();
+    let url = server.url("/infer");
+    let singles = single_rows_answered(&agent, &url, &fixture, mode);
+    // All 64 rows in one batch.
+    let reply = post(&agent, &url, &batch_body(&fixture.inputs), &[]);
+    assert_eq!(reply.status, 200, "{name} batch: {}", reply.text());
+    let batch = reply.json();
+    fixture.check(mode, &batch, &fixture.all_rows(), &format!("{name} {mode} batch"));
+    assert_singles_equal_the_batch(name, mode, &singles, &batch);
+    assert_reordered_batch_keeps_its_order(&agent, &url, &fixture, &batch);
+    assert_sidecar_health(&agent, &server, &fixture, mode);
     server.shutdown();
 }
 
@@ -170,7 +184,7 @@ fn request_id_readyz_and_metrics() {
     ] {
         assert!(text.contains(&format!("# TYPE {family} ")), "/metrics lacks {family}");
     }
-    let m = common::Metrics::parse(&text);
+    let m = crate::common::Metrics::parse(&text);
     assert_eq!(
         m.requests_by_status("/infer").get(&200),
         Some(&3),

@@ -6,11 +6,9 @@
 //!
 //! Owns: nothing but tests. Must not touch: fixtures (read-only).
 
-mod common;
-
 use std::sync::OnceLock;
 
-use common::{Fixture, LOGIT_TOL, ROUTER_TOL};
+use crate::common::{Fixture, LOGIT_TOL, ROUTER_TOL};
 use proptest::prelude::*;
 use tokitai_serve::backend::cpu::{CpuBackend, CpuIsa, CpuOptions, SplitPolicy};
 use tokitai_serve::backend::{Backend, ForwardOutput, SessionConfig, reference};
