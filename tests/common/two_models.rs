@@ -22,7 +22,7 @@ use tokitai_serve::grpc::pb::{self, ModelInferRequest};
 use tokitai_serve::model::{ModelSize, write_model_dir};
 use tonic::transport::Channel;
 
-use crate::common::{Metrics, TestServer, agent, base_config, get, nano_dims, post};
+use crate::common::{TestServer, agent, base_config, get, nano_dims, post, prom::Metrics};
 
 /// One model of the repository: its folder `NAME/VERSION` (a synthetic Nano
 /// model from `seed`) and its own pool settings (`NAME/config.toml`).

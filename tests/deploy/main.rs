@@ -12,14 +12,21 @@ mod common {
     // GETs only, answers read by status and text.
     #[allow(dead_code)]
     pub mod http;
-    // Needed by server; no metrics are read here yet.
+    // Only Nano's dims are read here.
+    #[allow(dead_code)]
+    pub mod fixtures;
+    // Sums only: no presence checks, status breakdowns or raw text.
     #[allow(dead_code)]
     pub mod prom;
-    // TestServer only: no child process, no metrics.
+    pub mod prometheus;
+    // TestServer only: no child process, no gRPC address, no metrics polls.
     #[allow(dead_code)]
     pub mod server;
+    pub mod two_models;
 
-    pub use {http::*, server::*};
+    pub use {fixtures::*, http::*, prometheus::*, server::*};
 }
 
+mod autoscaling_queries;
 mod deploy_manifests;
+mod prometheus_live;

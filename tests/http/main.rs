@@ -18,6 +18,8 @@ mod common {
     pub mod grpc;
     pub mod http;
     pub mod process;
+    // No label listings (the two-model monitoring tests use those).
+    #[allow(dead_code)]
     pub mod prom;
     pub mod raw;
     // No test here reads ProcessServer's gRPC address.

@@ -15,20 +15,17 @@
 //!
 //! Owns: nothing but tests. Must not touch: the engine's behaviour.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{Prometheus, SCRAPE_TIMEOUT, TestServer, agent, nano_dims, tool, wait_for};
+use crate::common::two_models::{ModelPlan, Sent, TwoModels, expected_per_version, of_version};
+use crate::common::{Prometheus, SCRAPE_TIMEOUT, TestServer, agent, nano_dims, tool, wait_for};
 use serde_json::{Value, json};
-use two_models::{ModelPlan, Sent, TwoModels, expected_per_version, of_version};
 
-#[path = "common/two_models.rs"]
-mod two_models;
+use crate::common::two_models;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Substituted for Grafana's `$__rate_interval` (the live scrape runs every 1s).

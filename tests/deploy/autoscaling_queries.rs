@@ -20,23 +20,16 @@
 //!
 //! Owns: nothing but tests. Must not touch: the engine's behaviour.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::deploy::{self, object, rendered, yaml_file};
-use common::{
+use crate::common::deploy::{self, object, rendered, yaml_file};
+use crate::common::two_models::{self, ModelPlan, TwoModels};
+use crate::common::{
     Prometheus, SCRAPE_TIMEOUT, TestServer, agent, base_config, concurrent_clients, nano_dims, post, tool, wait_for,
 };
 use serde_json::{Value, json};
-use two_models::{ModelPlan, TwoModels};
-
-// Shared with tests/prometheus_live.rs; this binary drives v2 HTTP only.
-#[allow(dead_code)]
-#[path = "common/two_models.rs"]
-mod two_models;
 
 const SCRAPE_JOB: &str = "deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml";
 const NAMESPACE: &str = "tokitai";
