@@ -73,11 +73,6 @@ pub enum EngineError {
     Internal(String),
 }
 
-/// The engine's error under its name before issue 22; the lead renames the
-/// remaining uses (batcher, worker, engine, repository, readiness) at the
-/// merge and removes this alias.
-pub type ServeError = EngineError;
-
 impl EngineError {
     /// What kind of failure this is; each protocol's status comes from it.
     pub fn kind(&self) -> ErrorKind {

@@ -72,28 +72,41 @@
 //! config and a shutdown future ([`serve`] takes the gRPC listener too), so
 //! tests serve on port 0.
 
+// The public API, like mini-redis's: serving ([`run`], [`serve`],
+// [`Listeners`], [`config`], [`embed`], [`cli`] for the binary, [`error`]
+// for their errors), and the parts tests and benches drive directly: the
+// model files and kernels ([`model`], [`backend`], [`served`]'s loaders),
+// the validated input and the wire parsers ([`input`], [`sidecar_json`],
+// [`http`]'s v2 parser and errors), gRPC's generated client ([`grpc`]'s
+// `pb`), and the metric vocabulary ([`labels`], [`metrics`]). Everything
+// else is the engine's own.
 pub mod backend;
-pub mod batcher;
 pub mod cli;
 pub mod config;
 pub mod embed;
-pub mod engine;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod input;
 pub mod labels;
-pub mod mailbox;
 pub mod metrics;
 pub mod model;
-pub mod oip;
-pub mod os;
-pub mod readiness;
-pub mod repository;
 pub mod served;
 pub mod sidecar_json;
-pub mod stats;
-pub mod worker;
+
+pub(crate) mod batcher;
+pub(crate) mod engine;
+pub(crate) mod mailbox;
+pub(crate) mod oip;
+pub(crate) mod os;
+pub(crate) mod readiness;
+pub(crate) mod repository;
+pub(crate) mod stats;
+pub(crate) mod worker;
+
+/// The values that make a worker fail on purpose, with the
+/// `fault-injection` feature (the tests of worker faults send them).
+pub use crate::worker::{FAULT_INJECTION_ANSWER_PANIC_VALUE, FAULT_INJECTION_EXIT_VALUE, FAULT_INJECTION_PANIC_VALUE};
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
-use crate::error::ServeError;
+use crate::error::EngineError;
 
 /// Where one served version is in its life. Moves only forward:
 /// `Loading -> Ready -> Draining -> Retired` (a step may be skipped).
@@ -104,10 +104,10 @@ impl Readiness {
     }
 
     /// `Ok` when ready, else the 503 error saying why (starting or draining).
-    pub fn check(&self) -> Result<(), ServeError> {
+    pub fn check(&self) -> Result<(), EngineError> {
         match self.state() {
             State::Ready => Ok(()),
-            not => Err(ServeError::NotReady(not.as_str())),
+            not => Err(EngineError::NotReady(not.as_str())),
         }
     }
 
@@ -166,7 +166,7 @@ mod tests {
     fn ready_once_every_worker_is_and_never_while_draining() {
         let r = Readiness::new(2);
         assert_eq!(r.state(), State::Starting);
-        assert!(matches!(r.check(), Err(ServeError::NotReady("starting"))));
+        assert!(matches!(r.check(), Err(EngineError::NotReady("starting"))));
         r.worker_ready();
         assert!(!r.is_ready());
         r.worker_ready();
@@ -179,12 +179,12 @@ mod tests {
         r.worker_lost();
         r.worker_lost();
         assert_eq!((r.state(), r.serving_workers()), (State::Recovering, 0));
-        assert!(matches!(r.check(), Err(ServeError::NotReady("recovering"))));
+        assert!(matches!(r.check(), Err(EngineError::NotReady("recovering"))));
         r.worker_ready();
         assert!(r.is_ready());
         r.start_draining();
         assert_eq!(r.state(), State::Draining);
-        assert!(matches!(r.check(), Err(ServeError::NotReady("draining"))));
+        assert!(matches!(r.check(), Err(EngineError::NotReady("draining"))));
     }
 
     #[test]

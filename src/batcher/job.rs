@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::input::InferInput;
 use crate::labels::DropReason;
 use crate::metrics::DropCounters;
@@ -38,7 +38,7 @@ pub struct InferOutput {
     pub compute: Duration,
 }
 
-pub type JobReply = Result<InferOutput, ServeError>;
+pub type JobReply = Result<InferOutput, EngineError>;
 
 /// A request accepted by the engine.
 pub struct Job {
@@ -111,15 +111,15 @@ impl Job {
     }
 
     /// Answers with an error (once; later answers are ignored).
-    pub fn fail(&self, error: ServeError) {
+    pub fn fail(&self, error: EngineError) {
         if let Some(tx) = self.state.lock().reply.take() {
             // The receiver may be gone (client disconnected): nothing to do then.
             let _ = tx.send(Err(error));
         }
     }
 
-    pub fn deadline_error(&self) -> ServeError {
-        ServeError::DeadlineExceeded {
+    pub fn deadline_error(&self) -> EngineError {
+        EngineError::DeadlineExceeded {
             timeout_ms: self.timeout.as_millis() as u64,
         }
     }

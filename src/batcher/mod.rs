@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use self::clock::{Clock, TimerKind};
 use self::job::{Job, RunBatch};
 use self::policy::{BatchPolicy, Decision, Queued};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::mailbox::{self, Mailbox, Sender};
 use crate::metrics::{DropCounters, VersionMetrics};
 use crate::readiness::{Readiness, VersionState};
@@ -316,12 +316,12 @@ impl mailbox::Actor for Batcher {
 impl Batcher {
     fn submit(&mut self, job: Arc<Job>) {
         match self.readiness.version_state() {
-            VersionState::Retired => return job.fail(ServeError::NotReady("unloaded")),
-            VersionState::Draining => return job.fail(ServeError::NotReady("draining")),
+            VersionState::Retired => return job.fail(EngineError::NotReady("unloaded")),
+            VersionState::Draining => return job.fail(EngineError::NotReady("draining")),
             VersionState::Loading | VersionState::Ready => {}
         }
         if let Err(queued_rows) = policy::admit(self.queued_rows, job.n_rows, &self.policy) {
-            job.fail(ServeError::Overloaded {
+            job.fail(EngineError::Overloaded {
                 queued_rows,
                 limit: self.policy.max_queue_rows,
                 retry_after_secs: policy::retry_after_secs(queued_rows, self.rows_per_sec),
@@ -392,7 +392,7 @@ impl Batcher {
 
     fn retire(&mut self) {
         for queued in self.queue.drain(..) {
-            queued.job.fail(ServeError::NotReady("unloaded"));
+            queued.job.fail(EngineError::NotReady("unloaded"));
         }
         self.queued_rows = 0;
         // The workers' inboxes close when their last sender goes (here):

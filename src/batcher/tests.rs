@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use super::job::{Batch, Job, JobReply, RunBatch};
 use super::policy::BatchPolicy;
 use super::{AttachWorkers, BatchDone, Batcher, BatcherHandle, Message, WorkerExited, WorkerReplaced};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::input::{InferInput, InputLimits};
 use crate::mailbox::Sender;
 use crate::metrics::{Metrics, VersionMetrics, VersionShape};
@@ -187,11 +187,11 @@ fn a_failed_batch_fails_its_requests_and_drops_their_remaining_rows() {
     let (_b, _rb) = h.submit(2.0, 1);
     assert_eq!(h.dispatched(), vec![(0, vec![(1.0, 0, 4)])]);
     // The worker fails the first part of request 1.
-    a.fail(ServeError::Internal("injected".into()));
+    a.fail(EngineError::Internal("injected".into()));
     h.done(0, 4);
     // Its last two rows are dropped, not computed; request 2 goes next.
     assert_eq!(h.dispatched(), vec![(0, vec![(2.0, 0, 1)])]);
-    assert!(matches!(ra.blocking_recv().unwrap(), Err(ServeError::Internal(_))));
+    assert!(matches!(ra.blocking_recv().unwrap(), Err(EngineError::Internal(_))));
     let text = String::from_utf8(h.metrics.render()).unwrap();
     assert!(
         text.contains("tokitai_rows_dropped_total{model=\"m\",reason=\"failed\",version=\"1\"} 2"),
@@ -284,7 +284,10 @@ fn a_request_left_queued_past_its_deadline_is_failed_by_the_expiry_timer() {
     let (b, rb) = h.submit_with_timeout(2.0, 1, Duration::from_millis(20));
     let answer = reply_or_hang(rb);
     assert!(Instant::now() >= b.deadline, "failed before its deadline");
-    assert!(matches!(answer, Err(ServeError::DeadlineExceeded { .. })), "{answer:?}");
+    assert!(
+        matches!(answer, Err(EngineError::DeadlineExceeded { .. })),
+        "{answer:?}"
+    );
     // It was queued, not computed.
     assert_eq!(h.dispatched().len(), 1);
     assert_eq!(h.batcher.armed_timers(), (None, None), "nothing left to expire");

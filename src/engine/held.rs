@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::watch;
 
-use crate::error::ServeError;
+use crate::error::EngineError;
 
 /// Answer bytes waiting for their clients, all protocols together.
 #[derive(Debug)]
@@ -51,9 +51,9 @@ impl HeldAnswers {
 
     /// `Err` (503 / UNAVAILABLE) while [`HeldAnswers::is_full`]: an
     /// inference request is refused before it is computed.
-    pub fn admit(&self) -> Result<(), ServeError> {
+    pub fn admit(&self) -> Result<(), EngineError> {
         if self.is_full() {
-            return Err(ServeError::AnswersHeld {
+            return Err(EngineError::AnswersHeld {
                 held: self.held(),
                 limit: self.budget,
             });
@@ -83,10 +83,6 @@ impl Holding {
             self.account.held.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
         }
         self.bytes = bytes;
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 }
 

@@ -26,21 +26,15 @@ use self::held::{DrainSignal, HeldAnswers};
 pub use crate::batcher::job::InferOutput;
 use crate::batcher::job::Job;
 use crate::config::Config;
-use crate::error::{RequestError, ServeError, StartError};
-use crate::input::{InferInput, InputLimits};
+use crate::error::{EngineError, StartError};
+use crate::input::InferInput;
 use crate::labels::{Endpoint, FailureReason};
 use crate::metrics::Metrics;
 use crate::readiness::State;
 pub use crate::repository::controller::Outcome as LoadOutcome;
 use crate::repository::{Controller, IndexEntry, Registry, RepositoryError};
-pub use crate::served::{ModelDescription, ModelTarget, ServedVersion};
-// Old paths, kept until their users move (then the lead drops them):
-// `engine::version::ServedVersion` (http/routes.rs, grpc/model.rs),
-// `engine::startup::choose_backend` and `engine::build_backend`
-// (tests/hip_backend.rs). Their home is `served/`.
-pub use crate::served::build as startup;
-pub use crate::served::build::build_backend;
-pub use crate::served::version;
+pub(crate) use crate::served::ServedVersion;
+pub use crate::served::{ModelDescription, ModelTarget};
 
 /// How one inference request is to be served.
 #[derive(Debug, Clone, Copy)]
@@ -62,16 +56,16 @@ pub struct InferAnswer {
 /// The running engine, as the protocol layers see it. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// The served version of each model.
-    pub registry: Arc<Registry>,
+    registry: Arc<Registry>,
     /// Loads, swaps and unloads versions.
-    pub controller: Arc<Controller>,
+    controller: Arc<Controller>,
     /// Answer bytes computed but not yet taken by their clients, against
     /// `server.max_pending_answer_bytes` (every protocol's).
-    pub held: Arc<HeldAnswers>,
+    held: Arc<HeldAnswers>,
     /// Raised by [`Engine::start_draining`]; open connections watch it.
-    pub drain: DrainSignal,
+    drain: DrainSignal,
 }
 
 impl Engine {
@@ -98,13 +92,13 @@ impl Engine {
     }
 
     /// The version that would serve `target` now.
-    pub fn resolve(&self, target: &ModelTarget) -> Result<Arc<ServedVersion>, ServeError> {
+    pub fn resolve(&self, target: &ModelTarget) -> Result<Arc<ServedVersion>, EngineError> {
         self.registry.resolve(target)
     }
 
     /// What serves `target` (its metadata).
-    pub fn describe(&self, target: &ModelTarget) -> Result<Arc<ModelDescription>, ServeError> {
-        Ok(Arc::clone(&self.resolve(target)?.description))
+    pub fn describe(&self, target: &ModelTarget) -> Result<Arc<ModelDescription>, EngineError> {
+        Ok(Arc::clone(self.resolve(target)?.description()))
     }
 
     /// Computes `input` on `version` (what [`Engine::resolve`] gave for the
@@ -119,20 +113,20 @@ impl Engine {
         version: Arc<ServedVersion>,
         input: InferInput,
         options: InferOptions,
-    ) -> Result<InferAnswer, ServeError> {
+    ) -> Result<InferAnswer, EngineError> {
         let (start, rows) = (Instant::now(), input.n_rows());
         let result = self.submit(&version, input, options).await;
         match &result {
             Ok(out) => version
-                .stats
+                .stats()
                 .record_success(rows, start.elapsed(), out.queue_wait, out.compute),
-            Err(_) => version.stats.record_failure(start.elapsed()),
+            Err(_) => version.stats().record_failure(start.elapsed()),
         }
         let output = result?;
         version.count_answer();
         Ok(InferAnswer {
             output,
-            model: Arc::clone(&version.description),
+            model: Arc::clone(version.description()),
         })
     }
 
@@ -141,18 +135,18 @@ impl Engine {
         version: &ServedVersion,
         input: InferInput,
         options: InferOptions,
-    ) -> Result<InferOutput, ServeError> {
-        check_fits(&input, &version.limits)?;
+    ) -> Result<InferOutput, EngineError> {
+        input.fits(version.limits())?;
         let (job, reply) = Job::new(input, options.timeout);
         let inflight = InflightGuard::new(&self.metrics, options.route);
-        version.batcher.submit(job);
+        version.submit(job);
         let outcome = reply
             .await
-            .map_err(|_| ServeError::Internal("the request was dropped before it was answered".into()))
+            .map_err(|_| EngineError::Internal("the request was dropped before it was answered".into()))
             .and_then(|answer| answer);
         inflight.finish();
         let output = outcome?;
-        version.metrics.observe_queue_wait(output.queue_wait);
+        version.metrics().observe_queue_wait(output.queue_wait);
         Ok(output)
     }
 
@@ -214,10 +208,10 @@ impl Engine {
             .served()
             .into_iter()
             .map(|v| VersionHealth {
-                description: Arc::clone(&v.description),
-                workers: v.readiness.workers(),
-                serving_workers: v.readiness.serving_workers(),
-                ready: v.readiness.is_ready(),
+                description: Arc::clone(v.description()),
+                workers: v.readiness().workers(),
+                serving_workers: v.readiness().serving_workers(),
+                ready: v.readiness().is_ready(),
             })
             .collect();
         Health {
@@ -234,7 +228,7 @@ impl Engine {
     pub fn render_metrics(&self) -> Vec<u8> {
         self.metrics.set_ready(self.is_ready());
         for version in self.served() {
-            for (device, bytes) in version.backend.device_memory_used() {
+            for (device, bytes) in version.device_memory_used() {
                 self.metrics.set_device_memory(&device, bytes);
             }
         }
@@ -272,20 +266,6 @@ pub struct VersionHealth {
     /// Workers serving now (fewer while one is being replaced).
     pub serving_workers: usize,
     pub ready: bool,
-}
-
-/// An input parsed for one version must fit the version that computes it
-/// (a model unloaded and loaded again may have changed shape in between).
-fn check_fits(input: &InferInput, limits: &InputLimits) -> Result<(), ServeError> {
-    if input.row_len() != limits.row_len {
-        return Err(ServeError::Request(RequestError::Invalid(format!(
-            "rows have {} values, the model's input has {}",
-            input.row_len(),
-            limits.row_len
-        ))));
-    }
-    limits.check_rows(input.n_rows())?;
-    Ok(())
 }
 
 /// Tracks an accepted inference request: the in-flight gauge, and a

@@ -181,6 +181,7 @@ impl Handshakes {
     }
 
     /// Connections in their handshake now.
+    #[cfg(test)]
     pub fn in_progress(&self) -> usize {
         self.open().by_age.len()
     }

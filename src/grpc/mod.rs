@@ -12,16 +12,17 @@
 //! (`held.rs`). The protocol itself (model resolution, tensor rules, metadata, config, statistics) is the core shared with HTTP v2 (`oip/`).
 //! Must not touch: batching, compute, the HTTP layer.
 
-pub mod deadline;
-pub mod handshake;
-pub mod held;
-pub mod model;
+pub(crate) mod deadline;
+pub(crate) mod handshake;
+pub(crate) mod held;
+pub(crate) mod model;
+// The generated messages and client: the tests' gRPC clients use them.
 pub mod pb;
-pub mod request;
-pub mod response;
-pub mod server;
-pub mod service;
-pub mod status;
-pub mod stream;
+pub(crate) mod request;
+pub(crate) mod response;
+pub(crate) mod server;
+pub(crate) mod service;
+pub(crate) mod status;
+pub(crate) mod stream;
 
-pub use self::server::{GrpcServer, start};
+pub(crate) use self::server::start;

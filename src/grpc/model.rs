@@ -19,7 +19,7 @@ use super::pb::{self, model_config};
 use super::request::parse_infer;
 use super::response::{Answerer, infer_response};
 use super::status::GrpcError;
-use crate::engine::version::ServedVersion;
+use crate::engine::ServedVersion;
 use crate::engine::{Engine, InferOptions, ModelTarget};
 use crate::error::EngineError;
 use crate::labels::GrpcMethod;
@@ -32,10 +32,6 @@ pub struct Served {
     engine: Engine,
     /// A call's deadline without `grpc-timeout` (`server.request_timeout_ms`).
     pub default_timeout: Duration,
-    /// The actix arbiter that repository loads and unloads run on: they
-    /// start and stop a version's actors, which live on actix arbiters, not
-    /// on gRPC's tokio runtime.
-    control: actix_rt::ArbiterHandle,
 }
 
 /// A model (and optional version) a call names.
@@ -52,44 +48,20 @@ impl Named<'_> {
 }
 
 impl Served {
-    pub fn new(engine: Engine, default_timeout: Duration, control: actix_rt::ArbiterHandle) -> Served {
+    pub fn new(engine: Engine, default_timeout: Duration) -> Served {
         Served {
             engine,
             default_timeout,
-            control,
         }
-    }
-
-    /// Runs `op` on the engine, on the control arbiter, and waits for it.
-    async fn on_control<T: Send + 'static, F>(
-        &self,
-        op: impl FnOnce(Engine) -> F + Send + 'static,
-    ) -> Result<T, GrpcError>
-    where
-        F: std::future::Future<Output = T> + 'static,
-    {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let engine = self.engine.clone();
-        // The closure is sent; the future it makes runs where it is made.
-        let spawned = self.control.spawn_fn(move || {
-            actix_rt::spawn(async move {
-                let _ = tx.send(op(engine).await);
-            });
-        });
-        if !spawned {
-            return Err(EngineError::NotReady("shutting down").into());
-        }
-        rx.await
-            .map_err(|_| EngineError::Internal("the repository call was dropped".into()).into())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.engine.metrics
+        self.engine.metrics()
     }
 
     /// The account of answer bytes waiting for their clients.
     pub fn held(&self) -> &Arc<crate::engine::held::HeldAnswers> {
-        &self.engine.held
+        self.engine.held()
     }
 
     /// Ready as HTTP's `/readyz` and `/v2/health/ready` say.
@@ -106,7 +78,7 @@ impl Served {
     /// not (Triton's "not ready"), NOT_FOUND for an unknown one.
     pub fn model_ready(&self, named: &Named) -> Result<bool, GrpcError> {
         match self.resolve(named) {
-            Ok(version) => Ok(version.readiness.is_ready()),
+            Ok(version) => Ok(version.readiness().is_ready()),
             Err(GrpcError::Engine(EngineError::ModelNotReady { .. })) => Ok(false),
             Err(e) => Err(e),
         }
@@ -136,7 +108,7 @@ impl Served {
             version: &req.model_version,
         };
         let version = self.resolve(&named)?;
-        let call = parse_infer(req, &version.limits)?;
+        let call = parse_infer(req, version.limits())?;
         let options = InferOptions {
             timeout,
             route: method.into(),
@@ -175,9 +147,7 @@ impl Served {
         &self,
         req: pb::RepositoryModelLoadRequest,
     ) -> Result<pb::RepositoryModelLoadResponse, GrpcError> {
-        let name = req.model_name;
-        self.on_control(move |engine| async move { engine.load_model(&name).await })
-            .await??;
+        self.engine.load_model(&req.model_name).await?;
         Ok(pb::RepositoryModelLoadResponse {})
     }
 
@@ -187,9 +157,7 @@ impl Served {
         &self,
         req: pb::RepositoryModelUnloadRequest,
     ) -> Result<pb::RepositoryModelUnloadResponse, GrpcError> {
-        let name = req.model_name;
-        self.on_control(move |engine| async move { engine.unload_model(&name).await })
-            .await??;
+        self.engine.unload_model(&req.model_name).await?;
         Ok(pb::RepositoryModelUnloadResponse {})
     }
 }
@@ -205,7 +173,7 @@ fn metadata_tensor(t: &TensorInfo) -> TensorMetadata {
 
 /// Triton's model metadata for `version`.
 pub fn metadata(version: &ServedVersion) -> pb::ModelMetadataResponse {
-    let m = oip::metadata(&version.description);
+    let m = oip::metadata(version.description());
     pb::ModelMetadataResponse {
         name: m.name.to_string(),
         versions: m.versions,

@@ -114,8 +114,7 @@ impl GrpcServer {
     }
 }
 
-/// Starts serving `engine` on `listener` in threads of its own. Must run on
-/// an actix arbiter (repository loads and unloads are run there).
+/// Starts serving `engine` on `listener` in threads of its own.
 pub fn start(listener: TcpListener, engine: Engine, config: &Config) -> std::io::Result<GrpcServer> {
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
@@ -127,13 +126,10 @@ pub fn start(listener: TcpListener, engine: Engine, config: &Config) -> std::io:
         .build()?;
     let (stop_tx, stop_rx) = oneshot::channel();
     let (stopped_tx, stopped_rx) = oneshot::channel();
-    // Loads and unloads start and stop actors: they run on the actix
-    // arbiter this is started from (the server's), not on gRPC's runtime.
-    let control = actix_rt::Arbiter::current();
     std::thread::Builder::new()
         .name("tokitai-grpc-accept".into())
         .spawn(move || {
-            let served = Served::new(engine, limits.default_timeout, control);
+            let served = Served::new(engine, limits.default_timeout);
             if let Err(e) = runtime.block_on(serve(listener, served, limits, stop_rx)) {
                 tracing::error!(error = %e, "the gRPC server stopped");
             }

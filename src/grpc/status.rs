@@ -30,8 +30,6 @@ pub enum GrpcError {
     /// A call header that does not parse (`grpc-timeout`).
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("{0}")]
-    Unimplemented(&'static str),
     /// A repository call (index, load, unload) that could not be done.
     #[error("{0}")]
     Repository(#[from] RepositoryError),
@@ -61,7 +59,6 @@ impl GrpcError {
             GrpcError::Engine(e) => code_of(e.kind()),
             GrpcError::UnknownVersion(_) => code_of(ErrorKind::NotFound),
             GrpcError::InvalidArgument(_) => code_of(ErrorKind::InvalidArgument),
-            GrpcError::Unimplemented(_) => Code::Unimplemented,
             GrpcError::Repository(e) => code_of(oip::repository_kind(e)),
         }
     }
@@ -72,7 +69,6 @@ impl GrpcError {
             GrpcError::Engine(e) => e.reason(),
             GrpcError::UnknownVersion(_) => FailureReason::NotFound,
             GrpcError::InvalidArgument(_) => FailureReason::Invalid,
-            GrpcError::Unimplemented(_) => FailureReason::MethodNotAllowed,
             GrpcError::Repository(e) => oip::repository_reason(e),
         }
     }
@@ -130,7 +126,6 @@ mod tests {
         );
         assert_eq!(code(EngineError::Internal("x".into())), Code::Internal);
         assert_eq!(GrpcError::InvalidArgument("t".into()).code(), Code::InvalidArgument);
-        assert_eq!(GrpcError::Unimplemented("x").code(), Code::Unimplemented);
         let metrics = Metrics::new();
         let unknown = oip::target("m", Some("x")).unwrap_err();
         let status = GrpcError::from(unknown).into_status(GrpcMethod::ModelInfer, &metrics);

@@ -177,20 +177,6 @@ impl ResponseError for HttpError {
     }
 }
 
-/// An engine error answered on `/infer` or a plain route: as
-/// [`HttpError::Engine`] (the mapping is [`HttpError`]'s). Kept for
-/// `tests/fuzz_parsers.rs`, which asks an `EngineError` for its status;
-/// remove once it asks `HttpError::from(error)`.
-impl ResponseError for EngineError {
-    fn status_code(&self) -> StatusCode {
-        HttpError::Engine(self.clone()).status_code()
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        HttpError::Engine(self.clone()).error_response()
-    }
-}
-
 /// An error on the Open Inference Protocol (`/v2`) routes: the body is the
 /// protocol's `{"error": "..."}` and the status is [`v2_status`] of the
 /// error's kind.

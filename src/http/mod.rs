@@ -11,15 +11,15 @@
 //! inference (handed to [`Engine::infer`] as a validated input), batching
 //! policy, or metric definitions (see `metrics.rs`).
 
-pub mod browser;
-pub mod conn;
+pub(crate) mod browser;
+pub(crate) mod conn;
 pub mod error;
-pub mod extract;
-pub mod routes;
-pub mod server;
+pub(crate) mod extract;
+pub(crate) mod routes;
+pub(crate) mod server;
 pub mod v2;
 
-pub use self::server::server;
+pub(crate) use self::server::server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -204,7 +204,7 @@ async fn observe(
             let res = next.call(req).instrument(span.clone()).await?;
             match &engine {
                 // A large answer is written in pieces (see `conn.rs`).
-                Some(engine) => res.map_body(|_, body| Pieces::wrap(body, &engine.held)),
+                Some(engine) => res.map_body(|_, body| Pieces::wrap(body, engine.held())),
                 None => res.map_into_boxed_body(),
             }
         }
@@ -212,7 +212,7 @@ async fn observe(
     res.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
     let status = res.status();
     if let Some(engine) = engine {
-        let metrics = &engine.metrics;
+        let metrics = engine.metrics();
         metrics.observe_request(route, status.as_str(), start.elapsed());
         if let Some(reason) = res.response().extensions().get::<FailureReason>().copied() {
             metrics.observe_failure(route, reason);

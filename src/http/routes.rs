@@ -13,8 +13,7 @@ use serde_json::json;
 
 use super::extract::{read_body, request_timeout, require_json};
 use super::{HttpSettings, model_headers, timing_headers};
-use crate::engine::version::ServedVersion;
-use crate::engine::{Engine, InferOptions, ModelTarget};
+use crate::engine::{Engine, InferOptions, ModelTarget, VersionHealth};
 use crate::http::error::HttpError;
 use crate::labels::Route;
 use crate::readiness::State;
@@ -31,9 +30,9 @@ pub async fn infer(
     require_json(&req)?;
     let timeout = request_timeout(&req, settings.default_timeout)?;
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
-    engine.held.admit()?;
+    engine.held().admit()?;
     let version = engine.resolve(&ModelTarget::DEFAULT)?;
-    let request = parse_infer_request(&body, &version.limits)?;
+    let request = parse_infer_request(&body, version.limits())?;
     drop(body);
     let options = InferOptions {
         timeout,
@@ -52,33 +51,33 @@ pub async fn infer(
 /// `GET /healthz`: the old sidecar's fields for the default model, plus
 /// every loaded model and version.
 pub async fn healthz(engine: web::Data<Engine>) -> HttpResponse {
-    let served = engine.served();
-    let default = engine.registry.default_model();
+    let health = engine.health();
     let mut body = serde_json::Map::new();
     body.insert("status".into(), json!("ok"));
-    if let Some(v) = served.iter().find(|v| Some(v.name()) == default.as_deref())
+    if let Some(v) = health.default_version()
         && let serde_json::Value::Object(fields) = sidecar_fields(v)
     {
         body.extend(fields);
     }
-    let models: Vec<serde_json::Value> = served
+    let models: Vec<serde_json::Value> = health
+        .versions
         .iter()
         .map(|v| {
             let mut m = sidecar_fields(v);
-            m["name"] = json!(v.name());
-            m["model_version"] = json!(v.version());
+            m["name"] = json!(v.description.name);
+            m["model_version"] = json!(v.description.version);
             m
         })
         .collect();
-    body.insert("default_model".into(), json!(default));
+    body.insert("default_model".into(), json!(health.default_model));
     body.insert("models".into(), json!(models));
-    body.insert("ready".into(), json!(engine.is_ready()));
+    body.insert("ready".into(), json!(health.ready));
     body.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     HttpResponse::Ok().json(body)
 }
 
 /// The old sidecar's `/healthz` fields, for one served version.
-fn sidecar_fields(v: &ServedVersion) -> serde_json::Value {
+fn sidecar_fields(v: &VersionHealth) -> serde_json::Value {
     let m = &v.description;
     json!({
         "arch": m.arch,
@@ -96,7 +95,7 @@ fn sidecar_fields(v: &ServedVersion) -> serde_json::Value {
         "backend": m.backend,
         "devices": m.devices,
         "isa": m.isa,
-        "workers": v.readiness.workers(),
+        "workers": v.workers,
     })
 }
 
@@ -104,7 +103,7 @@ fn sidecar_fields(v: &ServedVersion) -> serde_json::Value {
 /// their warm-up batch (and at least one model is loaded); 503 while
 /// starting or draining.
 pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
-    match engine.registry.state() {
+    match engine.health().state {
         State::Ready => HttpResponse::Ok().json(json!({ "status": State::Ready.as_str() })),
         not_ready => HttpResponse::ServiceUnavailable()
             .insert_header(("retry-after", "1"))
@@ -114,19 +113,9 @@ pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
 
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(engine: web::Data<Engine>) -> HttpResponse {
-    engine.metrics.ready.set(i64::from(engine.is_ready()));
-    for version in engine.served() {
-        for (device, bytes) in version.backend.device_memory_used() {
-            engine
-                .metrics
-                .device_memory_bytes
-                .with_label_values(&[&device])
-                .set(bytes as f64);
-        }
-    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(engine.metrics.render())
+        .body(engine.render_metrics())
 }
 
 /// Unknown paths.

@@ -46,7 +46,7 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
         max_body_bytes: config.server.max_body_bytes,
         max_header_bytes: config.server.max_header_bytes,
         browser: browser.clone(),
-        metrics: Arc::clone(&engine.metrics),
+        metrics: Arc::clone(engine.metrics()),
     };
     let browser = web::Data::new(browser);
     let engine = web::Data::new(engine);
@@ -57,8 +57,8 @@ pub fn server(listener: TcpListener, engine: Engine, config: &Config) -> std::io
     };
     let conn_settings = ConnSettings {
         send_timeout: config.send_timeout(),
-        held: Arc::clone(&engine.held),
-        drain: engine.drain.clone(),
+        held: Arc::clone(engine.held()),
+        drain: engine.drain().clone(),
     };
     let http_workers = config.server.http_workers;
     let per_worker = config.server.max_connections.div_ceil(http_workers).max(1);

@@ -15,12 +15,10 @@ pub mod model;
 pub mod tensor;
 
 pub use self::error::{UnknownVersion, repository_kind, repository_reason};
-pub use self::model::{
-    ModelConfig, ModelMetadata, ModelStatistics, PLATFORM, TensorInfo, config, metadata, statistics, target, version_of,
-};
+pub use self::model::{TensorInfo, config, metadata, statistics, target, version_of};
 pub use self::tensor::{
-    Declared, FP32, FP32_BYTES, INPUT, OutputName, OutputTensor, add_output, check_count, check_input, declared_shape,
-    le_bytes, output_tensors, output_widths, raw_values, requested_outputs,
+    Declared, FP32, FP32_BYTES, INPUT, OutputName, add_output, check_count, check_input, declared_shape, le_bytes,
+    output_tensors, raw_values, requested_outputs,
 };
 
 /// The server's name in its metadata (`GET /v2`, `ServerMetadata`).

@@ -10,7 +10,7 @@
 //! Must not touch: wire formats, status codes, which version serves (the
 //! engine's registry decides).
 
-use crate::engine::version::ServedVersion;
+use crate::engine::ServedVersion;
 use crate::engine::{ModelDescription, ModelTarget};
 use crate::stats::StatsSnapshot;
 
@@ -107,13 +107,13 @@ pub struct ModelConfig<'a> {
 
 /// The configuration of `version`.
 pub fn config(version: &ServedVersion) -> ModelConfig<'_> {
-    let description = &*version.description;
+    let description = version.description();
     let (input, outputs) = tensors(description);
     ModelConfig {
         name: &description.name,
         platform: PLATFORM,
         backend: description.backend,
-        max_batch_size: version.limits.max_rows,
+        max_batch_size: version.limits().max_rows,
         inputs: vec![input],
         outputs: outputs.to_vec(),
         latest_versions: 1,
@@ -151,8 +151,8 @@ impl ModelStatistics {
 pub fn statistics(version: &ServedVersion) -> ModelStatistics {
     let counts = version.stats().snapshot();
     ModelStatistics {
-        name: version.description.name.clone(),
-        version: version_of(&version.description),
+        name: version.description().name.clone(),
+        version: version_of(version.description()),
         counts,
     }
 }

@@ -113,10 +113,6 @@ impl Controller {
         }
     }
 
-    pub fn mode(&self) -> ControlMode {
-        self.mode
-    }
-
     /// Loads every model. With `--arch/--checkpoint` (or the demo model) a
     /// model that fails to load stops start-up with its error; in a
     /// repository a failed model is listed `UNAVAILABLE` with its reason and
@@ -250,7 +246,7 @@ impl Controller {
             "unloading: answering accepted requests",
         );
         slot.set_reason("unloaded");
-        self.metrics.model_unloaded(&old.description.metric_info());
+        self.metrics.model_unloaded(&old.description().metric_info());
         let started = Instant::now();
         let retirement = old.retirement();
         drop(old);
@@ -389,9 +385,9 @@ impl Controller {
         log_loaded(&served, load_time);
         slot.record(Some(version), record(ModelState::Ready, ""));
         let old = slot.swap(Some(Arc::clone(&served)));
-        let old_info = old.as_ref().map(|o| o.description.metric_info());
+        let old_info = old.as_ref().map(|o| o.description().metric_info());
         self.metrics
-            .model_served(&served.description.metric_info(), old_info.as_ref());
+            .model_served(&served.description().metric_info(), old_info.as_ref());
         if let Some(old) = old {
             let old_version = old.version();
             if old_version != version {
@@ -414,7 +410,7 @@ impl Controller {
         let Some(served) = slot.serving() else {
             return Ok(p);
         };
-        let (old, new) = (served.description.dims, p.description.dims);
+        let (old, new) = (served.description().dims, p.description.dims);
         if (old.input, old.output, old.experts) == (new.input, new.output, new.experts) {
             return Ok(p);
         }
@@ -459,7 +455,9 @@ fn prepare_candidate(base: &Config, name: &str, c: &Candidate) -> Result<Prepare
 /// workers finished, its weights freed), gives the freed memory back to the
 /// OS and says so.
 fn free_when_retired(retirement: Retirement, model: String, version: u64) {
-    actix_rt::spawn(async move {
+    // Any tokio runtime: the HTTP server's (SIGHUP, polls, HTTP repository
+    // calls) or gRPC's (its repository calls).
+    tokio::spawn(async move {
         let started = Instant::now();
         retirement.freed().await;
         crate::os::release_freed_memory();
@@ -473,7 +471,7 @@ fn free_when_retired(retirement: Retirement, model: String, version: u64) {
 }
 
 fn log_loaded(v: &ServedVersion, load_time: Duration) {
-    let d = &v.description;
+    let d = &v.description();
     tracing::info!(
         model = %d.name,
         version = d.version,
@@ -495,7 +493,7 @@ fn log_loaded(v: &ServedVersion, load_time: Duration) {
 
 /// Re-reads the repository every `every` until the registry drains.
 pub fn spawn_poller(controller: Arc<Controller>, registry: Arc<Registry>, every: Duration) {
-    actix_rt::spawn(async move {
+    tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use super::index::{IndexEntry, VersionRecord};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::labels::ModelState;
 use crate::served::{ModelTarget, ServedVersion};
 
@@ -58,17 +58,17 @@ impl Registry {
     }
 
     /// The version that serves `target` now, ready to take a request.
-    pub fn resolve(&self, target: &ModelTarget) -> Result<Arc<ServedVersion>, ServeError> {
+    pub fn resolve(&self, target: &ModelTarget) -> Result<Arc<ServedVersion>, EngineError> {
         let slot = {
             let models = self.models.read();
             let name = match target.name {
                 Some(name) => name,
-                None => default_of(&models, &self.configured_default).ok_or_else(|| ServeError::UnknownModel {
+                None => default_of(&models, &self.configured_default).ok_or_else(|| EngineError::UnknownModel {
                     model: self.configured_default.clone(),
                     version: None,
                 })?,
             };
-            models.get(name).cloned().ok_or_else(|| ServeError::UnknownModel {
+            models.get(name).cloned().ok_or_else(|| EngineError::UnknownModel {
                 model: name.to_string(),
                 version: target.version,
             })?
@@ -132,7 +132,7 @@ impl Registry {
     /// served version's workers serving.
     pub fn is_ready(&self) -> bool {
         let served = self.served();
-        !self.is_draining() && !served.is_empty() && served.iter().all(|v| v.readiness.is_ready())
+        !self.is_draining() && !served.is_empty() && served.iter().all(|v| v.readiness().is_ready())
     }
 
     /// Readiness's words for `/readyz`: ready, starting, draining, ...
@@ -147,7 +147,7 @@ impl Registry {
         }
         served
             .iter()
-            .map(|v| v.readiness.state())
+            .map(|v| v.readiness().state())
             .find(|s| *s != State::Ready)
             .unwrap_or(State::Ready)
     }
@@ -160,7 +160,7 @@ impl Registry {
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
         for v in self.served() {
-            v.readiness.start_draining();
+            v.readiness().start_draining();
         }
     }
 }
@@ -176,8 +176,8 @@ fn default_of<'a>(models: &'a BTreeMap<String, Arc<ModelSlot>>, configured: &'a 
     }
 }
 
-fn ready(v: Arc<ServedVersion>) -> Result<Arc<ServedVersion>, ServeError> {
-    v.readiness.check()?;
+fn ready(v: Arc<ServedVersion>) -> Result<Arc<ServedVersion>, EngineError> {
+    v.readiness().check()?;
     Ok(v)
 }
 
@@ -259,9 +259,9 @@ impl ModelSlot {
     }
 
     /// The error for a request this model cannot serve as asked.
-    fn not_serving(&self, serving: Option<&ServedVersion>, asked: Option<u64>) -> ServeError {
+    fn not_serving(&self, serving: Option<&ServedVersion>, asked: Option<u64>) -> EngineError {
         let book = self.book.lock();
-        let unknown = || ServeError::UnknownModel {
+        let unknown = || EngineError::UnknownModel {
             model: self.name.clone(),
             version: asked,
         };
@@ -279,7 +279,7 @@ impl ModelSlot {
                 format!("no version is loaded ({reason})")
             }
         };
-        ServeError::ModelNotReady {
+        EngineError::ModelNotReady {
             model: self.name.clone(),
             reason,
         }

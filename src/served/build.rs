@@ -11,7 +11,6 @@
 //! (backends), which version serves (the repository).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::ModelDescription;
 use super::pool::{Pool, PoolParts};
@@ -307,13 +306,6 @@ fn batch_policy(config: &Config) -> BatchPolicy {
     }
 }
 
-/// Times `f`, for the model-load metric and log.
-pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
-    let start = Instant::now();
-    let value = f();
-    (value, start.elapsed())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,8 +433,8 @@ mod tests {
     async fn one_request_is_one_execution(served: &ServedVersion) {
         let reply = submit(served, 3);
         let output = reply.await.expect("answered").expect("computed");
-        assert_eq!(output.logits.len(), 3 * served.description.dims.output);
-        assert_eq!(served.stats.snapshot().execution_count, 1);
+        assert_eq!(output.logits.len(), 3 * served.description().dims.output);
+        assert_eq!(served.stats().snapshot().execution_count, 1);
     }
 
     #[test]
@@ -461,15 +453,15 @@ mod tests {
             };
             let sessions = vec![holding(), holding()];
             let served = start_pool(fake_prepared(sessions), &metrics).expect("the pool starts");
-            assert!(served.readiness.is_ready());
+            assert!(served.readiness().is_ready());
             assert!(text().contains("tokitai_workers{model=\"fake\",version=\"3\"} 2"));
             one_request_is_one_execution(&served).await;
 
             // Worker 0's actor ends (it stops serving as it unwinds): the
             // pool replaces it and counts the restart.
-            served.readiness.worker_lost();
+            served.readiness().worker_lost();
             served.pool().report_exit(0);
-            assert_eq!(served.readiness.serving_workers(), 2);
+            assert_eq!(served.readiness().serving_workers(), 2);
             let restarts = "tokitai_worker_restarts_total{model=\"fake\",version=\"3\",worker=\"0\"} 1";
             assert!(text().contains(restarts), "{}", text());
 
@@ -494,10 +486,10 @@ mod tests {
 
     /// A job of `rows` rows for `served`, submitted to its batcher.
     fn submit(served: &ServedVersion, rows: usize) -> tokio::sync::oneshot::Receiver<crate::batcher::job::JobReply> {
-        let values = vec![0.5; rows * served.limits.row_len];
-        let input = crate::input::InferInput::new(values, &served.limits).unwrap();
+        let values = vec![0.5; rows * served.limits().row_len];
+        let input = crate::input::InferInput::new(values, served.limits()).unwrap();
         let (job, reply) = crate::batcher::job::Job::new(input, std::time::Duration::from_secs(60));
-        served.batcher.submit(job);
+        served.submit(job);
         reply
     }
 
@@ -521,7 +513,7 @@ mod tests {
             for reply in queued {
                 reply.await.unwrap().expect("computed");
             }
-            assert_eq!(served.stats.snapshot().execution_count, 2);
+            assert_eq!(served.stats().snapshot().execution_count, 2);
             let text = String::from_utf8(metrics.render()).unwrap();
             let batches = "tokitai_batches_total{model=\"fake\",version=\"3\",worker=\"0\"} 2";
             let sizes = "tokitai_batch_size_requests_bucket{model=\"fake\",version=\"3\",le=\"2\"} 1";

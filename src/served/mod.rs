@@ -12,14 +12,15 @@
 //! version serves (the repository), requests (the engine facade and the
 //! protocols), batching rules (the batcher), kernels (the backends).
 
-pub mod build;
-pub mod pool;
-pub mod version;
+pub(crate) mod build;
+pub(crate) mod pool;
+pub(crate) mod version;
 
 use serde::Serialize;
 
-pub use self::build::{Prepared, build_backend, choose_backend, load_model, pool_shape, prepare, timed};
-pub use self::version::{Retirement, ServedVersion};
+// What tests and benches load and build models with.
+pub use self::build::{build_backend, choose_backend, load_model, pool_shape};
+pub(crate) use self::version::{Retirement, ServedVersion};
 use crate::metrics::ModelInfo;
 use crate::model::{Dims, LayerNormMode, WeightPrecision};
 

@@ -68,7 +68,7 @@ impl Pool {
             exits: supervisor.weak_sender(),
             readiness: parts.readiness,
             stats: parts.stats,
-            end: Arc::new(ended_tx),
+            _end: Arc::new(ended_tx),
         };
         let workers = parts
             .sessions

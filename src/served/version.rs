@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use super::ModelDescription;
 use super::pool::{Pool, PoolEnded};
 use crate::backend::Backend;
+use crate::batcher::job::Job;
 use crate::batcher::{BatcherHandle, Message as BatcherMessage};
 use crate::input::InputLimits;
 use crate::metrics::VersionMetrics;
@@ -31,20 +32,20 @@ use crate::stats::InferStats;
 /// A running pool serving one version of one model.
 pub struct ServedVersion {
     /// Name, version, shapes, files: what `/healthz` and `/v2` describe.
-    pub description: Arc<ModelDescription>,
-    pub batcher: BatcherHandle,
+    pub(super) description: Arc<ModelDescription>,
+    pub(super) batcher: BatcherHandle,
     /// For device metrics; compute goes through the workers. Dropped before
     /// the pool, so the pool's end means the weights were freed.
-    pub backend: Arc<dyn Backend>,
+    pub(super) backend: Arc<dyn Backend>,
     /// The version's [`VersionState`] and serving workers.
-    pub readiness: Arc<Readiness>,
+    pub(super) readiness: Arc<Readiness>,
     /// What a valid input looks like for this version.
-    pub limits: InputLimits,
+    pub(super) limits: InputLimits,
     /// The statistics extension's counters for this version (requests
     /// recorded in `Engine::infer`, executions by its workers).
-    pub stats: Arc<InferStats>,
+    pub(super) stats: Arc<InferStats>,
     /// This version's `{model, version}` series.
-    pub metrics: Arc<VersionMetrics>,
+    pub(super) metrics: Arc<VersionMetrics>,
     /// Held, not read: dropped with the version (after `backend`), which
     /// lets its supervisor go.
     _pool: Pool,
@@ -135,6 +136,27 @@ impl ServedVersion {
     /// Its statistics extension counters (`stats().snapshot()`).
     pub fn stats(&self) -> &InferStats {
         &self.stats
+    }
+
+    /// Its `{model, version}` series.
+    pub fn metrics(&self) -> &VersionMetrics {
+        &self.metrics
+    }
+
+    /// Its state and serving workers.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// The backend's device memory in use, by device (empty on the CPU).
+    pub fn device_memory_used(&self) -> Vec<(String, u64)> {
+        self.backend.device_memory_used()
+    }
+
+    /// Hands `job` to this version's batcher, which admits or rejects it
+    /// through the job's own reply channel.
+    pub fn submit(&self, job: Arc<Job>) {
+        self.batcher.submit(job);
     }
 
     /// Whether it takes a request now (every worker started, one serves,

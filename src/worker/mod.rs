@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{Backend, ForwardOutput, Session, SessionConfig};
 use crate::batcher::job::{Batch, Job, RunBatch, Slice};
 use crate::batcher::{BatchDone, WorkerExited};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::mailbox::{self, Sender};
 use crate::metrics::WorkerMetrics;
 use crate::model::Dims;
@@ -74,7 +74,7 @@ pub struct WorkerContext {
     pub stats: Arc<InferStats>,
     /// The pool-end signal, dropped with the last context. Declared after
     /// `backend`, so it goes after the weights.
-    pub end: Arc<tokio::sync::oneshot::Sender<()>>,
+    pub _end: Arc<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct Worker {
@@ -134,7 +134,7 @@ impl Worker {
             }
             Err(error) => {
                 tracing::error!(worker = self.id, error = %error, "forward failed");
-                let error = ServeError::Backend(error);
+                let error = EngineError::Backend(error);
                 for slice in &self.live {
                     slice.job.fail(error.clone());
                 }
@@ -200,7 +200,7 @@ impl Worker {
         tracing::error!(worker = self.id, panic = %msg, "worker panicked on a batch; rebuilding the session");
         // Counted before the answers go out, like every batch metric.
         self.metrics.restart();
-        let error = ServeError::Internal("the worker failed on this batch and recovered".into());
+        let error = EngineError::Internal("the worker failed on this batch and recovered".into());
         for job in &self.in_hand {
             job.fail(error.clone());
         }
@@ -218,7 +218,7 @@ impl Drop for Worker {
         if !std::thread::panicking() {
             return;
         }
-        let error = ServeError::Internal("the worker computing this request ended; it is being replaced".into());
+        let error = EngineError::Internal("the worker computing this request ended; it is being replaced".into());
         for job in self.in_hand.drain(..) {
             job.fail(error.clone());
         }

@@ -7,7 +7,7 @@
 //! 1. neither parser panics, whatever the bytes (each call is also wrapped
 //!    in `catch_unwind`, so the failure names the input);
 //! 2. every rejection is a typed error whose HTTP status is a 4xx
-//!    (`RequestError` through `ServeError::Request`, `V2Error` directly), and
+//!    (`RequestError` through `HttpError`, `V2Error` directly), and
 //!    `/infer` never calls well-formed JSON a JSON syntax error;
 //! 3. every acceptance is a genuinely valid input: all values finite,
 //!    `values().len() == n_rows * row_len`, `1 <= n_rows <= max_rows`, and
@@ -44,7 +44,7 @@ use std::time::Instant;
 use actix_web::ResponseError;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
-use tokitai_serve::error::ServeError;
+use tokitai_serve::http::error::HttpError;
 use tokitai_serve::http::v2::{V2Request, parse_request};
 use tokitai_serve::input::{InferInput, InputLimits, RequestError};
 use tokitai_serve::sidecar_json::{SidecarRequest, parse_infer_request};
@@ -227,7 +227,7 @@ fn check_sidecar(body: &[u8], limits: &InputLimits, stats: &Stats) -> Result<boo
         }
         Err(e) => {
             bump(&stats.rejected);
-            let status = ServeError::Request(e.clone()).status_code();
+            let status = HttpError::from(e.clone()).status_code();
             if !status.is_client_error() {
                 return Err(fail(format!("rejection {e:?} maps to {status}, not a 4xx")));
             }

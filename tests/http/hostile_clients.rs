@@ -57,7 +57,7 @@ use crate::common::{
 use serde_json::{Value, json};
 use tokitai_serve::config::Config;
 use tokitai_serve::model::LayerNormMode;
-use tokitai_serve::worker::{FAULT_INJECTION_ANSWER_PANIC_VALUE, FAULT_INJECTION_EXIT_VALUE};
+use tokitai_serve::{FAULT_INJECTION_ANSWER_PANIC_VALUE, FAULT_INJECTION_EXIT_VALUE};
 
 const FIXTURE: &str = "nano-s11";
 const MODE: LayerNormMode = LayerNormMode::Identity;

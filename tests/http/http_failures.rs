@@ -238,7 +238,7 @@ fn worker_panic_answers_500_and_the_worker_recovers() {
     assert_eq!(restarts(&before), 0.0);
 
     let mut poison = fixture.inputs[3].clone();
-    poison[0] = f64::from(tokitai_serve::worker::FAULT_INJECTION_PANIC_VALUE);
+    poison[0] = f64::from(tokitai_serve::FAULT_INJECTION_PANIC_VALUE);
     let reply = post(&agent, &url, &single_body(&poison), &[]);
     reply.assert_error(500, "internal", "a forward that panics");
 

@@ -10,9 +10,9 @@ use tokitai_serve::backend::cpu::CpuBackend;
 use tokitai_serve::backend::hip::{self, HipOptions};
 use tokitai_serve::backend::{Backend, BackendError, ForwardOutput, SessionConfig};
 use tokitai_serve::config::{BackendChoice, Config};
-use tokitai_serve::engine;
 use tokitai_serve::model::synth::{demo_model, synth_weights};
 use tokitai_serve::model::{Dims, LayerNormMode, ModelSize, MoeWeights};
+use tokitai_serve::served;
 
 fn config(backend: BackendChoice) -> Config {
     let mut c = Config::default();
@@ -49,7 +49,7 @@ fn auto_falls_back_to_the_cpu_without_a_device() {
         eprintln!("skipped: a HIP device is present, so auto does not fall back");
         return;
     }
-    let backend = engine::startup::choose_backend(nano(), LayerNormMode::Identity, &config(BackendChoice::Auto))
+    let backend = served::choose_backend(nano(), LayerNormMode::Identity, &config(BackendChoice::Auto))
         .expect("auto never fails");
     assert_eq!(backend.name(), "cpu");
     assert!(backend.describe().starts_with("cpu ("), "{}", backend.describe());
@@ -70,7 +70,7 @@ fn hip_without_a_device_is_a_clear_error() {
         eprintln!("skipped: a HIP device is present");
         return;
     };
-    let err = match engine::startup::choose_backend(nano(), LayerNormMode::Identity, &config(BackendChoice::Hip)) {
+    let err = match served::choose_backend(nano(), LayerNormMode::Identity, &config(BackendChoice::Hip)) {
         Ok(b) => panic!("backend = hip with {reason} built {}", b.describe()),
         Err(e) => e.to_string(),
     };
@@ -89,13 +89,13 @@ fn hip_without_a_device_fails_start_up_with_the_reason() {
         return;
     }
     // Start-up stops with this error, naming the setting.
-    match engine::build_backend(demo_model(), &config(BackendChoice::Hip)) {
+    match served::build_backend(demo_model(), &config(BackendChoice::Hip)) {
         Err(BackendError::Unavailable(msg)) => assert!(msg.contains("workers.backend = \"hip\""), "{msg}"),
         Err(e) => panic!("unexpected error kind: {e}"),
         Ok(_) => panic!("a hip backend was built without a device"),
     }
     let (backend, description) =
-        engine::build_backend(demo_model(), &config(BackendChoice::Auto)).expect("auto falls back to the CPU");
+        served::build_backend(demo_model(), &config(BackendChoice::Auto)).expect("auto falls back to the CPU");
     assert_eq!((backend.name(), description.backend), ("cpu", "cpu"));
 }
 
@@ -111,7 +111,7 @@ fn a_build_without_the_feature_says_so() {
         .err()
         .unwrap();
     assert_eq!(e.to_string(), hip::NOT_COMPILED);
-    let e = engine::startup::choose_backend(nano(), LayerNormMode::Stored, &config(BackendChoice::Hip))
+    let e = served::choose_backend(nano(), LayerNormMode::Stored, &config(BackendChoice::Hip))
         .err()
         .unwrap()
         .to_string();

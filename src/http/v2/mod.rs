@@ -19,8 +19,9 @@
 //! `"binary_data": true` (or all, with `"binary_data_output": true`) are
 //! answered the same way.
 
-pub mod repository;
-pub mod request;
+pub(crate) mod repository;
+pub(crate) mod request;
+// The parser, for the fuzz tests.
 pub use self::request::{V2Request, parse_request};
 mod response;
 
@@ -177,11 +178,11 @@ pub async fn infer(
     // The body is read first: an answer that leaves it unread closes the
     // connection, and a keep-alive client would see that as a failure.
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
-    engine.held.admit()?;
+    engine.held().admit()?;
     let version = engine.resolve(&path.target()?)?;
     let json_len = json_part_len(&req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
-    let request = parse_request(json_part, binary_part, &version.limits)?;
+    let request = parse_request(json_part, binary_part, version.limits())?;
     drop(body);
 
     let options = InferOptions {
