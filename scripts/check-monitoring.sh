@@ -8,7 +8,7 @@
 #
 # Needs Debian's `prometheus` package (apt-get install prometheus), which
 # provides promtool. The full live check (a real Prometheus scraping the
-# engine, every dashboard query evaluated) is `cargo test --test prometheus_live`.
+# engine, every dashboard query evaluated) is `cargo test --test deploy prometheus_live`.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -36,7 +36,7 @@
 //!    │             batcher/ (one actor per served version: bounded queue,
 //!    │                │      batching policy, deadlines; admits or rejects
 //!    │                │      at once; no thread of its own: it runs on the
-//!    │                │      thread that sends to it, see mailbox.rs)
+//!    │                │      thread that sends to it, see mailbox/)
 //!    │                │  RunBatch(rows of one or more requests)
 //!    │                ▼
 //!    │             worker/ (one actor per CPU worker / GPU stream, each on
@@ -57,9 +57,9 @@
 //! accepted it, and a retired version's last `Drop` signals the repository
 //! (no polling). gRPC (`grpc/`: Triton's `GRPCInferenceService`, on a tokio
 //! runtime of its own) parses into the same `InferInput` and calls the same
-//! `Engine::infer`; `oip.rs` holds the tensor rules both Open Inference
-//! Protocol transports share and `stats.rs` each version's statistics
-//! extension counters.
+//! `Engine::infer`; `oip/` is the Open Inference Protocol core both of its
+//! transports render, and `stats.rs` each version's statistics extension
+//! counters.
 //!
 //! Around it: `input.rs` is the one validated input type; `labels.rs` the
 //! fixed vocabularies (routes, failure and drop reasons); `readiness.rs` a
@@ -159,7 +159,8 @@ pub async fn run(
 /// accepted, and requests already accepted finish within
 /// `server.shutdown_timeout_secs`. Prints `listening on grpc://ADDR` (when
 /// gRPC is on), then `listening on http://ADDR`. Must run inside an actix
-/// `System` (see `main.rs`, or [`embed::ServerThread`]).
+/// `System` (see `main.rs`, or [`embed::ServerThread`]): the HTTP server is
+/// actix-web's. The engine itself needs no actix arbiter.
 pub async fn serve(
     listeners: Listeners,
     config: Config,

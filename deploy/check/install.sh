@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the tools of the deploy/ checks (tests/deploy_manifests.rs,
-# tests/autoscaling_queries.rs), pinned, under target/:
+# Installs the tools of the deploy/ checks (tests/deploy/deploy_manifests.rs,
+# tests/deploy/autoscaling_queries.rs), pinned, under target/:
 #   target/deploy-venv  kubernetes-validate, PyYAML, hadolint (PyPI)
 #   target/deploy-npm   the KEDA and Prometheus-operator models (npm)
 # kubectl (for `kubectl kustomize`) must be on PATH: it is on this project's

@@ -70,7 +70,7 @@ pub struct Engine {
 
 impl Engine {
     /// Loads the configured models and starts their pools (and, in `poll`
-    /// mode, the repository poller). Must run inside an actix `System`.
+    /// mode, the repository poller). Must run inside a tokio runtime.
     pub async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Engine, StartError> {
         let registry = Arc::new(Registry::new(&config.model.name));
         let controller = Arc::new(Controller::new(config, Arc::clone(&registry), Arc::clone(&metrics)));
