@@ -20,7 +20,8 @@
 //!  model/                arch.json, checkpoints, weights
 //! ```
 //! Leaves anyone may import: config, error, labels, metrics, input, stats,
-//! readiness, os.
+//! readiness, os (they import only each other, `backend`'s and `model`'s
+//! error types and vocabularies, never a layer above).
 //!
 //! The request path, and the reply path back:
 //!
@@ -106,6 +107,7 @@ pub(crate) mod worker;
 
 /// The values that make a worker fail on purpose, with the
 /// `fault-injection` feature (the tests of worker faults send them).
+#[cfg(feature = "fault-injection")]
 pub use crate::worker::{FAULT_INJECTION_ANSWER_PANIC_VALUE, FAULT_INJECTION_EXIT_VALUE, FAULT_INJECTION_PANIC_VALUE};
 
 use std::future::Future;

@@ -60,20 +60,20 @@ const VERSION: [&str; 2] = ["model", "version"];
 pub struct Metrics {
     registry: Registry,
     recording: bool,
-    pub http_requests: IntCounterVec,
-    pub grpc_requests: IntCounterVec,
-    pub grpc_stream_messages: IntCounterVec,
-    pub request_failures: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub inflight_requests: IntGauge,
-    pub model_info: IntGaugeVec,
-    pub model_load_seconds: GaugeVec,
-    pub model_version: IntGaugeVec,
-    pub model_loads: IntCounterVec,
-    pub model_load_failures: IntCounterVec,
-    pub build_info: IntGaugeVec,
-    pub ready: IntGauge,
-    pub device_memory_bytes: GaugeVec,
+    http_requests: IntCounterVec,
+    grpc_requests: IntCounterVec,
+    grpc_stream_messages: IntCounterVec,
+    request_failures: IntCounterVec,
+    request_duration: HistogramVec,
+    inflight_requests: IntGauge,
+    model_info: IntGaugeVec,
+    model_load_seconds: GaugeVec,
+    model_version: IntGaugeVec,
+    model_loads: IntCounterVec,
+    model_load_failures: IntCounterVec,
+    build_info: IntGaugeVec,
+    ready: IntGauge,
+    device_memory_bytes: GaugeVec,
     /// The per-version families: each served version's [`VersionMetrics`]
     /// adds its `{model, version}` series to them and removes them.
     families: VersionFamilies,
@@ -183,14 +183,6 @@ impl Metrics {
     /// Whether request metrics are recorded (`metrics.record`).
     pub fn is_recording(&self) -> bool {
         self.recording
-    }
-
-    /// The answer counter of one model version, resolved once per version.
-    pub fn model_answers(&self, model: &str, version: u64) -> IntCounter {
-        self.families
-            .queue
-            .model_answers
-            .with_label_values(&[model, &version.to_string()])
     }
 
     /// A model's load-failure series, created at zero so dashboards and
@@ -307,10 +299,6 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec cannot fail");
         out
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 }
 
@@ -640,8 +628,18 @@ impl VersionMetrics {
         let m = metrics;
         let version = shape.version.to_string();
         let v = [shape.model.as_str(), version.as_str()];
+        // Held while the series are made, so a retiring or replaced handle
+        // of the same pair cannot remove them halfway.
+        let mut owners = m.owners.lock();
         let owner = m.next_owner.fetch_add(1, Ordering::Relaxed);
-        m.owners.lock().insert((shape.model.clone(), shape.version), owner);
+        if let Some(previous) = owners.insert((shape.model.clone(), shape.version), owner) {
+            // A version re-read under the same number takes the pair over.
+            // The one it replaces may still be finishing requests: its
+            // series go first, so its batcher and workers record into
+            // detached handles, never into the new version's gauges.
+            tracing::debug!(model = %shape.model, version, previous, "version series taken over");
+            remove_series(m, &shape, &version);
+        }
         m.families.queue.workers.with_label_values(&v).set(shape.workers as i64);
         m.families
             .queue
@@ -684,8 +682,9 @@ impl VersionMetrics {
             shape,
         };
         for id in 0..handle.shape.workers {
-            drop(handle.worker(id));
+            drop(handle.worker_handles(id));
         }
+        drop(owners);
         Arc::new(handle)
     }
 
@@ -725,8 +724,19 @@ impl VersionMetrics {
         self.dropped.clone()
     }
 
-    /// Worker `id`'s actor was replaced after it ended.
+    /// Whether these series are still this handle's (not retired, not taken
+    /// over by a re-read of the same version); `owners` is the map, locked.
+    fn owns(&self, owners: &HashMap<(String, u64), u64>) -> bool {
+        owners.get(&(self.shape.model.clone(), self.shape.version)) == Some(&self.owner)
+    }
+
+    /// Worker `id`'s actor was replaced after it ended (nothing once the
+    /// version retired: its series are gone and stay gone).
     pub fn worker_restarted(&self, id: usize) {
+        let owners = self.metrics.owners.lock();
+        if !self.owns(&owners) {
+            return;
+        }
         let [model, version] = self.labels();
         self.metrics
             .families
@@ -737,8 +747,20 @@ impl VersionMetrics {
     }
 
     /// The handles worker `id` records into, resolved once so the per-batch
-    /// path does no label lookups or allocation.
+    /// path does no label lookups or allocation. A replacement worker
+    /// started as its version retires gets detached handles: the retired
+    /// version's series are not made again.
     pub fn worker(&self, id: usize) -> WorkerMetrics {
+        let owners = self.metrics.owners.lock();
+        if self.owns(&owners) {
+            self.worker_handles(id)
+        } else {
+            WorkerMetrics::detached(self.drop_counters())
+        }
+    }
+
+    /// Worker `id`'s handles, made (or found) in the families.
+    fn worker_handles(&self, id: usize) -> WorkerMetrics {
         let m = &self.metrics;
         let [model, version] = self.labels();
         let worker = id.to_string();
@@ -769,55 +791,63 @@ impl VersionMetrics {
     /// (handles still held record into nothing). A version that was
     /// replaced by a re-read under the same number leaves the series to it.
     pub fn remove(&self) {
-        let (m, shape) = (&self.metrics, &self.shape);
-        {
-            let mut owners = m.owners.lock();
-            let key = (shape.model.clone(), shape.version);
-            if owners.get(&key) != Some(&self.owner) {
-                return;
-            }
-            owners.remove(&key);
+        let mut owners = self.metrics.owners.lock();
+        if !self.owns(&owners) {
+            return;
         }
-        let v = self.labels();
-        for g in [
-            &m.families.queue.queue_depth_rows,
-            &m.families.queue.workers,
-            &m.families.queue.config_max_queue_rows,
-            &m.families.queue.config_max_batch_rows,
-        ] {
-            let _ = g.remove_label_values(&v);
-        }
-        let _ = m.families.queue.model_answers.remove_label_values(&v);
-        for h in [
-            &m.families.queue.queue_wait,
-            &m.families.work.compute_time,
-            &m.families.work.batch_rows,
-            &m.families.work.batch_requests,
-            &m.families.work.router_top1_weight,
-        ] {
-            let _ = h.remove_label_values(&v);
-        }
-        for id in 0..shape.workers {
-            let w = [v[0], v[1], &id.to_string()];
-            let _ = m.families.work.rows_computed.remove_label_values(&w);
-            let _ = m.families.work.batches.remove_label_values(&w);
-            let _ = m.families.work.worker_busy.remove_label_values(&w);
-            let _ = m.families.work.worker_restarts.remove_label_values(&w);
-        }
-        for reason in DropReason::ALL {
-            let _ = m
-                .families
-                .queue
-                .rows_dropped
-                .remove_label_values(&[v[0], v[1], reason.as_str()]);
-        }
-        for e in 0..shape.experts {
-            let _ = m
-                .families
-                .work
-                .expert_rows
-                .remove_label_values(&[v[0], v[1], &e.to_string()]);
-        }
+        owners.remove(&(self.shape.model.clone(), self.shape.version));
+        remove_series(&self.metrics, &self.shape, &self.version);
+    }
+}
+
+/// Removes every series of the version `shape` describes (`version` its
+/// label value). Called with `owners` locked.
+fn remove_series(m: &Metrics, shape: &VersionShape, version: &str) {
+    let v = [shape.model.as_str(), version];
+    for g in [
+        &m.families.queue.queue_depth_rows,
+        &m.families.queue.workers,
+        &m.families.queue.config_max_queue_rows,
+        &m.families.queue.config_max_batch_rows,
+    ] {
+        let _ = g.remove_label_values(&v);
+    }
+    let _ = m.families.queue.model_answers.remove_label_values(&v);
+    for h in [
+        &m.families.queue.queue_wait,
+        &m.families.work.compute_time,
+        &m.families.work.batch_rows,
+        &m.families.work.batch_requests,
+        &m.families.work.router_top1_weight,
+    ] {
+        let _ = h.remove_label_values(&v);
+    }
+    for reason in DropReason::ALL {
+        let _ = m
+            .families
+            .queue
+            .rows_dropped
+            .remove_label_values(&[v[0], v[1], reason.as_str()]);
+    }
+    for id in 0..shape.workers {
+        remove_worker_series(m, v, id, shape.experts);
+    }
+}
+
+/// Removes worker `id`'s series of version `v` (`[model, version]`), and
+/// the version's expert series (which every worker records into).
+fn remove_worker_series(m: &Metrics, v: [&str; 2], id: usize, experts: usize) {
+    let w = [v[0], v[1], &id.to_string()];
+    let _ = m.families.work.rows_computed.remove_label_values(&w);
+    let _ = m.families.work.batches.remove_label_values(&w);
+    let _ = m.families.work.worker_busy.remove_label_values(&w);
+    let _ = m.families.work.worker_restarts.remove_label_values(&w);
+    for e in 0..experts {
+        let _ = m
+            .families
+            .work
+            .expert_rows
+            .remove_label_values(&[v[0], v[1], &e.to_string()]);
     }
 }
 
@@ -858,6 +888,29 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Handles in no registry, recording nothing: for a worker of a version
+    /// whose series are gone (retired, or taken over by a re-read of the
+    /// same version, whose series these must not touch).
+    fn detached(dropped: DropCounters) -> WorkerMetrics {
+        let counter = || IntCounter::new("tokitai_detached", "a retired version's").expect("a valid name");
+        let histogram = || {
+            Histogram::with_opts(HistogramOpts::new("tokitai_detached", "a retired version's")).expect("a valid name")
+        };
+        WorkerMetrics {
+            recording: false,
+            dropped,
+            rows: counter(),
+            batches: counter(),
+            busy: Counter::new("tokitai_detached", "a retired version's").expect("a valid name"),
+            restarts: counter(),
+            experts: Vec::new(),
+            batch_rows: histogram(),
+            batch_requests: histogram(),
+            compute: histogram(),
+            top1: histogram(),
+        }
+    }
+
     /// One computed batch of `rows` rows from `requests` requests (or parts).
     pub fn observe_batch(&self, rows: usize, requests: usize, compute: Duration) {
         if !self.recording {
@@ -1010,6 +1063,34 @@ mod tests {
         );
         new.remove();
         assert!(!text(&m).contains("model=\"a\""));
+    }
+
+    #[test]
+    fn a_replaced_or_retired_version_records_into_nothing_and_makes_no_series_again() {
+        let m = Arc::new(Metrics::new());
+        let old = VersionMetrics::new(&m, shape("a", 1));
+        let old_worker = old.worker(0);
+        let new = VersionMetrics::new(&m, shape("a", 1));
+        new.set_queue_depth(7);
+        // The replaced version, still finishing: none of it reaches the
+        // successor's series.
+        old.set_queue_depth(0);
+        old_worker.observe_batch(5, 1, Duration::from_micros(10));
+        old.worker_restarted(0);
+        let t = text(&m);
+        for line in [
+            "tokitai_queue_depth_rows{model=\"a\",version=\"1\"} 7",
+            "tokitai_batches_total{model=\"a\",version=\"1\",worker=\"0\"} 0",
+            "tokitai_worker_restarts_total{model=\"a\",version=\"1\",worker=\"0\"} 0",
+        ] {
+            assert!(t.contains(line), "missing {line} in\n{t}");
+        }
+        // A worker replaced after its version retired gets no series back.
+        new.remove();
+        let late = new.worker(0);
+        late.observe_batch(1, 1, Duration::from_micros(10));
+        new.worker_restarted(0);
+        assert!(!text(&m).contains("model=\"a\""), "{}", text(&m));
     }
 
     #[test]

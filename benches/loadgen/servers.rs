@@ -285,7 +285,7 @@ pub fn start_floor(
 
 /// Builds a CPU backend from the same model the engine's `config` loads.
 pub fn baseline_backend(config: &Config) -> Arc<dyn Backend> {
-    let model = tokitai_serve::served::load_model(config).expect("load model");
+    let model = tokitai_serve::model::load_files_or_demo(config.model_files()).expect("load model");
     Arc::new(CpuBackend::new(model.weights, config.model.layernorm))
 }
 

@@ -118,7 +118,8 @@ impl BatcherHandle {
         self.mailbox.with(|b| (b.delay_at, b.expiry_at))
     }
 
-    /// Where the pool reports that a worker ended.
+    /// Where a worker's end is reported (tests; the pool sends the message).
+    #[cfg(test)]
     pub fn worker_exited(&self) -> Sender<WorkerExited> {
         self.mailbox.sender().map(Message::WorkerExited)
     }
@@ -158,10 +159,13 @@ pub struct Batcher {
 impl Batcher {
     /// Starts a batcher (its clock on the shared timer thread; any thread
     /// may call this). Workers are attached with [`Message::AttachWorkers`].
-    ///
-    /// # Panics
-    /// If the timer thread is not running and the OS refuses to start it.
-    pub fn start(policy: BatchPolicy, metrics: Arc<VersionMetrics>, readiness: Arc<Readiness>) -> BatcherHandle {
+    /// `Err` only when the timer thread is not running and the OS refuses
+    /// to start it.
+    pub fn start(
+        policy: BatchPolicy,
+        metrics: Arc<VersionMetrics>,
+        readiness: Arc<Readiness>,
+    ) -> std::io::Result<BatcherHandle> {
         // The clock needs the batcher's sender and the batcher the clock's
         // address: the clock starts first, pointed at a mailbox filled in
         // right after.
@@ -175,7 +179,7 @@ impl Batcher {
                 }
             })
         };
-        let clock = Clock::new(clock_target).expect("the timer thread starts");
+        let clock = Clock::new(clock_target)?;
         let batcher = Batcher {
             policy,
             queue: VecDeque::new(),
@@ -197,7 +201,7 @@ impl Batcher {
         let mailbox = Mailbox::new(batcher);
         // Weak: a pending timer must not keep a retired batcher alive.
         *slot.lock() = Some(mailbox.weak_sender());
-        BatcherHandle { mailbox }
+        Ok(BatcherHandle { mailbox })
     }
 
     /// Hands out batches while a worker can take one and the policy says go.

@@ -72,7 +72,8 @@ impl Harness {
             max_batch_rows: policy.max_batch_rows,
         };
         let version = VersionMetrics::new(&metrics, shape);
-        let batcher = Batcher::start(policy, version, Arc::new(Readiness::new(n_workers)));
+        let batcher =
+            Batcher::start(policy, version, Arc::new(Readiness::new(n_workers))).expect("the timer thread starts");
         let (tx, batches) = mpsc::channel();
         let workers = (0..n_workers).map(|id| fake_worker(id, &tx)).collect();
         batcher.send(Message::AttachWorkers(AttachWorkers { workers }));

@@ -201,8 +201,13 @@ impl Engine {
         &self.drain
     }
 
-    /// What `/healthz` and `/readyz` report: readiness, the default model
-    /// and every served version, read once.
+    /// `/readyz`'s word now: ready, starting, recovering or draining.
+    pub fn state(&self) -> State {
+        self.registry.state()
+    }
+
+    /// What `/healthz` reports: readiness, the default model and every
+    /// served version, as they are now.
     pub fn health(&self) -> Health {
         let versions = self
             .served()

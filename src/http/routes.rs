@@ -103,7 +103,7 @@ fn sidecar_fields(v: &VersionHealth) -> serde_json::Value {
 /// their warm-up batch (and at least one model is loaded); 503 while
 /// starting or draining.
 pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
-    match engine.health().state {
+    match engine.state() {
         State::Ready => HttpResponse::Ok().json(json!({ "status": State::Ready.as_str() })),
         not_ready => HttpResponse::ServiceUnavailable()
             .insert_header(("retry-after", "1"))

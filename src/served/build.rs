@@ -21,18 +21,12 @@ use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, S
 use crate::batcher::Batcher;
 use crate::batcher::policy::BatchPolicy;
 use crate::config::{BackendChoice, Config};
-use crate::error::{ModelError, StartError};
+use crate::error::StartError;
 use crate::input::InputLimits;
 use crate::metrics::{Metrics, VersionMetrics, VersionShape};
 use crate::model::{LayerNormMode, LoadedModel, ModelSource, MoeWeights, WeightPrecision};
 use crate::readiness::Readiness;
 use crate::stats::InferStats;
-
-/// Loads the configured model (`model.arch` + `model.checkpoint`), or the
-/// built-in demo model when they are not given.
-pub fn load_model(config: &Config) -> Result<LoadedModel, ModelError> {
-    crate::model::load_files_or_demo(config.model_files())
-}
 
 /// Builds the configured backend from the model, consuming its weights (the
 /// backend packs them once; workers share them).
@@ -238,7 +232,13 @@ pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVe
         },
     );
     let stats = Arc::new(InferStats::default());
-    let batcher = Batcher::start(policy, Arc::clone(&version_metrics), Arc::clone(&readiness));
+    let batcher = match Batcher::start(policy, Arc::clone(&version_metrics), Arc::clone(&readiness)) {
+        Ok(batcher) => batcher,
+        Err(e) => {
+            version_metrics.remove();
+            return Err(e.into());
+        }
+    };
     let parts = PoolParts {
         backend: Arc::clone(&backend),
         sessions,

@@ -19,7 +19,7 @@ pub(crate) mod version;
 use serde::Serialize;
 
 // What tests and benches load and build models with.
-pub use self::build::{build_backend, choose_backend, load_model, pool_shape};
+pub use self::build::{build_backend, choose_backend, pool_shape};
 pub(crate) use self::version::{Retirement, ServedVersion};
 use crate::metrics::ModelInfo;
 use crate::model::{Dims, LayerNormMode, WeightPrecision};

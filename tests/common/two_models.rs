@@ -1,7 +1,8 @@
 //! Two models in one model repository, served by one in-process engine and
 //! driven with a known number of requests on every inference route, for the
-//! monitoring tests (tests/prometheus_live.rs, tests/autoscaling_queries.rs:
-//! each includes this file with `#[path]`).
+//! monitoring tests (tests/deploy/prometheus_live.rs and
+//! tests/deploy/autoscaling_queries.rs, through tests/deploy/main.rs's
+//! `common` module).
 //!
 //! Owns: [`ModelPlan`] (a model's name, version and pool settings, written
 //! as its repository folder and `config.toml`), [`TwoModels`] (the

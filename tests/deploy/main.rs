@@ -1,6 +1,7 @@
-//! deploy/ and the monitoring around it, checked without a cluster, one
-//! binary: the Kubernetes overlays, the Dockerfile and the configuration
-//! they carry.
+//! deploy/ and the monitoring around it, one binary: the Kubernetes
+//! overlays, the Dockerfile and the configuration they carry, checked
+//! without a cluster; the alert rules, dashboard and autoscaling queries
+//! against a real Prometheus scraping an engine that serves two models.
 //!
 //! Owns: one module per concern. Must not touch: the engine's code
 //! (`tokitai_serve`); the shared harness is `tests/common`.

@@ -310,6 +310,45 @@ fn assert_repository_after_swaps(control: &ureq::Agent, server: &TestServer) {
     let health = get(control, &server.url("/healthz")).json();
     assert_eq!(health["models"][0]["model_version"], 3, "{health}");
     assert_eq!(health["default_model"], "quality", "{health}");
+    // The retired versions' series go once their last requests are
+    // answered; the served one's stay.
+    let url = server.url("/metrics");
+    wait_metrics_at(&url, "versions 1 and 2's series removed", |m| {
+        [1, 2]
+            .iter()
+            .all(|&v| version_series(&m.text, "quality", Some(v)).is_empty())
+    });
+    let served = version_series(&metrics_at(&url).text, "quality", Some(3));
+    for family in [
+        "tokitai_queue_capacity_rows",
+        "tokitai_workers",
+        "tokitai_batches_total",
+        "tokitai_model_info",
+    ] {
+        assert!(
+            served.iter().any(|s| s.starts_with(family)),
+            "{family} of version 3 in {served:#?}"
+        );
+    }
+}
+
+/// The samples on `/metrics` (`text`) of `model` (of one `version`, when
+/// given), leaving out its per-model load series, which outlive versions.
+fn version_series(text: &str, model: &str, version: Option<u64>) -> Vec<String> {
+    const PER_MODEL: [&str; 3] = [
+        "tokitai_model_loads_total",
+        "tokitai_model_load_failures_total",
+        "tokitai_model_load_seconds",
+    ];
+    let model = format!("model=\"{model}\"");
+    // `model_version="N"` (tokitai_model_info) contains `version="N"` too.
+    let version = version.map(|v| format!("version=\"{v}\""));
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&model))
+        .filter(|l| !PER_MODEL.iter().any(|p| l.starts_with(p)))
+        .filter(|l| version.as_ref().is_none_or(|v| l.contains(v)))
+        .map(str::to_string)
+        .collect()
 }
 
 /// A version that does not serve is Triton's "not ready" on the versioned
@@ -500,6 +539,13 @@ fn unload_beta_under_load(a: &ureq::Agent, server: &ProcessServer, rows: &[Vec<f
     let r = post(a, &server.url("/v2/models/beta/ready"), "", &[]);
     assert_eq!(r.status, 405);
     assert_eq!(get(a, &server.url("/v2/models/beta/ready")).status, 400);
+    // Every series of beta's version goes, `tokitai_model_version` too; its
+    // per-model load counters stay.
+    let url = server.url("/metrics");
+    let m = wait_metrics_at(&url, "beta's version series removed", |m| {
+        version_series(&m.text, "beta", None).is_empty()
+    });
+    assert_eq!(m.sum("tokitai_model_loads_total", &[("model", "beta")]), 1.0);
 }
 
 /// SIGHUP re-reads the loaded models: alpha's version 2 loads, beta
