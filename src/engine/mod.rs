@@ -31,8 +31,9 @@ use crate::input::InferInput;
 use crate::labels::{Endpoint, FailureReason};
 use crate::metrics::Metrics;
 use crate::readiness::State;
+pub use crate::repository::RepositoryError;
 pub use crate::repository::controller::Outcome as LoadOutcome;
-use crate::repository::{Controller, IndexEntry, Registry, RepositoryError};
+use crate::repository::{Controller, IndexEntry, Registry};
 pub(crate) use crate::served::ServedVersion;
 pub use crate::served::{ModelDescription, ModelTarget};
 

@@ -228,31 +228,24 @@ pub fn config(version: &ServedVersion) -> pb::ModelConfig {
 pub fn statistics(version: &ServedVersion) -> pb::ModelStatistics {
     let s = oip::statistics(version);
     let d = |(count, ns): (u64, u64)| Some(pb::StatisticDuration { count, ns });
-    let [
-        success,
-        fail,
-        queue,
-        compute_input,
-        compute_infer,
-        compute_output,
-        cache_hit,
-        cache_miss,
-    ] = s.durations().map(|(_, duration)| d(duration));
+    let c = &s.counts;
     pb::ModelStatistics {
         name: s.name,
         version: s.version,
         last_inference: s.counts.last_inference_ms,
         inference_count: s.counts.inference_count,
         execution_count: s.counts.execution_count,
+        // By name, from the same counters HTTP renders through
+        // `ModelStatistics::durations` (no cache: its counts are zero).
         inference_stats: Some(pb::InferStatistics {
-            success,
-            fail,
-            queue,
-            compute_input,
-            compute_infer,
-            compute_output,
-            cache_hit,
-            cache_miss,
+            success: d(c.success),
+            fail: d(c.fail),
+            queue: d(c.queue),
+            compute_input: d(c.compute_input()),
+            compute_infer: d(c.compute_infer),
+            compute_output: d(c.compute_output()),
+            cache_hit: d((0, 0)),
+            cache_miss: d((0, 0)),
         }),
         batch_stats: Vec::new(),
     }

@@ -13,11 +13,11 @@
 
 use tonic::{Code, Status};
 
+use crate::engine::RepositoryError;
 use crate::error::{EngineError, ErrorKind, RequestError};
 use crate::labels::{FailureReason, GrpcMethod};
 use crate::metrics::Metrics;
 use crate::oip::{self, UnknownVersion};
-use crate::repository::RepositoryError;
 
 /// Why a gRPC call got no answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

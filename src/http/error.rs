@@ -16,10 +16,10 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, HttpResponseBuilder, ResponseError};
 
+use crate::engine::RepositoryError;
 use crate::error::{EngineError, ErrorKind, RequestError};
 use crate::labels::FailureReason;
 use crate::oip::{self, UnknownVersion};
-use crate::repository::RepositoryError;
 
 // An error response carries its `FailureReason` in its extensions, so the
 // metrics middleware counts the failure without parsing the body.

@@ -8,10 +8,10 @@
 //! failure the same way. Must not touch: status codes (each transport maps
 //! a kind to its status in its own one place), wire formats.
 
+use crate::engine::RepositoryError;
 use crate::error::ErrorKind;
 use crate::input::clip;
 use crate::labels::FailureReason;
-use crate::repository::RepositoryError;
 
 /// A model version that is not a number: no version has that name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

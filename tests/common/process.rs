@@ -35,3 +35,26 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks as f64 / per_second
 }
+
+/// Bytes the kernel holds unread for the server side of the TCP connection
+/// from `client` to `server` (its receive queue in `/proc/net/tcp`, or
+/// `tcp6`); `None` while no such socket is listed. 0 means the server's
+/// process accepted the connection and read all the client sent so far; a
+/// connection still in the listener's backlog holds its bytes there.
+pub fn server_unread_bytes(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<u64> {
+    let (local, remote) = (format!(":{:04X}", server.port()), format!(":{:04X}", client.port()));
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(l), Some(r), Some(queues)) = (fields.get(1), fields.get(2), fields.get(4)) else {
+                return None;
+            };
+            if !(l.ends_with(&local) && r.ends_with(&remote)) {
+                return None;
+            }
+            let (_, rx) = queues.split_once(':')?;
+            u64::from_str_radix(rx, 16).ok()
+        })
+    })
+}

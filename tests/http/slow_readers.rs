@@ -33,7 +33,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::common::grpc::{MODEL, client, rows_request, runtime, send_raw_infer};
-use crate::common::process::{cpu_seconds, rss_bytes};
+use crate::common::process::{cpu_seconds, rss_bytes, server_unread_bytes};
 use crate::common::slow::{peer_closed, slow_reader, unread_bytes};
 use crate::common::{ProcessServer, TestServer, agent, base_config, get, nano_dims, read_response};
 use bytes::Bytes;
@@ -327,7 +327,15 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     );
     busy.write_all(head.as_bytes()).unwrap();
     busy.write_all(first).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // In flight means the server has it: accepted and read (a connection
+    // still in the listener's backlog when SIGTERM closes the listener was
+    // never the server's; a fixed sleep lost that race on a loaded CI).
+    let client = busy.local_addr().unwrap();
+    let read_by = Instant::now() + Duration::from_secs(60);
+    while server_unread_bytes(server.addr, client) != Some(0) {
+        assert!(Instant::now() < read_by, "the server never read the request's head");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let start = Instant::now();
     server.signal("TERM");
     // The idle connection is closed at once (bounded far below its 600 s
