@@ -113,6 +113,7 @@ pub use crate::worker::{FAULT_INJECTION_ANSWER_PANIC_VALUE, FAULT_INJECTION_EXIT
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 
@@ -203,6 +204,7 @@ pub async fn serve(
         }
     });
     let handle = server.handle();
+    let drain_limit = Duration::from_secs(config.server.shutdown_timeout_secs);
     let (grpc_done, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     actix_rt::spawn(async move {
         shutdown.await;
@@ -213,7 +215,8 @@ pub async fn serve(
                 grpc.stop().await;
             }
         };
-        futures_util::future::join(handle.stop(true), grpc_stop).await;
+        let http_stop = drain_http(handle, engine.drain().clone(), drain_limit);
+        futures_util::future::join(http_stop, grpc_stop).await;
         let _ = grpc_done.send(());
     });
     server.await?;
@@ -221,6 +224,27 @@ pub async fn serve(
     let _ = grpc_stopped.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Stops the HTTP server once its connections have drained (idle ones close
+/// at once; those with a request finish it), at most `limit` later. The
+/// server stops accepting first and is stopped only after the drain:
+/// actix-server's accept thread, once stopped, drops the channels its
+/// workers receive connections on, and a worker that sees that before its
+/// own stop message ends at once, dropping the requests it still serves
+/// (actix-server 2.6; a SIGTERM test lost a request in flight that way on a
+/// loaded machine).
+async fn drain_http(handle: actix_server::ServerHandle, drain: engine::held::DrainSignal, limit: Duration) {
+    handle.pause().await;
+    let drained = tokio::time::timeout(limit, drain.connections_closed()).await.is_ok();
+    if !drained {
+        tracing::warn!(
+            limit_secs = limit.as_secs(),
+            "connections still open after server.shutdown_timeout_secs: closing them"
+        );
+    }
+    // Graceful when nothing is left to wait for; past the limit, at once.
+    handle.stop(drained).await;
 }
 
 /// Raises the open-files limit and warns when it is near `server.max_connections`.

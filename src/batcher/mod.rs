@@ -223,6 +223,9 @@ impl Batcher {
                     let batch = policy::take_batch(&mut self.queue, self.policy.max_batch_rows);
                     self.queued_rows -= batch.n_rows;
                     self.in_flight[worker] += 1;
+                    // Before the hand-off: its answer may reach the client
+                    // (and the client /metrics) before this thread goes on.
+                    self.metrics.set_queue_depth(self.queued_rows);
                     self.workers[worker].send(RunBatch(batch));
                 }
             }

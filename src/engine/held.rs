@@ -94,34 +94,77 @@ impl Drop for Holding {
 
 /// Raised once when the server starts draining. Connections watch it so an
 /// idle keep-alive connection closes at once instead of holding the drain
-/// open until its keep-alive ends.
+/// open until its keep-alive ends; and each HTTP connection is counted here
+/// while open, so the drain can wait until the last one has closed.
 #[derive(Debug, Clone)]
-pub struct DrainSignal(Arc<watch::Sender<bool>>);
+pub struct DrainSignal {
+    raised: Arc<watch::Sender<bool>>,
+    open: Arc<watch::Sender<usize>>,
+}
 
 impl Default for DrainSignal {
     fn default() -> Self {
-        DrainSignal(Arc::new(watch::channel(false).0))
+        DrainSignal {
+            raised: Arc::new(watch::channel(false).0),
+            open: Arc::new(watch::channel(0).0),
+        }
     }
 }
 
 impl DrainSignal {
     pub fn raise(&self) {
-        self.0.send_replace(true);
+        self.raised.send_replace(true);
     }
 
     /// Resolves once the signal is raised (at once if it already was).
     pub fn raised(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.0.subscribe();
+        let mut rx = self.raised.subscribe();
         async move {
             // An error means the sender is gone: the server is gone too.
             let _ = rx.wait_for(|raised| *raised).await;
         }
+    }
+
+    /// A connection opened; it counts as open until the value drops.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.open.send_modify(|n| *n += 1);
+        OpenConnection(Arc::clone(&self.open))
+    }
+
+    /// Resolves once no connection is open (at once if none is).
+    pub async fn connections_closed(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|open| *open == 0).await;
+    }
+}
+
+/// One open connection, counted in its [`DrainSignal`] until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<watch::Sender<usize>>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    #[test]
+    fn the_drain_waits_for_the_last_open_connection() {
+        let drain = DrainSignal::default();
+        assert!(drain.connections_closed().now_or_never().is_some(), "none open");
+        let a = drain.connection_opened();
+        let b = drain.clone().connection_opened();
+        assert!(drain.connections_closed().now_or_never().is_none());
+        drop(a);
+        assert!(drain.connections_closed().now_or_never().is_none(), "one still open");
+        drop(b);
+        assert!(drain.connections_closed().now_or_never().is_some());
+    }
 
     #[test]
     fn holdings_move_the_account_and_return_it_when_dropped() {

@@ -216,12 +216,9 @@ impl Engine {
             .map(|v| VersionHealth {
                 description: Arc::clone(v.description()),
                 workers: v.readiness().workers(),
-                serving_workers: v.readiness().serving_workers(),
-                ready: v.readiness().is_ready(),
             })
             .collect();
         Health {
-            state: self.registry.state(),
             ready: self.is_ready(),
             default_model: self.registry.default_model(),
             versions,
@@ -245,8 +242,6 @@ impl Engine {
 /// The server's health at one moment (see [`Engine::health`]).
 #[derive(Debug, Clone)]
 pub struct Health {
-    /// `/readyz`'s word: ready, starting, recovering or draining.
-    pub state: State,
     /// Every served version ready, at least one served, not draining.
     pub ready: bool,
     /// The model `/infer` goes to (`model.name`, or the only model).
@@ -269,9 +264,6 @@ pub struct VersionHealth {
     pub description: Arc<ModelDescription>,
     /// Workers in its pool.
     pub workers: usize,
-    /// Workers serving now (fewer while one is being replaced).
-    pub serving_workers: usize,
-    pub ready: bool,
 }
 
 /// Tracks an accepted inference request: the in-flight gauge, and a

@@ -47,7 +47,7 @@ use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::engine::held::{DrainSignal, HeldAnswers, Holding};
+use crate::engine::held::{DrainSignal, HeldAnswers, Holding, OpenConnection};
 
 /// What every connection's guard is configured with.
 #[derive(Clone)]
@@ -339,6 +339,7 @@ where
         };
         let drain = self.settings.drain.raised();
         ConnGuard {
+            _open: self.settings.drain.connection_opened(),
             inner: Box::pin(self.inner.call((io, Protocol::Http1, peer))),
             state,
             send_timeout: self.settings.send_timeout,
@@ -360,6 +361,9 @@ pub struct ConnGuard<F> {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     waker: Arc<FilterWaker>,
+    /// Counts the connection as open until the guard drops (the drain
+    /// waits for the count to reach zero).
+    _open: OpenConnection,
 }
 
 impl<F, E> Future for ConnGuard<F>

@@ -1,7 +1,9 @@
 //! What a process spends, read from `/proc`: the figures the tests bound.
 //!
 //! Owns: [`status_bytes`] (a `Vm*` line of `/proc/PID/status`), [`rss_bytes`]
-//! and [`cpu_seconds`]. Must not touch: the process it reads. Every test
+//! and [`cpu_seconds`]; and [`server_unread_bytes`], what a server process
+//! has not yet read of a connection (`/proc/net/tcp`), for a test that must
+//! know the server holds a request. Must not touch: the process it reads. Every test
 //! that bounds one of these reads it for a server process of its own
 //! (`ProcessServer`), never for the test binary, whose other tests run
 //! beside it.
