@@ -327,9 +327,10 @@ fn sigterm_closes_idle_keep_alive_connections_at_once_and_drains_requests_in_fli
     );
     busy.write_all(head.as_bytes()).unwrap();
     busy.write_all(first).unwrap();
-    // In flight means the server has it: accepted and read (a connection
-    // still in the listener's backlog when SIGTERM closes the listener was
-    // never the server's; a fixed sleep lost that race on a loaded CI).
+    // In flight means the server has it: accepted and read, which a fixed
+    // sleep did not make sure of on a loaded machine (a connection still in
+    // the listener's backlog when SIGTERM closes the listener was never the
+    // server's).
     let client = busy.local_addr().unwrap();
     let read_by = Instant::now() + Duration::from_secs(60);
     while server_unread_bytes(server.addr, client) != Some(0) {
