@@ -25,10 +25,17 @@ pub const INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 /// A client of the engine's gRPC service.
 pub type GrpcClient = GrpcInferenceServiceClient<Channel>;
 
+/// The name of a test client runtime's threads: a panic hook that counts
+/// the engine's panics tells these apart by it (a runtime's default name,
+/// `tokio-runtime-worker`, is also what the engine's own blocking threads
+/// are called).
+pub const CLIENT_RUNTIME_THREAD: &str = "test-client-runtime";
+
 /// A two-thread runtime for a test's gRPC clients.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(CLIENT_RUNTIME_THREAD)
         .enable_all()
         .build()
         .unwrap()

@@ -44,11 +44,12 @@ use std::cell::Cell;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::common::grpc::CLIENT_RUNTIME_THREAD;
 use crate::common::process::status_bytes;
 use crate::common::{
     BIN, Fixture, Metrics, ProcessServer, Reply, TestServer, agent, fixture_config, fixture_dir, get, post,
@@ -86,7 +87,8 @@ fn mib(bytes: u64) -> String {
 
 // ---- panics on the server's threads -----------------------------------------
 
-static SERVER_PANICS: AtomicUsize = AtomicUsize::new(0);
+/// The panics counted on the engine's threads: thread, message, location.
+static SERVER_PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// Set on the test's own threads: their panics are test failures, not
@@ -97,18 +99,21 @@ thread_local! {
 /// Whether a panic on the calling thread is the engine's. This binary's
 /// other tests run in the same process, so a thread is the engine's only
 /// when it is not a client's ([`client_thread`]), not a test's own (the
-/// test harness names those after the test, `module::test`), and named at
-/// all (the engine names every thread it starts: actix's, tokio's,
-/// `tokitai-*`; a thread a test spawns is unnamed). A panic on another
+/// test harness names those after the test, `module::test`), not a test
+/// client runtime's ([`CLIENT_RUNTIME_THREAD`]), and named at all (the
+/// engine names every thread it starts: actix's, tokio's, `tokitai-*`,
+/// `worker-*`; a thread a test spawns is unnamed). A panic on another
 /// test's in-process engine counts too: it is the engine's wherever it is.
 fn on_an_engine_thread() -> bool {
     let thread = std::thread::current();
-    let named_not_a_test = thread.name().is_some_and(|name| !name.contains("::"));
+    let named_not_a_test = thread
+        .name()
+        .is_some_and(|name| !name.contains("::") && !name.starts_with(CLIENT_RUNTIME_THREAD));
     !CLIENT_THREAD.with(Cell::get) && named_not_a_test
 }
 
 /// Marks the calling thread as the client's and installs (once) the hook
-/// that counts panics on the engine's threads ([`on_an_engine_thread`]).
+/// that records panics on the engine's threads ([`on_an_engine_thread`]).
 fn client_thread() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
@@ -121,7 +126,10 @@ fn client_thread() {
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             if on_an_engine_thread() && !msg.starts_with("fault injection") {
-                SERVER_PANICS.fetch_add(1, Ordering::SeqCst);
+                let thread = std::thread::current();
+                let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+                let seen = format!("thread {:?} at {at}: {msg}", thread.name().unwrap_or(""));
+                SERVER_PANICS.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
             }
             default(info);
         }));
@@ -130,10 +138,12 @@ fn client_thread() {
 }
 
 fn assert_no_server_panics(context: &str) {
-    assert_eq!(
-        SERVER_PANICS.load(Ordering::SeqCst),
-        0,
-        "{context}: a server thread panicked (see the panic message above)"
+    let seen = SERVER_PANICS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        seen.is_empty(),
+        "{context}: a server thread panicked ({} in this process):\n{}",
+        seen.len(),
+        seen.join("\n")
     );
 }
 
