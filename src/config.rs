@@ -15,9 +15,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuIsa;
+use crate::labels::Scope;
 use crate::model::{LayerNormMode, WeightPrecision};
 
 /// The old sidecar's bind variable, kept for drop-in compatibility.
@@ -28,10 +31,16 @@ pub const DEFAULT_BIND: &str = "127.0.0.1:9100";
 /// Default gRPC bind address: loopback only, the port after HTTP's.
 pub const DEFAULT_GRPC_BIND: &str = "127.0.0.1:9101";
 
+/// Default permission bits of a Unix socket (`server.unix_socket`,
+/// `grpc.unix_socket`): owner and group may connect.
+pub const DEFAULT_UNIX_SOCKET_MODE: &str = "660";
+
 /// Default model name on the `/v2` routes.
 pub const DEFAULT_MODEL_NAME: &str = "tokitai-moe";
 
-const SECTIONS: [&str; 7] = ["server", "grpc", "model", "batching", "workers", "logging", "metrics"];
+const SECTIONS: [&str; 8] = [
+    "server", "grpc", "model", "batching", "workers", "logging", "metrics", "tracing",
+];
 
 /// A configuration that failed to load or validate. The message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +63,7 @@ pub struct Config {
     pub workers: WorkersConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +104,48 @@ pub struct ServerConfig {
     /// both protocols together; past it new inference requests get 503 /
     /// UNAVAILABLE.
     pub max_pending_answer_bytes: usize,
+    /// API keys, one per line: `KEY SCOPE[,SCOPE...]` (scopes `infer`,
+    /// `repository`, `metadata`, `metrics`; `#` starts a comment), re-read
+    /// on SIGHUP. Unset: no key is asked for (the loopback sidecar).
+    pub api_keys_file: Option<PathBuf>,
+    /// The scope `/metrics` needs when keys are on (`none`: open, for a
+    /// Prometheus that sends no key).
+    pub metrics_scope: ScopeSetting,
+    /// The scope the metadata routes need when keys are on (server and
+    /// model metadata, config, statistics; `none`: open).
+    pub metadata_scope: ScopeSetting,
+    /// Also serve the HTTP routes on this Unix domain socket (same-host
+    /// callers). Removed on shutdown; a stale file is replaced only when
+    /// nothing listens on it.
+    pub unix_socket: Option<PathBuf>,
+    /// The socket file's permission bits, in octal (`"660"`: owner and
+    /// group may connect).
+    pub unix_socket_mode: String,
+}
+
+/// `server.metrics_scope` / `server.metadata_scope`: the API-key scope a
+/// route group needs, or `none` for open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeSetting {
+    None,
+    Infer,
+    Repository,
+    Metadata,
+    Metrics,
+}
+
+impl ScopeSetting {
+    /// The scope needed, `None` for open.
+    pub fn scope(self) -> Option<Scope> {
+        match self {
+            ScopeSetting::None => None,
+            ScopeSetting::Infer => Some(Scope::Infer),
+            ScopeSetting::Repository => Some(Scope::Repository),
+            ScopeSetting::Metadata => Some(Scope::Metadata),
+            ScopeSetting::Metrics => Some(Scope::Metrics),
+        }
+    }
 }
 
 /// `[grpc]`: Triton's `GRPCInferenceService` on a port of its own. Message
@@ -121,6 +173,11 @@ pub struct GrpcConfig {
     /// Most connections in their handshake at once, besides
     /// `max_connections`; past it the oldest one is closed for the new one.
     pub max_handshaking_connections: usize,
+    /// Also serve gRPC on this Unix domain socket (same rules as
+    /// `server.unix_socket`).
+    pub unix_socket: Option<PathBuf>,
+    /// The socket file's permission bits, in octal.
+    pub unix_socket_mode: String,
 }
 
 impl Default for GrpcConfig {
@@ -135,6 +192,8 @@ impl Default for GrpcConfig {
             keepalive_timeout_secs: 20,
             handshake_timeout_ms: 5_000,
             max_handshaking_connections: 128,
+            unix_socket: None,
+            unix_socket_mode: DEFAULT_UNIX_SOCKET_MODE.to_string(),
         }
     }
 }
@@ -175,6 +234,10 @@ impl GrpcConfig {
             self.max_handshaking_connections,
             1..=65_536,
             "",
+        )?;
+        validate_unix_socket(
+            ("grpc.unix_socket", self.unix_socket.as_deref()),
+            ("grpc.unix_socket_mode", &self.unix_socket_mode),
         )
     }
 }
@@ -258,6 +321,112 @@ pub struct BatchingConfig {
     /// how long (in percent of that batch's compute time) the next partial
     /// batch may wait for those clients to send again. 0 disables.
     pub regroup_delay_pct: u32,
+    /// Priority levels (Triton's): a request names its level with the v2 /
+    /// gRPC parameter `priority` or `/infer`'s `X-Request-Priority` header
+    /// (1 is the highest; 0 means the default). Batches are filled from the
+    /// highest level first. 1: one queue.
+    pub priority_levels: u32,
+    /// The level of a request that names none (or names 0).
+    pub default_priority_level: u32,
+    /// A request queued this long is taken as if it were at the highest
+    /// level, so no level waits forever (0: never promoted).
+    pub max_priority_wait_ms: u64,
+    /// Per-level limits, keyed by level (`[batching.levels.2]`); a field
+    /// left out takes the global setting.
+    pub levels: BTreeMap<String, PriorityLevelConfig>,
+}
+
+/// `[batching.levels.N]`: one priority level's own limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityLevelConfig {
+    /// Most rows queued at this level; past it its requests get 429 /
+    /// UNAVAILABLE while other levels are still admitted.
+    pub max_queue_rows: Option<usize>,
+    /// This level's default request timeout (a request's own timeout wins).
+    pub timeout_ms: Option<u64>,
+    /// Most rows of this level in one batch: a batch in hand is never
+    /// preempted, so this bounds what a higher level may wait behind.
+    pub max_batch_rows: Option<usize>,
+}
+
+/// `[tracing]`: OpenTelemetry traces exported over OTLP/HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The OTLP/HTTP traces endpoint, e.g.
+    /// `http://otel-collector:4318/v1/traces`. Empty: no tracing.
+    pub otlp_endpoint: String,
+    /// Share of requests without a sampled parent that are traced (a
+    /// request whose `traceparent` says sampled, or not, follows it).
+    pub sample_ratio: f64,
+    /// Most finished spans waiting for export; past it new spans are
+    /// dropped and counted, never waited for.
+    pub max_queue_spans: usize,
+    /// Most spans in one export request.
+    pub max_export_batch_spans: usize,
+    /// How long one export may take before it is abandoned.
+    pub export_timeout_ms: u64,
+    /// The `service.name` the spans carry.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: String::new(),
+            sample_ratio: 1.0,
+            max_queue_spans: 4096,
+            max_export_batch_spans: 512,
+            export_timeout_ms: 10_000,
+            service_name: "tokitai-serve".to_string(),
+        }
+    }
+}
+
+impl TracingConfig {
+    /// Whether spans are exported at all.
+    pub fn enabled(&self) -> bool {
+        !self.otlp_endpoint.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let endpoint = &self.otlp_endpoint;
+        let http = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !(endpoint.is_empty() || http) {
+            let shown: String = endpoint.chars().take(100).collect();
+            return bad(
+                "tracing.otlp_endpoint",
+                format!("{shown:?} is not an http:// or https:// URL (OTLP/HTTP)"),
+            );
+        }
+        if endpoint.len() > 2048 {
+            return bad("tracing.otlp_endpoint", "is longer than 2048 bytes");
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return bad(
+                "tracing.sample_ratio",
+                format!("{} is not between 0 and 1", self.sample_ratio),
+            );
+        }
+        in_range("tracing.max_queue_spans", self.max_queue_spans, 1..=1_000_000, "")?;
+        in_range(
+            "tracing.max_export_batch_spans",
+            self.max_export_batch_spans,
+            1..=self.max_queue_spans,
+            " (at most tracing.max_queue_spans)",
+        )?;
+        in_range(
+            "tracing.export_timeout_ms",
+            usize::try_from(self.export_timeout_ms).unwrap_or(usize::MAX),
+            1..=60_000,
+            "",
+        )?;
+        if self.service_name.is_empty() || self.service_name.len() > 256 {
+            return bad("tracing.service_name", "must be 1 to 256 bytes");
+        }
+        Ok(())
+    }
 }
 
 /// `workers.backend`: which compute backend serves.
@@ -342,6 +511,11 @@ impl Default for ServerConfig {
             allowed_hosts: Vec::new(),
             send_timeout_ms: 10_000,
             max_pending_answer_bytes: 256 * 1024 * 1024,
+            api_keys_file: None,
+            metrics_scope: ScopeSetting::Metrics,
+            metadata_scope: ScopeSetting::Metadata,
+            unix_socket: None,
+            unix_socket_mode: DEFAULT_UNIX_SOCKET_MODE.to_string(),
         }
     }
 }
@@ -369,6 +543,10 @@ impl Default for BatchingConfig {
             max_queue_rows: 8192,
             max_request_rows: 4096,
             regroup_delay_pct: 10,
+            priority_levels: 1,
+            default_priority_level: 1,
+            max_priority_wait_ms: 0,
+            levels: BTreeMap::new(),
         }
     }
 }
@@ -452,7 +630,8 @@ impl Config {
         self.grpc.validate()?;
         self.model.validate()?;
         self.batching.validate()?;
-        self.workers.validate()
+        self.workers.validate()?;
+        self.tracing.validate()
     }
 
     pub fn bind_addr(&self) -> SocketAddr {
@@ -587,7 +766,11 @@ impl ServerConfig {
             " (at least one per HTTP thread)",
         )?;
         self.validate_browser_lists()?;
-        self.validate_send_limits()
+        self.validate_send_limits()?;
+        validate_unix_socket(
+            ("server.unix_socket", self.unix_socket.as_deref()),
+            ("server.unix_socket_mode", &self.unix_socket_mode),
+        )
     }
 
     /// `server.send_timeout_ms` and `server.max_pending_answer_bytes`.
@@ -739,9 +922,138 @@ impl BatchingConfig {
                 format!("{} is over 100", self.regroup_delay_pct),
             );
         }
+        self.validate_priorities()
+    }
+
+    /// `priority_levels`, `default_priority_level`, `max_priority_wait_ms`
+    /// and each `[batching.levels.N]`.
+    fn validate_priorities(&self) -> Result<(), ConfigError> {
+        let levels = self.priority_levels as usize;
+        in_range("batching.priority_levels", levels, 1..=MAX_PRIORITY_LEVELS, "")?;
+        in_range(
+            "batching.default_priority_level",
+            self.default_priority_level as usize,
+            1..=levels,
+            " (a level from 1 to batching.priority_levels)",
+        )?;
+        in_range(
+            "batching.max_priority_wait_ms",
+            usize::try_from(self.max_priority_wait_ms).unwrap_or(usize::MAX),
+            0..=3_600_000,
+            " (0: never promoted)",
+        )?;
+        for (key, level) in &self.levels {
+            let n = key.parse::<usize>().ok().filter(|n| (1..=levels).contains(n));
+            if n.is_none() {
+                let shown: String = key.chars().take(40).collect();
+                return bad(
+                    "batching.levels",
+                    format!("{shown:?} is not a level from 1 to batching.priority_levels ({levels})"),
+                );
+            }
+            level.validate(key, self)?;
+        }
+        Ok(())
+    }
+
+    /// Level `level`'s own limits (1-based; the globals where unset).
+    pub fn level(&self, level: u32) -> EffectiveLevel {
+        let own = self.levels.get(&level.to_string());
+        let own = |f: fn(&PriorityLevelConfig) -> Option<usize>| own.and_then(f);
+        EffectiveLevel {
+            max_queue_rows: own(|l| l.max_queue_rows).unwrap_or(self.max_queue_rows),
+            max_batch_rows: own(|l| l.max_batch_rows).unwrap_or(self.max_batch_rows),
+            timeout: self
+                .levels
+                .get(&level.to_string())
+                .and_then(|l| l.timeout_ms)
+                .map(Duration::from_millis),
+        }
+    }
+}
+
+/// One priority level's limits, globals filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveLevel {
+    pub max_queue_rows: usize,
+    pub max_batch_rows: usize,
+    /// The level's default timeout; `None`: `server.request_timeout_ms`.
+    pub timeout: Option<Duration>,
+}
+
+impl PriorityLevelConfig {
+    fn validate(&self, key: &str, batching: &BatchingConfig) -> Result<(), ConfigError> {
+        let field =
+            |name: &str, message: String| bad("batching.levels", format!("[batching.levels.{key}] {name}: {message}"));
+        if let Some(rows) = self.max_queue_rows
+            && !(1..=batching.max_queue_rows).contains(&rows)
+        {
+            return field(
+                "max_queue_rows",
+                format!(
+                    "{rows} is not from 1 to batching.max_queue_rows ({})",
+                    batching.max_queue_rows
+                ),
+            );
+        }
+        if let Some(rows) = self.max_batch_rows
+            && !(1..=batching.max_batch_rows).contains(&rows)
+        {
+            return field(
+                "max_batch_rows",
+                format!(
+                    "{rows} is not from 1 to batching.max_batch_rows ({})",
+                    batching.max_batch_rows
+                ),
+            );
+        }
+        if let Some(ms) = self.timeout_ms
+            && !(1..=3_600_000).contains(&ms)
+        {
+            return field("timeout_ms", format!("{ms} is not from 1 to 3600000"));
+        }
         Ok(())
     }
 }
+
+/// A socket path fits `sockaddr_un` (107 bytes and a NUL) and the mode
+/// is octal permission bits.
+fn validate_unix_socket(
+    (path_setting, path): (&'static str, Option<&std::path::Path>),
+    (mode_setting, mode): (&'static str, &str),
+) -> Result<(), ConfigError> {
+    const MAX_SOCKET_PATH: usize = 107;
+    if let Some(path) = path {
+        let len = path.as_os_str().len();
+        if len == 0 || len > MAX_SOCKET_PATH {
+            return bad(
+                path_setting,
+                format!("{len} bytes: a Unix socket path is 1 to {MAX_SOCKET_PATH} bytes"),
+            );
+        }
+    }
+    if unix_socket_mode(mode).is_none() {
+        let shown: String = mode.chars().take(20).collect();
+        return bad(
+            mode_setting,
+            format!("{shown:?} is not octal permission bits such as \"660\" (at most 777)"),
+        );
+    }
+    Ok(())
+}
+
+/// `server.unix_socket_mode` / `grpc.unix_socket_mode` as permission bits
+/// (`"660"`, `"0660"`); `None` when not octal or past `0o777`.
+pub fn unix_socket_mode(mode: &str) -> Option<u32> {
+    let digits = mode.strip_prefix("0o").unwrap_or(mode);
+    if digits.is_empty() || digits.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|&m| m <= 0o777)
+}
+
+/// Most `batching.priority_levels`.
+pub const MAX_PRIORITY_LEVELS: usize = 16;
 
 /// Largest `batching.max_request_rows` (2^20): far past any body
 /// `server.max_body_bytes` allows, and small enough that rows times any

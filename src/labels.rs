@@ -8,7 +8,8 @@
 //! (why a request got no model answer: the JSON error's `type` and the
 //! failure metric's `reason`) and [`DropReason`] (why queued rows were not
 //! computed) and [`ModelState`] (a model version's state in the repository
-//! index). `metrics.rs` builds its label vocabularies from the `ALL`
+//! index), [`Scope`] (what an API key may do) and [`AuthFailure`] (why
+//! the key check refused a request). `metrics.rs` builds its label vocabularies from the `ALL`
 //! lists here, so a new variant appears everywhere at once. Must not touch:
 //! anything that runs (this is a leaf module: it depends on nothing).
 
@@ -193,8 +194,49 @@ label_enum! {
         NotFound => "not_found",
         MethodNotAllowed => "method_not_allowed",
         Internal => "internal",
-        /// A web page's request, or a foreign `Host` on a loopback bind (403).
+        /// A web page's request, or a foreign `Host` on a loopback bind, or
+        /// an API key without the route's scope (403).
         Forbidden => "forbidden",
+        /// No API key, or one the server does not know (401).
+        Unauthorized => "unauthorized",
+    }
+}
+
+label_enum! {
+    /// What an API key may do (`server.api_keys_file`); each route group
+    /// needs one (health and readiness need none).
+    Scope {
+        /// The inference routes (`/infer`, v2 infer, gRPC ModelInfer and
+        /// ModelStreamInfer).
+        Infer => "infer",
+        /// The repository routes (index, load, unload).
+        Repository => "repository",
+        /// Server and model metadata, config and statistics.
+        Metadata => "metadata",
+        /// `/metrics`.
+        Metrics => "metrics",
+    }
+}
+
+impl Scope {
+    /// The scope named `text`, if any.
+    pub fn parse(text: &str) -> Option<Scope> {
+        Scope::ALL.iter().copied().find(|s| s.as_str() == text)
+    }
+}
+
+label_enum! {
+    /// Why a request was refused by the API-key check
+    /// (`tokitai_auth_failures_total{reason}`).
+    AuthFailure {
+        /// No `Authorization` header (gRPC: `authorization` metadata).
+        MissingKey => "missing_key",
+        /// Not `Bearer <key>`.
+        Malformed => "malformed",
+        /// A key the keys file does not list.
+        UnknownKey => "unknown_key",
+        /// A known key without the scope the route needs (403).
+        MissingScope => "missing_scope",
     }
 }
 

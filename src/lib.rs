@@ -95,6 +95,7 @@ pub mod model;
 pub mod served;
 pub mod sidecar_json;
 
+pub(crate) mod auth;
 pub(crate) mod batcher;
 pub(crate) mod engine;
 pub(crate) mod mailbox;
@@ -103,6 +104,7 @@ pub(crate) mod os;
 pub(crate) mod readiness;
 pub(crate) mod repository;
 pub(crate) mod stats;
+pub(crate) mod telemetry;
 pub(crate) mod worker;
 
 /// The values that make a worker fail on purpose, with the
@@ -175,6 +177,7 @@ pub async fn serve(
     let mut metrics = Metrics::new();
     metrics.set_recording(config.metrics.record);
     let metrics = Arc::new(metrics);
+    let telemetry = telemetry::Telemetry::start(&config.tracing, &metrics)?;
     tracing::info!(
         control_mode = config.model.control_mode.as_str(),
         repository = ?config.model.repository,
@@ -222,6 +225,7 @@ pub async fn serve(
     server.await?;
     // The HTTP side stopped only through the task above: wait for gRPC's drain too.
     let _ = grpc_stopped.await;
+    telemetry.shutdown();
     tracing::info!("stopped");
     Ok(())
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::labels::{DropReason, Endpoint, FailureReason, GrpcMethod, Route};
+use crate::labels::{AuthFailure, DropReason, Endpoint, FailureReason, GrpcMethod, Route};
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -66,6 +66,8 @@ pub struct Metrics {
     request_failures: IntCounterVec,
     request_duration: HistogramVec,
     inflight_requests: IntGauge,
+    auth_failures: IntCounterVec,
+    trace_spans_dropped: prometheus::IntCounter,
     model_info: IntGaugeVec,
     model_load_seconds: GaugeVec,
     model_version: IntGaugeVec,
@@ -130,6 +132,19 @@ impl Metrics {
                     "Inference requests accepted and not yet answered.",
                 ),
             ),
+            auth_failures: counters(
+                &registry,
+                "tokitai_auth_failures_total",
+                "Requests refused by the API-key check (server.api_keys_file), by reason.",
+                &["reason"],
+            ),
+            trace_spans_dropped: reg(
+                &registry,
+                prometheus::IntCounter::new(
+                    "tokitai_trace_spans_dropped_total",
+                    "Trace spans dropped because the export queue (tracing.max_queue_spans) was full or the export failed.",
+                ),
+            ),
             model_info: model.info,
             model_load_seconds: model.load_seconds,
             model_version: model.version,
@@ -177,6 +192,9 @@ impl Metrics {
         for reason in FailureReason::ALL {
             self.request_failures
                 .with_label_values(&[Route::Infer.as_str(), reason.as_str()]);
+        }
+        for reason in AuthFailure::ALL {
+            self.auth_failures.with_label_values(&[reason.as_str()]);
         }
     }
 
@@ -283,6 +301,17 @@ impl Metrics {
                 .with_label_values(&[route.into().as_str(), reason.as_str()])
                 .inc();
         }
+    }
+
+    /// One request refused by the API-key check. Counted even when
+    /// `metrics.record` is off: refusals are a security signal.
+    pub fn observe_auth_failure(&self, reason: AuthFailure) {
+        self.auth_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// `n` trace spans that will never be exported.
+    pub fn trace_spans_dropped(&self, n: u64) {
+        self.trace_spans_dropped.inc_by(n);
     }
 
     /// An inference request was accepted (+1) or finished (-1).

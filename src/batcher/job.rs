@@ -51,6 +51,8 @@ pub struct Job {
     /// The timeout the deadline came from (for the error message).
     pub timeout: Duration,
     pub submitted_at: Instant,
+    /// Its priority level (1 = highest), resolved from what it asked for.
+    pub priority: u32,
     state: Mutex<JobState>,
 }
 
@@ -64,7 +66,7 @@ struct JobState {
 impl Job {
     /// A job and the receiver its answer arrives on. Dropping the receiver
     /// (the client went away) marks the job cancelled.
-    pub fn new(input: InferInput, timeout: Duration) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+    pub fn new(input: InferInput, timeout: Duration, priority: u32) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let n_rows = input.n_rows();
@@ -74,6 +76,7 @@ impl Job {
             deadline: now + timeout,
             timeout,
             submitted_at: now,
+            priority,
             state: Mutex::new(JobState {
                 reply: Some(tx),
                 output: None,

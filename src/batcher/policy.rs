@@ -183,7 +183,7 @@ mod tests {
             max_rows: n,
         };
         let input = crate::input::InferInput::new(vec![0.0; n], &limits).unwrap();
-        Job::new(input, Duration::from_secs(1)).0
+        Job::new(input, Duration::from_secs(1), 1).0
     }
 
     #[test]

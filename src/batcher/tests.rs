@@ -102,7 +102,7 @@ impl Harness {
             max_rows: 64,
         };
         let input = InferInput::new(vec![id; n_rows * ROW_LEN], &limits).unwrap();
-        let (job, reply) = Job::new(input, timeout);
+        let (job, reply) = Job::new(input, timeout, 1);
         self.batcher.submit(Arc::clone(&job));
         (job, reply)
     }

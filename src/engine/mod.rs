@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::held::{DrainSignal, HeldAnswers};
+use crate::auth::KeyStore;
 pub use crate::batcher::job::InferOutput;
 use crate::batcher::job::Job;
 use crate::config::Config;
@@ -37,11 +38,18 @@ use crate::repository::{Controller, IndexEntry, Registry};
 pub(crate) use crate::served::ServedVersion;
 pub use crate::served::{ModelDescription, ModelTarget};
 
-/// How one inference request is to be served.
+/// How one inference request is to be served: what its protocol read off
+/// the request, not yet resolved against the version's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct InferOptions {
-    /// Rows not computed within this are dropped and the request fails.
-    pub timeout: Duration,
+    /// The client's own timeout (`X-Request-Timeout-Ms`, `grpc-timeout`);
+    /// `None`: its priority level's default, else
+    /// `server.request_timeout_ms`. Rows not computed within it are
+    /// dropped and the request fails.
+    pub timeout: Option<Duration>,
+    /// The priority level asked for (`priority` parameter,
+    /// `X-Request-Priority`; 1 is the highest, 0 names none).
+    pub priority: u64,
     /// The protocol route it came in on (labels the `cancelled` count).
     pub route: Endpoint,
 }
@@ -67,6 +75,11 @@ pub struct Engine {
     held: Arc<HeldAnswers>,
     /// Raised by [`Engine::start_draining`]; open connections watch it.
     drain: DrainSignal,
+    /// `server.request_timeout_ms`: a request's deadline when neither it
+    /// nor its priority level names one.
+    default_timeout: Duration,
+    /// The API keys (`server.api_keys_file`), re-read with the models.
+    keys: Arc<KeyStore>,
 }
 
 impl Engine {
@@ -83,7 +96,10 @@ impl Engine {
                 config.repository_poll(),
             );
         }
+        let keys = Arc::new(KeyStore::load(config)?);
         Ok(Engine {
+            default_timeout: config.default_timeout(),
+            keys,
             metrics,
             registry,
             controller,
@@ -138,7 +154,12 @@ impl Engine {
         options: InferOptions,
     ) -> Result<InferOutput, EngineError> {
         input.fits(version.limits())?;
-        let (job, reply) = Job::new(input, options.timeout);
+        let level = version.priority_level(options.priority);
+        let timeout = options
+            .timeout
+            .or_else(|| version.level_timeout(level))
+            .unwrap_or(self.default_timeout);
+        let (job, reply) = Job::new(input, timeout, level);
         let inflight = InflightGuard::new(&self.metrics, options.route);
         version.submit(job);
         let outcome = reply
@@ -167,9 +188,16 @@ impl Engine {
         self.controller.unload(name).await
     }
 
-    /// Re-reads the repository (or the `--arch/--checkpoint` files): SIGHUP.
+    /// Re-reads the API keys and the repository (or the `--arch/--checkpoint`
+    /// files): SIGHUP. Keys that fail to parse leave the old ones in force.
     pub async fn reload(&self) {
+        self.keys.reload();
         self.controller.refresh("SIGHUP").await;
+    }
+
+    /// The API keys the protocols check requests against.
+    pub fn keys(&self) -> &KeyStore {
+        &self.keys
     }
 
     /// Every served version.

@@ -21,12 +21,18 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The call's timeout: its `grpc-timeout` (capped at [`MAX_TIMEOUT`]), or
 /// `default` without one. A malformed value is the client's error.
 pub fn call_timeout(metadata: &MetadataMap, default: Duration) -> Result<Duration, GrpcError> {
+    Ok(explicit_timeout(metadata)?.unwrap_or(default))
+}
+
+/// The call's own timeout: its `grpc-timeout` (capped at [`MAX_TIMEOUT`]),
+/// `None` without one. A malformed value is the client's error.
+pub fn explicit_timeout(metadata: &MetadataMap) -> Result<Option<Duration>, GrpcError> {
     let Some(value) = metadata.get(GRPC_TIMEOUT) else {
-        return Ok(default);
+        return Ok(None);
     };
     let parsed = value.to_str().ok().and_then(parse_grpc_timeout);
     match parsed {
-        Some(t) => Ok(t.min(MAX_TIMEOUT)),
+        Some(t) => Ok(Some(t.min(MAX_TIMEOUT))),
         None => Err(GrpcError::InvalidArgument(
             "grpc-timeout must be 1 to 8 digits followed by H, M, S, m, u or n".into(),
         )),

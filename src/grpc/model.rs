@@ -100,7 +100,7 @@ impl Served {
     pub async fn infer(
         &self,
         req: pb::ModelInferRequest,
-        timeout: Duration,
+        timeout: Option<Duration>,
         method: GrpcMethod,
     ) -> Result<pb::ModelInferResponse, GrpcError> {
         let named = Named {
@@ -111,6 +111,7 @@ impl Served {
         let call = parse_infer(req, version.limits())?;
         let options = InferOptions {
             timeout,
+            priority: call.priority,
             route: method.into(),
         };
         let answer = self.engine.infer(version, call.input, options).await?;

@@ -2,16 +2,18 @@
 //!
 //! Owns: reading the one input tensor from `raw_input_contents` (little-endian
 //! bytes, what tritonclient and perf_analyzer send) or from typed
-//! `contents.fp32_contents`, never both; the request's parameters
-//! (`binary_data`, `priority`, ...) are accepted and ignored, as they change
-//! nothing here. The tensor rules themselves (name, datatype, shape, value
+//! `contents.fp32_contents`, never both; the request's `priority`
+//! parameter (an unsigned or non-negative integer); its other parameters
+//! (`binary_data`, ...) are accepted and ignored, as they change nothing
+//! here. The tensor rules themselves (name, datatype, shape, value
 //! count, raw little-endian decoding, outputs) are the protocol core's
 //! (`oip/tensor.rs`), the same as HTTP v2's; the input's rules (row length,
 //! row limit, finiteness) are `InferInput::new`'s. Must not touch: status
 //! codes (`status.rs`), which model is asked for (`model.rs` resolves it
 //! first).
 
-use super::pb::{InferTensorContents, ModelInferRequest};
+use super::pb::infer_parameter::ParameterChoice;
+use super::pb::{InferParameter, InferTensorContents, ModelInferRequest};
 use super::status::GrpcError;
 use crate::input::{InferInput, InputLimits, RequestError};
 use crate::oip::{self, Declared, INPUT, OutputName};
@@ -24,6 +26,23 @@ pub struct InferCall {
     pub input: InferInput,
     /// In the order asked (all, in the model's order, when none was named).
     pub outputs: Vec<OutputName>,
+    /// The `priority` parameter (1 is the highest level; 0: none named).
+    pub priority: u64,
+}
+
+/// The `priority` parameter: `uint64_param`, or a non-negative
+/// `int64_param` (what tritonclient sends); 0 when absent.
+fn priority(parameters: &std::collections::HashMap<String, InferParameter>) -> Result<u64, GrpcError> {
+    let Some(param) = parameters.get("priority") else {
+        return Ok(0);
+    };
+    match param.parameter_choice {
+        Some(ParameterChoice::Uint64Param(level)) => Ok(level),
+        Some(ParameterChoice::Int64Param(level)) if level >= 0 => Ok(level as u64),
+        _ => Err(invalid(
+            "parameter 'priority' must be a non-negative integer (1 is the highest level; 0: the default)".into(),
+        )),
+    }
 }
 
 fn invalid(msg: String) -> GrpcError {
@@ -37,8 +56,10 @@ pub fn parse_infer(req: ModelInferRequest, limits: &InputLimits) -> Result<Infer
         mut inputs,
         outputs,
         raw_input_contents: raw,
+        parameters,
         ..
     } = req;
+    let priority = priority(&parameters)?;
     if inputs.len() != 1 {
         return Err(invalid(format!(
             "expected 1 input ('{INPUT}') but got {}",
@@ -70,7 +91,12 @@ pub fn parse_infer(req: ModelInferRequest, limits: &InputLimits) -> Result<Infer
     };
     let input = InferInput::new(values, limits)?;
     let outputs = oip::requested_outputs(outputs.iter().map(|o| o.name.as_str()))?;
-    Ok(InferCall { id, input, outputs })
+    Ok(InferCall {
+        id,
+        input,
+        outputs,
+        priority,
+    })
 }
 
 /// The values of typed contents: `fp32_contents` only, exactly the shape's count.

@@ -8,7 +8,7 @@
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::deadline::call_timeout;
+use super::deadline::{call_timeout, explicit_timeout};
 use super::model::{self, Named, Served};
 use super::pb::grpc_inference_service_server::GrpcInferenceService;
 use super::pb::{self, ModelInferRequest};
@@ -89,7 +89,7 @@ impl GrpcInferenceService for InferenceService {
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
         let method = GrpcMethod::ModelInfer;
         let result = async {
-            let timeout = call_timeout(r.metadata(), self.served.default_timeout)?;
+            let timeout = explicit_timeout(r.metadata())?;
             self.served.infer(r.into_inner(), timeout, method).await
         }
         .await;

@@ -60,8 +60,8 @@ async fn drive(served: Served, mut inbound: Streaming<ModelInferRequest>, tx: An
             message = inbound.message(), if reading && pending.len() < MAX_INFLIGHT_PER_STREAM => match message {
                 Ok(Some(req)) => {
                     let timeout = match deadline {
-                        Some(d) => d.saturating_duration_since(Instant::now()).min(served.default_timeout),
-                        None => served.default_timeout,
+                        Some(d) => Some(d.saturating_duration_since(Instant::now()).min(served.default_timeout)),
+                        None => None,
                     };
                     pending.push_back(answer_one(served.clone(), req, timeout));
                 }
@@ -79,7 +79,7 @@ async fn drive(served: Served, mut inbound: Streaming<ModelInferRequest>, tx: An
 }
 
 /// One streamed request's answer: its output, or its error as `error_message`.
-async fn answer_one(served: Served, req: ModelInferRequest, timeout: Duration) -> ModelStreamInferResponse {
+async fn answer_one(served: Served, req: ModelInferRequest, timeout: Option<Duration>) -> ModelStreamInferResponse {
     let method = GrpcMethod::ModelStreamInfer;
     let id = req.id.clone();
     let result = served.infer(req, timeout, method).await;

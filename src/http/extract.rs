@@ -49,13 +49,31 @@ pub fn numeric_header(
     Some(number.filter(|n| range.contains(n)).ok_or(()))
 }
 
-/// The request's timeout: `X-Request-Timeout-Ms`, or `default`.
-pub fn request_timeout(req: &HttpRequest, default: Duration) -> Result<Duration, HttpError> {
+/// The request's own timeout, `X-Request-Timeout-Ms` (`None`: the
+/// engine's default for its priority level).
+pub fn request_timeout(req: &HttpRequest) -> Result<Option<Duration>, HttpError> {
     match numeric_header(req.headers(), TIMEOUT_HEADER, 1..=MAX_TIMEOUT_MS) {
-        None => Ok(default),
-        Some(Ok(ms)) => Ok(Duration::from_millis(ms)),
+        None => Ok(None),
+        Some(Ok(ms)) => Ok(Some(Duration::from_millis(ms))),
         Some(Err(())) => Err(HttpError::BadRequest(format!(
             "X-Request-Timeout-Ms must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}"
+        ))),
+    }
+}
+
+/// `/infer`'s priority header (1 is the highest level).
+pub const PRIORITY_HEADER: &str = "x-request-priority";
+
+/// The priority level `/infer` asks for: `X-Request-Priority`, 0 when
+/// absent (the default level; so is a level past
+/// `batching.priority_levels`, Triton's rule).
+pub fn request_priority(req: &HttpRequest) -> Result<u64, HttpError> {
+    match numeric_header(req.headers(), PRIORITY_HEADER, 0..=u64::from(u32::MAX)) {
+        None => Ok(0),
+        Some(Ok(level)) => Ok(level),
+        Some(Err(())) => Err(HttpError::BadRequest(format!(
+            "X-Request-Priority must be a whole number from 0 to {} (1 is the highest level; 0: the default)",
+            u32::MAX
         ))),
     }
 }

@@ -11,7 +11,7 @@ use actix_web::http::header::ContentType;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::json;
 
-use super::extract::{read_body, request_timeout, require_json};
+use super::extract::{read_body, request_priority, request_timeout, require_json};
 use super::{HttpSettings, model_headers, timing_headers};
 use crate::engine::{Engine, InferOptions, ModelTarget, VersionHealth};
 use crate::http::error::HttpError;
@@ -28,7 +28,8 @@ pub async fn infer(
     settings: web::Data<HttpSettings>,
 ) -> Result<HttpResponse, HttpError> {
     require_json(&req)?;
-    let timeout = request_timeout(&req, settings.default_timeout)?;
+    let timeout = request_timeout(&req)?;
+    let priority = request_priority(&req)?;
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     engine.held().admit()?;
     let version = engine.resolve(&ModelTarget::DEFAULT)?;
@@ -36,6 +37,7 @@ pub async fn infer(
     drop(body);
     let options = InferOptions {
         timeout,
+        priority,
         route: Route::Infer.into(),
     };
     let answer = engine.infer(version, request.input, options).await?;

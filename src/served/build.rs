@@ -488,7 +488,7 @@ mod tests {
     fn submit(served: &ServedVersion, rows: usize) -> tokio::sync::oneshot::Receiver<crate::batcher::job::JobReply> {
         let values = vec![0.5; rows * served.limits().row_len];
         let input = crate::input::InferInput::new(values, served.limits()).unwrap();
-        let (job, reply) = crate::batcher::job::Job::new(input, std::time::Duration::from_secs(60));
+        let (job, reply) = crate::batcher::job::Job::new(input, std::time::Duration::from_secs(60), 1);
         served.submit(job);
         reply
     }

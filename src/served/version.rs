@@ -15,6 +15,7 @@
 //! (the repository's registry), how a version is built (`build.rs`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -151,6 +152,24 @@ impl ServedVersion {
     /// The backend's device memory in use, by device (empty on the CPU).
     pub fn device_memory_used(&self) -> Vec<(String, u64)> {
         self.backend.device_memory_used()
+    }
+
+    /// The priority level of a request that asked for `requested` (0: none
+    /// named; Triton's rule: 0 or a level past `batching.priority_levels`
+    /// is the default level).
+    // SCAFFOLD (issue 23, priority helper): one level until the batcher
+    // has levels.
+    pub fn priority_level(&self, requested: u64) -> u32 {
+        let _ = requested;
+        1
+    }
+
+    /// Level `level`'s own default timeout (`[batching.levels.N]
+    /// timeout_ms`), if it has one.
+    // SCAFFOLD (issue 23, priority helper).
+    pub fn level_timeout(&self, level: u32) -> Option<Duration> {
+        let _ = level;
+        None
     }
 
     /// Hands `job` to this version's batcher, which admits or rejects it

@@ -304,7 +304,7 @@ fn check_v2(json: &[u8], binary: &[u8], limits: &InputLimits, stats: &Stats) -> 
     };
     bump(&stats.compared);
     match (reference::v2(&doc, binary, limits), &got) {
-        (Verdict::Accept(want), Ok(V2Request { id, input, outputs })) => {
+        (Verdict::Accept(want), Ok(V2Request { id, input, outputs, .. })) => {
             same_bits(input.values(), &want.values).map_err(fail)?;
             let outputs: Vec<(&str, bool)> = outputs.iter().map(|o| (o.output.as_str(), o.binary)).collect();
             if (id, input.n_rows(), &outputs) != (&want.id, want.n_rows, &want.outputs) {

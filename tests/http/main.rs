@@ -30,12 +30,15 @@ mod common {
     pub use {fixtures::*, http::*, prom::*, raw::*, server::*};
 }
 
+mod api_keys;
 mod declared_shapes;
 mod hostile_clients;
 mod http_compat;
 mod http_concurrency;
 mod http_failures;
 mod http_malformed;
+mod priority_levels;
 mod slow_readers;
+mod unix_socket;
 mod v2_protocol;
 mod web_pages;

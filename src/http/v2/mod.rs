@@ -174,7 +174,7 @@ pub async fn infer(
     settings: web::Data<HttpSettings>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, V2Error> {
-    let timeout = request_timeout(&req, settings.default_timeout)?;
+    let timeout = request_timeout(&req)?;
     // The body is read first: an answer that leaves it unread closes the
     // connection, and a keep-alive client would see that as a failure.
     let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
@@ -187,6 +187,7 @@ pub async fn infer(
 
     let options = InferOptions {
         timeout,
+        priority: request.priority,
         route: Route::V2Infer.into(),
     };
     let answer = engine.infer(version, request.input, options).await?;

@@ -49,6 +49,8 @@ pub struct V2Request {
     pub input: InferInput,
     /// In the order asked; every output once.
     pub outputs: Vec<OutputRequest>,
+    /// The `priority` parameter (1 is the highest level; 0: none named).
+    pub priority: u64,
 }
 
 /// Parses `json` (the header) and `binary` (the bytes after it).
@@ -63,8 +65,14 @@ pub fn parse_request(json: &[u8], binary: &[u8], limits: &InputLimits) -> Result
     })?;
     let outputs = header.outputs();
     let id = header.id.take();
+    let priority = header.priority;
     let input = header.into_input(binary, limits)?;
-    Ok(V2Request { id, input, outputs })
+    Ok(V2Request {
+        id,
+        input,
+        outputs,
+        priority,
+    })
 }
 
 // ---- the parsed header ---------------------------------------------------------
@@ -74,6 +82,8 @@ pub fn parse_request(json: &[u8], binary: &[u8], limits: &InputLimits) -> Result
 struct Header {
     id: Option<String>,
     binary_data_output: bool,
+    /// `parameters.priority` (0: none).
+    priority: u64,
     /// Inputs listed (only the first is kept: the model has one).
     inputs_seen: usize,
     input: Option<InputTensor>,
@@ -229,6 +239,7 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
                     seen_parameters = true;
                     let params = map.next_value::<RequestParameters>()?;
                     header.binary_data_output = params.binary_data_output;
+                    header.priority = params.priority;
                 }
                 "inputs" => {
                     if seen_inputs {
@@ -256,6 +267,9 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
 struct RequestParameters {
     #[serde(default)]
     binary_data_output: bool,
+    /// Triton's request priority: an unsigned integer, 1 the highest.
+    #[serde(default)]
+    priority: u64,
 }
 
 #[derive(serde::Deserialize, Default)]

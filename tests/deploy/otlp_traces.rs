@@ -1,0 +1,1 @@
+//! SCAFFOLD (issue 23): filled by its helper.
