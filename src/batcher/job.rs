@@ -36,6 +36,9 @@ pub struct InferOutput {
     pub queue_wait: Duration,
     /// Forward time of the batches that computed its rows.
     pub compute: Duration,
+    /// Rows of the largest batch that computed some of its rows (its own
+    /// and other requests'), for traces.
+    pub batch_rows: usize,
 }
 
 pub type JobReply = Result<InferOutput, EngineError>;
@@ -142,6 +145,7 @@ impl Job {
         logits: &[f32],
         router_weights: &[f32],
         compute: Duration,
+        batch_rows: usize,
     ) {
         let n = logits.len() / dims.output;
         let mut state = self.state.lock();
@@ -154,10 +158,12 @@ impl Job {
             router_weights: vec![0.0; n_rows * dims.experts],
             queue_wait: Duration::ZERO,
             compute: Duration::ZERO,
+            batch_rows: 0,
         });
         out.logits[first_row * dims.output..(first_row + n) * dims.output].copy_from_slice(logits);
         out.router_weights[first_row * dims.experts..(first_row + n) * dims.experts].copy_from_slice(router_weights);
         out.compute += compute;
+        out.batch_rows = out.batch_rows.max(batch_rows);
         state.rows_left -= n;
         if state.rows_left == 0 {
             let mut output = state.output.take().expect("inserted above");

@@ -146,7 +146,14 @@ fn answer(job: &Job, first_row: usize, n_rows: usize) {
         top_k: 1,
         depth: 1,
     };
-    job.complete_rows(&dims, first_row, &vec![0.5; n_rows], &vec![1.0; n_rows], Duration::ZERO);
+    job.complete_rows(
+        &dims,
+        first_row,
+        &vec![0.5; n_rows],
+        &vec![1.0; n_rows],
+        Duration::ZERO,
+        n_rows,
+    );
 }
 
 #[test]

@@ -62,6 +62,7 @@ mod tests {
             router_weights: (0..dims.experts * 2).map(|i| -(i as f32)).collect(),
             queue_wait: Duration::ZERO,
             compute: Duration::ZERO,
+            batch_rows: 2,
         };
         let who = Answerer {
             model: "m",

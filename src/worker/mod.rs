@@ -166,6 +166,7 @@ impl Worker {
             panic!("fault injection: handing out the answers panicked");
         }
         let (o, e) = (self.dims.output, self.dims.experts);
+        let batch_rows = self.input.len() / self.dims.input;
         let mut offset = 0;
         for slice in &self.live {
             let rows = offset..offset + slice.n_rows;
@@ -175,6 +176,7 @@ impl Worker {
                 &self.output.logits[rows.start * o..rows.end * o],
                 &self.output.router_weights[rows.start * e..rows.end * e],
                 compute,
+                batch_rows,
             );
             offset = rows.end;
         }

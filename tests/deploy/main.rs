@@ -30,4 +30,5 @@ mod common {
 
 mod autoscaling_queries;
 mod deploy_manifests;
+mod otlp_traces;
 mod prometheus_live;

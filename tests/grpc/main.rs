@@ -30,6 +30,7 @@ mod common {
     pub use {fixtures::*, http::*, prom::*, server::*, triton::*};
 }
 
+mod api_keys;
 mod grpc_hostile;
 mod grpc_triton;
 mod triton_client;
