@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpResponseBuilder, ResponseError, web};
 use tracing::Instrument;
@@ -187,11 +187,11 @@ fn access(route: Route) -> Access {
     }
 }
 
-/// The API-key check on the request's head (`Authorization: Bearer <key>`):
-/// the accepted key's id (`None`: no key needed), or the refusal, counted
-/// by its reason.
-fn authorize(req: &ServiceRequest, route: Route, engine: &Engine) -> Result<Option<KeyId>, HttpError> {
-    let values = req.headers().get_all(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+/// The API-key check on a request's head (`Authorization: Bearer <key>`)
+/// for `route` (matched on the path actix routes on): the accepted key's id
+/// (`None`: no key needed), or the refusal, counted by its reason.
+pub(crate) fn check_key(engine: &Engine, route: Route, headers: &HeaderMap) -> Result<Option<KeyId>, HttpError> {
+    let values = headers.get_all(header::AUTHORIZATION).map(HeaderValue::as_bytes);
     engine.keys().check(values, access(route)).map_err(|e| {
         engine.metrics().observe_auth_failure(e.failure());
         HttpError::Auth(e)
@@ -250,7 +250,7 @@ async fn observe(
         .app_data::<web::Data<HttpSettings>>()
         .map_or(usize::MAX, |s| s.max_header_bytes);
     let refusal = refuse_on_head(&req, max_header_bytes).and_then(|()| match &engine {
-        Some(engine) => authorize(&req, route, engine).map(|key| {
+        Some(engine) => check_key(engine, route, req.headers()).map(|key| {
             if let Some(key) = key {
                 span.record("key", tracing::field::display(key));
             }
