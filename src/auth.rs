@@ -82,7 +82,7 @@ impl std::fmt::Display for KeyId {
 pub enum AuthError {
     #[error("an API key is needed: send `Authorization: Bearer <key>`")]
     MissingKey,
-    #[error("the authorization is not one `Bearer <key>` (a key is 16 to 256 printable ASCII characters)")]
+    #[error("the authorization is not one `Bearer <key>` (a key is printable ASCII)")]
     Malformed,
     #[error("unknown API key")]
     UnknownKey,
@@ -328,26 +328,27 @@ pub fn read_keys(path: &Path) -> Result<KeyTable, KeysFileError> {
 
 /// Parses a keys file's text.
 pub fn parse_keys(text: &[u8]) -> Result<KeyTable, KeysFileError> {
-    let mut entries: Vec<(usize, Entry)> = Vec::new();
+    let mut entries = Vec::new();
+    // Each key's digest and the line it is on, to name a key listed twice.
+    let mut lines = std::collections::HashMap::new();
     for (index, line) in text.split(|&b| b == b'\n').enumerate() {
         let number = index + 1;
         let entry = parse_line(line).map_err(|problem| KeysFileError::Line { line: number, problem })?;
         let Some(entry) = entry else { continue };
-        if let Some((first, _)) = entries.iter().find(|(_, e)| e.digest == entry.digest) {
-            let problem = LineProblem::Duplicate(*first);
+        if let Some(&first) = lines.get(&entry.digest) {
+            let problem = LineProblem::Duplicate(first);
             return Err(KeysFileError::Line { line: number, problem });
         }
         if entries.len() == MAX_KEYS {
             return Err(KeysFileError::TooMany);
         }
-        entries.push((number, entry));
+        lines.insert(entry.digest, number);
+        entries.push(entry);
     }
     if entries.is_empty() {
         return Err(KeysFileError::Empty);
     }
-    Ok(KeyTable {
-        entries: entries.into_iter().map(|(_, e)| e).collect(),
-    })
+    Ok(KeyTable { entries })
 }
 
 /// One line: `None` for a blank or comment line.
