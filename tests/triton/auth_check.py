@@ -62,7 +62,11 @@ def stream_once(client, model, inp, headers):
     """One request on a stream opened with `headers`: (result, error)."""
     answers = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=headers)
-    client.async_stream_infer(model, [inp], request_id="s1")
+    try:
+        client.async_stream_infer(model, [inp], request_id="s1")
+    except InferenceServerException as e:
+        # The stream was already refused: its error comes to the callback.
+        print(f"stream ended before its request was sent: {e.message()}")
     answer = answers.get(timeout=60)
     client.stop_stream()
     return answer
