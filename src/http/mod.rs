@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::ConnectionType;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpResponseBuilder, ResponseError, web};
@@ -200,12 +201,21 @@ pub(crate) fn check_key(engine: &Engine, route: Route, headers: &HeaderMap) -> R
 
 /// The answer to a request refused before routing: an API-key refusal in
 /// its route's protocol's error format, the transport's own refusals as
-/// they always were.
-fn refusal_response(route: Route, refusal: HttpError) -> actix_web::HttpResponse {
-    match refusal {
+/// they always were. A request with a body is answered `Connection: close`:
+/// its body is never read, and actix closes a connection whose request body
+/// it has not all seen, so a client must not send another request on it.
+fn refusal_response(req: &ServiceRequest, route: Route, refusal: HttpError) -> actix_web::HttpResponse {
+    let mut response = match refusal {
         HttpError::Auth(_) if route.is_v2() => V2Error::Http(refusal).error_response(),
         _ => refusal.error_response(),
+    };
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || extract::declared_length(headers).map_or(true, |n| n.is_some_and(|n| n > 0));
+    if has_body {
+        response.head_mut().set_connection_type(ConnectionType::Close);
     }
+    response
 }
 
 /// Marks the request in flight on its connection: a draining server waits
@@ -260,7 +270,10 @@ async fn observe(
     let _in_flight = admit(&req, start);
     let mut res = match refusal {
         // Refused before routing, so no handler (and no extractor) runs.
-        Err(refusal) => req.into_response(refusal_response(route, refusal)),
+        Err(refusal) => {
+            let response = refusal_response(&req, route, refusal);
+            req.into_response(response)
+        }
         Ok(()) => {
             let res = next.call(req).instrument(span.clone()).await?;
             match &engine {

@@ -193,12 +193,11 @@ fn every_route_asks_for_its_scope_and_the_probes_stay_open() {
             continue;
         };
         guarded += 1.0;
-        assert_unauthorized(
-            &send(&a, &server, method, &path, None),
-            &path,
-            None,
-            &format!("{what}, no key"),
-        );
+        let refused = send(&a, &server, method, &path, None);
+        assert_unauthorized(&refused, &path, None, &format!("{what}, no key"));
+        // Its body is never read: the client must not reuse the connection.
+        let closes = refused.header("connection") == Some("close");
+        assert_eq!(closes, method == "POST", "{what}: Connection: close with a body unread");
         let unknown = send(&a, &server, method, &path, Some(&bearer(UNKNOWN_KEY)));
         assert_unauthorized(&unknown, &path, Some("invalid_token"), &format!("{what}, unknown key"));
         for (key_scope, key) in SCOPE_KEYS {
