@@ -31,18 +31,9 @@ impl InferenceService {
         InferenceService { served }
     }
 
-    /// The API-key check for `method` on the call's `authorization`
-    /// metadata (`Bearer <key>`); a refusal as `method`'s status.
+    /// The API-key check for `method` on the call's metadata.
     fn authorize<T>(&self, r: &Request<T>, method: GrpcMethod) -> Result<(), Status> {
-        let values = r
-            .metadata()
-            .get_all(AUTHORIZATION)
-            .into_iter()
-            .map(|v| v.as_encoded_bytes());
-        match self.served.keys().check(values, access(method)) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(GrpcError::from(e).into_status(method, self.served.metrics())),
-        }
+        check_call(&self.served, method, r.metadata().as_ref())
     }
 
     /// `result` as a response, its error as `method`'s status.
@@ -55,6 +46,18 @@ impl InferenceService {
 
 /// The metadata that carries the API key.
 const AUTHORIZATION: &str = "authorization";
+
+/// The API-key check for a call of `method` with `headers` (HTTP/2 headers
+/// or the call's metadata): one `authorization: Bearer <key>`. A refusal is
+/// `method`'s status, counted. Needs only the call's head, so it can run
+/// before the call's message is read.
+pub(crate) fn check_call(served: &Served, method: GrpcMethod, headers: &http::HeaderMap) -> Result<(), Status> {
+    let values = headers.get_all(AUTHORIZATION).into_iter().map(|v| v.as_bytes());
+    match served.keys().check(values, access(method)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(GrpcError::from(e).into_status(method, served.metrics())),
+    }
+}
 
 /// What `method` asks to do, for the API-key check (`auth.rs`). The match
 /// is exhaustive: a new RPC cannot be added without choosing.
