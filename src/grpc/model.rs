@@ -59,6 +59,11 @@ impl Served {
         self.engine.metrics()
     }
 
+    /// The API keys calls are checked against (`auth.rs`).
+    pub fn keys(&self) -> &crate::auth::KeyStore {
+        self.engine.keys()
+    }
+
     /// The account of answer bytes waiting for their clients.
     pub fn held(&self) -> &Arc<crate::engine::held::HeldAnswers> {
         self.engine.held()

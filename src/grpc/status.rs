@@ -7,12 +7,16 @@
 //! Triton uses for the same condition: INVALID_ARGUMENT for the client's
 //! input, NOT_FOUND for an unknown model, UNAVAILABLE for a full queue or
 //! an engine that is not ready (both retryable), DEADLINE_EXCEEDED,
-//! INTERNAL), and the status sent. Each error's [`FailureReason`] is
-//! counted here too, so no handler forgets it. Must not touch: deciding
+//! INTERNAL), an API-key refusal's code (UNAUTHENTICATED without a usable
+//! key, PERMISSION_DENIED for a key without the method's scope), and the
+//! status sent. Each error's [`FailureReason`] (and an API-key refusal's
+//! [`AuthFailure`](crate::labels::AuthFailure)) is counted here too, so no
+//! handler forgets it. Must not touch: deciding
 //! whether something is an error; HTTP's framing errors (never reach gRPC).
 
 use tonic::{Code, Status};
 
+use crate::auth::AuthError;
 use crate::engine::RepositoryError;
 use crate::error::{EngineError, ErrorKind, RequestError};
 use crate::labels::{FailureReason, GrpcMethod};
@@ -33,6 +37,9 @@ pub enum GrpcError {
     /// A repository call (index, load, unload) that could not be done.
     #[error("{0}")]
     Repository(#[from] RepositoryError),
+    /// Refused by the API-key check (`auth.rs`).
+    #[error("{0}")]
+    Auth(#[from] AuthError),
 }
 
 impl From<RequestError> for GrpcError {
@@ -60,6 +67,8 @@ impl GrpcError {
             GrpcError::UnknownVersion(_) => code_of(ErrorKind::NotFound),
             GrpcError::InvalidArgument(_) => code_of(ErrorKind::InvalidArgument),
             GrpcError::Repository(e) => code_of(oip::repository_kind(e)),
+            GrpcError::Auth(AuthError::MissingScope { .. }) => Code::PermissionDenied,
+            GrpcError::Auth(_) => Code::Unauthenticated,
         }
     }
 
@@ -70,12 +79,17 @@ impl GrpcError {
             GrpcError::UnknownVersion(_) => FailureReason::NotFound,
             GrpcError::InvalidArgument(_) => FailureReason::Invalid,
             GrpcError::Repository(e) => oip::repository_reason(e),
+            GrpcError::Auth(AuthError::MissingScope { .. }) => FailureReason::Forbidden,
+            GrpcError::Auth(_) => FailureReason::Unauthorized,
         }
     }
 
     /// The status sent for this error on `method`, counting the failure.
     pub fn into_status(self, method: GrpcMethod, metrics: &Metrics) -> Status {
         metrics.observe_failure(method, self.reason());
+        if let GrpcError::Auth(e) = &self {
+            metrics.observe_auth_failure(e.failure());
+        }
         Status::new(self.code(), self.to_string())
     }
 }
@@ -134,5 +148,12 @@ mod tests {
             (Code::NotFound, "Request for unknown model: 'm' version x is not found")
         );
         assert_eq!(code_name(status.code()), "NOT_FOUND");
+        let auth = |e: AuthError| GrpcError::from(e).into_status(GrpcMethod::ModelInfer, &metrics).code();
+        assert_eq!(auth(AuthError::MissingKey), Code::Unauthenticated);
+        assert_eq!(auth(AuthError::Malformed), Code::Unauthenticated);
+        assert_eq!(auth(AuthError::UnknownKey), Code::Unauthenticated);
+        let key = crate::auth::KeyId::of(&[0; 32]);
+        let needed = crate::labels::Scope::Infer;
+        assert_eq!(auth(AuthError::MissingScope { key, needed }), Code::PermissionDenied);
     }
 }

@@ -9,13 +9,15 @@
 //! ([`sidecar_status`] for `/infer` and the plain routes, [`v2_status`] for
 //! `/v2`, Triton's `HttpCodeFromError`); status codes of the transport's
 //! own refusals; the JSON error bodies and error headers (`Retry-After`,
-//! `Connection: close`). Must not touch: deciding *whether* something is an
+//! `Connection: close`, `WWW-Authenticate`); an API-key refusal's status
+//! (401 without a usable key, 403 for a key without the route's scope). Must not touch: deciding *whether* something is an
 //! error; that happens where it is detected.
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, HttpResponseBuilder, ResponseError};
 
+use crate::auth::AuthError;
 use crate::engine::RepositoryError;
 use crate::error::{EngineError, ErrorKind, RequestError};
 use crate::labels::FailureReason;
@@ -54,7 +56,13 @@ pub enum HttpError {
     /// A request a web page made, or a DNS-rebinding `Host` (`http/browser.rs`).
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// Refused by the API-key check (`auth.rs`), before the body is read.
+    #[error("{0}")]
+    Auth(#[from] AuthError),
 }
+
+/// The realm of the `WWW-Authenticate` challenge.
+pub const AUTH_REALM: &str = "tokitai-serve";
 
 impl From<RequestError> for HttpError {
     fn from(e: RequestError) -> HttpError {
@@ -75,7 +83,8 @@ impl HttpError {
             HttpError::BodyTimeout { .. } => FailureReason::BodyTimeout,
             HttpError::NotFound(_) => FailureReason::NotFound,
             HttpError::MethodNotAllowed { .. } => FailureReason::MethodNotAllowed,
-            HttpError::Forbidden(_) => FailureReason::Forbidden,
+            HttpError::Forbidden(_) | HttpError::Auth(AuthError::MissingScope { .. }) => FailureReason::Forbidden,
+            HttpError::Auth(_) => FailureReason::Unauthorized,
         }
     }
 
@@ -106,6 +115,9 @@ impl HttpError {
             HttpError::Engine(EngineError::NotReady(_) | EngineError::ModelNotReady { .. }) if retry_unready => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from(1u64)));
             }
+            HttpError::Auth(e) => {
+                response.insert_header((header::WWW_AUTHENTICATE, challenge(e)));
+            }
             // The rest of a stalled or refused body may still arrive: never
             // read it as the next request.
             _ if self.closes_connection() => {
@@ -114,6 +126,21 @@ impl HttpError {
             _ => {}
         }
     }
+}
+
+/// The `WWW-Authenticate` challenge of an API-key refusal (RFC 6750,
+/// section 3: the error code when a key was sent).
+fn challenge(e: &AuthError) -> HeaderValue {
+    let realm = format!("Bearer realm=\"{AUTH_REALM}\"");
+    let text = match e {
+        AuthError::MissingKey => realm,
+        AuthError::Malformed => format!("{realm}, error=\"invalid_request\""),
+        AuthError::UnknownKey => format!("{realm}, error=\"invalid_token\""),
+        AuthError::MissingScope { needed, .. } => {
+            format!("{realm}, error=\"insufficient_scope\", scope=\"{needed}\"")
+        }
+    };
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
 }
 
 /// `/infer`'s and the plain routes' status for an error kind: the old
@@ -164,6 +191,11 @@ impl ResponseError for HttpError {
             HttpError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             // Not Triton's (it has no such rule), but what the refusal is.
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
+            // RFC 6750: a key that is known but lacks the scope is 403; no
+            // usable key is 401 (on every route, v2 included: Triton has
+            // no rule of its own for either).
+            HttpError::Auth(AuthError::MissingScope { .. }) => StatusCode::FORBIDDEN,
+            HttpError::Auth(_) => StatusCode::UNAUTHORIZED,
         }
     }
 

@@ -6,7 +6,9 @@
 //! per-request observation (request id, tracing span, request count and
 //! duration by route and status, failures by reason, the request marked in
 //! flight on its connection, a large answer handed over in pieces; see
-//! `conn.rs`). The handlers run on
+//! `conn.rs`), and which API-key scope each route needs ([`access`]: the key
+//! is checked on the request's head, so a refused request's body is never
+//! read). The handlers run on
 //! actix-web's HTTP worker threads; they are not actors. Must not touch:
 //! inference (handed to [`Engine::infer`] as a validated input), batching
 //! policy, or metric definitions (see `metrics.rs`).
@@ -26,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::ConnectionType;
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpResponseBuilder, ResponseError, web};
 use tracing::Instrument;
@@ -35,9 +38,10 @@ use self::browser::BrowserGuard;
 use self::conn::{ConnHandle, InFlight, Pieces};
 use self::extract::{TIMEOUT_HEADER, check_head, numeric_header, reject_browser_forms};
 use self::server::ConnectionGuard;
+use crate::auth::{Access, KeyId};
 use crate::config::Config;
 use crate::engine::{Engine, InferOutput, ModelDescription};
-use crate::http::error::HttpError;
+use crate::http::error::{HttpError, V2Error};
 use crate::labels::{FailureReason, Route};
 
 /// Per-request limits the handlers read (the row limit is the engine's).
@@ -158,6 +162,62 @@ fn refuse_on_head(req: &ServiceRequest, max_header_bytes: usize) -> Result<(), H
     verdict
 }
 
+/// What `route` asks to do, for the API-key check (`auth.rs`). The match
+/// is exhaustive: a new route cannot be added without choosing.
+fn access(route: Route) -> Access {
+    match route {
+        Route::Infer | Route::V2Infer | Route::V2VersionInfer => Access::Infer,
+        // The probes (a model's readiness too, as on gRPC); a path that
+        // matches no route is 404 with or without a key.
+        Route::Healthz
+        | Route::Readyz
+        | Route::V2Live
+        | Route::V2Ready
+        | Route::V2ModelReady
+        | Route::V2ModelVersionReady
+        | Route::Other => Access::Health,
+        Route::Metrics => Access::Metrics,
+        Route::V2Server
+        | Route::V2Model
+        | Route::V2ModelVersion
+        | Route::V2ModelConfig
+        | Route::V2ModelVersionConfig
+        | Route::V2ModelStats
+        | Route::V2ModelVersionStats => Access::Metadata,
+        Route::V2RepositoryIndex | Route::V2RepositoryLoad | Route::V2RepositoryUnload => Access::Repository,
+    }
+}
+
+/// The API-key check on a request's head (`Authorization: Bearer <key>`)
+/// for `route` (matched on the path actix routes on): the accepted key's id
+/// (`None`: no key needed), or the refusal, counted by its reason.
+pub(crate) fn check_key(engine: &Engine, route: Route, headers: &HeaderMap) -> Result<Option<KeyId>, HttpError> {
+    let values = headers.get_all(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    engine.keys().check(values, access(route)).map_err(|e| {
+        engine.metrics().observe_auth_failure(e.failure());
+        HttpError::Auth(e)
+    })
+}
+
+/// The answer to a request refused before routing: an API-key refusal in
+/// its route's protocol's error format, the transport's own refusals as
+/// they always were. A request with a body is answered `Connection: close`:
+/// its body is never read, and actix closes a connection whose request body
+/// it has not all seen, so a client must not send another request on it.
+fn refusal_response(req: &ServiceRequest, route: Route, refusal: HttpError) -> actix_web::HttpResponse {
+    let mut response = match refusal {
+        HttpError::Auth(_) if route.is_v2() => V2Error::Http(refusal).error_response(),
+        _ => refusal.error_response(),
+    };
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || extract::declared_length(headers).map_or(true, |n| n.is_some_and(|n| n > 0));
+    if has_body {
+        response.head_mut().set_connection_type(ConnectionType::Close);
+    }
+    response
+}
+
 /// Marks the request in flight on its connection: a draining server waits
 /// for it, and its answer may take until its deadline to drain. (The
 /// inference handlers refuse a request while held answers fill
@@ -176,8 +236,8 @@ fn admit(req: &ServiceRequest, start: Instant) -> Option<InFlight> {
 
 /// Request id, tracing span, the refusals made on the head alone (too large,
 /// ambiguous body length, a web page's request or a rebinding `Host`,
-/// browser-form content type) or on the answers held for slow readers, and
-/// request metrics for every route.
+/// browser-form content type, no API key with the route's scope) or on the
+/// answers held for slow readers, and request metrics for every route.
 async fn observe(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -185,21 +245,35 @@ async fn observe(
     let start = Instant::now();
     let id = request_id(&req);
     let engine = req.app_data::<web::Data<Engine>>().cloned();
-    let route = Route::for_path(req.path());
+    // The path actix's router matches (percent-decoded but for `%2F`, `%25`
+    // and `%2B`), not the raw one: `/%69nfer` is routed to `/infer`, so its
+    // label and the scope it needs must be `/infer`'s too.
+    let route = Route::for_path(req.match_info().as_str());
     let span = tracing::info_span!(
         "request",
         id = id.to_str().unwrap_or(""),
         method = %req.method(),
-        path = req.path()
+        path = req.path(),
+        key = tracing::field::Empty
     );
     let max_header_bytes = req
         .app_data::<web::Data<HttpSettings>>()
         .map_or(usize::MAX, |s| s.max_header_bytes);
-    let refusal = refuse_on_head(&req, max_header_bytes);
+    let refusal = refuse_on_head(&req, max_header_bytes).and_then(|()| match &engine {
+        Some(engine) => check_key(engine, route, req.headers()).map(|key| {
+            if let Some(key) = key {
+                span.record("key", tracing::field::display(key));
+            }
+        }),
+        None => Ok(()),
+    });
     let _in_flight = admit(&req, start);
     let mut res = match refusal {
         // Refused before routing, so no handler (and no extractor) runs.
-        Err(refusal) => req.into_response(refusal.error_response()),
+        Err(refusal) => {
+            let response = refusal_response(&req, route, refusal);
+            req.into_response(response)
+        }
         Ok(()) => {
             let res = next.call(req).instrument(span.clone()).await?;
             match &engine {

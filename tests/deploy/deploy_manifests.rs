@@ -6,7 +6,9 @@
 //! and builds with CI's command; and every flag, setting, port and path a
 //! manifest names is one the engine has: container arguments go through the
 //! engine's own command-line parser and configuration loader, probe and
-//! scrape paths are asked of a real server.
+//! scrape paths are asked of a real server. The `service` overlay reads its
+//! API keys from a Secret it does not render, and its probes and Prometheus
+//! get through without a key (asked of a real server with those settings).
 //!
 //! Needs the tools `deploy/check/install.sh` installs (`.ci/run` calls it) and
 //! `kubectl` on PATH. Without them these tests fail, never skip.
@@ -17,12 +19,12 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use crate::common::deploy::{self, OVERLAYS, container, object, rendered, repo_root, yaml_file};
-use crate::common::{TestServer, agent, base_config, get};
+use crate::common::{TestServer, agent, base_config, finish, get};
 use clap::Parser;
 use serde_json::{Value, json};
 use tokitai_serve::cli::Cli;
 use tokitai_serve::config::Config;
-use tokitai_serve::labels::Route;
+use tokitai_serve::labels::{Route, Scope};
 
 /// The Kubernetes versions the manifests are validated against: 1.30 is the
 /// first with the preStop `sleep` action on by default, 1.37 the newest schema.
@@ -722,13 +724,16 @@ fn checked_probe_paths(place: &str, c: &Value) -> Vec<String> {
 }
 
 /// Every TOKITAI_* variable of container `c` is a setting (unknown ones
-/// would be ignored).
+/// would be ignored): loaded alone, it sets a setting the loaded
+/// configuration has (an optional one, unset by default, included).
 fn assert_env_names_settings(place: &str, c: &Value) {
-    let all = toml::Value::try_from(Config::default()).unwrap();
-    for (name, _) in env_of(c) {
+    for (name, value) in env_of(c) {
         let rest = name
             .strip_prefix("TOKITAI_")
             .unwrap_or_else(|| panic!("{place}: {name} is not the engine's"));
+        let loaded = Config::load(None, [(name.clone(), value.clone())], &[])
+            .unwrap_or_else(|e| panic!("{place}: {name}={value}: {e}"));
+        let all = toml::Value::try_from(loaded).unwrap();
         let known = all.as_table().unwrap().iter().any(|(section, keys)| {
             rest.to_ascii_lowercase()
                 .strip_prefix(&format!("{section}_"))
@@ -755,6 +760,107 @@ fn scrape_paths() -> Vec<String> {
         paths.push(path.to_string());
     }
     paths
+}
+
+/// The Secret the `service` overlay's API keys come from, and its key.
+const KEYS_SECRET: (&str, &str) = ("tokitai-api-keys", "api-keys");
+
+/// `file` (server.api_keys_file) is the Secret's key, mounted read-only and
+/// readable by no one outside the pod's group.
+fn assert_keys_mounted_from_the_secret(place: &str, pod: &Value, c: &Value, file: &std::path::Path) {
+    let dir = file.parent().and_then(|d| d.to_str()).expect("an absolute path");
+    let name = file.file_name().and_then(|n| n.to_str()).expect("a file name");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["mountPath"] == dir))
+        .unwrap_or_else(|| panic!("{place}: nothing is mounted at {dir}"));
+    assert_eq!(mount["readOnly"], true, "{place}: the keys are mounted read-only");
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == mount["name"]))
+        .expect("the mount's volume");
+    let secret = &volume["secret"];
+    assert_eq!(secret["secretName"], KEYS_SECRET.0, "{place}: {volume}");
+    let items = secret["items"].as_array().expect("only the keys file is projected");
+    assert_eq!(items, &[json!({"key": KEYS_SECRET.1, "path": name})], "{place}");
+    let mode = secret["defaultMode"].as_u64().expect("a defaultMode");
+    assert_eq!(
+        mode & 0o007,
+        0,
+        "{place}: the keys file is not world-readable ({mode:o})"
+    );
+    assert_eq!(
+        pod["securityContext"]["fsGroup"], pod["securityContext"]["runAsGroup"],
+        "{place}: the engine's group owns the file"
+    );
+}
+
+#[test]
+fn the_service_overlay_reads_api_keys_from_a_secret_and_prometheus_scrapes_without_one() {
+    let toml = config_map_toml(&rendered("service"));
+    let mut metrics_scope = None;
+    for overlay in ["service", "service-keda"] {
+        let docs = rendered(overlay);
+        assert!(
+            !docs.iter().any(|d| d["kind"] == "Secret"),
+            "{overlay}: no key is rendered from the repository"
+        );
+        let pod = &object(&docs, "Deployment", "tokitai-serve")["spec"]["template"]["spec"];
+        let c = container(pod, "tokitai-serve");
+        let config = load_engine_config(pod, c, &toml, true).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        let file = config.server.api_keys_file.clone();
+        let file = file.unwrap_or_else(|| panic!("{overlay}: server.api_keys_file is set"));
+        assert_keys_mounted_from_the_secret(overlay, pod, c, &file);
+        assert_eq!(config.server.metadata_scope.scope(), Some(Scope::Metadata), "{overlay}");
+        assert_eq!(
+            config.server.metrics_scope.scope(),
+            None,
+            "{overlay}: Prometheus scrapes without a key"
+        );
+        metrics_scope = Some(config.server.metrics_scope);
+    }
+    // The loopback sidecar and KServe's runtime ask for none.
+    for (place, pod, c) in engine_containers().into_iter().filter(|(p, ..)| p != "service") {
+        let config = load_engine_config(&pod, &c, &toml, true).unwrap_or_else(|e| panic!("{place}: {e}"));
+        assert_eq!(config.server.api_keys_file, None, "{place}");
+    }
+    // Prometheus sends no credentials (monitoring overlay, scrape job) ...
+    let monitoring = rendered("monitoring");
+    let endpoint = &object(&monitoring, "ServiceMonitor", "tokitai-serve")["spec"]["endpoints"][0];
+    let job = &yaml_file("deploy/kubernetes/overlays/monitoring/prometheus-scrape-job.yml")["scrape_configs"][0];
+    for field in [
+        "authorization",
+        "bearerTokenSecret",
+        "bearerTokenFile",
+        "basicAuth",
+        "bearer_token_file",
+    ] {
+        assert!(endpoint.get(field).is_none() && job.get(field).is_none(), "{field}");
+    }
+    // ... and an engine with the overlay's key settings answers it and the
+    // probes without a key, and nothing else.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join(KEYS_SECRET.1);
+    std::fs::write(&keys, "metadata-key-0123456789abcdef metadata\n").unwrap();
+    let mut config = base_config();
+    config.server.api_keys_file = Some(keys);
+    config.server.metrics_scope = metrics_scope.expect("the service overlay's metrics_scope");
+    let engine = TestServer::start(config);
+    let a = agent();
+    let service = rendered("service");
+    let pod = &object(&service, "Deployment", "tokitai-serve")["spec"]["template"]["spec"];
+    let mut paths = checked_probe_paths("service", container(pod, "tokitai-serve"));
+    paths.extend(scrape_paths());
+    for path in &paths {
+        assert_eq!(get(&a, &engine.url(path)).status, 200, "GET {path} without a key");
+    }
+    let metadata = engine.url("/v2/models/tokitai-moe");
+    assert_eq!(get(&a, &metadata).status, 401, "metadata needs a key");
+    let with_key = a
+        .get(&metadata)
+        .set("Authorization", "Bearer metadata-key-0123456789abcdef");
+    assert_eq!(finish(with_key.call()).unwrap().status, 200, "and takes one");
+    engine.shutdown();
 }
 
 #[test]
