@@ -5,7 +5,9 @@
 //! naming the setting (and is left alone), and the files are removed on
 //! shutdown: the in-process stop, SIGTERM to the real binary (after the
 //! drain: a request already sent on the socket is answered), and a
-//! start-up that fails after the bind.
+//! start-up that fails after the bind. The connection guard holds there
+//! too: an answer the client does not read is closed after its send
+//! deadline.
 //!
 //! Raw HTTP goes through `std::os::unix::net::UnixStream` with `Host:
 //! localhost` (the Host rule is a loopback bind's); curl `--unix-socket`
@@ -14,6 +16,7 @@
 
 use std::future::Future;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -288,6 +291,89 @@ fn grpc_over_the_socket(server: &TestServer, path: &Path) {
             "gRPC outputs, socket vs TCP"
         );
     });
+}
+
+/// A v2 binary request for `rows` rows of 0.25, answered as JSON (about
+/// 270 bytes a row).
+fn big_v2_request(rows: usize) -> Vec<u8> {
+    let d = nano_dims().input;
+    let payload: Vec<u8> = std::iter::repeat_n(0.25f32.to_le_bytes(), rows * d).flatten().collect();
+    let header = json!({ "inputs": [{ "name": "features", "shape": [rows, d], "datatype": "FP32",
+        "parameters": { "binary_data_size": payload.len() } }] })
+    .to_string();
+    let mut out = format!(
+        "POST /v2/models/tokitai-moe/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
+         Inference-Header-Content-Length: {}\r\nContent-Length: {}\r\n\r\n",
+        header.len(),
+        header.len() + payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Bytes that arrived on `stream` and were not read yet.
+fn unread_bytes(stream: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if r == 0 { n.max(0) as usize } else { 0 }
+}
+
+/// Whether the server closed `stream` within `limit`, seen by `poll`
+/// alone (nothing is read).
+fn peer_closed(stream: &UnixStream, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for a descriptor `stream` owns.
+        let ready = unsafe { libc::poll(&raw mut pfd, 1, 100) };
+        if ready > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+    }
+}
+
+/// The connection guard holds on the socket as on TCP: an answer the
+/// client does not read is closed once it has not drained within
+/// `server.send_timeout_ms` (its request's deadline here, the later one).
+#[test]
+fn an_unread_answer_on_the_socket_is_closed_after_its_send_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = socket_config(dir.path());
+    config.server.send_timeout_ms = 300;
+    config.server.request_timeout_ms = 6000;
+    let path = dir.path().join("http.sock");
+    let server = TestServer::start(config);
+    let mut stream = connect(&path).unwrap();
+    // About 1 MiB of answer: far more than the socket buffers hold.
+    stream.write_all(&big_v2_request(4096)).expect("send the request");
+    let start = Instant::now();
+    while unread_bytes(&stream) == 0 {
+        assert!(start.elapsed() < WAIT * 2, "no answer began to arrive");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        peer_closed(&stream, WAIT),
+        "an unread answer on the socket was not closed"
+    );
+    println!(
+        "unread answer closed {:.2} s after it began",
+        start.elapsed().as_secs_f64()
+    );
+    // The server serves on, on both transports.
+    assert_eq!(uds(&path, "GET", "/readyz", "").status, 200);
+    assert_eq!(tcp(&server, "GET", "/readyz", "").status, 200);
+    drop(stream);
+    server.shutdown();
 }
 
 // ---- the socket file's lifecycle ---------------------------------------------
