@@ -2,7 +2,9 @@
 # The Unix domain socket against loopback TCP (issue 23): client-observed
 # latency (p50 / p99) and the server's own CPU per request of POST /infer,
 # one row, at 1 and 64 keep-alive connections, over each transport of ONE
-# server (so both see the same engine, workers and load).
+# server (so both see the same engine, workers and load); and GET
+# /v2/health/live the same way (the framework's own floor, where the
+# transport is the largest share of a request).
 #
 #   bash benches/uds_latency.sh BINARY CLIENT [SECONDS] [REPEATS] [-- ARGS...]
 #
@@ -12,7 +14,12 @@
 # (cargo build --release --example uds_latency: target/release/examples/uds_latency).
 # Each (connections, transport) run lasts SECONDS (default 5) after a 1 s
 # warm-up; the pairs alternate TCP / Unix REPEATS times (default 3) so drift
-# on a shared machine hits both alike. Then curl: one curl process sending
+# on a shared machine hits both alike (and which goes first alternates),
+# and the medians of the repeats are printed last. Each run also reports
+# the mean rows per batch the server formed: the CPU per request of /infer
+# follows it (more rows per forward, less CPU per row) far more than the
+# transport, so compare transports at equal batches, or with
+# -- --max-batch-rows 1 (every request its own forward). Then curl: one curl process sending
 # CURL_REQUESTS (default 2000) requests over one reused connection, through
 # --unix-socket and through TCP, its own time_total per request (p50 / p99).
 # Ends with SIGTERM and checks the socket file was removed.
@@ -38,13 +45,36 @@ done
 curl -sf --unix-socket "$sock" http://localhost/readyz >/dev/null || { echo "server not ready" >&2; cat "$dir/server.log" >&2; exit 1; }
 echo "# $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs; server pid $pid; ${seconds}s per run"
 
-for _ in $(seq "$repeats"); do
-    for conns in 1 64; do
-        for target in "tcp:127.0.0.1:$port" "unix:$sock"; do
-            "$client" --target "$target" --connections "$conns" --seconds "$seconds" --pid "$pid"
+results="$dir/results.jsonl"
+for repeat in $(seq "$repeats"); do
+    # Which transport goes first alternates too.
+    targets=("tcp:127.0.0.1:$port" "unix:$sock")
+    [ $((repeat % 2)) = 1 ] || targets=("unix:$sock" "tcp:127.0.0.1:$port")
+    for route in /infer /v2/health/live; do
+        get=()
+        [ "$route" = /infer ] || get=(--get "$route")
+        for conns in 1 64; do
+            for target in "${targets[@]}"; do
+                "$client" --target "$target" --connections "$conns" --seconds "$seconds" --pid "$pid" "${get[@]}" \
+                    | tee -a "$results"
+            done
         done
     done
 done
+# The median of the repeats, per route, connections and transport.
+python3 - "$results" <<'EOF'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+keys = sorted({(r["route"], r["connections"], r["target"].split(":")[0]) for r in runs})
+print("# median of %d repeats" % (len(runs) // max(len(keys), 1)))
+for route, conns, kind in keys:
+    same = [r for r in runs if (r["route"], r["connections"], r["target"].split(":")[0]) == (route, conns, kind)]
+    med = lambda k: round(statistics.median(r[k] for r in same), 1)
+    print(json.dumps({"route": route, "connections": conns, "transport": kind, "rps": med("rps"),
+                      "p50_us": med("p50_us"), "p99_us": med("p99_us"),
+                      "server_cpu_us_per_request": med("server_cpu_us_per_request"),
+                      "mean_batch_rows": med("mean_batch_rows")}))
+EOF
 
 # curl: one process, one reused connection, CURL_REQUESTS sequential requests.
 width=$(curl -sf --unix-socket "$sock" http://localhost/v2/models/tokitai-moe \

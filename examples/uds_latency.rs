@@ -12,12 +12,14 @@
 //!
 //! ```text
 //! cargo run --release --example uds_latency -- --target unix:/tmp/t/http.sock \
-//!     --connections 64 --seconds 10 --pid SERVER_PID [--rows 1] [--warmup-secs 1]
+//!     --connections 64 --seconds 10 --pid SERVER_PID [--rows 1] [--warmup-secs 1] [--get PATH]
 //! cargo run --release --example uds_latency -- --target tcp:127.0.0.1:9100 ...
 //! ```
 //!
-//! Prints one JSON line: requests, rps, p50/p99/mean latency in µs, and
-//! (with `--pid`) the server's CPU µs per request. Every answer must be 200.
+//! Prints one JSON line: requests, rps, p50/p99/mean latency in µs, the
+//! mean rows per batch the server formed meanwhile (from its `/metrics`),
+//! and (with `--pid`) the server's CPU µs per request. Every answer must
+//! be 200.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -68,6 +70,9 @@ struct Args {
     warmup_secs: f64,
     rows: usize,
     pid: Option<u32>,
+    /// `--get PATH`: send `GET PATH` instead of `/infer` (e.g.
+    /// `/v2/health/live`, the framework's own floor).
+    get: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -78,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
         warmup_secs: 1.0,
         rows: 1,
         pid: None,
+        get: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
             "--warmup-secs" => args.warmup_secs = number(&value)?,
             "--rows" => args.rows = number(&value)? as usize,
             "--pid" => args.pid = Some(number(&value)? as u32),
+            "--get" => args.get = Some(value),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -157,6 +164,42 @@ fn row_width(target: &Target) -> Result<usize, String> {
         .ok_or_else(|| format!("metadata ({status}) has no inputs[0].shape[1]: {meta}"))
 }
 
+/// `POST /infer` with `--rows` rows of the served model's width.
+fn infer_request(args: &Args) -> Vec<u8> {
+    let width = row_width(&args.target).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    });
+    let row = vec!["0.25"; width].join(",");
+    let rows = vec![format!("[{row}]"); args.rows].join(",");
+    request("POST", "/infer", &format!("{{\"features\":[{rows}]}}"))
+}
+
+/// The server's batches so far: `(rows, batches)` summed over its models
+/// (`tokitai_batch_size_rows_sum` / `_count`). A server's CPU per request
+/// depends on how many rows its batches hold, which depends on how
+/// requests arrive, so each run reports its mean batch.
+fn batches(target: &Target) -> (f64, f64) {
+    let Ok(mut stream) = target.connect() else {
+        return (0.0, 0.0);
+    };
+    let mut buf = Vec::new();
+    if exchange(&mut *stream, &request("GET", "/metrics", ""), &mut buf).is_err() {
+        return (0.0, 0.0);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        sum("tokitai_batch_size_rows_sum{"),
+        sum("tokitai_batch_size_rows_count{"),
+    )
+}
+
 /// The server's on-CPU time, ns, over all its threads.
 fn server_cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -202,13 +245,10 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(2);
     });
-    let width = row_width(&args.target).unwrap_or_else(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    let body = Arc::new(match &args.get {
+        Some(path) => request("GET", path, ""),
+        None => infer_request(&args),
     });
-    let row = vec!["0.25"; width].join(",");
-    let rows = vec![format!("[{row}]"); args.rows].join(",");
-    let body = Arc::new(request("POST", "/infer", &format!("{{\"features\":[{rows}]}}")));
     let start = Arc::new(Barrier::new(args.connections + 1));
     let end = Arc::new(Barrier::new(args.connections + 1));
     let run = Duration::from_secs_f64(args.seconds);
@@ -226,8 +266,11 @@ fn main() {
         .collect();
     start.wait();
     let (cpu_before, t0) = (args.pid.map(server_cpu_ns), Instant::now());
+    let batches_before = batches(&args.target);
     end.wait();
     let (cpu_after, elapsed) = (args.pid.map(server_cpu_ns), t0.elapsed());
+    let batches_after = batches(&args.target);
+    let mean_batch_rows = (batches_after.0 - batches_before.0) / (batches_after.1 - batches_before.1).max(1.0);
     let mut all: Vec<u32> = threads
         .into_iter()
         .flat_map(|t| t.join().expect("a client thread"))
@@ -251,6 +294,7 @@ fn main() {
         serde_json::json!({
             "target": target,
             "connections": args.connections,
+            "route": args.get.as_deref().unwrap_or("/infer"),
             "rows": args.rows,
             "requests": requests,
             "rps": (requests as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0,
@@ -258,6 +302,7 @@ fn main() {
             "p99_us": (percentile(&all, 0.99) * 10.0).round() / 10.0,
             "mean_us": (mean * 10.0).round() / 10.0,
             "server_cpu_us_per_request": cpu_us.map(|c| (c * 10.0).round() / 10.0),
+            "mean_batch_rows": (mean_batch_rows * 10.0).round() / 10.0,
         })
     );
 }

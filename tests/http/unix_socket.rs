@@ -12,7 +12,8 @@
 //! Raw HTTP goes through `std::os::unix::net::UnixStream` with `Host:
 //! localhost` (the Host rule is a loopback bind's); curl `--unix-socket`
 //! is used where installed (skipped, saying so, elsewhere; required in CI).
-//! gRPC uses the tonic client through a Unix stream connector.
+//! gRPC uses the tonic client through a Unix stream connector, and
+//! tritonclient (`tests/triton/uds_check.py`, with the venv `.ci/run` makes).
 
 use std::future::Future;
 use std::io::{Read, Write};
@@ -373,6 +374,58 @@ fn an_unread_answer_on_the_socket_is_closed_after_its_send_deadline() {
     assert_eq!(uds(&path, "GET", "/readyz", "").status, 200);
     assert_eq!(tcp(&server, "GET", "/readyz", "").status, 200);
     drop(stream);
+    server.shutdown();
+}
+
+/// The Python environment with tritonclient (`TOKITAI_TRITON_VENV`, else
+/// `target/triton-venv`, as `.ci/run` makes it); `None`, saying so, where
+/// there is none (required in CI).
+fn triton_python() -> Option<PathBuf> {
+    let dir = std::env::var_os("TOKITAI_TRITON_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/triton-venv")));
+    let python = dir.join("bin/python");
+    if python.exists() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "no tritonclient venv at {}",
+        dir.display()
+    );
+    eprintln!(
+        "skipped: tritonclient over the Unix socket (no venv at {})",
+        dir.display()
+    );
+    None
+}
+
+/// Triton's own gRPC client over the socket (with `grpc.default_authority
+/// = localhost`: see `tests/triton/uds_check.py`) answers what it answers
+/// over TCP.
+#[test]
+fn tritonclient_grpc_over_the_socket() {
+    let Some(python) = triton_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(socket_config(dir.path()));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/triton/uds_check.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(dir.path().join("grpc.sock"))
+        .arg(server.grpc_addr().to_string())
+        .arg("tokitai-moe")
+        .output()
+        .expect("run uds_check.py");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("PASS"),
+        "uds_check.py:\n{stdout}\n{stderr}"
+    );
     server.shutdown();
 }
 
