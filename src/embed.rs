@@ -6,6 +6,7 @@
 //! touch: anything [`crate::run`] does; this only drives it.
 
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
@@ -17,19 +18,26 @@ use crate::config::Config;
 pub struct ServerThread {
     addr: SocketAddr,
     grpc_addr: Option<SocketAddr>,
+    unix_socket: Option<PathBuf>,
+    grpc_unix_socket: Option<PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl ServerThread {
     /// Starts [`crate::serve`] on `listener` (and, when `grpc.enabled`, on
-    /// `grpc.bind`, bound here so [`ServerThread::grpc_addr`] is known at
-    /// once) with `config` in a new thread named `name`. Returns at once: the
-    /// engine may still be loading (poll `/readyz`).
+    /// `grpc.bind`, and on the Unix sockets the config sets: all bound here,
+    /// so [`ServerThread::grpc_addr`] is known at once and a socket that
+    /// cannot be bound is this call's error) with `config` in a new thread
+    /// named `name`. Returns at once: the engine may still be loading (poll
+    /// `/readyz`).
     pub fn spawn(name: &str, listener: TcpListener, config: Config) -> std::io::Result<ServerThread> {
         let addr = listener.local_addr()?;
-        let listeners = crate::Listeners::bind_grpc(listener, &config)?;
+        let listeners = crate::Listeners::bind(listener, &config)?;
         let grpc_addr = listeners.grpc.as_ref().map(TcpListener::local_addr).transpose()?;
+        let path_of = |s: &Option<crate::UnixSocket>| s.as_ref().map(|s| s.path().to_path_buf());
+        let unix_socket = path_of(&listeners.http_unix);
+        let grpc_unix_socket = path_of(&listeners.grpc_unix);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             let shutdown = async move {
@@ -48,6 +56,8 @@ impl ServerThread {
         Ok(ServerThread {
             addr,
             grpc_addr,
+            unix_socket,
+            grpc_unix_socket,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -60,6 +70,16 @@ impl ServerThread {
     /// Where gRPC is served (`None` with `grpc.enabled = false`).
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc_addr
+    }
+
+    /// Where the HTTP routes are also served (`server.unix_socket`).
+    pub fn unix_socket(&self) -> Option<&Path> {
+        self.unix_socket.as_deref()
+    }
+
+    /// Where gRPC is also served (`grpc.unix_socket`, gRPC enabled).
+    pub fn grpc_unix_socket(&self) -> Option<&Path> {
+        self.grpc_unix_socket.as_deref()
     }
 
     /// `http://IP:PORT`

@@ -105,7 +105,10 @@ pub(crate) mod readiness;
 pub(crate) mod repository;
 pub(crate) mod stats;
 pub(crate) mod telemetry;
+pub(crate) mod unix_socket;
 pub(crate) mod worker;
+
+pub use crate::unix_socket::{SocketFile, UnixSocket, UnixSocketError};
 
 /// The values that make a worker fail on purpose, with the
 /// `fault-injection` feature (the tests of worker faults send them).
@@ -124,16 +127,26 @@ use crate::engine::Engine;
 use crate::error::StartError;
 use crate::metrics::Metrics;
 
-/// The bound sockets the server serves on.
+/// The bound sockets the server serves on. A Unix socket's file is removed
+/// when its [`UnixSocket`] drops: at the end of [`serve`] (after the
+/// drain), or as soon as start-up fails.
 pub struct Listeners {
     pub http: TcpListener,
     /// `None`: no gRPC (`grpc.enabled = false`).
     pub grpc: Option<TcpListener>,
+    /// `server.unix_socket`, bound: the HTTP routes there too.
+    pub http_unix: Option<UnixSocket>,
+    /// `grpc.unix_socket`, bound (gRPC enabled only).
+    pub grpc_unix: Option<UnixSocket>,
 }
 
 impl Listeners {
-    /// `http`, and `grpc.bind` bound when gRPC is enabled.
-    pub fn bind_grpc(http: TcpListener, config: &Config) -> std::io::Result<Listeners> {
+    /// `http`, and what the config adds: `grpc.bind` when gRPC is enabled,
+    /// `server.unix_socket` and `grpc.unix_socket` when set (a stale socket
+    /// file there is replaced; a live one, or a file that is not a socket,
+    /// fails with an error naming the setting). Whatever was bound before
+    /// an error is released, socket files removed.
+    pub fn bind(http: TcpListener, config: &Config) -> std::io::Result<Listeners> {
         let grpc = if config.grpc.enabled {
             let addr = config.grpc_bind_addr();
             let listener = TcpListener::bind(addr)
@@ -142,18 +155,49 @@ impl Listeners {
         } else {
             None
         };
-        Ok(Listeners { http, grpc })
+        let http_unix = bind_unix(
+            "server.unix_socket",
+            config.server.unix_socket.as_deref(),
+            &config.server.unix_socket_mode,
+        )?;
+        let grpc_unix = match config.grpc.unix_socket.as_deref() {
+            Some(path) if !config.grpc.enabled => {
+                tracing::warn!(path = %path.display(), "grpc.unix_socket is set but grpc.enabled = false: not served");
+                None
+            }
+            path => bind_unix("grpc.unix_socket", path, &config.grpc.unix_socket_mode)?,
+        };
+        Ok(Listeners {
+            http,
+            grpc,
+            http_unix,
+            grpc_unix,
+        })
     }
 }
 
-/// Serves HTTP on `listener` (and gRPC on `grpc.bind` when enabled) until
-/// `shutdown` completes; see [`serve`].
+/// The socket `setting` names, bound with the permission bits of `mode`.
+fn bind_unix(setting: &'static str, path: Option<&std::path::Path>, mode: &str) -> std::io::Result<Option<UnixSocket>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let mode = config::unix_socket_mode(mode).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{setting}_mode {mode:?} is not octal permission bits"),
+        )
+    })?;
+    Ok(Some(UnixSocket::bind(setting, path, mode)?))
+}
+
+/// Serves HTTP on `listener` (and gRPC on `grpc.bind` when enabled, and
+/// the Unix sockets when set) until `shutdown` completes; see [`serve`].
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + 'static,
 ) -> Result<(), StartError> {
-    let listeners = Listeners::bind_grpc(listener, &config)?;
+    let listeners = Listeners::bind(listener, &config)?;
     serve(listeners, config, shutdown, futures_util::stream::pending()).await
 }
 
@@ -162,8 +206,10 @@ pub async fn run(
 /// yields (the binary feeds it SIGHUP); then drains both protocols:
 /// readiness turns 503 (gRPC's `ServerReady` false), no new connections are
 /// accepted, and requests already accepted finish within
-/// `server.shutdown_timeout_secs`. Prints `listening on grpc://ADDR` (when
-/// gRPC is on), then `listening on http://ADDR`. Must run inside an actix
+/// `server.shutdown_timeout_secs`; the Unix socket files are removed last.
+/// Prints `listening on grpc://ADDR` (when gRPC is on), `listening on
+/// grpc+unix:PATH` and `listening on http+unix:PATH` (when set), then
+/// `listening on http://ADDR`. Must run inside an actix
 /// `System` (see `main.rs`, or [`embed::ServerThread`]): the HTTP server is
 /// actix-web's. The engine itself needs no actix arbiter.
 pub async fn serve(
@@ -172,8 +218,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + 'static,
     reloads: impl Stream<Item = ()> + Unpin + 'static,
 ) -> Result<(), StartError> {
-    let listener = listeners.http;
+    let Listeners {
+        http: listener,
+        grpc: grpc_listener,
+        http_unix,
+        grpc_unix,
+    } = listeners;
     let addr = listener.local_addr()?;
+    // The files stay until this returns (any early return too): removed
+    // after the drain below, or as soon as start-up fails.
+    let (http_unix, http_unix_file) = split_unix(http_unix);
+    let (grpc_unix, grpc_unix_file) = split_unix(grpc_unix);
     let mut metrics = Metrics::new();
     metrics.set_recording(config.metrics.record);
     let metrics = Arc::new(metrics);
@@ -185,16 +240,24 @@ pub async fn serve(
     );
     let engine = Engine::start(&config, Arc::clone(&metrics)).await?;
     raise_open_files_limit(&config);
-    let grpc = match listeners.grpc {
+    let grpc = match grpc_listener {
         Some(l) => {
-            let server = grpc::start(l, engine.clone(), &config)?;
+            let server = grpc::start(l, grpc_unix, engine.clone(), &config)?;
             println!("listening on grpc://{}", server.addr());
             tracing::info!(addr = %server.addr(), "gRPC listening");
+            if let Some(file) = &grpc_unix_file {
+                println!("listening on grpc+unix:{}", file.path().display());
+                tracing::info!(path = %file.path().display(), "gRPC listening on the Unix socket");
+            }
             Some(server)
         }
         None => None,
     };
-    let server = http::server(listener, engine.clone(), &config)?;
+    let server = http::server(listener, http_unix, engine.clone(), &config)?;
+    if let Some(file) = &http_unix_file {
+        println!("listening on http+unix:{}", file.path().display());
+        tracing::info!(path = %file.path().display(), "listening on the Unix socket");
+    }
     println!("listening on http://{addr}");
     tracing::info!(%addr, "listening");
 
@@ -226,8 +289,17 @@ pub async fn serve(
     // The HTTP side stopped only through the task above: wait for gRPC's drain too.
     let _ = grpc_stopped.await;
     telemetry.shutdown();
+    drop((http_unix_file, grpc_unix_file));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The listener to serve, and the file to remove once served.
+fn split_unix(socket: Option<UnixSocket>) -> (Option<std::os::unix::net::UnixListener>, Option<SocketFile>) {
+    match socket {
+        Some(UnixSocket { listener, file }) => (Some(listener), Some(file)),
+        None => (None, None),
+    }
 }
 
 /// Stops the HTTP server once its connections have drained (idle ones close

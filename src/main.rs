@@ -35,7 +35,7 @@ fn serve(args: &cli::ServeArgs) -> i32 {
             return EXIT_FAILURE;
         }
     };
-    let listeners = match tokitai_serve::Listeners::bind_grpc(listener, &config) {
+    let listeners = match tokitai_serve::Listeners::bind(listener, &config) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");

@@ -4,7 +4,9 @@
 //! connections meets `server.max_connections` (a clear, configured bound)
 //! long before the process runs out of file descriptors (which would stop
 //! it accepting anyone, health probes included); and handing memory freed
-//! by a retired model version back to the OS ([`release_freed_memory`]). All of the engine's
+//! by a retired model version back to the OS ([`release_freed_memory`]); and
+//! asking whether anything listens on a Unix socket file ([`probe_unix_socket`],
+//! a non-blocking connect). All of the engine's
 //! `unsafe` for the OS is here. Must not touch: anything else.
 
 /// The soft and hard `RLIMIT_NOFILE`, after raising the soft limit to the
@@ -64,3 +66,72 @@ pub fn release_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_freed_memory() {}
+
+/// What a connect to an existing Unix socket file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketProbe {
+    /// A process accepts on it (or its backlog is full: it is alive).
+    Listening,
+    /// Nothing listens on it: a stale file left by a process that ended.
+    Refused,
+    /// The path no longer exists.
+    Missing,
+}
+
+/// Connects to the Unix stream socket at `path` without blocking (a live
+/// listener with a full backlog answers `EAGAIN` instead of making the
+/// caller wait) and says what answered; `Err` for any other failure
+/// (permission denied, a path too long).
+#[cfg(unix)]
+pub fn probe_unix_socket(path: &std::path::Path) -> std::io::Result<SocketProbe> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    // SAFETY: `sockaddr_un` is plain old data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a Unix socket path (1 to 107 bytes)",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: `socket` takes no pointers; a non-negative result is a new
+    // descriptor this function owns from here on.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a valid descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is a live, initialised `sockaddr_un` of at least `len`
+    // bytes (the path and its NUL fit, checked above); `fd` is open.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(SocketProbe::Listening);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(SocketProbe::Listening),
+        Some(libc::ECONNREFUSED) => Ok(SocketProbe::Refused),
+        Some(libc::ENOENT) => Ok(SocketProbe::Missing),
+        _ => Err(error),
+    }
+}

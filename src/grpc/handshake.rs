@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 /// The client connection preface (RFC 9113 3.4).
@@ -43,19 +42,15 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
 }
 
-/// Reads the preface and the first frame, which must be SETTINGS, and
-/// returns every byte read (hyper reads them again through [`Replay`]).
-/// The caller bounds the time this may take.
-pub async fn read_preface(tcp: &mut TcpStream) -> Result<Bytes, HandshakeError> {
+/// Reads the preface and the first frame, which must be SETTINGS, from a
+/// TCP or Unix socket connection, and returns every byte read (hyper reads
+/// them again through [`Replay`]). The caller bounds the time this may take.
+pub async fn read_preface<S: AsyncRead + Unpin>(socket: &mut S) -> Result<Bytes, HandshakeError> {
     let mut buf = BytesMut::with_capacity(PREFACE.len() + FRAME_HEADER + 64);
     let mut needed = PREFACE.len() + FRAME_HEADER;
     while buf.len() < needed {
-        tcp.readable().await?;
-        match tcp.try_read_buf(&mut buf) {
-            Ok(0) => return Err(HandshakeError::Closed),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
+        if socket.read_buf(&mut buf).await? == 0 {
+            return Err(HandshakeError::Closed);
         }
         let seen = buf.len().min(PREFACE.len());
         if buf[..seen] != PREFACE[..seen] {
@@ -78,18 +73,18 @@ pub async fn read_preface(tcp: &mut TcpStream) -> Result<Bytes, HandshakeError> 
 
 /// A socket whose first bytes were already read: they are read again
 /// first, then the socket. Writes go straight to the socket.
-pub struct Replay {
+pub struct Replay<S> {
     read: Bytes,
-    tcp: TcpStream,
+    tcp: S,
 }
 
-impl Replay {
-    pub fn new(read: Bytes, tcp: TcpStream) -> Replay {
+impl<S> Replay<S> {
+    pub fn new(read: Bytes, tcp: S) -> Replay<S> {
         Replay { read, tcp }
     }
 }
 
-impl AsyncRead for Replay {
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if self.read.is_empty() {
             return Pin::new(&mut self.tcp).poll_read(cx, buf);
@@ -101,7 +96,7 @@ impl AsyncRead for Replay {
     }
 }
 
-impl AsyncWrite for Replay {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.tcp).poll_write(cx, data)
     }

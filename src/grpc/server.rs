@@ -5,6 +5,8 @@
 //! `grpc.threads` workers; the engine's batcher and workers are actors on
 //! other threads, reached through `Engine::infer`, whose message send and
 //! reply channel do not care which runtime awaits them), the accept loop
+//! (over the TCP listener and, when `grpc.unix_socket` is set, the Unix
+//! socket's: one loop, so both share every limit below)
 //! and the connection classes ([`Slots`]: at most `grpc.max_connections`
 //! connections that spoke, and apart from them at most
 //! `grpc.max_handshaking_connections` still in their handshake, which
@@ -22,6 +24,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -114,10 +117,19 @@ impl GrpcServer {
     }
 }
 
-/// Starts serving `engine` on `listener` in threads of its own.
-pub fn start(listener: TcpListener, engine: Engine, config: &Config) -> std::io::Result<GrpcServer> {
+/// Starts serving `engine` on `listener`, and on `unix` (`grpc.unix_socket`)
+/// when given, in threads of its own.
+pub fn start(
+    listener: TcpListener,
+    unix: Option<UnixListener>,
+    engine: Engine,
+    config: &Config,
+) -> std::io::Result<GrpcServer> {
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
+    if let Some(unix) = &unix {
+        unix.set_nonblocking(true)?;
+    }
     let limits = Limits::from_config(config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.grpc.threads)
@@ -130,7 +142,7 @@ pub fn start(listener: TcpListener, engine: Engine, config: &Config) -> std::io:
         .name("tokitai-grpc-accept".into())
         .spawn(move || {
             let served = Served::new(engine, limits.default_timeout);
-            if let Err(e) = runtime.block_on(serve(listener, served, limits, stop_rx)) {
+            if let Err(e) = runtime.block_on(serve(listener, unix, served, limits, stop_rx)) {
                 tracing::error!(error = %e, "the gRPC server stopped");
             }
             // Calls still running past the drain are cut off here.
@@ -175,14 +187,40 @@ impl Slots {
     }
 }
 
+/// A connection of either listener.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// The next connection on the TCP listener or the Unix socket's (both take
+/// the same slots).
+async fn accept(tcp: &tokio::net::TcpListener, unix: Option<&tokio::net::UnixListener>) -> std::io::Result<Accepted> {
+    let unix = async {
+        match unix {
+            Some(unix) => unix.accept().await.map(|(s, _)| Accepted::Unix(s)),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        a = tcp.accept() => a.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            Accepted::Tcp(s)
+        }),
+        a = unix => a,
+    }
+}
+
 /// The accept loop, then the drain.
 async fn serve(
     listener: TcpListener,
+    unix: Option<UnixListener>,
     served: Served,
     limits: Limits,
     mut stop: oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let unix = unix.map(tokio::net::UnixListener::from_std).transpose()?;
     let metrics = Arc::clone(served.metrics());
     let held = Arc::clone(served.held());
     let service = GrpcInferenceServiceServer::new(InferenceService::new(served))
@@ -215,11 +253,11 @@ async fn serve(
             _ = &mut stop => break,
         };
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept(&listener, unix.as_ref()) => a,
             _ = &mut stop => break,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let socket = match accepted {
+            Ok(socket) => socket,
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
                 tracing::warn!(error = %e, "gRPC accept failed");
@@ -227,7 +265,6 @@ async fn serve(
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
         let connection = Connection {
             slots: slots.clone(),
             http2: http2.clone(),
@@ -235,9 +272,12 @@ async fn serve(
             watcher: graceful.watcher(),
             handshake_timeout: limits.handshake_timeout,
         };
-        tokio::spawn(connection.run(tcp, permit));
+        match socket {
+            Accepted::Tcp(tcp) => tokio::spawn(connection.run(tcp, permit)),
+            Accepted::Unix(unix) => tokio::spawn(connection.run(unix, permit)),
+        };
     }
-    drop(listener);
+    drop((listener, unix));
     slots.close();
     tracing::info!("gRPC: draining");
     if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
@@ -267,11 +307,15 @@ where
     <S::ResBody as Body>::Data: Send,
     <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// Holds `socket` (a slot of the socket class) until the connection ends.
-    async fn run(self, mut tcp: tokio::net::TcpStream, socket: OwnedSemaphorePermit) {
+    /// Holds `socket` (a slot of the socket class) until the connection
+    /// (`io`: TCP or the Unix socket's) ends.
+    async fn run<T>(self, mut io: T, socket: OwnedSemaphorePermit)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let mut ticket = self.slots.handshakes.begin();
         let preface = tokio::select! {
-            read = tokio::time::timeout(self.handshake_timeout, read_preface(&mut tcp)) => read,
+            read = tokio::time::timeout(self.handshake_timeout, read_preface(&mut io)) => read,
             () = ticket.evicted() => return,
         };
         let preface = match preface {
@@ -296,7 +340,7 @@ where
         let Ok(live) = Arc::clone(&self.slots.live).acquire_owned().await else {
             return;
         };
-        let io = TokioIo::new(Replay::new(preface, tcp));
+        let io = TokioIo::new(Replay::new(preface, io));
         let connection = self.http2.serve_connection(io, self.service);
         let _ = self.watcher.watch(connection).await;
         drop((live, socket));

@@ -16,7 +16,10 @@
 //!   loopback name or address (`localhost`, `127.x.x.x`, `[::1]`, any port)
 //!   nor in `server.allowed_hosts` is refused: a DNS-rebinding page (its
 //!   own name re-resolved to 127.0.0.1) sends its own name as `Host`, and
-//!   as a same-origin request it carries neither of the headers above. On
+//!   as a same-origin request it carries neither of the headers above. The
+//!   Unix socket (`server.unix_socket`) is checked the same way: no browser
+//!   can reach it, but its callers are on this host like a loopback
+//!   bind's, and `curl --unix-socket` sends `Host: localhost`. On
 //!   other binds the rule is off: a pod's probes and Services send the pod
 //!   IP or a Service name, and no browser shares the pod's loopback.
 //!
@@ -58,6 +61,15 @@ impl BrowserGuard {
             allowed_origins: lower(&config.server.allowed_origins),
             allowed_hosts: lower(&config.server.allowed_hosts),
             check_host: is_loopback(local.ip()),
+        }
+    }
+
+    /// The guard for the Unix socket listener: `Host` checked as on a
+    /// loopback bind.
+    pub fn for_unix_socket(config: &Config) -> BrowserGuard {
+        BrowserGuard {
+            check_host: true,
+            ..BrowserGuard::new(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         }
     }
 
@@ -113,7 +125,7 @@ impl BrowserGuard {
         let shown: String = text.chars().take(MAX_QUOTED).collect();
         Err(HttpError::Forbidden(format!(
             "Host {shown:?} is not a loopback name or address and not in server.allowed_hosts \
-             (the server is bound to a loopback address: another name is a DNS-rebinding page)"
+             (on a loopback bind or the Unix socket, another name is a DNS-rebinding page)"
         )))
     }
 }

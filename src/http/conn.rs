@@ -1,8 +1,9 @@
 //! One HTTP connection's guard: what a client that stops reading may cost,
 //! how long its answers may wait, and when a draining server closes it.
 //!
-//! Owns: [`guard`], the service every accepted TCP connection goes through
-//! before actix-http's HTTP/1 dispatcher; [`GuardedIo`], the socket the
+//! Owns: [`guard`], the service every accepted connection (TCP, or the
+//! Unix socket's: [`Accepted`]) goes through before actix-http's HTTP/1
+//! dispatcher; [`GuardedIo`], the socket the
 //! dispatcher reads and writes (it records whether the socket refused
 //! bytes, and since when, and holds the connection's reads back while an
 //! answer is stuck); [`ConnGuard`], the future around the dispatcher; and
@@ -10,6 +11,14 @@
 //! (requests in flight, their deadlines); and [`Pieces`], the body a large
 //! answer is written from. Must not touch: parsing, routes, what an answer
 //! holds.
+//!
+//! A Unix socket connection gets the same guard: `TIOCOUTQ` and `FIONREAD`
+//! answer for `AF_UNIX` stream sockets too (bytes the peer has not read,
+//! bytes not read yet), and the drain, the send timeout and the pending
+//! answer budget count them alike. Only the reset of an abandoned answer
+//! differs: `SO_LINGER` means nothing there, so the close leaves what the
+//! peer has not read in its receive queue (at most the socket's send
+//! buffer) until it reads or closes.
 //!
 //! Why: actix-http's dispatcher wakes itself while its read buffer is full
 //! (128 KiB of unparsed pipelined requests) even when nothing can move
@@ -41,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use actix_http::Protocol;
 use actix_http::body::{BodySize, BoxBody, MessageBody};
-use actix_rt::net::TcpStream;
+use actix_rt::net::{TcpStream, UnixStream};
 use actix_service::{Service, ServiceFactory};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
@@ -204,11 +213,75 @@ impl Drop for InFlight {
     }
 }
 
+/// An accepted connection of either listener.
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A connection an HTTP listener accepts: its descriptor, its peer, and
+/// itself as a [`Socket`].
+pub trait Accepted: AsRawFd {
+    /// The peer's address (`None` on a Unix socket).
+    fn peer(&self) -> Option<SocketAddr>;
+    fn into_socket(self) -> Socket;
+}
+
+impl Accepted for TcpStream {
+    fn peer(&self) -> Option<SocketAddr> {
+        self.peer_addr().ok()
+    }
+
+    fn into_socket(self) -> Socket {
+        Socket::Tcp(self)
+    }
+}
+
+impl Accepted for UnixStream {
+    fn peer(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    fn into_socket(self) -> Socket {
+        Socket::Unix(self)
+    }
+}
+
+/// Forwards a call to the socket, whichever kind it is.
+macro_rules! on_socket {
+    ($socket:expr, $io:ident => $call:expr) => {
+        match $socket {
+            Socket::Tcp($io) => $call,
+            Socket::Unix($io) => $call,
+        }
+    };
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), io => Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        on_socket!(self.get_mut(), io => Pin::new(io).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), io => Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), io => Pin::new(io).poll_shutdown(cx))
+    }
+}
+
 /// The socket as the dispatcher sees it. Reads are held back while an
 /// answer is stuck: a client that stops reading gets no more of its
 /// requests parsed (and computed) until it reads again.
 pub struct GuardedIo {
-    io: TcpStream,
+    io: Socket,
     state: Rc<ConnState>,
 }
 
@@ -268,7 +341,7 @@ impl AsyncWrite for GuardedIo {
 }
 
 /// The guard around `inner`, a service over guarded connections (the HTTP
-/// service): accepts raw TCP connections.
+/// service): accepts raw TCP and Unix socket connections.
 pub fn guard<F>(inner: F, settings: ConnSettings) -> GuardFactory<F> {
     GuardFactory { inner, settings }
 }
@@ -278,10 +351,12 @@ pub struct GuardFactory<F> {
     settings: ConnSettings,
 }
 
-type HttpIo = (GuardedIo, Protocol, Option<SocketAddr>);
+/// What actix-http's service takes: the guarded socket, its protocol, its peer.
+pub type HttpIo = (GuardedIo, Protocol, Option<SocketAddr>);
 
-impl<F> ServiceFactory<TcpStream> for GuardFactory<F>
+impl<F, T> ServiceFactory<T> for GuardFactory<F>
 where
+    T: Accepted,
     F: ServiceFactory<HttpIo, Config = (), Response = ()>,
     F::Future: 'static,
 {
@@ -309,8 +384,9 @@ pub struct GuardService<S> {
     settings: ConnSettings,
 }
 
-impl<S> Service<TcpStream> for GuardService<S>
+impl<S, T> Service<T> for GuardService<S>
 where
+    T: Accepted,
     S: Service<HttpIo, Response = ()>,
 {
     type Response = ();
@@ -319,8 +395,8 @@ where
 
     actix_service::forward_ready!(inner);
 
-    fn call(&self, io: TcpStream) -> Self::Future {
-        let peer = io.peer_addr().ok();
+    fn call(&self, io: T) -> Self::Future {
+        let peer = io.peer();
         let state = Rc::new(ConnState {
             fd: io.as_raw_fd(),
             written: Cell::new(0),
@@ -334,7 +410,7 @@ where
             deadline: Cell::new(None),
         });
         let io = GuardedIo {
-            io,
+            io: io.into_socket(),
             state: Rc::clone(&state),
         };
         let drain = self.settings.drain.raised();
