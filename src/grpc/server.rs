@@ -42,7 +42,7 @@ use super::handshake::{Handshakes, Replay, read_preface};
 use super::held::{HeldData, StreamExecutor, current_stream};
 use super::model::Served;
 use super::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
-use super::service::InferenceService;
+use super::service::{InferenceService, check_call};
 use super::status::code_name;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -223,11 +223,13 @@ async fn serve(
     let unix = unix.map(tokio::net::UnixListener::from_std).transpose()?;
     let metrics = Arc::clone(served.metrics());
     let held = Arc::clone(served.held());
+    let keys = served.clone();
     let service = GrpcInferenceServiceServer::new(InferenceService::new(served))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let observed = Observed {
         inner: service,
+        keys,
         metrics,
         limits: limits.clone(),
         held: Arc::clone(&held),
@@ -354,6 +356,8 @@ where
 #[derive(Clone)]
 struct Observed<S> {
     inner: S,
+    /// The engine's API keys, checked before a call's message is read.
+    keys: Served,
     metrics: Arc<Metrics>,
     limits: Limits,
     held: Arc<HeldAnswers>,
@@ -367,6 +371,16 @@ impl<S> Observed<S> {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map_or(self.limits.default_timeout, |t| t.min(MAX_TIMEOUT))
+    }
+
+    /// A call without an API key with `method`'s scope, refused on its head
+    /// before its message is read (`service.rs`'s check).
+    fn refuse_unauthorized(
+        &self,
+        method: GrpcMethod,
+        headers: &http::HeaderMap,
+    ) -> Option<http::Response<tonic::body::Body>> {
+        check_call(&self.keys, method, headers).err().map(Status::into_http)
     }
 
     /// UNAVAILABLE for an inference call while the answers waiting for
@@ -417,7 +431,10 @@ where
         let deadline = start + self.timeout(req.headers());
         let metrics = Arc::clone(&self.metrics);
         // The generated service is always ready (`poll_ready` is a no-op).
-        let call = match self.refuse_when_full(method) {
+        let refusal = self
+            .refuse_unauthorized(method, req.headers())
+            .or_else(|| self.refuse_when_full(method));
+        let call = match refusal {
             Some(refusal) => Err(refusal),
             None => Ok(self.inner.clone().call(req)),
         };

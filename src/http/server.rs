@@ -30,7 +30,7 @@ use super::browser::BrowserGuard;
 use super::conn::{ConnSettings, GuardFactory, GuardedIo, HttpIo, guard};
 use super::error::V2Error;
 use super::extract::{check_declared_length, check_head, reject_browser_forms};
-use super::{HttpSettings, configure, observe, routes};
+use super::{HttpSettings, check_key, configure, observe, routes};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::http::error::HttpError;
@@ -115,6 +115,7 @@ impl Shared {
                 max_header_bytes: self.max_header_bytes,
                 browser: browser.clone(),
                 metrics: Arc::clone(self.engine.metrics()),
+                engine: (**self.engine).clone(),
             },
             browser: web::Data::new(browser),
             conn_settings: self.conn_settings.clone(),
@@ -219,6 +220,8 @@ struct ExpectGate {
     max_header_bytes: usize,
     browser: BrowserGuard,
     metrics: Arc<Metrics>,
+    /// Its API keys: a request without one is refused before its body.
+    engine: Engine,
 }
 
 impl ExpectGate {
@@ -227,14 +230,16 @@ impl ExpectGate {
     fn check(&self, req: Request) -> Result<Request, actix_web::Error> {
         let start = Instant::now();
         let headers = req.headers();
+        // The route the router will match (percent-decoded, as `observe`'s).
+        let route = Route::for_path(actix_web::dev::Url::new(req.uri().clone()).path());
         let verdict = check_head(headers, self.max_header_bytes)
             .and_then(|()| self.browser.check(headers))
             .and_then(|()| reject_browser_forms(req.method(), headers))
+            .and_then(|()| check_key(&self.engine, route, headers).map(drop))
             .and_then(|()| check_declared_length(headers, self.max_body_bytes));
         let Err(error) = verdict else {
             return Ok(req);
         };
-        let route = Route::for_path(req.path());
         // The same answer the route's own protocol gives for it.
         let mut response = if route.is_v2() {
             ResponseError::error_response(&V2Error::Http(error.clone()))

@@ -13,7 +13,7 @@ use tokitai_serve::grpc::pb;
 use tokitai_serve::labels::GrpcMethod;
 use tonic::Code;
 
-use crate::common::grpc::{GrpcClient, MODEL, client, rows_request, runtime};
+use crate::common::grpc::{GrpcClient, INFER, MODEL, client, rows_request, runtime};
 use crate::common::{Metrics, TestServer, assert_pass, base_config, metrics_at, nano_dims, run_python};
 
 const INFER_KEY: &str = "infer-key-0123456789abcdef";
@@ -225,5 +225,29 @@ fn tritonclients_send_the_key_through_their_header_arguments() {
         ],
     );
     assert_pass("auth_check.py", &out);
+    server.shutdown();
+}
+
+#[test]
+fn a_call_without_a_key_is_refused_before_its_message_arrives() {
+    let (server, _dir) = keyed_server();
+    let addr = server.grpc_addr();
+    runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (h2, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        let mut h2 = h2.ready().await.unwrap();
+        let head = http::Request::post(format!("http://{addr}{INFER}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        // The head alone: the message never comes (the stream stays open).
+        let (response, _message) = h2.send_request(head, false).unwrap();
+        let limit = std::time::Duration::from_secs(10);
+        let response = tokio::time::timeout(limit, response).await;
+        let response = response.expect("answered on the head alone").expect("an answer");
+        assert_eq!(response.headers()["grpc-status"], "16", "UNAUTHENTICATED");
+    });
     server.shutdown();
 }

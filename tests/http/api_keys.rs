@@ -293,6 +293,22 @@ fn a_refused_request_is_answered_before_its_body_is_read() {
 }
 
 #[test]
+fn a_request_without_a_key_gets_no_100_continue() {
+    let (server, _dir) = keyed_server(&keys_file(), |_| {});
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "10000000"),
+        ("Expect", "100-continue"),
+    ];
+    for path in ["/infer", "/v2/models/tokitai-moe/infer", "/%69nfer"] {
+        let r = raw_exchange(server.addr(), &raw_request("POST", path, &headers, b"")).expect_response(path);
+        assert_unauthorized(&r, path, None, &format!("{path}: refused instead of 100 Continue"));
+        assert_eq!(r.header("connection"), Some("close"), "{path}");
+    }
+    server.shutdown();
+}
+
+#[test]
 fn a_percent_encoded_path_needs_the_scope_of_the_route_it_reaches() {
     let (server, _dir) = keyed_server(&keys_file(), |_| {});
     // actix routes on the percent-decoded path: `/%69nfer` is `/infer`.
