@@ -119,7 +119,9 @@ pub struct ServerConfig {
     /// nothing listens on it.
     pub unix_socket: Option<PathBuf>,
     /// The socket file's permission bits, in octal (`"660"`: owner and
-    /// group may connect).
+    /// group may connect; an unquoted `660`, as an environment variable
+    /// gives it, reads the same).
+    #[serde(deserialize_with = "octal_digits")]
     pub unix_socket_mode: String,
 }
 
@@ -177,6 +179,7 @@ pub struct GrpcConfig {
     /// `server.unix_socket`).
     pub unix_socket: Option<PathBuf>,
     /// The socket file's permission bits, in octal.
+    #[serde(deserialize_with = "octal_digits")]
     pub unix_socket_mode: String,
 }
 
@@ -631,7 +634,11 @@ impl Config {
         self.model.validate()?;
         self.batching.validate()?;
         self.workers.validate()?;
-        self.tracing.validate()
+        self.tracing.validate()?;
+        if self.server.unix_socket.is_some() && self.server.unix_socket == self.grpc.unix_socket {
+            return bad("grpc.unix_socket", "is the same path as server.unix_socket: give each its own");
+        }
+        Ok(())
     }
 
     pub fn bind_addr(&self) -> SocketAddr {
@@ -1042,6 +1049,22 @@ fn validate_unix_socket(
     Ok(())
 }
 
+/// A file mode as its octal digits, given as a string (`"660"`) or as an
+/// integer whose decimal digits are the octal ones (`660`: what
+/// `TOKITAI_SERVER_UNIX_SOCKET_MODE=660` parses to).
+fn octal_digits<'de, D: serde::Deserializer<'de>>(de: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Digits {
+        Text(String),
+        Number(u32),
+    }
+    Ok(match Digits::deserialize(de)? {
+        Digits::Text(text) => text,
+        Digits::Number(n) => n.to_string(),
+    })
+}
+
 /// `server.unix_socket_mode` / `grpc.unix_socket_mode` as permission bits
 /// (`"660"`, `"0660"`); `None` when not octal or past `0o777`.
 pub fn unix_socket_mode(mode: &str) -> Option<u32> {
@@ -1154,6 +1177,29 @@ fn set(doc: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_mode_reads_as_octal_quoted_or_not() {
+        let modes = [
+            ("\"660\"", Some(0o660)),
+            ("660", Some(0o660)),
+            ("\"0600\"", Some(0o600)),
+            ("888", None),
+        ];
+        for (raw, want) in modes {
+            let loaded = Config::load(None, env(&[("TOKITAI_SERVER_UNIX_SOCKET_MODE", raw)]), &[]);
+            match want {
+                Some(bits) => {
+                    let mode = loaded.expect(raw).server.unix_socket_mode;
+                    assert_eq!(unix_socket_mode(&mode), Some(bits), "{raw}");
+                }
+                None => assert!(
+                    loaded.unwrap_err().to_string().contains("server.unix_socket_mode"),
+                    "{raw}"
+                ),
+            }
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
