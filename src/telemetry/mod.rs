@@ -13,8 +13,8 @@
 
 mod export;
 
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -149,17 +149,21 @@ impl Parent {
         if !span.is_recording() {
             return None;
         }
-        Some(RequestTrace {
+        Some(RequestTrace(Arc::new(Traced {
             cx: self.cx.with_span(span),
             tracer: self.tracer.clone(),
-        })
+        })))
     }
 }
 
 /// A sampled request: its server span, parent of its other spans. A trace
-/// dropped unfinished (the client left) still ends its span.
+/// dropped unfinished (the client left) still ends its span. One pointer:
+/// what a request carries in its options.
 #[derive(Clone)]
-pub struct RequestTrace {
+pub struct RequestTrace(Arc<Traced>);
+
+/// The request span's context and the tracer of its children.
+struct Traced {
     cx: Context,
     tracer: SdkTracer,
 }
@@ -167,7 +171,7 @@ pub struct RequestTrace {
 impl std::fmt::Debug for RequestTrace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RequestTrace")
-            .field("span", self.cx.span().span_context())
+            .field("span", self.0.cx.span().span_context())
             .finish()
     }
 }
@@ -182,7 +186,7 @@ impl RequestTrace {
             KeyValue::new(names::MODEL_VERSION, facts.version as i64),
             KeyValue::new(names::PRIORITY, i64::from(facts.level)),
         ];
-        let span = self.cx.span();
+        let span = self.0.cx.span();
         span.set_attributes(common.iter().cloned());
         span.set_attribute(KeyValue::new(names::ROWS, facts.rows as i64));
         let Some((queue_wait, compute, batch_rows)) = facts.computed else {
@@ -197,29 +201,29 @@ impl RequestTrace {
 
     /// A finished child span from `start`, lasting `length`.
     fn child(&self, name: &'static str, start: SystemTime, length: Duration, attributes: Vec<KeyValue>) {
-        let mut span = self
-            .tracer
+        let tracer = &self.0.tracer;
+        let mut span = tracer
             .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_start_time(start)
             .with_attributes(attributes)
-            .start_with_context(&self.tracer, &self.cx);
+            .start_with_context(tracer, &self.0.cx);
         span.end_with_timestamp(start + length);
     }
 
     /// The answer's span: it ends when the returned guard is dropped.
     pub fn answer(&self) -> AnswerSpan {
-        let span = self
-            .tracer
+        let tracer = &self.0.tracer;
+        let span = tracer
             .span_builder(names::ANSWER_SPAN)
             .with_kind(SpanKind::Internal)
-            .start_with_context(&self.tracer, &self.cx);
+            .start_with_context(tracer, &self.0.cx);
         AnswerSpan(span)
     }
 
     /// Ends the request span with its status.
     pub fn finish(self, outcome: Outcome) {
-        let span = self.cx.span();
+        let span = self.0.cx.span();
         let (failed, error) = match outcome {
             Outcome::Http { status, error } => {
                 span.set_attribute(KeyValue::new(names::HTTP_STATUS, i64::from(status)));
@@ -262,6 +266,11 @@ mod tests {
         assert_eq!(sc.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled() && sc.is_remote());
+    }
+
+    #[test]
+    fn a_request_carries_one_pointer_of_trace() {
+        assert_eq!(size_of::<Option<RequestTrace>>(), size_of::<usize>());
     }
 
     #[test]
