@@ -8,7 +8,7 @@
 //! `ModelInfer` and `ModelStreamInfer`) comes back as a server span of that
 //! trace whose parent is the caller's span, with its queue, compute and
 //! answer spans under it and the model, version, priority, rows and batch
-//! size as attributes; that sampling follows the caller (a sampled parent
+//! size as attributes (a failed request: its span, status ERROR); that sampling follows the caller (a sampled parent
 //! is traced at `sample_ratio` 0, an unsampled one is not); and that with
 //! no collector listening requests are still answered and the spans are
 //! counted in `tokitai_trace_spans_dropped_total`. Must not touch: the
@@ -33,6 +33,7 @@ const GRPC_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const GRPC_PARENT: &str = "b7ad6b7169203331";
 const STREAM_TRACE: &str = "5a1f0e3b7c9d4e2f8a6b1c0d9e8f7a6b";
 const STREAM_PARENT: &str = "1122334455667788";
+const FAILED_TRACE: &str = "7e57ed0000000000000000000000beef";
 /// A trace the caller did not sample (flags 00): the server must not either.
 const UNSAMPLED_TRACE: &str = "11111111111111111111111111111111";
 
@@ -251,6 +252,10 @@ fn spans_continue_the_callers_trace_over_http_and_grpc() {
     let reply = post(&http, &url, &batch_body(&rows), &headers);
     assert_eq!(reply.status, 200, "{}", reply.text());
     let version: u64 = reply.header("x-model-version").unwrap().parse().unwrap();
+    // A request that fails: its span says so, with the status.
+    let failing = traceparent(FAILED_TRACE, HTTP_PARENT, "01");
+    let reply = post(&http, &url, "{\"features\": [1.0]}", &[("traceparent", &failing)]);
+    assert_eq!(reply.status, 400, "{}", reply.text());
 
     let rt = grpc::runtime();
     let grpc_addr = server.grpc_addr.expect("gRPC is on");
@@ -286,6 +291,7 @@ fn spans_continue_the_callers_trace_over_http_and_grpc() {
         of_trace(spans, HTTP_TRACE).len() >= 4
             && of_trace(spans, GRPC_TRACE).len() >= 4
             && of_trace(spans, STREAM_TRACE).len() >= 8
+            && !of_trace(spans, FAILED_TRACE).is_empty()
     });
 
     let http_spans = request_and_children(&spans, HTTP_TRACE, HTTP_PARENT, "POST /infer");
@@ -309,9 +315,17 @@ fn spans_continue_the_callers_trace_over_http_and_grpc() {
         check_attributes(request, children, version, 1);
     }
 
+    // The failed request: its server span only, status ERROR (2) with the message.
+    let failed = of_trace(&spans, FAILED_TRACE);
+    assert_eq!(failed.len(), 1, "nothing computed, so no child span: {failed:#?}");
+    assert_eq!(failed[0]["parent_span_id"], HTTP_PARENT);
+    assert_eq!(failed[0]["status_code"], 2, "{:#}", failed[0]);
+    assert_ne!(failed[0]["status_message"], "", "{:#}", failed[0]);
+    assert_eq!(attr(failed[0], "http.response.status_code"), 400);
+
     // Nothing of the two requests the caller did not sample.
     let traces: BTreeSet<&str> = spans.iter().map(|s| s["trace_id"].as_str().unwrap()).collect();
-    let expected = BTreeSet::from([HTTP_TRACE, GRPC_TRACE, STREAM_TRACE]);
+    let expected = BTreeSet::from([HTTP_TRACE, GRPC_TRACE, STREAM_TRACE, FAILED_TRACE]);
     assert_eq!(traces, expected, "only the sampled callers' traces");
 }
 
