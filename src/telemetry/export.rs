@@ -73,14 +73,26 @@ impl Telemetry {
     }
 
     /// Exports what is queued (within `tracing.export_timeout_ms`) and stops.
-    pub fn shutdown(self) {
-        let Some(provider) = self.provider else {
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// Stops making spans, then flushes and stops the export (once).
+    fn stop(&mut self) {
+        let Some(provider) = self.provider.take() else {
             return;
         };
         super::install(None);
         if let Err(e) = provider.shutdown_with_timeout(self.timeout) {
             tracing::warn!(error = %e, "traces not all exported at shutdown");
         }
+    }
+}
+
+/// A server that failed to start after its exporter did stops it too.
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -151,7 +163,7 @@ impl BoundedProcessor {
                 control,
                 metrics,
             }),
-            Ok(Err(e)) => Err(std::io::Error::other(format!("tracing.otlp_endpoint: {e}")).into()),
+            Ok(Err(e)) => Err(std::io::Error::other(format!("tracing: the OTLP/HTTP exporter: {e}")).into()),
             Err(_) => Err(std::io::Error::other("the OTLP exporter thread ended").into()),
         }
     }

@@ -7,7 +7,8 @@
 //! compute, answer), their names and attribute keys; and [`Telemetry`], the
 //! tracer provider of `[tracing]` (parent-based ratio sampling, the
 //! bounded OTLP/HTTP export of `export.rs`), started with the server and
-//! flushed at its end. With tracing off, [`incoming`] is one relaxed atomic
+//! flushed at its end (one per process: the last one started is the one
+//! requests use). With tracing off, [`incoming`] is one relaxed atomic
 //! load and nothing is parsed or allocated. Must not touch: how a protocol
 //! reads its headers (each passes a lookup), batching, status mapping.
 

@@ -327,6 +327,16 @@ fn spans_continue_the_callers_trace_over_http_and_grpc() {
     let traces: BTreeSet<&str> = spans.iter().map(|s| s["trace_id"].as_str().unwrap()).collect();
     let expected = BTreeSet::from([HTTP_TRACE, GRPC_TRACE, STREAM_TRACE, FAILED_TRACE]);
     assert_eq!(traces, expected, "only the sampled callers' traces");
+
+    // With a collector that answers, shutdown flushes and exits cleanly.
+    let mut server = server;
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(30)).expect("exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    // Each span arrived once.
+    let spans = receiver.spans();
+    let ids: BTreeSet<&str> = spans.iter().map(|s| s["span_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), spans.len(), "a span arrived twice: {spans:#?}");
 }
 
 #[test]
