@@ -24,6 +24,12 @@
 # their request counts come from the server's own metrics). Then a
 # perf_analyzer -i grpc concurrency sweep (1, 4, 16, 64).
 # The wrk scripts are ../shared/peers/wrk/*.lua.
+#
+# SERVER_CPU_OTLP=1: the server exports traces (issue 23) to a real OTLP/HTTP
+# receiver (tests/otlp_receiver.py, in the venv at TOKITAI_OTEL_VENV or
+# target/otel-venv as .ci/run makes it; spans decoded and discarded) with
+# TOKITAI_TRACING_SAMPLE_RATIO as set (default 1.0: every request traced);
+# the spans dropped are printed at the end. Unset: tracing off (no endpoint).
 set -euo pipefail
 binary=${1:?usage: server_cpu.sh BINARY [SECONDS] [-- ARGS...]}
 seconds=${2:-10}
@@ -48,9 +54,21 @@ gport=$(free_port)
 url="http://127.0.0.1:$port"
 grpc_args=()
 [ "$grpc" = 0 ] || grpc_args=(--grpc-bind "127.0.0.1:$gport")
+receiver=
+if [ "${SERVER_CPU_OTLP:-0}" = 1 ]; then
+    otel_python=${TOKITAI_OTEL_VENV:-$here/../target/otel-venv}/bin/python
+    [ -x "$otel_python" ] || { echo "no $otel_python (set TOKITAI_OTEL_VENV; see .ci/run)" >&2; exit 2; }
+    exec 3< <("$otel_python" "$here/../tests/otlp_receiver.py" /dev/null)
+    receiver=$!
+    read -r -u 3 line
+    export TOKITAI_TRACING_OTLP_ENDPOINT="http://127.0.0.1:${line#listening on }/v1/traces"
+    echo "== traces exported to $TOKITAI_TRACING_OTLP_ENDPOINT (sample ratio ${TOKITAI_TRACING_SAMPLE_RATIO:-1.0})"
+else
+    unset TOKITAI_TRACING_OTLP_ENDPOINT
+fi
 "$binary" --bind "127.0.0.1:$port" "${grpc_args[@]}" "$@" >/dev/null 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; [ -z "$receiver" ] || kill "$receiver" 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
     curl -sf "$url/readyz" >/dev/null 2>&1 && break
     sleep 0.1
@@ -63,20 +81,38 @@ curl -sf "$url/readyz" >/dev/null || { echo "server not ready" >&2; exit 1; }
 cpu_ns() { cat /proc/"$pid"/task/*/schedstat | awk '{s += $1} END {printf "%.0f", s}'; }
 
 # run NAME COMMAND...: the command prints a JSON line with "requests".
+# SERVER_CPU_ONLY="live_c64 infer_c64 ...": those scenarios only.
 run() {
     local name=$1; shift
-    local before after out requests
+    if [ -n "${SERVER_CPU_ONLY:-}" ] && [[ " $SERVER_CPU_ONLY " != *" $name "* ]]; then
+        return 0
+    fi
+    local before after out requests dropped_before
+    dropped_before=$(spans_dropped)
     before=$(cpu_ns)
     out=$("$@" | tail -n 1)
     after=$(cpu_ns)
     requests=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["requests"])' "$out")
-    python3 - "$name" "$requests" "$((after - before))" "$out" <<'EOF'
+    python3 - "$name" "$requests" "$((after - before))" "$out" "$dropped_before" "$(spans_dropped)" <<'EOF'
 import json, sys
 name, requests, dns, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 us = dns / 1e3 / max(requests, 1)
-print(json.dumps({"scenario": name, "requests": requests, "rps": round(out.get("rps", 0), 1),
-                  "p50_us": out.get("p50_us"), "p99_us": out.get("p99_us"), "server_cpu_us_per_request": round(us, 1)}))
+row = {"scenario": name, "requests": requests, "rps": round(out.get("rps", 0), 1),
+       "p50_us": out.get("p50_us"), "p99_us": out.get("p99_us"), "server_cpu_us_per_request": round(us, 1)}
+if sys.argv[5] != "-":
+    row["trace_spans_dropped"] = int(float(sys.argv[6]) - float(sys.argv[5]))
+print(json.dumps(row))
 EOF
+}
+
+# tokitai_trace_spans_dropped_total now ("-" with tracing off). Spans still
+# queued when a scenario ends are counted in the next one if dropped.
+spans_dropped() {
+    if [ -z "$receiver" ]; then
+        echo -
+        return
+    fi
+    curl -sf "$url/metrics" | awk '/^tokitai_trace_spans_dropped_total/ {print $2; found=1} END {if (!found) print 0}'
 }
 
 # paced [PATH]: one connection, 200 requests/s, POST /infer or GET PATH.
@@ -164,28 +200,31 @@ d="${seconds}s"
 } | python3 -c '
 import json, sys
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
-floor = next(r for r in rows if r["scenario"] == "live_c64")["server_cpu_us_per_request"]
 by = {r["scenario"]: r["server_cpu_us_per_request"] for r in rows}
+def ratio(a, b):
+    return round(by[a] / by[b], 2) if a in by and b in by else None
 for r in rows:
-    r["x_floor"] = round(r["server_cpu_us_per_request"] / floor, 2)
+    r["x_floor"] = ratio(r["scenario"], "live_c64")
     print(json.dumps(r))
 print(json.dumps({"checks": {
-    "infer_c64 / live_c64 (target <= 1.5)": round(by["infer_c64"] / floor, 2),
-    "infer_c1 / infer_c64 (target <= 2)": round(by["infer_c1"] / by["infer_c64"], 2),
-    "infer_paced_200 / infer_c64 (target <= 3)": round(by["infer_paced_200"] / by["infer_c64"], 2),
-    "v2_binary_c64 / infer_c64 (target <= 0.8)": round(by["v2_binary_c64"] / by["infer_c64"], 2),
-    "grpc_unary_c64 / infer_c64 (target <= 0.8)": round(by["grpc_unary_c64"] / by["infer_c64"], 2) if "grpc_unary_c64" in by else None,
-    "grpc_stream_c64 / infer_c64 (target <= 0.6)": round(by["grpc_stream_c64"] / by["infer_c64"], 2) if "grpc_stream_c64" in by else None,
+    "infer_c64 / live_c64 (target <= 1.5)": ratio("infer_c64", "live_c64"),
+    "infer_c1 / infer_c64 (target <= 2)": ratio("infer_c1", "infer_c64"),
+    "infer_paced_200 / infer_c64 (target <= 3)": ratio("infer_paced_200", "infer_c64"),
+    "v2_binary_c64 / infer_c64 (target <= 0.8)": ratio("v2_binary_c64", "infer_c64"),
+    "grpc_unary_c64 / infer_c64 (target <= 0.8)": ratio("grpc_unary_c64", "infer_c64"),
+    "grpc_stream_c64 / infer_c64 (target <= 0.6)": ratio("grpc_stream_c64", "infer_c64"),
 }, "floors": {
-    "healthz_c64 / live_c64 (/healthz lists the models: more than the framework)": round(by["healthz_c64"] / floor, 2),
-    "live_c1 / live_c64 (the framework at one connection)": round(by["live_c1"] / floor, 2),
-    "live_paced_200 / infer_c64 (the framework paced, against the paced target)": round(by["live_paced_200"] / by["infer_c64"], 2),
-    "infer_c1 / live_c1": round(by["infer_c1"] / by["live_c1"], 2),
-    "infer_paced_200 / live_paced_200": round(by["infer_paced_200"] / by["live_paced_200"], 2),
+    "healthz_c64 / live_c64 (/healthz lists the models: more than the framework)": ratio("healthz_c64", "live_c64"),
+    "live_c1 / live_c64 (the framework at one connection)": ratio("live_c1", "live_c64"),
+    "live_paced_200 / infer_c64 (the framework paced, against the paced target)": ratio("live_paced_200", "infer_c64"),
+    "infer_c1 / live_c1": ratio("infer_c1", "live_c1"),
+    "infer_paced_200 / live_paced_200": ratio("infer_paced_200", "live_paced_200"),
 }}))'
 rm -f "$healthz_lua"
+[ -z "$receiver" ] || echo "== tokitai_trace_spans_dropped_total $(spans_dropped)"
 
-[ "$grpc" != 0 ] || exit 0
+# SERVER_CPU_SWEEP=0: no concurrency sweep (the scenarios above only).
+[ "$grpc" != 0 ] && [ "${SERVER_CPU_SWEEP:-1}" != 0 ] || exit 0
 echo "== perf_analyzer -i grpc concurrency sweep (unary, then --streaming)"
 for extra in "" "--streaming"; do
     for c in 1 4 16 64; do

@@ -37,10 +37,13 @@ pub use crate::repository::controller::Outcome as LoadOutcome;
 use crate::repository::{Controller, IndexEntry, Registry};
 pub(crate) use crate::served::ServedVersion;
 pub use crate::served::{ModelDescription, ModelTarget};
+use crate::telemetry::EngineFacts;
+/// A request's sampled trace (what [`InferOptions::trace`] carries).
+pub use crate::telemetry::RequestTrace;
 
 /// How one inference request is to be served: what its protocol read off
 /// the request, not yet resolved against the version's settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct InferOptions {
     /// The client's own timeout (`X-Request-Timeout-Ms`, `grpc-timeout`);
     /// `None`: its priority level's default, else
@@ -52,6 +55,9 @@ pub struct InferOptions {
     pub priority: u64,
     /// The protocol route it came in on (labels the `cancelled` count).
     pub route: Endpoint,
+    /// Its sampled trace (`None` when tracing is off or it is not
+    /// sampled): the engine adds its queue and compute spans.
+    pub trace: Option<RequestTrace>,
 }
 
 /// An answer, and the model version that computed it.
@@ -60,6 +66,30 @@ pub struct InferAnswer {
     pub output: InferOutput,
     /// Name, version and shapes of the version that computed `output`.
     pub model: Arc<ModelDescription>,
+}
+
+/// Records what the engine did for a traced request (its queue and
+/// compute spans; the model, version, level and rows on its span).
+fn record_trace(
+    trace: &RequestTrace,
+    version: &ServedVersion,
+    priority: u64,
+    rows: usize,
+    started: Instant,
+    result: &Result<InferOutput, EngineError>,
+) {
+    let description = version.description();
+    trace.engine(&EngineFacts {
+        model: &description.name,
+        version: description.version,
+        level: version.priority_level(priority),
+        rows,
+        started,
+        computed: result
+            .as_ref()
+            .ok()
+            .map(|out| (out.queue_wait, out.compute, out.batch_rows)),
+    });
 }
 
 /// The running engine, as the protocol layers see it. Cheap to clone.
@@ -129,10 +159,14 @@ impl Engine {
         &self,
         version: Arc<ServedVersion>,
         input: InferInput,
-        options: InferOptions,
+        mut options: InferOptions,
     ) -> Result<InferAnswer, EngineError> {
         let (start, rows) = (Instant::now(), input.n_rows());
+        let (trace, priority) = (options.trace.take(), options.priority);
         let result = self.submit(&version, input, options).await;
+        if let Some(trace) = &trace {
+            record_trace(trace, &version, priority, rows, start, &result);
+        }
         match &result {
             Ok(out) => version
                 .stats()

@@ -20,11 +20,12 @@ use super::request::parse_infer;
 use super::response::{Answerer, infer_response};
 use super::status::GrpcError;
 use crate::engine::ServedVersion;
-use crate::engine::{Engine, InferOptions, ModelTarget};
+use crate::engine::{Engine, InferOptions, ModelTarget, RequestTrace};
 use crate::error::EngineError;
 use crate::labels::GrpcMethod;
 use crate::metrics::Metrics;
 use crate::oip::{self, TensorInfo};
+use crate::telemetry::{self, Outcome, Parent, Protocol};
 
 /// The served engine, for the gRPC service.
 #[derive(Clone)]
@@ -102,11 +103,37 @@ impl Served {
     /// Computes `req` on the version serving the model it names, within
     /// `timeout`, through the engine's one submit path. The version is
     /// resolved once: `req` is parsed against its limits and computed by it.
+    /// `parent`: the call's trace context (`None`: tracing is off).
     pub async fn infer(
         &self,
         req: pb::ModelInferRequest,
         timeout: Option<Duration>,
         method: GrpcMethod,
+        parent: Option<&Parent>,
+    ) -> Result<pb::ModelInferResponse, GrpcError> {
+        let trace = parent.and_then(|p| {
+            p.request(Protocol::Grpc {
+                method: method.as_str(),
+            })
+        });
+        let result = self.answer_infer(req, timeout, method, trace.as_ref()).await;
+        if let Some(trace) = trace {
+            let code = result.as_ref().err().map_or(0, |e| e.code() as i32);
+            let message = result.as_ref().err().map(ToString::to_string);
+            trace.finish(Outcome::Grpc {
+                code,
+                error: message.as_deref(),
+            });
+        }
+        result
+    }
+
+    async fn answer_infer(
+        &self,
+        req: pb::ModelInferRequest,
+        timeout: Option<Duration>,
+        method: GrpcMethod,
+        trace: Option<&RequestTrace>,
     ) -> Result<pb::ModelInferResponse, GrpcError> {
         let named = Named {
             name: &req.model_name,
@@ -118,8 +145,10 @@ impl Served {
             timeout,
             priority: call.priority,
             route: method.into(),
+            trace: trace.cloned(),
         };
         let answer = self.engine.infer(version, call.input, options).await?;
+        let _answering = trace.map(RequestTrace::answer);
         let version = oip::version_of(&answer.model);
         let who = Answerer {
             model: &answer.model.name,
@@ -166,6 +195,12 @@ impl Served {
         self.engine.unload_model(&req.model_name).await?;
         Ok(pb::RepositoryModelUnloadResponse {})
     }
+}
+
+/// The trace context a call's metadata carries (`traceparent`,
+/// `tracestate`); `None` when tracing is off (nothing is read).
+pub fn trace_parent(metadata: &tonic::metadata::MetadataMap) -> Option<Parent> {
+    telemetry::incoming(|name| metadata.get(name).and_then(|v| v.to_str().ok()))
 }
 
 /// A tensor of the metadata.

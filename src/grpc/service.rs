@@ -134,7 +134,10 @@ impl GrpcInferenceService for InferenceService {
         self.authorize(&r, method)?;
         let result = async {
             let timeout = explicit_timeout(r.metadata())?;
-            self.served.infer(r.into_inner(), timeout, method).await
+            let parent = model::trace_parent(r.metadata());
+            self.served
+                .infer(r.into_inner(), timeout, method, parent.as_ref())
+                .await
         }
         .await;
         self.answer(method, result)
@@ -150,10 +153,12 @@ impl GrpcInferenceService for InferenceService {
         let deadline = call_timeout(r.metadata(), self.served.default_timeout)
             .map_err(|e| e.into_status(GrpcMethod::ModelStreamInfer, self.served.metrics()))?;
         let explicit = r.metadata().contains_key(super::deadline::GRPC_TIMEOUT);
+        let parent = model::trace_parent(r.metadata());
         Ok(Response::new(stream::serve(
             self.served.clone(),
             r.into_inner(),
             explicit.then_some(deadline),
+            parent,
         )))
     }
 

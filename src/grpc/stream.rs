@@ -22,6 +22,7 @@ use super::model::Served;
 use super::pb::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
 use super::status::code_name;
 use crate::labels::GrpcMethod;
+use crate::telemetry::Parent;
 
 /// Most requests of one stream computed at once; the stream is not read
 /// further until one of them is answered.
@@ -33,17 +34,29 @@ const ANSWER_BUFFER: usize = 16;
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
 /// Serves `inbound` on a task of its own. `deadline`, the call's
-/// `grpc-timeout` when given, bounds every request's timeout.
-pub fn serve(served: Served, inbound: Streaming<ModelInferRequest>, deadline: Option<Duration>) -> ResponseStream {
+/// `grpc-timeout` when given, bounds every request's timeout; `parent`, the
+/// call's trace context, is each request's parent (`None`: tracing off).
+pub fn serve(
+    served: Served,
+    inbound: Streaming<ModelInferRequest>,
+    deadline: Option<Duration>,
+    parent: Option<Parent>,
+) -> ResponseStream {
     let (tx, mut rx) = mpsc::channel(ANSWER_BUFFER);
     let deadline = deadline.map(|d| Instant::now() + d);
-    tokio::spawn(drive(served, inbound, tx, deadline));
+    tokio::spawn(drive(served, inbound, tx, deadline, parent));
     Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 type Answers = mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
 
-async fn drive(served: Served, mut inbound: Streaming<ModelInferRequest>, tx: Answers, deadline: Option<Instant>) {
+async fn drive(
+    served: Served,
+    mut inbound: Streaming<ModelInferRequest>,
+    tx: Answers,
+    deadline: Option<Instant>,
+    parent: Option<Parent>,
+) {
     let mut pending = FuturesOrdered::new();
     let mut broken: Option<Status> = None;
     let mut reading = true;
@@ -63,7 +76,7 @@ async fn drive(served: Served, mut inbound: Streaming<ModelInferRequest>, tx: An
                         Some(d) => Some(d.saturating_duration_since(Instant::now()).min(served.default_timeout)),
                         None => None,
                     };
-                    pending.push_back(answer_one(served.clone(), req, timeout));
+                    pending.push_back(answer_one(served.clone(), req, timeout, parent.clone()));
                 }
                 Ok(None) => reading = false,
                 Err(status) => {
@@ -79,10 +92,15 @@ async fn drive(served: Served, mut inbound: Streaming<ModelInferRequest>, tx: An
 }
 
 /// One streamed request's answer: its output, or its error as `error_message`.
-async fn answer_one(served: Served, req: ModelInferRequest, timeout: Option<Duration>) -> ModelStreamInferResponse {
+async fn answer_one(
+    served: Served,
+    req: ModelInferRequest,
+    timeout: Option<Duration>,
+    parent: Option<Parent>,
+) -> ModelStreamInferResponse {
     let method = GrpcMethod::ModelStreamInfer;
     let id = req.id.clone();
-    let result = served.infer(req, timeout, method).await;
+    let result = served.infer(req, timeout, method, parent.as_ref()).await;
     let metrics = served.metrics();
     match result {
         Ok(response) => {

@@ -8,16 +8,17 @@
 //! (`sidecar_json.rs`).
 
 use actix_web::http::header::ContentType;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde_json::json;
 
 use super::extract::{read_body, request_priority, request_timeout, require_json};
 use super::{HttpSettings, model_headers, timing_headers};
-use crate::engine::{Engine, InferOptions, ModelTarget, VersionHealth};
+use crate::engine::{Engine, InferOptions, ModelTarget, RequestTrace, VersionHealth};
 use crate::http::error::HttpError;
 use crate::labels::Route;
 use crate::readiness::State;
 use crate::sidecar_json::{parse_infer_request, write_infer_response};
+use crate::telemetry::{self, Outcome, Protocol};
 
 /// `POST /infer`: `{"features": [row]}` or `{"features": [[row], ...]}`, to
 /// the default model (`model.name`, or the only model).
@@ -27,10 +28,23 @@ pub async fn infer(
     engine: web::Data<Engine>,
     settings: web::Data<HttpSettings>,
 ) -> Result<HttpResponse, HttpError> {
-    require_json(&req)?;
-    let timeout = request_timeout(&req)?;
-    let priority = request_priority(&req)?;
-    let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
+    let trace = request_trace(&req, Route::Infer);
+    let result = answer_infer(&req, payload, &engine, &settings, trace.as_ref()).await;
+    finish_trace(trace, &result);
+    result
+}
+
+async fn answer_infer(
+    req: &HttpRequest,
+    payload: web::Payload,
+    engine: &Engine,
+    settings: &HttpSettings,
+    trace: Option<&RequestTrace>,
+) -> Result<HttpResponse, HttpError> {
+    require_json(req)?;
+    let timeout = request_timeout(req)?;
+    let priority = request_priority(req)?;
+    let body = read_body(req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     engine.held().admit()?;
     let version = engine.resolve(&ModelTarget::DEFAULT)?;
     let request = parse_infer_request(&body, version.limits())?;
@@ -39,15 +53,47 @@ pub async fn infer(
         timeout,
         priority,
         route: Route::Infer.into(),
+        trace: trace.cloned(),
     };
     let answer = engine.infer(version, request.input, options).await?;
+    let answering = trace.map(RequestTrace::answer);
     let (output, dims) = (&answer.output, answer.model.dims);
     let body = write_infer_response(&output.logits, dims.output, &output.router_weights, dims.experts);
     let mut response = HttpResponse::Ok();
     response.content_type(ContentType::json());
     timing_headers(&mut response, output);
     model_headers(&mut response, &answer.model);
-    Ok(response.body(body))
+    let response = response.body(body);
+    drop(answering);
+    Ok(response)
+}
+
+/// The sampled trace of an HTTP request on `route` (its `traceparent`
+/// continued), or `None` (tracing off: nothing is read).
+pub(crate) fn request_trace(req: &HttpRequest, route: Route) -> Option<RequestTrace> {
+    let parent = telemetry::incoming(|name| req.headers().get(name).and_then(|v| v.to_str().ok()))?;
+    parent.request(Protocol::Http {
+        method: "POST",
+        route: route.as_str(),
+    })
+}
+
+/// Ends a request's span with the status its handler's `result` answers.
+pub(crate) fn finish_trace<E: ResponseError>(trace: Option<RequestTrace>, result: &Result<HttpResponse, E>) {
+    let Some(trace) = trace else { return };
+    match result {
+        Ok(response) => trace.finish(Outcome::Http {
+            status: response.status().as_u16(),
+            error: None,
+        }),
+        Err(e) => {
+            let message = e.to_string();
+            trace.finish(Outcome::Http {
+                status: e.status_code().as_u16(),
+                error: Some(&message),
+            });
+        }
+    }
 }
 
 /// `GET /healthz`: the old sidecar's fields for the default model, plus

@@ -13,14 +13,17 @@ mod common {
     // GETs only, answers read by status and text.
     #[allow(dead_code)]
     pub mod http;
-    // Only Nano's dims are read here.
+    // Only Nano's dims, rows and bodies are read here.
     #[allow(dead_code)]
     pub mod fixtures;
+    // The runtime, a client and a request (otlp_traces.rs): no raw HTTP/2.
+    #[allow(dead_code)]
+    pub mod grpc;
     // Sums only: no presence checks, status breakdowns or raw text.
     #[allow(dead_code)]
     pub mod prom;
     pub mod prometheus;
-    // TestServer only: no child process, no gRPC address, no metrics polls.
+    // TestServer and ProcessServer (otlp_traces.rs); not every helper.
     #[allow(dead_code)]
     pub mod server;
     pub mod two_models;

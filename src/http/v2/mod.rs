@@ -33,8 +33,9 @@ use self::response::{Answerer, write_response};
 use super::HttpSettings;
 use super::error::V2Error;
 use super::extract::{numeric_header, read_body, request_timeout};
-use crate::engine::{Engine, InferOptions, ModelTarget};
+use crate::engine::{Engine, InferOptions, ModelTarget, RequestTrace};
 use crate::error::{EngineError, RequestError};
+use crate::http::routes::{finish_trace, request_trace};
 use crate::labels::Route;
 use crate::oip::{self, EXTENSIONS, FP32, SERVER_NAME, TensorInfo};
 
@@ -174,13 +175,31 @@ pub async fn infer(
     settings: web::Data<HttpSettings>,
     path: web::Path<ModelPath>,
 ) -> Result<HttpResponse, V2Error> {
-    let timeout = request_timeout(&req)?;
+    let route = match path.version {
+        Some(_) => Route::V2VersionInfer,
+        None => Route::V2Infer,
+    };
+    let trace = request_trace(&req, route);
+    let result = answer_infer(&req, payload, &engine, &settings, &path, trace.as_ref()).await;
+    finish_trace(trace, &result);
+    result
+}
+
+async fn answer_infer(
+    req: &HttpRequest,
+    payload: web::Payload,
+    engine: &Engine,
+    settings: &HttpSettings,
+    path: &ModelPath,
+    trace: Option<&RequestTrace>,
+) -> Result<HttpResponse, V2Error> {
+    let timeout = request_timeout(req)?;
     // The body is read first: an answer that leaves it unread closes the
     // connection, and a keep-alive client would see that as a failure.
-    let body = read_body(&req, payload, settings.max_body_bytes, settings.body_timeout).await?;
+    let body = read_body(req, payload, settings.max_body_bytes, settings.body_timeout).await?;
     engine.held().admit()?;
     let version = engine.resolve(&path.target()?)?;
-    let json_len = json_part_len(&req, body.len())?;
+    let json_len = json_part_len(req, body.len())?;
     let (json_part, binary_part) = body.split_at(json_len);
     let request = parse_request(json_part, binary_part, version.limits())?;
     drop(body);
@@ -189,8 +208,10 @@ pub async fn infer(
         timeout,
         priority: request.priority,
         route: Route::V2Infer.into(),
+        trace: trace.cloned(),
     };
     let answer = engine.infer(version, request.input, options).await?;
+    let answering = trace.map(RequestTrace::answer);
     let version = oip::version_of(&answer.model);
     let who = Answerer {
         model: &answer.model.name,
@@ -200,13 +221,9 @@ pub async fn infer(
     let mut response = HttpResponse::Ok();
     super::timing_headers(&mut response, &answer.output);
     super::model_headers(&mut response, &answer.model);
-    Ok(write_response(
-        response,
-        &who,
-        &request.outputs,
-        &answer.output,
-        &answer.model.dims,
-    ))
+    let response = write_response(response, &who, &request.outputs, &answer.output, &answer.model.dims);
+    drop(answering);
+    Ok(response)
 }
 
 /// The length of the body's JSON part: `Inference-Header-Content-Length`
