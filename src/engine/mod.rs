@@ -116,6 +116,9 @@ impl Engine {
     /// Loads the configured models and starts their pools (and, in `poll`
     /// mode, the repository poller). Must run inside a tokio runtime.
     pub async fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Engine, StartError> {
+        // The keys first: a missing or broken keys file stops the start-up
+        // before a model is read.
+        let keys = Arc::new(KeyStore::load(config)?);
         let registry = Arc::new(Registry::new(&config.model.name));
         let controller = Arc::new(Controller::new(config, Arc::clone(&registry), Arc::clone(&metrics)));
         controller.start_up().await?;
@@ -126,7 +129,6 @@ impl Engine {
                 config.repository_poll(),
             );
         }
-        let keys = Arc::new(KeyStore::load(config)?);
         Ok(Engine {
             default_timeout: config.default_timeout(),
             keys,
