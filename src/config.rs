@@ -358,7 +358,8 @@ pub struct PriorityLevelConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TracingConfig {
     /// The OTLP/HTTP traces endpoint, e.g.
-    /// `http://otel-collector:4318/v1/traces`. Empty: no tracing.
+    /// `http://otel-collector:4318/v1/traces` (plain http: the exporter
+    /// carries no TLS stack). Empty: no tracing.
     pub otlp_endpoint: String,
     /// Share of requests without a sampled parent that are traced (a
     /// request whose `traceparent` says sampled, or not, follows it).
@@ -395,12 +396,15 @@ impl TracingConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let endpoint = &self.otlp_endpoint;
-        let http = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        let http = endpoint.starts_with("http://");
         if !(endpoint.is_empty() || http) {
             let shown: String = endpoint.chars().take(100).collect();
             return bad(
                 "tracing.otlp_endpoint",
-                format!("{shown:?} is not an http:// or https:// URL (OTLP/HTTP)"),
+                format!(
+                    "{shown:?} is not an http:// URL (OTLP/HTTP; the exporter has no TLS: an https \
+                     collector needs a plain-http sidecar or in-cluster endpoint)"
+                ),
             );
         }
         if endpoint.len() > 2048 {
@@ -636,7 +640,10 @@ impl Config {
         self.workers.validate()?;
         self.tracing.validate()?;
         if self.server.unix_socket.is_some() && self.server.unix_socket == self.grpc.unix_socket {
-            return bad("grpc.unix_socket", "is the same path as server.unix_socket: give each its own");
+            return bad(
+                "grpc.unix_socket",
+                "is the same path as server.unix_socket: give each its own",
+            );
         }
         Ok(())
     }
