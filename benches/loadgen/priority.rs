@@ -24,9 +24,11 @@ use crate::report::{Check, Report, ScenarioResult};
 use crate::stats::ServerSplit;
 use crate::{Args, ModelFiles, Timing, servers, target};
 
-/// Live client connections (enough that a slow answer does not hold the
-/// next paced send back).
-const LIVE_CONNS: usize = 8;
+/// Live client connections: enough that answers as slow as the shared
+/// level's (seconds) do not hold the next paced send back (Little's law:
+/// rate x latency), so the latency measured is the server's, not a client
+/// backlog's.
+const LIVE_CONNS: usize = 64;
 
 /// One phase's engine settings and whether bulk traffic runs.
 struct Phase {
