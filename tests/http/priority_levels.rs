@@ -38,6 +38,8 @@ fn two_levels(level2_queue: usize) -> Config {
     let mut config = fixture_config("nano-s11", LayerNormMode::Identity);
     config.workers.count = 1;
     config.batching.max_batch_rows = 8;
+    // No request larger than the smallest level queue here.
+    config.batching.max_request_rows = 6;
     config.batching.max_queue_delay_us = HOLD_US;
     config.batching.regroup_delay_pct = 0;
     config.batching.priority_levels = 2;
