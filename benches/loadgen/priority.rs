@@ -58,6 +58,9 @@ const PHASES: [Phase; 3] = [
 /// What one phase measured.
 struct PhaseResult {
     live: ScenarioResult,
+    /// The server's level-1 queue wait p99, as the upper bound of its
+    /// histogram bucket (ms), over the whole live run (warm-up included).
+    live_queue_wait_p99_ms: f64,
     /// The server's batches over the live window (compute, batch size).
     split: ServerSplit,
     /// Bulk rows answered per second (0 when no bulk ran).
@@ -124,7 +127,9 @@ fn run_phase(
         let (bulk, clients) = (Arc::clone(bulk), args.bulk_clients);
         std::thread::spawn(move || client::closed_loop(&tgt, bulk, clients))
     });
+    let before = level_one_wait_buckets(&engine.base_url);
     let run = client::open_loop(&live_target, Arc::clone(live), args.live_rate, LIVE_CONNS);
+    let after = level_one_wait_buckets(&engine.base_url);
     let bulk_run: Option<LoadRun> = bulk_run.map(|h| h.join().expect("bulk clients"));
     engine.stop();
     let label = format!("{}/live{:.0}", phase.name, args.live_rate);
@@ -141,6 +146,7 @@ fn run_phase(
     });
     PhaseResult {
         live,
+        live_queue_wait_p99_ms: bucket_quantile(&before, &after, 0.99) * 1000.0,
         split,
         bulk_rows_per_s,
     }
@@ -152,18 +158,29 @@ fn summarise(m: &ModelFiles, results: &[PhaseResult], report: &mut Report) {
     for ((phase, r), letter) in PHASES.iter().zip(results).zip(['a', 'b', 'c']) {
         let s = r.live.stats();
         println!(
-            "  ({letter}) {:<16} p50 {:>8.2}  p99 {:>8.2}  max {:>8.2}  answered {} / sent {} | server: {:.1} rows/batch, \
-             compute {:.2} ms/batch, bulk {:.0} rows/s",
+            "  ({letter}) {:<16} p50 {:>8.2}  p99 {:>8.2}  max {:>8.2}  answered {} / sent {} | server: level-1 queue \
+             wait p99 <= {} ms, {:.1} rows/batch, compute {:.2} ms/batch, bulk {:.0} rows/s",
             phase.name,
             s.latency.p50_ms,
             s.latency.p99_ms,
             s.latency.max_ms,
             s.answered,
             s.sent,
+            r.live_queue_wait_p99_ms,
             r.split.avg_batch_rows,
             r.split.compute_avg_ms,
             r.bulk_rows_per_s,
         );
+        report.notes.push(format!(
+            "priority {} ({letter}) {}: live p99 {:.2} ms from intended send; level-1 queue wait p99 <= {} ms \
+             (server histogram bucket); {:.1} rows/batch, {:.2} ms compute/batch",
+            m.name,
+            phase.name,
+            s.latency.p99_ms,
+            r.live_queue_wait_p99_ms,
+            r.split.avg_batch_rows,
+            r.split.compute_avg_ms
+        ));
     }
     let [idle, shared, separate] = [&results[0], &results[1], &results[2]];
     let (p_idle, p_shared, p_sep) = (
@@ -185,4 +202,62 @@ fn summarise(m: &ModelFiles, results: &[PhaseResult], report: &mut Report) {
             ),
         )
     });
+}
+
+/// `tokitai_queue_wait_seconds_bucket{priority="1"}` from the engine's
+/// `/metrics`, as (upper bound in seconds, cumulative count), summed over
+/// versions (one here).
+fn level_one_wait_buckets(base_url: &str) -> Vec<(f64, f64)> {
+    let text = ureq::get(&format!("{base_url}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("tokitai_queue_wait_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        if !labels.contains("priority=\"1\"") {
+            continue;
+        }
+        let le = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("le=\""))
+            .map(|v| v.trim_end_matches('"'))
+            .map(|v| {
+                if v == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    v.parse().unwrap_or(f64::NAN)
+                }
+            });
+        if let (Some(le), Ok(count)) = (le, value.trim().parse::<f64>()) {
+            match buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some(bucket) => bucket.1 += count,
+                None => buckets.push((le, count)),
+            }
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The upper bound of the bucket holding quantile `q` of the observations
+/// made between `before` and `after` (NaN when there were none).
+fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let count_before = |le: f64| before.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, c)| *c);
+    let delta: Vec<(f64, f64)> = after.iter().map(|&(le, c)| (le, c - count_before(le))).collect();
+    let total = delta.last().map_or(0.0, |(_, c)| *c);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    delta
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map_or(f64::NAN, |(le, _)| *le)
 }
