@@ -2,8 +2,9 @@
 //! order, to whom, and what happens after a worker fails a batch. The fakes
 //! record each batch and answer only when the test says so, so every step is
 //! driven by messages, never by time (regrouping and queue delay are off),
-//! except in the last two tests, where its timers fire: those check only
-//! that a timer fired, and not before its instant. No runtime is needed:
+//! except in the three tests where its timers fire (a deadline at level 1
+//! and at level 2, the queue delay): those check only that a timer fired,
+//! and not before its instant. The priority-level tests use two levels. No runtime is needed:
 //! the batcher starts and runs from a plain thread.
 
 use std::sync::Arc;
@@ -403,4 +404,19 @@ fn retiring_fails_what_is_queued_at_every_level() {
     for reply in [rb, rc] {
         assert!(matches!(reply.blocking_recv().unwrap(), Err(EngineError::NotReady(_))));
     }
+}
+
+#[test]
+fn a_lower_level_request_past_its_deadline_is_failed_by_the_expiry_timer() {
+    let h = Harness::with_policy(1, two_levels());
+    let (_a, _ra) = h.submit_at(1.0, 1, 1);
+    let (b, rb) = h.submit_full(2.0, 1, Duration::from_millis(20), 2);
+    assert_eq!(h.batcher.armed_timers(), (None, Some(b.deadline)));
+    let answer = reply_or_hang(rb);
+    assert!(Instant::now() >= b.deadline, "failed before its deadline");
+    assert!(
+        matches!(answer, Err(EngineError::DeadlineExceeded { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(h.batcher.armed_timers(), (None, None), "nothing left to expire");
 }
