@@ -18,11 +18,14 @@
 //!   cargo bench --bench loadgen -- --suite full --out target/loadgen.json
 //!   cargo bench --bench loadgen -- --suite quick          # ~2 minutes
 //!   cargo bench --bench loadgen -- --sweep --models nano   # config table
+//!   cargo bench --bench loadgen -- --priority --models tiny # priority levels
 //! Engine settings: --workers --threads-per-worker --max-batch-rows
 //! --max-queue-delay-us --max-queue-rows --http-workers, or --config FILE.
 
 #[path = "loadgen/client.rs"]
 mod client;
+#[path = "loadgen/priority.rs"]
+mod priority;
 #[path = "loadgen/report.rs"]
 mod report;
 #[path = "loadgen/servers.rs"]
@@ -56,6 +59,23 @@ struct Args {
     /// configs (workers x threads, queue delay, HTTP workers), as a table.
     #[arg(long)]
     sweep: bool,
+    /// Instead of the suite: the priority-levels scenario (live client at
+    /// level 1 idle, sharing one level with bulk, and on its own level).
+    #[arg(long)]
+    priority: bool,
+    /// --priority: the live client's paced rate (single rows, req/s).
+    #[arg(long, default_value_t = 20.0)]
+    live_rate: f64,
+    /// --priority: closed-loop bulk clients at level 2.
+    #[arg(long, default_value_t = 8)]
+    bulk_clients: usize,
+    /// --priority: rows per bulk request.
+    #[arg(long, default_value_t = 64)]
+    bulk_rows: usize,
+    /// --priority: `[batching.levels.2] max_batch_rows` in the
+    /// separate-levels phase.
+    #[arg(long, default_value_t = 32)]
+    bulk_batch_rows: usize,
     /// Comma-separated: nano, tiny.
     #[arg(long, default_value = "nano,tiny")]
     models: String,
@@ -699,11 +719,13 @@ fn main() {
     let t = args.timing();
     let suite = if args.sweep {
         "sweep".to_string()
+    } else if args.priority {
+        "priority".to_string()
     } else {
         args.suite.clone()
     };
     assert!(
-        args.sweep || ["quick", "full"].contains(&args.suite.as_str()),
+        args.sweep || args.priority || ["quick", "full"].contains(&args.suite.as_str()),
         "--suite is quick or full"
     );
     let mut report = Report::new(&suite);
@@ -727,6 +749,8 @@ fn main() {
         let m = model_files(&args.model_dir, size);
         if args.sweep {
             sweep(&args, &t, &m, &mut report);
+        } else if args.priority {
+            priority::run(&args, &t, &m, &mut report);
         } else {
             run_model(&args, &t, &m, &mut report);
         }

@@ -17,7 +17,12 @@
 //! end in `_total`, histograms rather than summaries, and label values only
 //! from fixed vocabularies (route templates, failure kinds, worker ids, expert
 //! ids) or the configured model names and versions, never from user input.
-//! The label vocabularies are the enums of `labels.rs`.
+//! The label vocabularies are the enums of `labels.rs`. The queue's series
+//! (depth, capacity, wait, rejections) also carry `priority`, the request's
+//! resolved level `1..=batching.priority_levels` (never what the client
+//! sent: a level out of range is the default level): one series per level,
+//! `priority="1"` alone with one level, so `sum by (model)` is the old
+//! number.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +58,9 @@ fn pow2_buckets() -> Vec<f64> {
 
 /// Labels of every per-version series, before any of its own.
 const VERSION: [&str; 2] = ["model", "version"];
+
+/// Labels of a version's per-priority-level queue series.
+const LEVEL: [&str; 3] = ["model", "version", "priority"];
 
 /// All of the engine's metrics: the server-wide series, the per-model ones,
 /// and the families whose series each served version adds and removes
@@ -433,6 +441,7 @@ struct VersionFamilies {
 /// A version's queue, admission and answer families.
 struct QueueFamilies {
     queue_wait: HistogramVec,
+    queue_rejections: IntCounterVec,
     rows_dropped: IntCounterVec,
     queue_depth_rows: IntGaugeVec,
     workers: IntGaugeVec,
@@ -470,9 +479,15 @@ impl QueueFamilies {
             queue_wait: histograms(
                 registry,
                 "tokitai_queue_wait_seconds",
-                "Time a request's rows waited before their batch started, by model version.",
+                "Time a request's rows waited before their batch started, by model version and priority level.",
                 lat.clone(),
-                &VERSION,
+                &LEVEL,
+            ),
+            queue_rejections: counters(
+                registry,
+                "tokitai_queue_rejections_total",
+                "Requests refused at once because their priority level's queue was full (429 / UNAVAILABLE), by model version and priority level.",
+                &LEVEL,
             ),
             rows_dropped: counters(
                 registry,
@@ -483,8 +498,8 @@ impl QueueFamilies {
             queue_depth_rows: int_gauges(
                 registry,
                 "tokitai_queue_depth_rows",
-                "Rows waiting in a model version's batcher queue.",
-                &VERSION,
+                "Rows waiting in a model version's batcher queue, by priority level.",
+                &LEVEL,
             ),
             workers: int_gauges(
                 registry,
@@ -501,8 +516,8 @@ impl QueueFamilies {
             config_max_queue_rows: int_gauges(
                 registry,
                 "tokitai_queue_capacity_rows",
-                "A model version's batching.max_queue_rows.",
-                &VERSION,
+                "A model version's batching.max_queue_rows, by priority level (its [batching.levels.N] max_queue_rows).",
+                &LEVEL,
             ),
             config_max_batch_rows: int_gauges(
                 registry,
@@ -644,16 +659,32 @@ pub struct VersionMetrics {
     /// This handle's claim on the `{model, version}` pair (see `owners`).
     owner: u64,
     recording: bool,
-    queue_depth: IntGauge,
-    queue_wait: Histogram,
+    /// Level `i + 1`'s queue series.
+    levels: Vec<LevelHandles>,
     answers: IntCounter,
     dropped: DropCounters,
 }
 
+/// One priority level's queue series of a version.
+struct LevelHandles {
+    depth: IntGauge,
+    wait: Histogram,
+    rejections: IntCounter,
+}
+
 impl VersionMetrics {
-    /// The series of the version `shape` describes, created now (gauges set
-    /// to its pool and policy; counters at zero).
+    /// The series of the version `shape` describes with one priority level
+    /// (its capacity `shape.max_queue_rows`).
     pub fn new(metrics: &Arc<Metrics>, shape: VersionShape) -> Arc<VersionMetrics> {
+        let capacity = [shape.max_queue_rows];
+        VersionMetrics::with_levels(metrics, shape, &capacity)
+    }
+
+    /// The series of the version `shape` describes, created now (gauges set
+    /// to its pool and policy; counters at zero), with one set of queue
+    /// series per priority level, `level_queue_rows[i]` level `i + 1`'s
+    /// `max_queue_rows` (at least one level).
+    pub fn with_levels(metrics: &Arc<Metrics>, shape: VersionShape, level_queue_rows: &[usize]) -> Arc<VersionMetrics> {
         let m = metrics;
         let version = shape.version.to_string();
         let v = [shape.model.as_str(), version.as_str()];
@@ -670,11 +701,7 @@ impl VersionMetrics {
             remove_series(m, &shape, &version);
         }
         m.families.queue.workers.with_label_values(&v).set(shape.workers as i64);
-        m.families
-            .queue
-            .config_max_queue_rows
-            .with_label_values(&v)
-            .set(shape.max_queue_rows as i64);
+        let levels = level_handles(m, v, level_queue_rows);
         m.families
             .queue
             .config_max_batch_rows
@@ -689,8 +716,7 @@ impl VersionMetrics {
             h.with_label_values(&v);
         }
         let handle = VersionMetrics {
-            queue_depth: m.families.queue.queue_depth_rows.with_label_values(&v),
-            queue_wait: m.families.queue.queue_wait.with_label_values(&v),
+            levels,
             answers: m.families.queue.model_answers.with_label_values(&v),
             dropped: DropCounters {
                 recording: m.recording,
@@ -726,17 +752,44 @@ impl VersionMetrics {
         [self.shape.model.as_str(), self.version.as_str()]
     }
 
-    /// Rows waiting in this version's queue now.
+    /// Level `level`'s series (clamped to the levels there are).
+    fn level(&self, level: u32) -> &LevelHandles {
+        let i = (level.max(1) as usize - 1).min(self.levels.len() - 1);
+        &self.levels[i]
+    }
+
+    /// Rows waiting in this version's level-1 queue now (a one-level version).
     pub fn set_queue_depth(&self, rows: usize) {
+        self.set_level_depths(&[rows]);
+    }
+
+    /// Rows waiting at each priority level now, level 1 first.
+    pub fn set_level_depths(&self, rows_by_level: &[usize]) {
         if self.recording {
-            self.queue_depth.set(rows as i64);
+            for (handles, &rows) in self.levels.iter().zip(rows_by_level) {
+                handles.depth.set(rows as i64);
+            }
         }
     }
 
-    /// Time a request waited before its first rows started computing.
+    /// Time a level-1 request waited (a one-level version; see
+    /// [`VersionMetrics::observe_level_queue_wait`]).
     pub fn observe_queue_wait(&self, wait: Duration) {
+        self.observe_level_queue_wait(1, wait);
+    }
+
+    /// Time a request at priority `level` waited before its first rows
+    /// started computing.
+    pub fn observe_level_queue_wait(&self, level: u32, wait: Duration) {
         if self.recording {
-            self.queue_wait.observe(wait.as_secs_f64());
+            self.level(level).wait.observe(wait.as_secs_f64());
+        }
+    }
+
+    /// A request at priority `level` was refused: its level's queue was full.
+    pub fn count_rejection(&self, level: u32) {
+        if self.recording {
+            self.level(level).rejections.inc();
         }
     }
 
@@ -833,17 +886,12 @@ impl VersionMetrics {
 /// label value). Called with `owners` locked.
 fn remove_series(m: &Metrics, shape: &VersionShape, version: &str) {
     let v = [shape.model.as_str(), version];
-    for g in [
-        &m.families.queue.queue_depth_rows,
-        &m.families.queue.workers,
-        &m.families.queue.config_max_queue_rows,
-        &m.families.queue.config_max_batch_rows,
-    ] {
+    for g in [&m.families.queue.workers, &m.families.queue.config_max_batch_rows] {
         let _ = g.remove_label_values(&v);
     }
+    remove_level_series(m, v);
     let _ = m.families.queue.model_answers.remove_label_values(&v);
     for h in [
-        &m.families.queue.queue_wait,
         &m.families.work.compute_time,
         &m.families.work.batch_rows,
         &m.families.work.batch_requests,
@@ -860,6 +908,47 @@ fn remove_series(m: &Metrics, shape: &VersionShape, version: &str) {
     }
     for id in 0..shape.workers {
         remove_worker_series(m, v, id, shape.experts);
+    }
+}
+
+/// Level series for a version `v` (`[model, version]`) with one level per
+/// entry of `level_queue_rows` (its capacity), made now: capacity set,
+/// depth, wait and rejections at zero.
+fn level_handles(m: &Metrics, v: [&str; 2], level_queue_rows: &[usize]) -> Vec<LevelHandles> {
+    let q = &m.families.queue;
+    let capacities = if level_queue_rows.is_empty() {
+        &[0][..]
+    } else {
+        level_queue_rows
+    };
+    capacities
+        .iter()
+        .enumerate()
+        .map(|(i, &capacity)| {
+            let level = (i + 1).to_string();
+            let l = [v[0], v[1], level.as_str()];
+            q.config_max_queue_rows.with_label_values(&l).set(capacity as i64);
+            LevelHandles {
+                depth: q.queue_depth_rows.with_label_values(&l),
+                wait: q.queue_wait.with_label_values(&l),
+                rejections: q.queue_rejections.with_label_values(&l),
+            }
+        })
+        .collect()
+}
+
+/// Removes the per-level queue series of version `v`, whatever number of
+/// levels it had (a version re-read under the same number may have had
+/// another).
+fn remove_level_series(m: &Metrics, v: [&str; 2]) {
+    let q = &m.families.queue;
+    for level in 1..=crate::config::MAX_PRIORITY_LEVELS {
+        let level = level.to_string();
+        let l = [v[0], v[1], level.as_str()];
+        let _ = q.queue_depth_rows.remove_label_values(&l);
+        let _ = q.config_max_queue_rows.remove_label_values(&l);
+        let _ = q.queue_wait.remove_label_values(&l);
+        let _ = q.queue_rejections.remove_label_values(&l);
     }
 }
 
@@ -1022,7 +1111,8 @@ mod tests {
             "tokitai_batch_size_rows_bucket{model=\"a\",version=\"3\",le=\"4\"} 1",
             "tokitai_router_top1_weight_count{model=\"a\",version=\"3\"} 2",
             "tokitai_workers{model=\"a\",version=\"3\"} 2",
-            "tokitai_queue_capacity_rows{model=\"a\",version=\"3\"} 100",
+            "tokitai_queue_capacity_rows{model=\"a\",priority=\"1\",version=\"3\"} 100",
+            "tokitai_queue_rejections_total{model=\"a\",priority=\"1\",version=\"3\"} 0",
             "tokitai_max_batch_rows{model=\"a\",version=\"3\"} 10",
             "tokitai_batches_total{model=\"a\",version=\"3\",worker=\"1\"} 0",
             "tokitai_rows_dropped_total{model=\"a\",reason=\"failed\",version=\"3\"} 3",
@@ -1053,15 +1143,15 @@ mod tests {
         b.observe_queue_wait(Duration::from_micros(3));
         let t = text(&m);
         for line in [
-            "tokitai_queue_depth_rows{model=\"a\",version=\"1\"} 5",
-            "tokitai_queue_depth_rows{model=\"b\",version=\"7\"} 2",
+            "tokitai_queue_depth_rows{model=\"a\",priority=\"1\",version=\"1\"} 5",
+            "tokitai_queue_depth_rows{model=\"b\",priority=\"1\",version=\"7\"} 2",
             "tokitai_workers{model=\"b\",version=\"7\"} 1",
             "tokitai_batches_total{model=\"a\",version=\"1\",worker=\"0\"} 1",
             "tokitai_batches_total{model=\"b\",version=\"7\",worker=\"0\"} 2",
             "tokitai_worker_restarts_total{model=\"a\",version=\"1\",worker=\"0\"} 0",
             "tokitai_worker_restarts_total{model=\"b\",version=\"7\",worker=\"0\"} 1",
-            "tokitai_queue_wait_seconds_count{model=\"a\",version=\"1\"} 0",
-            "tokitai_queue_wait_seconds_count{model=\"b\",version=\"7\"} 1",
+            "tokitai_queue_wait_seconds_count{model=\"a\",priority=\"1\",version=\"1\"} 0",
+            "tokitai_queue_wait_seconds_count{model=\"b\",priority=\"1\",version=\"7\"} 1",
         ] {
             assert!(t.contains(line), "missing {line} in\n{t}");
         }
@@ -1073,7 +1163,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("tokitai_queue_depth_rows{model=\"b\",version=\"7\"} 2"),
+            t.contains("tokitai_queue_depth_rows{model=\"b\",priority=\"1\",version=\"7\"} 2"),
             "{t}"
         );
     }
@@ -1108,7 +1198,7 @@ mod tests {
         old.worker_restarted(0);
         let t = text(&m);
         for line in [
-            "tokitai_queue_depth_rows{model=\"a\",version=\"1\"} 7",
+            "tokitai_queue_depth_rows{model=\"a\",priority=\"1\",version=\"1\"} 7",
             "tokitai_batches_total{model=\"a\",version=\"1\",worker=\"0\"} 0",
             "tokitai_worker_restarts_total{model=\"a\",version=\"1\",worker=\"0\"} 0",
         ] {
@@ -1174,6 +1264,31 @@ mod tests {
         assert!(text.contains("tokitai_rows_computed_total{model=\"a\",version=\"1\",worker=\"0\"} 0"));
         assert!(text.contains("tokitai_router_top1_weight_count{model=\"a\",version=\"1\"} 0"));
         assert!(text.contains("tokitai_rows_dropped_total{model=\"a\",reason=\"timeout\",version=\"1\"} 0"));
+    }
+
+    #[test]
+    fn queue_series_are_per_priority_level_and_all_go_with_the_version() {
+        let m = Arc::new(Metrics::new());
+        let v = VersionMetrics::with_levels(&m, shape("a", 1), &[100, 30]);
+        v.set_level_depths(&[4, 9]);
+        v.observe_level_queue_wait(2, Duration::from_micros(40));
+        v.count_rejection(2);
+        // A level past the last is clamped, never a new series.
+        v.count_rejection(9);
+        let t = text(&m);
+        for line in [
+            "tokitai_queue_depth_rows{model=\"a\",priority=\"1\",version=\"1\"} 4",
+            "tokitai_queue_depth_rows{model=\"a\",priority=\"2\",version=\"1\"} 9",
+            "tokitai_queue_capacity_rows{model=\"a\",priority=\"2\",version=\"1\"} 30",
+            "tokitai_queue_wait_seconds_count{model=\"a\",priority=\"1\",version=\"1\"} 0",
+            "tokitai_queue_wait_seconds_count{model=\"a\",priority=\"2\",version=\"1\"} 1",
+            "tokitai_queue_rejections_total{model=\"a\",priority=\"2\",version=\"1\"} 2",
+        ] {
+            assert!(t.contains(line), "missing {line} in\n{t}");
+        }
+        assert!(!t.contains("priority=\"3\""), "{t}");
+        v.remove();
+        assert!(!text(&m).contains("model=\"a\""), "{}", text(&m));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub const V2_MODEL: &str = "tokitai-moe";
 pub struct Workload {
     pub mix: Mix,
     pub bodies: Vec<Body>,
+    /// Sent as `X-Request-Priority` when set (`/infer` only).
+    pub priority: Option<u32>,
 }
 
 impl Workload {
@@ -122,7 +124,22 @@ impl Workload {
                 }
             }
         }
-        Workload { mix, bodies }
+        Workload {
+            mix,
+            bodies,
+            priority: None,
+        }
+    }
+
+    /// The same requests, naming priority level `level`.
+    pub fn at_priority(mut self, level: u32) -> Workload {
+        self.priority = Some(level);
+        self
+    }
+
+    /// The `X-Request-Priority` value its requests carry, if any.
+    fn priority_header(&self) -> Option<String> {
+        self.priority.map(|p| p.to_string())
     }
 
     /// The route this workload posts to.
@@ -174,14 +191,19 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .build()
 }
 
-/// Sends one request and reads the whole answer (so the connection is reused).
-fn send(agent: &ureq::Agent, url: &str, body: &Body, buf: &mut Vec<u8>) -> Outcome {
+/// Sends one request (with `X-Request-Priority: priority` when given) and
+/// reads the whole answer (so the connection is reused).
+fn send(agent: &ureq::Agent, url: &str, body: &Body, priority: Option<&str>, buf: &mut Vec<u8>) -> Outcome {
     let request = match body.v2_header_len {
         Some(len) => agent
             .post(url)
             .set("content-type", "application/octet-stream")
             .set("inference-header-content-length", &len.to_string()),
         None => agent.post(url).set("content-type", "application/json"),
+    };
+    let request = match priority {
+        Some(level) => request.set("x-request-priority", level),
+        None => request,
     };
     let resp = match request.send_bytes(&body.bytes) {
         Ok(r) => r,
@@ -342,8 +364,8 @@ impl Conn {
         }
     }
 
-    fn send(&mut self, url: &str, body: &Body, buf: &mut Vec<u8>) -> Outcome {
-        let outcome = send(&self.agent, url, body, buf);
+    fn send(&mut self, url: &str, body: &Body, priority: Option<&str>, buf: &mut Vec<u8>) -> Outcome {
+        let outcome = send(&self.agent, url, body, priority, buf);
         self.last_used = Instant::now();
         outcome
     }
@@ -413,6 +435,7 @@ pub fn closed_loop(target: &Target, workload: Arc<Workload>, clients: usize) -> 
     let url = format!("{}{}", target.base_url, workload.path());
     let (warmup, duration) = (target.warmup, target.duration);
     let n = workload.bodies.len();
+    let priority = workload.priority_header();
     drive(target, clients.max(1), false, move |i, conn, start| {
         let measure_start = start + warmup;
         let end = measure_start + duration;
@@ -428,7 +451,7 @@ pub fn closed_loop(target: &Target, workload: Arc<Workload>, clients: usize) -> 
             }
             let b = &workload.bodies[k % n];
             k += 1;
-            let outcome = conn.send(&url, b, &mut buf);
+            let outcome = conn.send(&url, b, priority.as_deref(), &mut buf);
             let lost = matches!(outcome, Outcome::Lost);
             if sent_at >= measure_start {
                 tally.record(outcome, b.rows, sent_at, sent_at);
@@ -458,6 +481,7 @@ pub fn open_loop(target: &Target, workload: Arc<Workload>, rate: f64, conns: usi
     let first_measured = (target.warmup.as_secs_f64() * rate).ceil() as u64;
     let next = Arc::new(AtomicU64::new(0));
     let n = workload.bodies.len() as u64;
+    let priority = workload.priority_header();
     drive(target, conns.max(1), true, move |_, conn, start| {
         let mut buf = Vec::with_capacity(4096);
         let mut tally = Tally::default();
@@ -471,7 +495,7 @@ pub fn open_loop(target: &Target, workload: Arc<Workload>, rate: f64, conns: usi
             sleep_until(intended);
             let sent_at = Instant::now();
             let b = &workload.bodies[(i % n) as usize];
-            let outcome = conn.send(&url, b, &mut buf);
+            let outcome = conn.send(&url, b, priority.as_deref(), &mut buf);
             if i >= first_measured {
                 tally.lateness.record(sent_at.saturating_duration_since(intended));
                 tally.record(outcome, b.rows, intended, sent_at);

@@ -1,10 +1,13 @@
-//! The dynamic batcher actor: one queue and one batching policy per served
-//! model version.
+//! The dynamic batcher actor: one queue per priority level and one batching
+//! policy per served model version.
 //!
 //! Role: receives typed requests from the engine ([`Message::Submit`]),
 //! admits or rejects them at once (bounded queue), forms batches across
 //! requests and hands them to the worker pool, one message per batch; a
-//! worker reports back with [`BatchDone`]. Deadlines of requests still
+//! worker reports back with [`BatchDone`]. With several priority levels
+//! ([`levels::LevelQueues`]) each level is admitted against its own limit
+//! and batches are filled from the highest level first; with one, it is the
+//! single queue of before. Deadlines of requests still
 //! queued are enforced here by one timer armed at the earliest deadline. The
 //! rules themselves are plain functions in [`policy`]; this file only wires
 //! them to messages and timers. Workers are held as `Sender<RunBatch>`, so
@@ -28,14 +31,15 @@
 
 pub mod clock;
 pub mod job;
+pub mod levels;
 pub mod policy;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use self::clock::{Clock, TimerKind};
 use self::job::{Job, RunBatch};
+use self::levels::LevelQueues;
 use self::policy::{BatchPolicy, Decision, Queued};
 use crate::error::EngineError;
 use crate::mailbox::{self, Mailbox, Sender};
@@ -129,9 +133,8 @@ impl BatcherHandle {
 
 pub struct Batcher {
     policy: BatchPolicy,
-    queue: VecDeque<Queued>,
-    /// Rows in `queue` not yet handed to a worker.
-    queued_rows: usize,
+    /// One queue per priority level, with the rows not yet handed out.
+    queue: LevelQueues,
     workers: Vec<Sender<RunBatch>>,
     /// Batches sent to each worker and not yet reported done.
     in_flight: Vec<usize>,
@@ -181,9 +184,8 @@ impl Batcher {
         };
         let clock = Clock::new(clock_target)?;
         let batcher = Batcher {
+            queue: LevelQueues::new(policy.levels.len()),
             policy,
-            queue: VecDeque::new(),
-            queued_rows: 0,
             workers: Vec::new(),
             in_flight: Vec::new(),
             alive: Vec::new(),
@@ -211,8 +213,8 @@ impl Batcher {
             let Some(worker) = self.free_worker() else {
                 break;
             };
-            let oldest = self.queue.front().map(|q| q.job.submitted_at);
-            match policy::decide(self.queued_rows, oldest, self.regroup, Instant::now(), &self.policy) {
+            let (oldest, now) = (self.queue.oldest(), Instant::now());
+            match policy::decide(self.queue.total_rows(), oldest, self.regroup, now, &self.policy) {
                 Decision::Idle => break,
                 Decision::WaitUntil(at) => {
                     self.arm(TimerKind::Delay, at);
@@ -220,17 +222,16 @@ impl Batcher {
                 }
                 Decision::Dispatch => {
                     self.regroup = None;
-                    let batch = policy::take_batch(&mut self.queue, self.policy.max_batch_rows);
-                    self.queued_rows -= batch.n_rows;
+                    let batch = self.queue.take_batch(&self.policy, now);
                     self.in_flight[worker] += 1;
                     // Before the hand-off: its answer may reach the client
                     // (and the client /metrics) before this thread goes on.
-                    self.metrics.set_queue_depth(self.queued_rows);
+                    self.metrics.set_level_depths(self.queue.rows_by_level());
                     self.workers[worker].send(RunBatch(batch));
                 }
             }
         }
-        self.metrics.set_queue_depth(self.queued_rows);
+        self.metrics.set_level_depths(self.queue.rows_by_level());
     }
 
     /// The worker the policy picks for the next batch, among the live ones.
@@ -240,22 +241,16 @@ impl Batcher {
         let loads = self.in_flight.iter().zip(&self.alive);
         self.loads
             .extend(loads.map(|(&n, &alive)| if alive { n } else { usize::MAX }));
-        policy::pick_worker(&self.loads, self.queued_rows, self.policy.max_batch_rows)
+        let (queued, prepare) = (self.queue.total_rows(), self.policy.prepares_ahead());
+        policy::pick_worker(&self.loads, queued, self.policy.max_batch_rows, prepare)
             .filter(|&w| self.alive.get(w).copied().unwrap_or(false))
     }
 
-    /// Drops requests at the front whose client left or whose deadline passed,
-    /// so they neither take batch slots nor delay the ones behind them.
+    /// Drops requests at each level's front whose client left or whose
+    /// deadline passed, so they neither take batch slots nor delay the ones
+    /// behind them.
     fn drop_dead_front(&mut self) {
-        let now = Instant::now();
-        while let Some(front) = self.queue.front() {
-            let rows = front.rows_left();
-            if !front.job.drop_if_dead(now, rows, &self.dropped) {
-                break;
-            }
-            self.queue.pop_front();
-            self.queued_rows -= rows;
-        }
+        self.queue.drop_dead_fronts(Instant::now(), &self.dropped);
     }
 
     fn armed_at(&mut self, kind: TimerKind) -> &mut Option<Instant> {
@@ -279,7 +274,7 @@ impl Batcher {
     /// requests left in the queue need it: rows handed to a worker are
     /// checked against their deadline there, before compute.
     fn arm_expiry_for_queue(&mut self) {
-        if let Some(next) = self.queue.iter().map(|q| q.job.deadline).min() {
+        if let Some(next) = self.queue.earliest_deadline() {
             self.arm(TimerKind::Expiry, next);
         }
     }
@@ -287,16 +282,7 @@ impl Batcher {
     /// Fails queued requests whose deadline passed (504, rows not computed),
     /// drops those whose client left, and re-arms for the next deadline.
     fn expire(&mut self) {
-        let now = Instant::now();
-        let queue = std::mem::take(&mut self.queue);
-        for queued in queue {
-            let rows = queued.rows_left();
-            if queued.job.drop_if_dead(now, rows, &self.dropped) {
-                self.queued_rows -= rows;
-            } else {
-                self.queue.push_back(queued);
-            }
-        }
+        self.queue.drop_dead(Instant::now(), &self.dropped);
         self.pump();
         self.arm_expiry_for_queue();
     }
@@ -327,25 +313,27 @@ impl Batcher {
             VersionState::Draining => return job.fail(EngineError::NotReady("draining")),
             VersionState::Loading | VersionState::Ready => {}
         }
-        if let Err(queued_rows) = policy::admit(self.queued_rows, job.n_rows, &self.policy) {
+        let limits = self.policy.level(job.priority);
+        if let Err(queued_rows) = policy::admit(self.queue.level_rows(job.priority), job.n_rows, limits) {
+            self.metrics.count_rejection(job.priority);
             job.fail(EngineError::Overloaded {
                 queued_rows,
-                limit: self.policy.max_queue_rows,
+                limit: limits.max_queue_rows,
                 retry_after_secs: policy::retry_after_secs(queued_rows, self.rows_per_sec),
             });
             return;
         }
-        self.queued_rows += job.n_rows;
-        self.queue.push_back(Queued {
+        self.queue.push(Queued {
             job: Arc::clone(&job),
             next_row: 0,
         });
         self.pump();
         // Every request left queued after its own submission has the expiry
-        // timer armed no later than its deadline (the pump takes from the
-        // front, so a request still queued is still at the back); one
-        // dispatched at once, the common case below saturation, arms nothing.
-        if self.queue.back().is_some_and(|q| Arc::ptr_eq(&q.job, &job)) {
+        // timer armed no later than its deadline (the pump takes from each
+        // level's front, so a request still queued is still at its level's
+        // back); one dispatched at once, the common case below saturation,
+        // arms nothing.
+        if self.queue.is_last(&job) {
             self.arm(TimerKind::Expiry, job.deadline);
         }
     }
@@ -360,7 +348,7 @@ impl Batcher {
             // Exponentially weighted rate, only used to size Retry-After.
             self.rows_per_sec = 0.9 * self.rows_per_sec + 0.1 * (done.n_rows as f64 / dt);
         }
-        self.regroup = policy::regroup(self.queued_rows, done.n_rows, done.compute, now, &self.policy);
+        self.regroup = policy::regroup(self.queue.total_rows(), done.n_rows, done.compute, now, &self.policy);
         self.pump();
     }
 
@@ -398,10 +386,9 @@ impl Batcher {
     }
 
     fn retire(&mut self) {
-        for queued in self.queue.drain(..) {
+        for queued in self.queue.drain() {
             queued.job.fail(EngineError::NotReady("unloaded"));
         }
-        self.queued_rows = 0;
         // The workers' inboxes close when their last sender goes (here):
         // each finishes the batch in hand and ends. The version's series
         // are already gone (removed as it retired), so nothing is zeroed.

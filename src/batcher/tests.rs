@@ -2,8 +2,9 @@
 //! order, to whom, and what happens after a worker fails a batch. The fakes
 //! record each batch and answer only when the test says so, so every step is
 //! driven by messages, never by time (regrouping and queue delay are off),
-//! except in the last two tests, where its timers fire: those check only
-//! that a timer fired, and not before its instant. No runtime is needed:
+//! except in the three tests where its timers fire (a deadline at level 1
+//! and at level 2, the queue delay): those check only that a timer fired,
+//! and not before its instant. The priority-level tests use two levels. No runtime is needed:
 //! the batcher starts and runs from a plain thread.
 
 use std::sync::Arc;
@@ -56,22 +57,22 @@ impl Harness {
 
     /// A batcher with `max_queue_delay` set to `delay`.
     fn with_delay(n_workers: usize, delay: Duration) -> Harness {
-        let policy = BatchPolicy {
-            max_batch_rows: MAX_BATCH_ROWS,
-            max_queue_delay: delay,
-            max_queue_rows: 64,
-            regroup_fraction: 0.0,
-        };
+        Harness::with_policy(n_workers, BatchPolicy::one_level(MAX_BATCH_ROWS, delay, 64, 0.0))
+    }
+
+    /// A batcher with `policy`.
+    fn with_policy(n_workers: usize, policy: BatchPolicy) -> Harness {
         let metrics = Arc::new(Metrics::new());
         let shape = VersionShape {
             model: "m".into(),
             version: 1,
             workers: n_workers,
             experts: 1,
-            max_queue_rows: policy.max_queue_rows,
+            max_queue_rows: 64,
             max_batch_rows: policy.max_batch_rows,
         };
-        let version = VersionMetrics::new(&metrics, shape);
+        let capacity: Vec<usize> = policy.levels.iter().map(|l| l.max_queue_rows).collect();
+        let version = VersionMetrics::with_levels(&metrics, shape, &capacity);
         let batcher =
             Batcher::start(policy, version, Arc::new(Readiness::new(n_workers))).expect("the timer thread starts");
         let (tx, batches) = mpsc::channel();
@@ -97,12 +98,27 @@ impl Harness {
         n_rows: usize,
         timeout: Duration,
     ) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+        self.submit_full(id, n_rows, timeout, 1)
+    }
+
+    /// Submits a job at priority `level`.
+    fn submit_at(&self, id: f32, n_rows: usize, level: u32) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
+        self.submit_full(id, n_rows, Duration::from_secs(600), level)
+    }
+
+    fn submit_full(
+        &self,
+        id: f32,
+        n_rows: usize,
+        timeout: Duration,
+        level: u32,
+    ) -> (Arc<Job>, oneshot::Receiver<JobReply>) {
         let limits = InputLimits {
             row_len: ROW_LEN,
             max_rows: 64,
         };
         let input = InferInput::new(vec![id; n_rows * ROW_LEN], &limits).unwrap();
-        let (job, reply) = Job::new(input, timeout, 1);
+        let (job, reply) = Job::new(input, timeout, level);
         self.batcher.submit(Arc::clone(&job));
         (job, reply)
     }
@@ -317,4 +333,90 @@ fn a_partial_batch_held_for_the_queue_delay_goes_when_the_delay_timer_fires() {
         std::thread::current().id(),
         "the submission held it; the timer thread dispatched it"
     );
+}
+
+/// Two levels, no promotion: batches of 4 rows, level 2 at most 2 rows of
+/// one and at most 6 rows queued.
+fn two_levels() -> BatchPolicy {
+    let mut policy = BatchPolicy::one_level(MAX_BATCH_ROWS, Duration::ZERO, 64, 0.0);
+    policy.levels.push(super::policy::LevelLimits {
+        max_queue_rows: 6,
+        max_batch_rows: 2,
+        timeout: None,
+    });
+    policy
+}
+
+#[test]
+fn a_higher_level_request_overtakes_the_queued_lower_level_ones() {
+    let mut h = Harness::with_policy(1, two_levels());
+    let (_a, _ra) = h.submit_at(1.0, 2, 2);
+    assert_eq!(h.dispatched(), vec![(0, vec![(1.0, 0, 2)])]);
+    // Level 2 queues up behind the busy worker; nothing is prepared for it
+    // (several levels), even with a full batch's worth queued.
+    let (_b, _rb) = h.submit_at(2.0, 2, 2);
+    let (_c, _rc) = h.submit_at(3.0, 2, 2);
+    assert_eq!(h.dispatched(), vec![]);
+    // A level-1 request arrives last and rides first, with at most level
+    // 2's two rows.
+    let (_d, _rd) = h.submit_at(4.0, 1, 1);
+    h.done(0, 2);
+    assert_eq!(h.dispatched(), vec![(0, vec![(4.0, 0, 1), (2.0, 0, 2)])]);
+    h.done(0, 3);
+    assert_eq!(h.dispatched(), vec![(0, vec![(3.0, 0, 2)])]);
+}
+
+#[test]
+fn a_full_level_is_refused_while_another_is_admitted() {
+    let mut h = Harness::with_policy(1, two_levels());
+    let (_a, _ra) = h.submit_at(1.0, 1, 2);
+    let held: Vec<_> = (0..3).map(|i| h.submit_at(2.0 + i as f32, 2, 2)).collect();
+    assert_eq!(h.dispatched().len(), 1);
+    // Level 2 holds its 6 rows: one more is refused at once...
+    let (_x, rx) = h.submit_at(9.0, 1, 2);
+    match rx.blocking_recv().unwrap() {
+        Err(EngineError::Overloaded { queued_rows, limit, .. }) => assert_eq!((queued_rows, limit), (6, 6)),
+        other => panic!("expected Overloaded, got {:?}", other.map(|_| ())),
+    }
+    // ...while level 1 is still admitted.
+    let (_y, _ry) = h.submit_at(10.0, 4, 1);
+    h.done(0, 1);
+    assert_eq!(h.dispatched(), vec![(0, vec![(10.0, 0, 4)])]);
+    let text = String::from_utf8(h.metrics.render()).unwrap();
+    for line in [
+        "tokitai_queue_rejections_total{model=\"m\",priority=\"2\",version=\"1\"} 1",
+        "tokitai_queue_rejections_total{model=\"m\",priority=\"1\",version=\"1\"} 0",
+        "tokitai_queue_depth_rows{model=\"m\",priority=\"2\",version=\"1\"} 6",
+        "tokitai_queue_depth_rows{model=\"m\",priority=\"1\",version=\"1\"} 0",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    drop(held);
+}
+
+#[test]
+fn retiring_fails_what_is_queued_at_every_level() {
+    let h = Harness::with_policy(1, two_levels());
+    let (_a, _ra) = h.submit_at(1.0, 1, 1);
+    let (_b, rb) = h.submit_at(2.0, 1, 2);
+    let (_c, rc) = h.submit_at(3.0, 1, 1);
+    h.batcher.send(Message::Retire);
+    for reply in [rb, rc] {
+        assert!(matches!(reply.blocking_recv().unwrap(), Err(EngineError::NotReady(_))));
+    }
+}
+
+#[test]
+fn a_lower_level_request_past_its_deadline_is_failed_by_the_expiry_timer() {
+    let h = Harness::with_policy(1, two_levels());
+    let (_a, _ra) = h.submit_at(1.0, 1, 1);
+    let (b, rb) = h.submit_full(2.0, 1, Duration::from_millis(20), 2);
+    assert_eq!(h.batcher.armed_timers(), (None, Some(b.deadline)));
+    let answer = reply_or_hang(rb);
+    assert!(Instant::now() >= b.deadline, "failed before its deadline");
+    assert!(
+        matches!(answer, Err(EngineError::DeadlineExceeded { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(h.batcher.armed_timers(), (None, None), "nothing left to expire");
 }

@@ -204,7 +204,7 @@ impl Engine {
             .and_then(|answer| answer);
         inflight.finish();
         let output = outcome?;
-        version.metrics().observe_queue_wait(output.queue_wait);
+        version.metrics().observe_level_queue_wait(level, output.queue_wait);
         Ok(output)
     }
 

@@ -19,7 +19,7 @@ use crate::backend::cpu::{CpuBackend, CpuIsa, CpuOptions};
 use crate::backend::hip::{self, HipOptions};
 use crate::backend::{Backend, BackendError, ForwardOutput, PoolShape, Session, SessionConfig};
 use crate::batcher::Batcher;
-use crate::batcher::policy::BatchPolicy;
+use crate::batcher::policy::{BatchPolicy, LevelLimits};
 use crate::config::{BackendChoice, Config};
 use crate::error::StartError;
 use crate::input::InputLimits;
@@ -220,19 +220,21 @@ pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVe
         limits,
     } = prepared;
     let readiness = Arc::new(Readiness::new(sessions.len()));
-    let version_metrics = VersionMetrics::new(
+    let level_queue_rows: Vec<usize> = policy.levels.iter().map(|l| l.max_queue_rows).collect();
+    let version_metrics = VersionMetrics::with_levels(
         metrics,
         VersionShape {
             model: description.name.clone(),
             version: description.version,
             workers: sessions.len(),
             experts: description.dims.experts,
-            max_queue_rows: policy.max_queue_rows,
+            max_queue_rows: level_queue_rows.iter().sum(),
             max_batch_rows: policy.max_batch_rows,
         },
+        &level_queue_rows,
     );
     let stats = Arc::new(InferStats::default());
-    let batcher = match Batcher::start(policy, Arc::clone(&version_metrics), Arc::clone(&readiness)) {
+    let batcher = match Batcher::start(policy.clone(), Arc::clone(&version_metrics), Arc::clone(&readiness)) {
         Ok(batcher) => batcher,
         Err(e) => {
             version_metrics.remove();
@@ -262,6 +264,7 @@ pub fn start_pool(prepared: Prepared, metrics: &Arc<Metrics>) -> Result<ServedVe
         limits,
         stats,
         metrics: version_metrics,
+        policy,
         pool,
         freed,
     };
@@ -296,13 +299,27 @@ fn warm_up(sessions: Vec<Box<dyn Session>>, backend: &dyn Backend) -> Result<Vec
     })
 }
 
-/// The batching policy from `[batching]`.
+/// The batching policy from `[batching]`: each priority level's limits
+/// from its `[batching.levels.N]` table, the globals where it sets none.
 fn batch_policy(config: &Config) -> BatchPolicy {
+    let b = &config.batching;
+    let levels = (1..=b.priority_levels.max(1))
+        .map(|n| {
+            let level = b.level(n);
+            LevelLimits {
+                max_queue_rows: level.max_queue_rows,
+                max_batch_rows: level.max_batch_rows,
+                timeout: level.timeout,
+            }
+        })
+        .collect();
     BatchPolicy {
-        max_batch_rows: config.batching.max_batch_rows,
+        max_batch_rows: b.max_batch_rows,
         max_queue_delay: config.max_queue_delay(),
-        max_queue_rows: config.batching.max_queue_rows,
-        regroup_fraction: f64::from(config.batching.regroup_delay_pct) / 100.0,
+        regroup_fraction: f64::from(b.regroup_delay_pct) / 100.0,
+        levels,
+        default_level: b.default_priority_level,
+        max_priority_wait: std::time::Duration::from_millis(b.max_priority_wait_ms),
     }
 }
 
@@ -416,12 +433,7 @@ mod tests {
             description,
             sessions,
             session_config,
-            policy: BatchPolicy {
-                max_batch_rows: 8,
-                max_queue_delay: std::time::Duration::ZERO,
-                max_queue_rows: 64,
-                regroup_fraction: 0.0,
-            },
+            policy: BatchPolicy::one_level(8, std::time::Duration::ZERO, 64, 0.0),
             limits: InputLimits {
                 row_len: dims.input,
                 max_rows: 8,

@@ -24,6 +24,7 @@ use super::ModelDescription;
 use super::pool::{Pool, PoolEnded};
 use crate::backend::Backend;
 use crate::batcher::job::Job;
+use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{BatcherHandle, Message as BatcherMessage};
 use crate::input::InputLimits;
 use crate::metrics::VersionMetrics;
@@ -47,6 +48,9 @@ pub struct ServedVersion {
     pub(super) stats: Arc<InferStats>,
     /// This version's `{model, version}` series.
     pub(super) metrics: Arc<VersionMetrics>,
+    /// Its batching policy (a copy of the batcher's): resolves a request's
+    /// priority level and that level's default timeout.
+    policy: BatchPolicy,
     /// Held, not read: dropped with the version (after `backend`), which
     /// lets its supervisor go.
     _pool: Pool,
@@ -85,6 +89,7 @@ pub struct VersionParts {
     pub limits: InputLimits,
     pub stats: Arc<InferStats>,
     pub metrics: Arc<VersionMetrics>,
+    pub policy: BatchPolicy,
     pub pool: Pool,
     pub freed: PoolEnded,
 }
@@ -105,6 +110,7 @@ impl ServedVersion {
             limits: parts.limits,
             stats: parts.stats,
             metrics: parts.metrics,
+            policy: parts.policy,
             _pool: parts.pool,
         }
     }
@@ -157,19 +163,14 @@ impl ServedVersion {
     /// The priority level of a request that asked for `requested` (0: none
     /// named; Triton's rule: 0 or a level past `batching.priority_levels`
     /// is the default level).
-    // SCAFFOLD (issue 23, priority helper): one level until the batcher
-    // has levels.
     pub fn priority_level(&self, requested: u64) -> u32 {
-        let _ = requested;
-        1
+        self.policy.resolve(requested)
     }
 
     /// Level `level`'s own default timeout (`[batching.levels.N]
     /// timeout_ms`), if it has one.
-    // SCAFFOLD (issue 23, priority helper).
     pub fn level_timeout(&self, level: u32) -> Option<Duration> {
-        let _ = level;
-        None
+        self.policy.level(level).timeout
     }
 
     /// Hands `job` to this version's batcher, which admits or rejects it

@@ -339,8 +339,9 @@ fn exported_names() -> BTreeSet<String> {
 
 /// The series carried per model version (`{model, version}` labels; the
 /// contract of issue 22): a dashboard query on one must filter on `$model`.
-const PER_VERSION: [&str; 16] = [
+const PER_VERSION: [&str; 17] = [
     "tokitai_queue_depth_rows",
+    "tokitai_queue_rejections_total",
     "tokitai_queue_capacity_rows",
     "tokitai_max_batch_rows",
     "tokitai_workers",
