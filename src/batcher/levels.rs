@@ -128,7 +128,9 @@ impl LevelQueues {
 
     /// Takes the next batch: up to `policy.max_batch_rows` rows, the highest
     /// level first (promoted requests with level 1, by submit time), at most
-    /// each level's own `max_batch_rows` of each level.
+    /// each level's own `max_batch_rows` of each level, and of one class
+    /// only ([`policy::class_of`]): rows of a lower level wait for a batch
+    /// of their own rather than lengthen a higher level's.
     pub fn take_batch(&mut self, policy: &BatchPolicy, now: Instant) -> Batch {
         if self.queues.len() == 1 {
             let cap = policy.max_batch_rows.min(policy.levels[0].max_batch_rows);
@@ -143,15 +145,23 @@ impl LevelQueues {
             slices: Vec::new(),
             n_rows: 0,
         };
+        let mut class = None;
         while batch.n_rows < policy.max_batch_rows {
             let mut fronts = [None; MAX_PRIORITY_LEVELS];
             for (i, queue) in self.queues.iter().enumerate() {
                 let room = policy.levels[i].max_batch_rows > taken[i];
-                fronts[i] = queue.front().filter(|_| room).map(|q| q.job.submitted_at);
+                let same_class = |at: &Instant| class.is_none_or(|c| policy::class_of(i, *at, promote_before) == c);
+                fronts[i] = queue
+                    .front()
+                    .map(|q| q.job.submitted_at)
+                    .filter(|at| room && same_class(at));
             }
             let Some(i) = policy::next_level(&fronts[..self.queues.len()], promote_before) else {
                 break;
             };
+            if let Some(at) = fronts[i] {
+                class.get_or_insert(policy::class_of(i, at, promote_before));
+            }
             let room = (policy.max_batch_rows - batch.n_rows).min(policy.levels[i].max_batch_rows - taken[i]);
             let rows = policy::take_front(&mut self.queues[i], room, &mut batch);
             taken[i] += rows;
@@ -234,15 +244,18 @@ mod tests {
         q.push(queued(&live));
         assert_eq!(q.rows_by_level(), &[2, 10]);
         assert_eq!(q.oldest(), Some(bulk.submitted_at));
-        // Level 2's three rows fill up to its cap, not to the batch's 8.
-        assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(1.0, 0, 2), (2.0, 0, 3)]);
+        // Live's batch carries no bulk rows (they would lengthen its
+        // compute); level 2's batches stop at its cap, not at the batch's 8.
+        assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(1.0, 0, 2)]);
+        assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(2.0, 0, 3)]);
         assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(2.0, 3, 3)]);
         assert_eq!(q.rows_by_level(), &[0, 4]);
         // Level 1 may fill the whole batch.
         let big = job(3.0, 9, 1);
         q.push(queued(&big));
         assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(3.0, 0, 8)]);
-        assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(3.0, 8, 1), (2.0, 6, 3)]);
+        assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(3.0, 8, 1)]);
+        assert_eq!(parts(&q.take_batch(&p, Instant::now())), vec![(2.0, 6, 3)]);
         assert_eq!(q.total_rows(), 1);
     }
 
@@ -255,10 +268,12 @@ mod tests {
         let live = job(1.0, 1, 1);
         q.push(queued(&old_bulk));
         q.push(queued(&live));
-        // Not yet promoted: live first.
+        // Not yet promoted: live first, alone.
         let before = old_bulk.submitted_at + wait / 2;
-        assert_eq!(parts(&q.take_batch(&p, before)), vec![(1.0, 0, 1), (2.0, 0, 2)]);
-        // Promoted: the older bulk request goes ahead of a newer live one.
+        assert_eq!(parts(&q.take_batch(&p, before)), vec![(1.0, 0, 1)]);
+        assert_eq!(parts(&q.take_batch(&p, before)), vec![(2.0, 0, 2)]);
+        // Promoted: the older bulk request goes ahead of a newer live one,
+        // in the same batch (a promoted request rides with level 1).
         let (old_bulk, live) = (job(2.0, 2, 2), job(1.0, 1, 1));
         q.push(queued(&old_bulk));
         q.push(queued(&live));

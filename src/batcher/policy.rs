@@ -283,6 +283,19 @@ pub fn next_level(fronts: &[Option<Instant>], promote_before: Option<Instant>) -
         .or_else(|| fronts.iter().position(Option::is_some))
 }
 
+/// The class a level's front request rides in: 0 for level 1 and promoted
+/// requests (submitted at or before `promote_before`), else its own level
+/// index. A batch carries one class: a lower level's rows never ride beside
+/// a higher level's, where they would lengthen its compute (a live row in a
+/// 33-row Tiny batch computes for 11 ms instead of 5; BENCHMARKS).
+pub fn class_of(level: usize, submitted_at: Instant, promote_before: Option<Instant>) -> usize {
+    if level == 0 || promote_before.is_some_and(|t| submitted_at <= t) {
+        0
+    } else {
+        level
+    }
+}
+
 /// The instant at or before which a queued request counts as level 1, for
 /// `max_priority_wait` (zero: never, `None`).
 pub fn promote_before(now: Instant, max_priority_wait: Duration) -> Option<Instant> {

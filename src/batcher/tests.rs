@@ -357,12 +357,14 @@ fn a_higher_level_request_overtakes_the_queued_lower_level_ones() {
     let (_b, _rb) = h.submit_at(2.0, 2, 2);
     let (_c, _rc) = h.submit_at(3.0, 2, 2);
     assert_eq!(h.dispatched(), vec![]);
-    // A level-1 request arrives last and rides first, with at most level
-    // 2's two rows.
+    // A level-1 request arrives last and rides first, alone: level 2's
+    // rows would lengthen its compute.
     let (_d, _rd) = h.submit_at(4.0, 1, 1);
     h.done(0, 2);
-    assert_eq!(h.dispatched(), vec![(0, vec![(4.0, 0, 1), (2.0, 0, 2)])]);
-    h.done(0, 3);
+    assert_eq!(h.dispatched(), vec![(0, vec![(4.0, 0, 1)])]);
+    h.done(0, 1);
+    assert_eq!(h.dispatched(), vec![(0, vec![(2.0, 0, 2)])]);
+    h.done(0, 2);
     assert_eq!(h.dispatched(), vec![(0, vec![(3.0, 0, 2)])]);
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Proves that:
 //! - a level-1 request sent after level-2 requests filled the queue is
-//!   computed before them (its answer arrives while they still wait), and
-//!   level 2's own `max_batch_rows` bounds the level-2 rows beside it;
+//!   computed before them (its answer arrives while they still wait), in a
+//!   batch of its own: no level-2 row rides beside it;
 //! - a level whose queue is full is refused with 429 `overloaded`
 //!   (`tokitai_queue_rejections_total{priority="2"}`) while level 1 is still
 //!   admitted;
@@ -88,16 +88,16 @@ fn level_one_overtakes_a_full_level_two_queue_and_is_admitted_past_its_limit() {
         &[("X-Request-Priority", "2")],
     );
     refused.assert_error(429, "overloaded", "level 2 past its max_queue_rows");
-    // ...while level 1 is admitted: its 2 rows make a full batch, which
-    // takes level 1 first and 2 level-2 rows (that level's cap).
+    // ...while level 1 is admitted: its 2 rows make the queue hold a full
+    // batch, which goes at once and carries level 1 only.
     let live = send(&server, &fixture, 2, "1").join().expect("live client");
     check(&fixture, &live, 2, "level-1 request");
     let m = server.metrics();
-    assert_eq!(depth(&m, "2"), 4.0, "two level-2 requests still wait");
-    assert_eq!(m.sum("tokitai_rows_computed_total", &[]), 4.0);
+    assert_eq!(depth(&m, "2"), 6.0, "every level-2 request still waits");
+    assert_eq!(m.sum("tokitai_rows_computed_total", &[]), 2.0, "the live rows alone");
     assert!(
-        bulk.iter().filter(|b| b.is_finished()).count() <= 1,
-        "at most the level-2 request that rode with level 1 was answered"
+        bulk.iter().all(|b| !b.is_finished()),
+        "no level-2 request was answered before the live one"
     );
     assert_eq!(m.sum("tokitai_queue_rejections_total", &[("priority", "2")]), 1.0);
     assert_eq!(m.sum("tokitai_queue_rejections_total", &[("priority", "1")]), 0.0);
