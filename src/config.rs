@@ -1000,13 +1000,14 @@ impl PriorityLevelConfig {
         let field =
             |name: &str, message: String| bad("batching.levels", format!("[batching.levels.{key}] {name}: {message}"));
         if let Some(rows) = self.max_queue_rows
-            && !(1..=batching.max_queue_rows).contains(&rows)
+            && !(batching.max_request_rows..=batching.max_queue_rows).contains(&rows)
         {
             return field(
                 "max_queue_rows",
                 format!(
-                    "{rows} is not from 1 to batching.max_queue_rows ({})",
-                    batching.max_queue_rows
+                    "{rows} is not from batching.max_request_rows ({}) to batching.max_queue_rows ({}): \
+                     a request it cannot hold would get 429 for ever",
+                    batching.max_request_rows, batching.max_queue_rows
                 ),
             );
         }
