@@ -241,16 +241,7 @@ pub async fn serve(
     let engine = Engine::start(&config, Arc::clone(&metrics)).await?;
     raise_open_files_limit(&config);
     let grpc = match grpc_listener {
-        Some(l) => {
-            let server = grpc::start(l, grpc_unix, engine.clone(), &config)?;
-            println!("listening on grpc://{}", server.addr());
-            tracing::info!(addr = %server.addr(), "gRPC listening");
-            if let Some(file) = &grpc_unix_file {
-                println!("listening on grpc+unix:{}", file.path().display());
-                tracing::info!(path = %file.path().display(), "gRPC listening on the Unix socket");
-            }
-            Some(server)
-        }
+        Some(l) => Some(start_grpc(l, grpc_unix, grpc_unix_file.as_ref(), &engine, &config)?),
         None => None,
     };
     let server = http::server(listener, http_unix, engine.clone(), &config)?;
@@ -261,14 +252,7 @@ pub async fn serve(
     println!("listening on http://{addr}");
     tracing::info!(%addr, "listening");
 
-    let reloader = engine.clone();
-    actix_rt::spawn(async move {
-        let mut reloads = reloads;
-        while reloads.next().await.is_some() {
-            tracing::info!("SIGHUP: re-reading the models");
-            reloader.reload().await;
-        }
-    });
+    spawn_reloader(engine.clone(), reloads);
     let handle = server.handle();
     let drain_limit = Duration::from_secs(config.server.shutdown_timeout_secs);
     let (grpc_done, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -292,6 +276,35 @@ pub async fn serve(
     drop((http_unix_file, grpc_unix_file));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts gRPC on `listener` (and `unix`, whose file is `unix_file`) and
+/// prints where it listens.
+fn start_grpc(
+    listener: TcpListener,
+    unix: Option<std::os::unix::net::UnixListener>,
+    unix_file: Option<&SocketFile>,
+    engine: &Engine,
+    config: &Config,
+) -> Result<grpc::server::GrpcServer, StartError> {
+    let server = grpc::start(listener, unix, engine.clone(), config)?;
+    println!("listening on grpc://{}", server.addr());
+    tracing::info!(addr = %server.addr(), "gRPC listening");
+    if let Some(file) = unix_file {
+        println!("listening on grpc+unix:{}", file.path().display());
+        tracing::info!(path = %file.path().display(), "gRPC listening on the Unix socket");
+    }
+    Ok(server)
+}
+
+/// Re-reads the API keys and the models each time `reloads` yields (SIGHUP).
+fn spawn_reloader(engine: Engine, mut reloads: impl Stream<Item = ()> + Unpin + 'static) {
+    actix_rt::spawn(async move {
+        while reloads.next().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the API keys and the models");
+            engine.reload().await;
+        }
+    });
 }
 
 /// The listener to serve, and the file to remove once served.

@@ -100,6 +100,7 @@ impl Metrics {
         let registry = Registry::new();
         let lat = latency_buckets();
         let model = ModelFamilies::register(&registry);
+        let (auth_failures, trace_spans_dropped) = guard_families(&registry);
         let metrics = Metrics {
             recording: true,
             http_requests: counters(
@@ -140,19 +141,8 @@ impl Metrics {
                     "Inference requests accepted and not yet answered.",
                 ),
             ),
-            auth_failures: counters(
-                &registry,
-                "tokitai_auth_failures_total",
-                "Requests refused by the API-key check (server.api_keys_file), by reason.",
-                &["reason"],
-            ),
-            trace_spans_dropped: reg(
-                &registry,
-                prometheus::IntCounter::new(
-                    "tokitai_trace_spans_dropped_total",
-                    "Trace spans dropped because the export queue (tracing.max_queue_spans) was full or the export failed.",
-                ),
-            ),
+            auth_failures,
+            trace_spans_dropped,
             model_info: model.info,
             model_load_seconds: model.load_seconds,
             model_version: model.version,
@@ -347,6 +337,24 @@ fn reg<C: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::
         .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
     metric
+}
+
+/// The API-key refusals and the trace spans dropped (server-wide).
+fn guard_families(registry: &Registry) -> (IntCounterVec, prometheus::IntCounter) {
+    let auth_failures = counters(
+        registry,
+        "tokitai_auth_failures_total",
+        "Requests refused by the API-key check (server.api_keys_file), by reason.",
+        &["reason"],
+    );
+    let trace_spans_dropped = reg(
+        registry,
+        prometheus::IntCounter::new(
+            "tokitai_trace_spans_dropped_total",
+            "Trace spans dropped because the export queue (tracing.max_queue_spans) was full or the export failed.",
+        ),
+    );
+    (auth_failures, trace_spans_dropped)
 }
 
 fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
