@@ -16,6 +16,7 @@
 set -euo pipefail
 binary=${1:?usage: instructions_per_request.sh BINARY [OUT_DIR]}
 out_dir=${2:-$(mktemp -d)}
+mkdir -p "$out_dir"
 
 # Total instructions of one run of N requests.
 run() {
