@@ -512,11 +512,19 @@ fn binary_command(dir: &Path) -> Command {
     cmd
 }
 
+/// [`binary_command`], with a lone row held in the queue for a second (so
+/// a test can see it queued before it is computed).
+fn holding_binary_command(dir: &Path) -> Command {
+    let mut cmd = binary_command(dir);
+    cmd.env("TOKITAI_BATCHING_MAX_QUEUE_DELAY_US", "1000000");
+    cmd
+}
+
 #[test]
 fn sigterm_answers_what_was_sent_on_the_socket_then_removes_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let (http_sock, grpc_sock) = (dir.path().join("http.sock"), dir.path().join("grpc.sock"));
-    let mut server = ProcessServer::start_with(binary_command(dir.path()));
+    let mut server = ProcessServer::start_with(holding_binary_command(dir.path()));
     wait_ready_on(&http_sock);
     assert_eq!(mode_of(&http_sock), 0o600);
     assert!(is_socket(&grpc_sock));
@@ -538,6 +546,12 @@ fn sigterm_answers_what_was_sent_on_the_socket_then_removes_the_files() {
     let first = read_reply(&mut stream).expect("the first answer");
     assert_eq!(first.status, 200);
     stream.write_all(keep_alive.as_bytes()).unwrap();
+    // SIGTERM only once the engine has accepted it (a request read after
+    // SIGTERM is refused 503 by design): the queue delay holds its lone row
+    // for a second, and /metrics shows it queued.
+    wait_metrics_at(&server.url("/metrics"), "the second request queued", |m| {
+        m.sum("tokitai_queue_depth_rows", &[]) == 1.0
+    });
     server.signal("TERM");
     let second = read_reply(&mut stream).expect("the request sent before SIGTERM is answered");
     assert_eq!(second.status, 200, "{}", second.text());
