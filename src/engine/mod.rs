@@ -2,11 +2,14 @@
 //!
 //! Owns: [`Engine`] (the running engine as the protocol layers see it) and
 //! [`Engine::infer`], the single submit path: resolve the target model
-//! version ([`ModelTarget`]), the in-flight count, handing the job to that
-//! version's batcher and waiting for its answer, which says who computed it
-//! ([`InferAnswer`]); what the protocols read of the server
+//! version ([`ModelTarget`]), the request's priority level and deadline
+//! (resolved against that version's `[batching]`), the in-flight count,
+//! handing the job to that version's batcher and waiting for its answer,
+//! which says who computed it ([`InferAnswer`]), and, for a traced request,
+//! its queue and compute spans (`telemetry/` makes them); what the protocols read of the server
 //! ([`Engine::health`], [`Engine::render_metrics`], [`Engine::metrics`],
-//! answers held for slow readers and the drain signal in [`held`]); and the
+//! answers held for slow readers and the drain signal in [`held`], the
+//! API keys the protocols check, [`Engine::keys`]); and the
 //! repository operations the protocols call ([`Engine::repository_index`],
 //! [`Engine::load_model`], [`Engine::unload_model`], [`Engine::reload`]),
 //! handed to the repository. Layer: above the repository (which versions
