@@ -72,7 +72,7 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawOutcome {
 }
 
 /// Reads one HTTP/1.1 response from `stream`.
-pub fn read_response(stream: &mut TcpStream, write_error: Option<String>) -> RawOutcome {
+pub fn read_response(stream: &mut impl Read, write_error: Option<String>) -> RawOutcome {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {

@@ -53,7 +53,7 @@ pub fn slow_reader(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
 
 /// Whether the server closed or reset `stream` within `limit`, judged by
 /// `poll` alone (nothing is read, so nothing the server sent is taken).
-pub fn peer_closed(stream: &TcpStream, limit: Duration) -> bool {
+pub fn peer_closed(stream: &impl AsRawFd, limit: Duration) -> bool {
     let start = Instant::now();
     loop {
         let mut pfd = libc::pollfd {
@@ -73,7 +73,7 @@ pub fn peer_closed(stream: &TcpStream, limit: Duration) -> bool {
 }
 
 /// Bytes that arrived on `stream` and were not read yet.
-pub fn unread_bytes(stream: &TcpStream) -> usize {
+pub fn unread_bytes(stream: &impl AsRawFd) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int.
     let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };

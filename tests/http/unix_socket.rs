@@ -17,7 +17,6 @@
 
 use std::future::Future;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -27,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::common::grpc::{GrpcClient, rows_request, runtime};
+use crate::common::slow::{peer_closed, unread_bytes};
 use crate::common::*;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -61,53 +61,12 @@ fn v2_body() -> String {
 
 // ---- HTTP over the socket ---------------------------------------------------
 
-/// One complete response at the start of `buf` (Content-Length or chunked).
-fn parse_reply(buf: &[u8]) -> Option<Reply> {
-    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let reply = Reply {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    let mut rest = &buf[head_end + 4..];
-    let body = if reply.header("transfer-encoding") == Some("chunked") {
-        let mut body = Vec::new();
-        loop {
-            let end = rest.windows(2).position(|w| w == b"\r\n")?;
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).ok()?.trim(), 16).ok()?;
-            rest = &rest[end + 2..];
-            if size == 0 {
-                break body;
-            }
-            body.extend_from_slice(rest.get(..size)?);
-            rest = rest.get(size + 2..)?;
-        }
-    } else {
-        let len: usize = reply.header("content-length")?.parse().ok()?;
-        rest.get(..len)?.to_vec()
-    };
-    Some(Reply { body, ..reply })
-}
-
-/// Reads one response from `stream` (bounded by its read timeout).
+/// Reads one response from `stream` (bounded by its read timeout), with
+/// the raw-socket harness's parser.
 fn read_reply(stream: &mut UnixStream) -> std::io::Result<Reply> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(reply) = parse_reply(&buf) {
-            return Ok(reply);
-        }
-        match stream.read(&mut chunk)? {
-            0 => return Err(std::io::Error::other(format!("closed after {} bytes", buf.len()))),
-            n => buf.extend_from_slice(&chunk[..n]),
-        }
+    match read_response(stream, None) {
+        RawOutcome::Response(reply) => Ok(reply),
+        other => Err(std::io::Error::other(format!("no complete response: {other:?}"))),
     }
 }
 
@@ -312,35 +271,6 @@ fn big_v2_request(rows: usize) -> Vec<u8> {
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(&payload);
     out
-}
-
-/// Bytes that arrived on `stream` and were not read yet.
-fn unread_bytes(stream: &UnixStream) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
-    if r == 0 { n.max(0) as usize } else { 0 }
-}
-
-/// Whether the server closed `stream` within `limit`, seen by `poll`
-/// alone (nothing is read).
-fn peer_closed(stream: &UnixStream, limit: Duration) -> bool {
-    let start = Instant::now();
-    loop {
-        let mut pfd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for a descriptor `stream` owns.
-        let ready = unsafe { libc::poll(&raw mut pfd, 1, 100) };
-        if ready > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            return true;
-        }
-        if start.elapsed() >= limit {
-            return false;
-        }
-    }
 }
 
 /// The connection guard holds on the socket as on TCP: an answer the
