@@ -35,7 +35,6 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::http::error::HttpError;
 use crate::labels::Route;
-use crate::metrics::Metrics;
 
 /// Builds the HTTP server on already bound listeners: TCP, and the Unix
 /// socket when one is given. Both serve the same routes through the same
@@ -114,7 +113,6 @@ impl Shared {
                 max_body_bytes: self.max_body_bytes,
                 max_header_bytes: self.max_header_bytes,
                 browser: browser.clone(),
-                metrics: Arc::clone(self.engine.metrics()),
                 engine: (**self.engine).clone(),
             },
             browser: web::Data::new(browser),
@@ -219,8 +217,8 @@ struct ExpectGate {
     max_body_bytes: usize,
     max_header_bytes: usize,
     browser: BrowserGuard,
-    metrics: Arc<Metrics>,
-    /// Its API keys: a request without one is refused before its body.
+    /// Its API keys (a request without one is refused before its body)
+    /// and its metrics.
     engine: Engine,
 }
 
@@ -247,9 +245,9 @@ impl ExpectGate {
             ResponseError::error_response(&error)
         };
         response.head_mut().set_connection_type(ConnectionType::Close);
-        self.metrics
-            .observe_request(route, response.status().as_str(), start.elapsed());
-        self.metrics.observe_failure(route, error.reason());
+        let metrics = self.engine.metrics();
+        metrics.observe_request(route, response.status().as_str(), start.elapsed());
+        metrics.observe_failure(route, error.reason());
         Err(actix_web::error::InternalError::from_response(Refused(error), response).into())
     }
 }
